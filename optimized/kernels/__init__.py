@@ -1,0 +1,40 @@
+"""Triton kernels of the optimized path, one module per kernel family, each public op beside
+its eager twin.
+
+Where no accelerator is present the kernels run under Triton's interpreter. TRITON_INTERPRET
+must be set before any `@triton.jit` function is defined, so it is decided here, once, by
+capability (is there a device Triton can compile for?), never by vendor.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _has_triton_device() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
+
+
+if not _has_triton_device():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Triton's interpreter computes wrong results for arithmetic on bf16 values and for tl.dot on bf16
+# operands (shared/DESIGN.md "Kernels"): kernels upcast after every load, and feed tl.dot operands
+# in their storage dtype only when compiled (tensor cores), in float32 under the interpreter.
+DOT_IN_STORAGE_DTYPE = not INTERPRETING
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return torch.device("xpu")
+    return torch.device("cpu")

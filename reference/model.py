@@ -1,0 +1,272 @@
+"""The reference Gemma 4 text decoder: eager, dense masks, readable top to bottom.
+
+It is the truth the optimized path is judged against, so each op follows GEMMA4_SPEC.md (and
+transformers' eager Gemma 4) in its order and its dtype: norms and softmax in float32 (float64
+when the model is float64), everything else in the model dtype.
+
+Taps: pass `taps={}` to `forward` and it is filled with the named tensors of shared/DESIGN.md
+("Taps"), cloned, each of shape [B, T, ...]. With `taps=None` (the default) nothing is copied.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import Gemma4Config, LayerSpec, RopeSpec
+from .window import visible
+from .weights import Weights
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where HF upcasts to float32 (norms, softmax, RoPE angles); float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Gemma 4 RMSNorm: multiplies by `w` (not `1 + w`); computes in float32."""
+    xf = x.to(compute_dtype(x.dtype))
+    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    return y.to(x.dtype)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def rope_inv_freq(rope: RopeSpec, head_dim: int, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """inv_freq of length head_dim/2. Proportional RoPE keeps the full head size in the exponent
+    and zeroes the frequencies past `partial_rotary_factor` (GEMMA4_SPEC.md 3.4)."""
+    if rope.kind == "proportional":
+        n_rot = int(rope.partial_rotary_factor * head_dim // 2)
+        exponent = torch.arange(0, 2 * n_rot, 2, dtype=torch.int64, device=device).to(dtype) / head_dim
+        inv = 1.0 / (rope.theta ** exponent)
+        inv = torch.cat([inv, torch.zeros(head_dim // 2 - n_rot, dtype=dtype, device=device)])
+        return inv / rope.factor
+    dim = int(head_dim * rope.partial_rotary_factor)
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(dtype) / dim
+    inv = 1.0 / (rope.theta ** exponent)
+    return torch.cat([inv, torch.zeros(head_dim // 2 - inv.numel(), dtype=dtype, device=device)])
+
+
+def rope_cos_sin(rope: RopeSpec, head_dim: int, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables [..., head_dim] for integer positions, angles in float32, cast to dtype."""
+    cdt = compute_dtype(dtype)
+    inv = rope_inv_freq(rope, head_dim, cdt, positions.device)
+    freqs = positions[..., None].to(cdt) * inv
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half over the whole head. x: [..., T, heads, D]; cos/sin: [..., T, D]."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(positions: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [T, T] mask: 0 where visible, finfo(dtype).min where not (as HF's eager path)."""
+    ok = visible(positions[:, None], positions[None, :], window)
+    zero = torch.zeros((), dtype=dtype, device=positions.device)
+    return torch.where(ok, zero, torch.finfo(dtype).min)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scaled-by-one dot-product attention. q: [B, Hq, T, D], k/v: [B, Hkv, S, D] -> [B, Hq, T, D]."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) + mask  # Gemma 4 attention scale is 1.0
+    probs = torch.softmax(scores, dim=-1, dtype=compute_dtype(q.dtype)).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+class Gemma4Reference:
+    """The eager model. Call it on token ids [T] or [B, T]; get logits [T, V] or [B, T, V]."""
+
+    def __init__(self, config: Gemma4Config, weights: Weights):
+        self.config = config
+        self.w = weights
+        first = next(iter(weights.values()))
+        self.dtype, self.device = first.dtype, first.device
+
+    def __call__(self, ids: torch.Tensor, taps: dict | None = None) -> torch.Tensor:
+        return self.forward(ids, taps)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, taps: dict | None = None) -> torch.Tensor:
+        cfg, w = self.config, self.w
+        squeeze = ids.dim() == 1
+        ids = ids.reshape(1, -1) if squeeze else ids
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"token ids must have shape [T] or [B, T] with T > 0, got {list(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        ids = ids.to(self.device)
+        record = _recorder(taps)
+        T = ids.shape[1]
+        positions = torch.arange(T, device=self.device)
+
+        x = self.embed(ids)
+        record("embed", x)
+        ple = self.per_layer_inputs(ids, x) if cfg.has_ple else None
+        if ple is not None:
+            record("ple", ple)
+
+        masks = {t: attention_mask(positions, cfg.sliding_window if t == "sliding_attention" else None, self.dtype)
+                 for t in set(cfg.layer_types)}
+        rope = {}
+        for spec in cfg.layers:
+            if spec.type not in rope:
+                rope[spec.type] = rope_cos_sin(cfg.rope[spec.type], spec.head_dim, positions, self.dtype)
+
+        shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for spec in cfg.layers:
+            x = self.layer(spec, x, ple, rope[spec.type], masks[spec.type], shared_kv, record)
+
+        x = rms_norm(x, w["norm.weight"], cfg.rms_norm_eps)
+        record("final_norm", x)
+        logits = self.lm_head(x)
+        record("logits", logits)
+        if taps is not None and squeeze:
+            for k in list(taps):
+                taps[k] = taps[k][0]
+        return logits[0] if squeeze else logits
+
+    # -- pieces, in dataflow order ------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        table = self.w["embed_tokens.weight"]
+        # HF holds sqrt(H) as a float32 tensor and casts it to the weight dtype (39.25 in bf16 for E2B).
+        scale = torch.tensor(self.config.hidden_size ** 0.5, dtype=torch.float32).to(table.dtype)
+        return table[ids] * scale.to(table.device)
+
+    def per_layer_inputs(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """PLE [B, T, L, P]: token table part plus a normed projection of the embedding."""
+        cfg, w = self.config, self.w
+        L, P = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+        table = w["embed_tokens_per_layer.weight"]
+        scale = torch.tensor(P ** 0.5, dtype=torch.float32).to(table.dtype).to(table.device)
+        token_part = (table[ids] * scale).reshape(*ids.shape, L, P)
+        ctx = F.linear(x, w["per_layer_model_projection.weight"]) * cfg.hidden_size ** -0.5
+        ctx = rms_norm(ctx.reshape(*ids.shape, L, P), w["per_layer_projection_norm.weight"], cfg.rms_norm_eps)
+        return (ctx + token_part) * 2.0 ** -0.5
+
+    def layer(self, spec: LayerSpec, x, ple, cos_sin, mask, shared_kv, record) -> torch.Tensor:
+        cfg, w, eps = self.config, self.w, self.config.rms_norm_eps
+        p = f"layers.{spec.index}."
+        h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
+        a = self.attention(spec, h, cos_sin, mask, shared_kv, record)
+        x = x + rms_norm(a, w[p + "post_attention_layernorm.weight"], eps)
+        record(p + "attn_out", x)
+
+        residual = x
+        m = self.mlp(rms_norm(x, w[p + "pre_feedforward_layernorm.weight"], eps), p)
+        if cfg.enable_moe_block:
+            m1 = rms_norm(m, w[p + "post_feedforward_layernorm_1.weight"], eps)
+            flat = residual.reshape(-1, residual.shape[-1])
+            weights, experts = self.route(flat, p)
+            moe = self.experts(rms_norm(flat, w[p + "pre_feedforward_layernorm_2.weight"], eps), weights, experts, p)
+            m2 = rms_norm(moe.reshape(residual.shape), w[p + "post_feedforward_layernorm_2.weight"], eps)
+            m = m1 + m2
+        m = rms_norm(m, w[p + "post_feedforward_layernorm.weight"], eps)
+        record(p + "mlp_out", m)
+        x = residual + m
+
+        if ple is not None:
+            g = gelu_tanh(F.linear(x, w[p + "per_layer_input_gate.weight"])) * ple[:, :, spec.index, :]
+            g = F.linear(g, w[p + "per_layer_projection.weight"])
+            x = x + rms_norm(g, w[p + "post_per_layer_input_norm.weight"], eps)
+        x = x * w[p + "layer_scalar"]
+        record(p + "out", x)
+        return x
+
+    def attention(self, spec: LayerSpec, h, cos_sin, mask, shared_kv, record) -> torch.Tensor:
+        cfg, w, eps = self.config, self.w, self.config.rms_norm_eps
+        p = f"layers.{spec.index}.self_attn."
+        B, T, _ = h.shape
+        hd = spec.head_dim
+        cos, sin = cos_sin
+        q = F.linear(h, w[p + "q_proj.weight"]).view(B, T, -1, hd)
+        q = apply_rope(rms_norm(q, w[p + "q_norm.weight"], eps), cos, sin)
+        if spec.kv_shared:
+            k, v = shared_kv[spec.kv_source]
+        else:
+            k_raw = F.linear(h, w[p + "k_proj.weight"]).view(B, T, -1, hd)
+            # K=V full layers have no v_proj: V is the raw key projection (before k_norm and RoPE).
+            v_raw = F.linear(h, w[p + "v_proj.weight"]).view(B, T, -1, hd) if spec.has_v_proj else k_raw
+            k = apply_rope(rms_norm(k_raw, w[p + "k_norm.weight"], eps), cos, sin)
+            v = rms_norm(v_raw, None, eps)
+            shared_kv[spec.index] = (k, v)
+        lp = f"layers.{spec.index}."
+        record(lp + "q", q)
+        record(lp + "k", k)
+        record(lp + "v", v)
+        o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
+        record(lp + "o", o)
+        return F.linear(o.reshape(B, T, -1), w[p + "o_proj.weight"])
+
+    def mlp(self, y: torch.Tensor, p: str) -> torch.Tensor:
+        w = self.w
+        gate = gelu_tanh(F.linear(y, w[p + "mlp.gate_proj.weight"]))
+        return F.linear(gate * F.linear(y, w[p + "mlp.up_proj.weight"]), w[p + "mlp.down_proj.weight"])
+
+    def route(self, r: torch.Tensor, p: str):
+        """Router: top-k expert weights [N, k] and ids [N, k] for the residual stream r [N, H]."""
+        cfg, w = self.config, self.w
+        z = rms_norm(r, None, cfg.rms_norm_eps) * w[p + "router.scale"] * cfg.hidden_size ** -0.5
+        # Softmax in float32 (transformers >= 5.13; GEMMA4_SPEC.md section 9).
+        probs = torch.softmax(F.linear(z, w[p + "router.proj.weight"]), dim=-1, dtype=compute_dtype(r.dtype))
+        top_w, top_i = torch.topk(probs, k=cfg.top_k_experts, dim=-1)
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        return top_w * w[p + "router.per_expert_scale"][top_i], top_i
+
+    def experts(self, xe: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, p: str) -> torch.Tensor:
+        """Routed experts, each over all of its tokens in one matmul, in ascending expert order."""
+        cfg, w = self.config, self.w
+        gate_up, down = w[p + "experts.gate_up_proj"], w[p + "experts.down_proj"]
+        Im = cfg.moe_intermediate_size
+        out = torch.zeros_like(xe)
+        for e in range(cfg.num_experts):
+            slot, tok = torch.where(top_i.T == e)
+            if tok.numel() == 0:
+                continue
+            gu = F.linear(xe[tok], gate_up[e])
+            y = F.linear(gelu_tanh(gu[:, :Im]) * gu[:, Im:], down[e])
+            y = y * top_w[tok, slot, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.w["embed_tokens.weight"])  # tied, unscaled, in dtype
+        c = self.config.final_logit_softcapping
+        if c is not None:
+            logits = torch.tanh(logits / c) * c
+        return logits
+
+
+def _recorder(taps: dict | None):
+    if taps is None:
+        return _no_record
+
+    def record(name: str, t: torch.Tensor) -> None:
+        taps[name] = t.detach().clone()
+
+    return record
+
+
+def _no_record(name: str, t: torch.Tensor) -> None:
+    pass
+
+
+def num_parameters(cfg: Gemma4Config) -> int:
+    from .weights import expected_shapes
+
+    return sum(math.prod(s) for s in expected_shapes(cfg).values())

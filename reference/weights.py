@@ -1,0 +1,240 @@
+"""Gemma 4 text weights: the expected tensors, seeded random init, and safetensors I/O.
+
+Weights are a flat dict keyed by Hugging Face names without the model prefix
+(`embed_tokens.weight`, `layers.3.self_attn.q_proj.weight`, `layers.3.layer_scalar`, ...).
+Both paths read this dict; `expected_shapes` is the one list of what a checkpoint must hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, Gemma4Config
+
+Weights = dict[str, torch.Tensor]
+
+TEXT_PREFIXES = ("model.language_model.", "model.")
+# Towers and projections of the multimodal checkpoint that the text decoder never reads.
+NON_TEXT_PREFIXES = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.",
+                     "model.multi_modal_projector.")
+SHARED_LAYER_UNUSED = ("self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                       "self_attn.k_norm.weight", "self_attn.v_norm.weight")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, incomplete, or does not fit its config."""
+
+
+def expected_shapes(cfg: Gemma4Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor the text decoder reads, with its shape (GEMMA4_SPEC.md section 6)."""
+    H, L, P = cfg.hidden_size, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+    Hq = cfg.num_attention_heads
+    s: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (cfg.vocab_size, H), "norm.weight": (H,)}
+    if P:
+        s["embed_tokens_per_layer.weight"] = (cfg.vocab_size_per_layer_input, L * P)
+        s["per_layer_model_projection.weight"] = (L * P, H)
+        s["per_layer_projection_norm.weight"] = (P,)
+    for spec in cfg.layers:
+        p = f"layers.{spec.index}."
+        hd, nkv, inter = spec.head_dim, spec.num_kv_heads, spec.mlp_width
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            s[p + norm + ".weight"] = (H,)
+        s[p + "layer_scalar"] = (1,)
+        s[p + "self_attn.q_proj.weight"] = (Hq * hd, H)
+        s[p + "self_attn.q_norm.weight"] = (hd,)
+        s[p + "self_attn.o_proj.weight"] = (H, Hq * hd)
+        if not spec.kv_shared:
+            s[p + "self_attn.k_proj.weight"] = (nkv * hd, H)
+            s[p + "self_attn.k_norm.weight"] = (hd,)
+            if spec.has_v_proj:
+                s[p + "self_attn.v_proj.weight"] = (nkv * hd, H)
+        s[p + "mlp.gate_proj.weight"] = (inter, H)
+        s[p + "mlp.up_proj.weight"] = (inter, H)
+        s[p + "mlp.down_proj.weight"] = (H, inter)
+        if P:
+            s[p + "per_layer_input_gate.weight"] = (P, H)
+            s[p + "per_layer_projection.weight"] = (H, P)
+            s[p + "post_per_layer_input_norm.weight"] = (H,)
+        if cfg.enable_moe_block:
+            E, Im = cfg.num_experts, cfg.moe_intermediate_size
+            s[p + "router.proj.weight"] = (E, H)
+            s[p + "router.scale"] = (H,)
+            s[p + "router.per_expert_scale"] = (E,)
+            s[p + "experts.gate_up_proj"] = (E, 2 * Im, H)
+            s[p + "experts.down_proj"] = (E, H, Im)
+            for norm in ("pre_feedforward_layernorm_2", "post_feedforward_layernorm_1",
+                         "post_feedforward_layernorm_2"):
+                s[p + norm + ".weight"] = (H,)
+    return s
+
+
+def parameter_bytes(cfg: Gemma4Config, dtype: torch.dtype = torch.bfloat16) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(math.prod(shape) for shape in expected_shapes(cfg).values()) * itemsize
+
+
+# --------------------------------------------------------------------------------------
+# Seeded random init
+# --------------------------------------------------------------------------------------
+
+
+def _is_scale(name: str) -> bool:
+    """Tensors that multiply (norm weights, layer_scalar, router scales). HF initialises them to
+    one; we randomise them around one so a `w` vs `1 + w` or a dropped scale cannot hide."""
+    return name.endswith("norm.weight") or name.endswith(("layer_scalar", "router.scale", "per_expert_scale")) \
+        or "layernorm" in name
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def random_weights(cfg: Gemma4Config, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> Weights:
+    """Seeded random weights. Each tensor draws from its own generator seeded by (seed, name), so a
+    tensor does not change when others are added. The same seed gives the same weights on the same
+    device type. On the meta device nothing is allocated (for sizing real shapes)."""
+    device = torch.device(device)
+    out: Weights = {}
+    for name, shape in expected_shapes(cfg).items():
+        if device.type == "meta":
+            out[name] = torch.empty(shape, dtype=dtype, device=device)
+            continue
+        gen = torch.Generator(device=device).manual_seed(_tensor_seed(seed, name))
+        t = torch.empty(shape, dtype=torch.float32, device=device)
+        if _is_scale(name):
+            t.uniform_(0.5, 1.5, generator=gen)
+        elif name.startswith("embed_tokens"):
+            t.normal_(0.0, 1.0, generator=gen)
+            t /= math.sqrt(shape[-1])  # scaled back up by sqrt(width) in the forward
+        else:
+            fan_in = shape[-1]
+            t.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=gen)
+        out[name] = t.to(dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        for f in files:
+            if not isinstance(f, str) or "/" in f or f.startswith("."):
+                raise CheckpointError(f"{index}: bad shard name {f!r}")
+        return [path / f for f in files]
+    if single.exists():
+        return [single]
+    raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def _text_key(key: str) -> str | None:
+    """The canonical name of a checkpoint key, or None for a tensor the text decoder skips."""
+    if key.startswith(NON_TEXT_PREFIXES) or key == "lm_head.weight":
+        return None
+    for prefix in TEXT_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key  # unprefixed: reported as unexpected unless it is a known name
+
+
+def load_weights(path: str | Path, cfg: Gemma4Config, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> Weights:
+    """Read the text decoder's tensors from a checkpoint directory.
+
+    Tensors are memory-mapped and moved (or cast) once: no second copy is held. Vision/audio
+    towers, a tied `lm_head.weight` and the unused K/V tensors of KV-shared layers are skipped.
+    A missing, unexpected or mis-shaped tensor raises CheckpointError naming it."""
+    path = Path(path)
+    want = expected_shapes(cfg)
+    shared_unused = {f"layers.{s.index}.{n}" for s in cfg.layers if s.kv_shared for n in SHARED_LAYER_UNUSED}
+    out: Weights = {}
+    for file in _checkpoint_files(path):
+        if not file.exists():
+            raise CheckpointError(f"{file}: shard listed in the index is missing")
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = _text_key(key)
+                    if name is None or name in shared_unused:
+                        continue
+                    if name not in want:
+                        raise CheckpointError(f"{file.name}: unexpected tensor {key!r} (not part of this config)")
+                    if name in out:
+                        raise CheckpointError(f"{file.name}: tensor {key!r} appears twice")
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != want[name]:
+                        raise CheckpointError(
+                            f"{file.name}: tensor {key!r} has shape {list(shape)}, config expects {list(want[name])}")
+                    out[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot read ({e})") from None
+    missing = [k for k in want if k not in out]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]}{more}")
+    return out
+
+
+def load_config(path: str | Path) -> Gemma4Config:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    try:
+        return Gemma4Config.from_json_file(path / "config.json")
+    except ConfigError as e:
+        raise ConfigError(f"{path / 'config.json'}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | Path, cfg: Gemma4Config, weights: Weights) -> None:
+    """Write config.json and model.safetensors in the layout transformers' Gemma4ForCausalLM
+    reads (`model.` prefix). Files are written under temporary names and renamed."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    want = expected_shapes(cfg)
+    if set(weights) != set(want):
+        raise CheckpointError(f"weights do not match the config: missing {sorted(set(want) - set(weights))[:5]}, "
+                              f"unexpected {sorted(set(weights) - set(want))[:5]}")
+    tensors = {"model." + k: v.detach().contiguous().cpu() for k, v in weights.items()}
+    _atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    cfg_dict = cfg.to_hf_dict()
+    cfg_dict["dtype"] = str(next(iter(weights.values())).dtype).removeprefix("torch.")
+    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg_dict, indent=2)))
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
