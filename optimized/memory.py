@@ -1,0 +1,256 @@
+"""Paged KV memory: a page allocator, the full pool, the sliding-window (SWA) pool, and the
+token table that ties requests to slots (shared/DESIGN.md "Pools").
+
+- `req_to_token[row, p]` is the full-pool slot of request `row`'s token at position p. Slots come
+  in pages of `page_size`; position p sits at in-page offset p % page_size, so a request's page
+  table is `req_to_token[row, ::page_size] // page_size`.
+- Full-attention layers keep every token in the full pool.
+- Sliding layers keep only the window in the SWA pool. Each full-pool page maps to at most one
+  SWA page (`full_to_swa_page`); a batch translates its page table once. A page that falls out
+  of every user's window is freed; its mapping returns to 0.
+- KV-shared layers own no buffers: `buffers(layer)` hands out their source layer's.
+- Page 0 of each pool is a padding sink: never allocated, so a zero entry never aliases live data.
+- Running out of pages raises OutOfPages before anything is changed; callers can ask first.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from reference.config import Gemma4Config, LayerSpec
+from reference.window import first_visible_key
+
+
+class OutOfPages(RuntimeError):
+    """Not enough free pages; nothing was allocated."""
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class PageAllocator:
+    """Reference-counted pages 1..num_pages-1 (0 is reserved). `order_seed` shuffles the order in
+    which pages are handed out, so tests exercise fragmented, non-monotonic page tables."""
+
+    def __init__(self, num_pages: int, order_seed: int | None = None):
+        if num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {num_pages}")
+        self.num_pages = num_pages
+        free = list(range(1, num_pages))
+        if order_seed is not None:
+            random.Random(order_seed).shuffle(free)
+        self._free = free[::-1]  # pop() from the end hands pages out in `free` order
+        self._refs = [0] * num_pages
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfPages(f"need {n} pages, {len(self._free)} free of {self.num_pages - 1}")
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self._refs[p] = 1
+        return pages
+
+    def share(self, page: int) -> None:
+        if self._refs[page] < 1:
+            raise ValueError(f"page {page} is not allocated")
+        self._refs[page] += 1
+
+    def release(self, page: int) -> None:
+        if page == 0 or self._refs[page] < 1:
+            raise ValueError(f"page {page} is not allocated")
+        self._refs[page] -= 1
+        if self._refs[page] == 0:
+            self._free.append(page)
+
+
+@dataclass
+class _Request:
+    row: int
+    length: int = 0  # positions with a slot (written or about to be)
+    pages: list[int] = field(default_factory=list)  # full-pool pages, by page index
+    swa_released: int = 0  # page indices below this no longer hold an SWA page for this request
+
+
+class KVCache:
+    """The pools of one model plus the bookkeeping of which request owns which slots."""
+
+    def __init__(self, cfg: Gemma4Config, *, page_size: int, num_pages: int, num_swa_pages: int,
+                 max_requests: int, max_context: int, dtype: torch.dtype, device, order_seed: int | None = None):
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.cfg, self.page_size, self.dtype, self.device = cfg, page_size, dtype, torch.device(device)
+        self.max_context = ceil_div(max_context, page_size) * page_size
+        self.window = cfg.sliding_window
+        self.full = PageAllocator(num_pages, order_seed)
+        self.swa = PageAllocator(num_swa_pages, None if order_seed is None else order_seed + 1)
+        self.req_to_token = torch.zeros(max_requests, self.max_context, dtype=torch.int32, device=self.device)
+        self.full_to_swa_page = torch.zeros(num_pages, dtype=torch.int32, device=self.device)
+        self._swa_of = [0] * num_pages  # host copy of full_to_swa_page
+        self._free_rows = list(range(max_requests))[::-1]
+        self.requests: dict[object, _Request] = {}
+        # One K and one V buffer per layer that computes K/V; shared layers borrow their source's.
+        self._k: dict[int, torch.Tensor] = {}
+        self._v: dict[int, torch.Tensor] = {}
+        for spec in cfg.layers:
+            if spec.kv_shared:
+                continue
+            pages = num_swa_pages if spec.is_sliding else num_pages
+            shape = (pages * page_size, spec.num_kv_heads, spec.head_dim)
+            self._k[spec.index] = torch.zeros(shape, dtype=dtype, device=self.device)
+            self._v[spec.index] = torch.zeros(shape, dtype=dtype, device=self.device)
+
+    # -- buffers ------------------------------------------------------------------------
+    def buffers(self, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._k[spec.kv_source], self._v[spec.kv_source]
+
+    # -- requests -----------------------------------------------------------------------
+    def add_request(self, rid, share_prefix_of=None, prefix_len: int = 0) -> int:
+        """Register a request; optionally reuse the KV of the first `prefix_len` tokens of a live
+        request (tokens it has already written). Returns the number of tokens reused."""
+        if rid in self.requests:
+            raise ValueError(f"request {rid!r} already exists")
+        if not self._free_rows:
+            raise OutOfPages(f"all {self.req_to_token.shape[0]} request rows are in use")
+        n = self.prefix_reusable(share_prefix_of, prefix_len) if share_prefix_of is not None else 0
+        req = _Request(self._free_rows.pop())
+        self.requests[rid] = req
+        if n:
+            donor = self.requests[share_prefix_of]
+            for page in donor.pages[: n // self.page_size]:
+                self.full.share(page)
+                if self._swa_of[page]:
+                    self.swa.share(self._swa_of[page])
+            req.pages = donor.pages[: n // self.page_size]
+            req.length = n
+            req.swa_released = donor.swa_released
+            self.req_to_token[req.row, :n] = self.req_to_token[donor.row, :n]
+        return n
+
+    def prefix_reusable(self, donor_rid, prefix_len: int) -> int:
+        """How many of a donor's first `prefix_len` tokens a new request may reuse: whole pages
+        only (the new request must never write into a page it shares), and only while the sliding
+        keys its first query needs are still resident; otherwise none (a shorter prefix needs
+        even older keys, which are gone too)."""
+        donor = self.requests[donor_rid]
+        n = min(prefix_len, donor.length) // self.page_size * self.page_size
+        if n and first_visible_key(n, self.window) // self.page_size < donor.swa_released:
+            return 0
+        return n
+
+    def reserve(self, rid, new_length: int) -> None:
+        """Give request `rid` slots for positions up to new_length - 1, in both pools."""
+        req = self.requests[rid]
+        if new_length > self.max_context:
+            raise OutOfPages(f"request {rid!r} needs {new_length} positions; rows hold {self.max_context}")
+        n_pages = ceil_div(new_length, self.page_size)
+        need_full = n_pages - len(req.pages)
+        if need_full <= 0:
+            req.length = max(req.length, new_length)
+            return
+        first_new = len(req.pages)
+        need_swa = need_full  # every new page is inside the window of some query of this step
+        if need_full > self.full.num_free or need_swa > self.swa.num_free:
+            raise OutOfPages(f"request {rid!r} needs {need_full} full and {need_swa} SWA pages; "
+                             f"{self.full.num_free} and {self.swa.num_free} free")
+        full_pages = self.full.alloc(need_full)
+        swa_pages = self.swa.alloc(need_swa)
+        for page, swa in zip(full_pages, swa_pages):
+            self._swa_of[page] = swa
+        ps = self.page_size
+        new = torch.tensor(full_pages, dtype=torch.int32)
+        self.full_to_swa_page[new.to(self.device)] = torch.tensor(swa_pages, dtype=torch.int32, device=self.device)
+        slots = (new[:, None] * ps + torch.arange(ps, dtype=torch.int32)[None, :]).reshape(-1)
+        self.req_to_token[req.row, first_new * ps: n_pages * ps] = slots.to(self.device)
+        req.pages.extend(full_pages)
+        req.length = new_length
+
+    def release_window(self, rid, next_query_pos: int) -> int:
+        """Free the SWA pages of `rid` that no query at or after `next_query_pos` can see.
+        Returns how many pages this request let go."""
+        req = self.requests[rid]
+        dead_below = first_visible_key(next_query_pos, self.window) // self.page_size
+        released = 0
+        for i in range(req.swa_released, min(dead_below, len(req.pages))):
+            self._drop_swa(req.pages[i])
+            released += 1
+        req.swa_released = max(req.swa_released, dead_below)
+        return released
+
+    def _drop_swa(self, full_page: int) -> None:
+        swa = self._swa_of[full_page]
+        if not swa:
+            return
+        self.swa.release(swa)
+        if self.swa._refs[swa] == 0:
+            self._swa_of[full_page] = 0
+            self.full_to_swa_page[full_page] = 0
+
+    def free_request(self, rid) -> None:
+        req = self.requests.pop(rid)
+        for i, page in enumerate(req.pages):
+            if i >= req.swa_released:
+                self._drop_swa(page)
+            self.full.release(page)
+        self.req_to_token[req.row].zero_()
+        self._free_rows.append(req.row)
+
+    # -- tables ---------------------------------------------------------------------------
+    def page_table(self, rows: torch.Tensor, num_pages: int) -> torch.Tensor:
+        """Full-pool page table [B, num_pages]: the token table strided by the page size."""
+        ps = self.page_size
+        return (self.req_to_token[rows, : num_pages * ps: ps] // ps).contiguous()
+
+    def swa_page_table(self, full_page_table: torch.Tensor) -> torch.Tensor:
+        """The one full-to-SWA translation of a batch. Evicted pages come out as 0."""
+        return self.full_to_swa_page[full_page_table.long()]
+
+
+# --------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    context: int
+    page_size: int
+    full_layers: int  # layers whose K/V live in the full pool (non-shared full layers)
+    sliding_layers: int  # non-shared sliding layers
+    shared_layers: int
+    paged_bytes: int  # this layout: full pool for `context` tokens, SWA pool for the window
+    naive_bytes: int  # every layer keeps its own full-length cache
+
+    @property
+    def saving(self) -> float:
+        return self.naive_bytes / self.paged_bytes
+
+
+def plan_kv_bytes(cfg: Gemma4Config, context: int, page_size: int = 16, dtype=torch.bfloat16,
+                  batch: int = 1) -> KVPlan:
+    """KV bytes of the hybrid paged layout against one full-length cache per layer."""
+    item = torch.empty((), dtype=dtype).element_size()
+    per_token = {s.index: 2 * s.num_kv_heads * s.head_dim * item for s in cfg.layers}
+    full_pages = ceil_div(context, page_size)
+    # A sliding layer holds the window plus the page it is filling (at most one partial page at
+    # each end), never more than the whole context.
+    swa_pages = min(full_pages, ceil_div(cfg.sliding_window, page_size) + 1)
+    paged = naive = 0
+    counts = {"full": 0, "sliding": 0, "shared": 0}
+    for s in cfg.layers:
+        naive += per_token[s.index] * context
+        if s.kv_shared:
+            counts["shared"] += 1
+            continue
+        counts["sliding" if s.is_sliding else "full"] += 1
+        pages = swa_pages if s.is_sliding else full_pages
+        paged += per_token[s.index] * pages * page_size
+    return KVPlan(context, page_size, counts["full"], counts["sliding"], counts["shared"],
+                  paged * batch, naive * batch)
