@@ -146,31 +146,36 @@ class KVCache:
         return n
 
     def reserve(self, rid, new_length: int) -> None:
-        """Give request `rid` slots for positions up to new_length - 1, in both pools."""
+        """Give request `rid` full-pool slots for positions up to new_length - 1 (all or nothing).
+        SWA pages come later, step by step, from `map_window`."""
         req = self.requests[rid]
         if new_length > self.max_context:
             raise OutOfPages(f"request {rid!r} needs {new_length} positions; rows hold {self.max_context}")
         n_pages = ceil_div(new_length, self.page_size)
-        need_full = n_pages - len(req.pages)
-        if need_full <= 0:
-            req.length = max(req.length, new_length)
-            return
         first_new = len(req.pages)
-        need_swa = need_full  # every new page is inside the window of some query of this step
-        if need_full > self.full.num_free or need_swa > self.swa.num_free:
-            raise OutOfPages(f"request {rid!r} needs {need_full} full and {need_swa} SWA pages; "
-                             f"{self.full.num_free} and {self.swa.num_free} free")
-        full_pages = self.full.alloc(need_full)
-        swa_pages = self.swa.alloc(need_swa)
-        for page, swa in zip(full_pages, swa_pages):
+        if n_pages > first_new:
+            pages = self.full.alloc(n_pages - first_new)  # raises before changing anything
+            ps = self.page_size
+            new = torch.tensor(pages, dtype=torch.int32)
+            slots = (new[:, None] * ps + torch.arange(ps, dtype=torch.int32)[None, :]).reshape(-1)
+            self.req_to_token[req.row, first_new * ps: n_pages * ps] = slots.to(self.device)
+            req.pages.extend(pages)
+        req.length = max(req.length, new_length)
+
+    def map_window(self, rid, seq_len: int) -> None:
+        """Give SWA pages to the request's pages up to position seq_len - 1 (the keys a step is
+        about to write). Raises OutOfPages, changing nothing, if the SWA pool is short."""
+        req = self.requests[rid]
+        if seq_len > req.length:
+            raise ValueError(f"request {rid!r}: positions up to {seq_len} not reserved (have {req.length})")
+        todo = [page for page in req.pages[req.swa_released: ceil_div(seq_len, self.page_size)]
+                if not self._swa_of[page]]
+        swa_pages = self.swa.alloc(len(todo))
+        for page, swa in zip(todo, swa_pages):
             self._swa_of[page] = swa
-        ps = self.page_size
-        new = torch.tensor(full_pages, dtype=torch.int32)
-        self.full_to_swa_page[new.to(self.device)] = torch.tensor(swa_pages, dtype=torch.int32, device=self.device)
-        slots = (new[:, None] * ps + torch.arange(ps, dtype=torch.int32)[None, :]).reshape(-1)
-        self.req_to_token[req.row, first_new * ps: n_pages * ps] = slots.to(self.device)
-        req.pages.extend(full_pages)
-        req.length = new_length
+        if todo:
+            idx = torch.tensor(todo, dtype=torch.long, device=self.device)
+            self.full_to_swa_page[idx] = torch.tensor(swa_pages, dtype=torch.int32, device=self.device)
 
     def release_window(self, rid, next_query_pos: int) -> int:
         """Free the SWA pages of `rid` that no query at or after `next_query_pos` can see.

@@ -9,22 +9,7 @@ import torch
 from .config import FULL, SLIDING, ConfigError, Gemma4Config, LayerSpec
 from .model import Gemma4Reference
 from .presets import DEFAULT_PRESET, PRESETS, get_preset
-from .weights import CheckpointError, load_config, load_weights, random_weights, save_checkpoint
-
-
-def resolve(path_or_preset: str | Path | Gemma4Config, dtype=torch.float32, device="cpu", seed: int = 0):
-    """(config, weights) from a preset name, a checkpoint directory, or a config (random weights)."""
-    if isinstance(path_or_preset, Gemma4Config):
-        return path_or_preset, random_weights(path_or_preset, seed, dtype, device)
-    name = str(path_or_preset)
-    if name in PRESETS:
-        cfg = PRESETS[name]
-        return cfg, random_weights(cfg, seed, dtype, device)
-    path = Path(name)
-    if not path.exists():
-        raise CheckpointError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint directory")
-    cfg = load_config(path)
-    return cfg, load_weights(path, cfg, dtype, device)
+from .weights import CheckpointError, load_config, load_weights, random_weights, resolve, save_checkpoint
 
 
 def load_model(path_or_preset: str | Path | Gemma4Config = DEFAULT_PRESET, dtype=torch.float32,

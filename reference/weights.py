@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, Gemma4Config
+from .presets import PRESETS
 
 Weights = dict[str, torch.Tensor]
 
@@ -238,3 +239,18 @@ def _atomic_write(target: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def resolve(path_or_preset, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0):
+    """(config, weights) from a preset name (seeded random weights), a checkpoint directory, or a
+    Gemma4Config (seeded random weights)."""
+    if isinstance(path_or_preset, Gemma4Config):
+        return path_or_preset, random_weights(path_or_preset, seed, dtype, device)
+    name = str(path_or_preset)
+    if name in PRESETS:
+        return PRESETS[name], random_weights(PRESETS[name], seed, dtype, device)
+    path = Path(name)
+    if not path.exists():
+        raise CheckpointError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint directory")
+    cfg = load_config(path)
+    return cfg, load_weights(path, cfg, dtype, device)

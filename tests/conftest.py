@@ -4,7 +4,11 @@ import os
 # interpreter, which has to be switched on before any kernel module is imported.
 import optimized.kernels  # noqa: F401  (decides TRITON_INTERPRET by capability)
 
+import torch
 from hypothesis import HealthCheck, settings
+
+# pytest-xdist runs one worker per core; more intra-op threads than that only contend.
+torch.set_num_threads(1)
 
 # Triton's interpreter is slow: keep property tests small by default, larger when asked
 # (HYPOTHESIS_PROFILE=thorough) for a local sweep before a kernel change lands.

@@ -1,0 +1,92 @@
+"""Forward metadata: the one place that turns "these requests, these new tokens" into the lengths,
+positions, slots and page tables every kernel reads (shared/DESIGN.md "Forward metadata").
+
+Per request: `prefix_len` tokens already in the pool (earlier chunks, a reused prefix),
+`extend_len` new tokens (1 for decode), `seq_len = prefix_len + extend_len`, positions
+`prefix_len .. seq_len - 1`. New K/V are written before attention, so kernels take `seq_lens` as
+the key count and `cu_seqlens_q` over new tokens only. No kernel recomputes any of this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .memory import KVCache, ceil_div
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    rid: object
+    prefix_len: int
+    extend_len: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.prefix_len + self.extend_len
+
+
+@dataclass
+class ForwardBatch:
+    items: list[BatchItem]
+    rows: torch.Tensor  # [B] req_to_token rows
+    prefix_lens: torch.Tensor  # [B] int32
+    extend_lens: torch.Tensor  # [B] int32
+    seq_lens: torch.Tensor  # [B] int32, keys each request attends over
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32, new tokens only
+    positions: torch.Tensor  # [N] int64, RoPE position = logical position
+    out_slots: torch.Tensor  # [N] int64 full-pool slots of the new tokens
+    swa_out_slots: torch.Tensor  # [N] int64 the same slots translated into the SWA pool
+    page_table: torch.Tensor  # [B, P] int32 full-pool pages
+    swa_page_table: torch.Tensor  # [B, P] int32 SWA pages (0 where evicted)
+    page_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.numel())
+
+    @property
+    def is_decode(self) -> bool:
+        return all(it.extend_len == 1 for it in self.items)
+
+    def token_ranges(self):
+        """(item, start, end) of each request's rows in the packed token axis."""
+        start = 0
+        for it in self.items:
+            yield it, start, start + it.extend_len
+            start += it.extend_len
+
+
+def build_batch(cache: KVCache, items: list[BatchItem]) -> ForwardBatch:
+    """Metadata for one forward step. Full-pool slots for every new token must already be reserved;
+    SWA pages for them are mapped here, before the one translation of the batch."""
+    if not items:
+        raise ValueError("a batch needs at least one request")
+    dev = cache.device
+    ps = cache.page_size
+    for it in items:
+        if it.extend_len < 1 or it.prefix_len < 0:
+            raise ValueError(f"request {it.rid!r}: extend_len must be >= 1 and prefix_len >= 0, got {it}")
+        if cache.requests[it.rid].length < it.seq_len:
+            raise ValueError(f"request {it.rid!r}: slots reserved up to {cache.requests[it.rid].length}, "
+                             f"batch needs {it.seq_len}")
+    for it in items:
+        cache.map_window(it.rid, it.seq_len)
+    rows = torch.tensor([cache.requests[it.rid].row for it in items], dtype=torch.long, device=dev)
+    prefix = torch.tensor([it.prefix_len for it in items], dtype=torch.int32)
+    extend = torch.tensor([it.extend_len for it in items], dtype=torch.int32)
+    cu = torch.zeros(len(items) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(extend, 0)
+    positions = torch.cat([torch.arange(it.prefix_len, it.seq_len) for it in items]).to(dev)
+    token_rows = torch.repeat_interleave(rows, extend.to(dev).long())
+    out_slots = cache.req_to_token[token_rows, positions].long()
+    swa_out = cache.full_to_swa_page[out_slots // ps].long() * ps + out_slots % ps
+    max_pages = ceil_div(max(it.seq_len for it in items), ps)
+    page_table = cache.page_table(rows, max_pages)
+    return ForwardBatch(
+        items=list(items), rows=rows, prefix_lens=prefix.to(dev), extend_lens=extend.to(dev),
+        seq_lens=(prefix + extend).to(dev), cu_seqlens_q=cu.to(dev), positions=positions,
+        out_slots=out_slots, swa_out_slots=swa_out, page_table=page_table,
+        swa_page_table=cache.swa_page_table(page_table).to(torch.int32), page_size=ps,
+    )

@@ -1,0 +1,85 @@
+"""The non-attention ops of the paged forward in plain torch, written for packed tokens [N, ...].
+
+They follow GEMMA4_SPEC.md in op order and dtype (norms and softmax in float32, the rest in the
+model dtype), written independently of reference/model.py so that the oracle compares two
+implementations, not one twice. Fused Triton versions replace them where a kernel exists.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from reference.config import RopeSpec
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    xf = x.to(_wide(x.dtype))
+    y = xf * torch.pow(xf.square().mean(-1, keepdim=True) + eps, -0.5)
+    return (y if weight is None else y * weight.to(y.dtype)).to(x.dtype)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def scaled_embedding(table: torch.Tensor, ids: torch.Tensor, width: int) -> torch.Tensor:
+    # The scale is a float32 number rounded to the table's dtype (39.25 for sqrt(1536) in bf16).
+    scale = torch.tensor(width ** 0.5, dtype=torch.float32).to(table.dtype).to(table.device)
+    return table[ids] * scale
+
+
+def rope_inv_freq(rope: RopeSpec, head_dim: int, device) -> torch.Tensor:
+    """float32 [head_dim / 2]; proportional RoPE zeroes the non-rotating tail."""
+    n_rot = int(rope.partial_rotary_factor * head_dim // 2)
+    denom = head_dim if rope.kind == "proportional" else 2 * n_rot
+    steps = torch.arange(0, 2 * n_rot, 2, dtype=torch.int64, device=device).float() / denom
+    inv = 1.0 / (rope.theta ** steps)
+    if rope.kind == "proportional":
+        inv = inv / rope.factor
+    return torch.cat([inv, inv.new_zeros(head_dim // 2 - n_rot)])
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    freqs = positions[:, None].to(inv_freq.dtype) * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, D], rotate-half over the whole head; cos/sin [N, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def mlp(y, gate_w, up_w, down_w) -> torch.Tensor:
+    return F.linear(gelu_tanh(F.linear(y, gate_w)) * F.linear(y, up_w), down_w)
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def route(r, scale, proj_w, per_expert_scale, top_k: int, eps: float):
+    """Top-k expert weights and ids for the residual stream r [N, H] (fp32 softmax)."""
+    z = rms_norm(r, None, eps) * scale * r.shape[-1] ** -0.5
+    probs = torch.softmax(F.linear(z, proj_w), dim=-1, dtype=_wide(r.dtype))
+    top_w, top_i = torch.topk(probs, k=top_k, dim=-1)
+    return top_w / top_w.sum(-1, keepdim=True) * per_expert_scale[top_i], top_i
+
+
+def experts(xe, top_w, top_i, gate_up, down) -> torch.Tensor:
+    """Each expert over all of its tokens in one matmul, ascending expert order."""
+    out = torch.zeros_like(xe)
+    inter = down.shape[-1]
+    for e in torch.unique(top_i).tolist():
+        tok, slot = torch.nonzero(top_i == e, as_tuple=True)
+        gu = F.linear(xe[tok], gate_up[e])
+        y = F.linear(gelu_tanh(gu[:, :inter]) * gu[:, inter:], down[e]) * top_w[tok, slot, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    return out

@@ -1,0 +1,131 @@
+"""Pools, the page allocator, forward metadata, and the KV memory plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from optimized.batch import BatchItem, build_batch
+from optimized.memory import KVCache, OutOfPages, PageAllocator, plan_kv_bytes
+from reference.presets import PRESETS
+from reference.window import first_visible_key
+
+
+def _cache(page_size=4, num_pages=16, num_swa_pages=8, preset="tiny", seed=None, requests=4, context=64):
+    return KVCache(PRESETS[preset], page_size=page_size, num_pages=num_pages, num_swa_pages=num_swa_pages,
+                   max_requests=requests, max_context=context, dtype=torch.float32, device="cpu",
+                   order_seed=seed)
+
+
+def test_allocator_reserves_page_zero_and_counts_references():
+    a = PageAllocator(5, order_seed=3)
+    pages = a.alloc(4)
+    assert sorted(pages) == [1, 2, 3, 4] and pages != [1, 2, 3, 4]  # shuffled order
+    with pytest.raises(OutOfPages):
+        a.alloc(1)
+    a.share(pages[0])
+    a.release(pages[0])
+    assert a.num_free == 0  # still referenced once
+    a.release(pages[0])
+    assert a.alloc(1) == [pages[0]]
+    with pytest.raises(ValueError):
+        a.release(0)
+
+
+def test_out_of_pages_changes_nothing():
+    c = _cache(num_pages=4)
+    c.add_request("a")
+    c.reserve("a", 8)  # 2 pages
+    before = c.req_to_token.clone(), c.full.num_free
+    c.add_request("b")
+    with pytest.raises(OutOfPages):
+        c.reserve("b", 12)  # needs 3, 1 free
+    assert torch.equal(c.req_to_token, before[0]) and c.full.num_free == before[1]
+    with pytest.raises(OutOfPages):
+        c.reserve("a", 10_000)
+
+
+@given(page_size=st.sampled_from([1, 2, 4, 16]), length=st.integers(1, 60), seed=st.integers(0, 100))
+def test_page_table_is_the_token_table_strided_and_divided(page_size, length, seed):
+    c = _cache(page_size=page_size, num_pages=70, num_swa_pages=70, seed=seed)
+    c.add_request("r")
+    c.reserve("r", length)
+    row = c.requests["r"].row
+    tokens = c.req_to_token[row, :length].long()
+    assert (tokens > 0).all() and (tokens // page_size > 0).all()  # page 0 is never handed out
+    pos = torch.arange(length)
+    assert torch.equal(tokens % page_size, pos % page_size)  # the in-page offset invariant
+    table = c.page_table(torch.tensor([row]), -(-length // page_size))[0].long()
+    assert torch.equal(table[pos // page_size] * page_size + pos % page_size, tokens)
+
+
+def test_sliding_pages_leave_with_the_window_and_translation_follows():
+    cfg = PRESETS["tiny"]  # window 5
+    c = _cache(page_size=2, num_pages=20, num_swa_pages=6)
+    c.add_request("r")
+    c.reserve("r", 30)
+    for seq_len in range(1, 31):
+        b = build_batch(c, [BatchItem("r", seq_len - 1, 1)])
+        # The new token's SWA slot is the translation of its full slot.
+        full_slot = int(b.out_slots[0])
+        assert int(b.swa_out_slots[0]) == int(c.full_to_swa_page[full_slot // 2]) * 2 + full_slot % 2
+        # Every key a query at seq_len - 1 can see is mapped; nothing more than the window (+ page slack).
+        lo = first_visible_key(seq_len - 1, cfg.sliding_window)
+        assert (b.swa_page_table[0, lo // 2: -(-seq_len // 2)] > 0).all()
+        c.release_window("r", seq_len)
+        assert c.swa.num_pages - 1 - c.swa.num_free <= -(-(cfg.sliding_window - 1) // 2) + 1
+    assert int((c.full_to_swa_page > 0).sum()) == c.swa.num_pages - 1 - c.swa.num_free
+    c.free_request("r")
+    assert c.full.num_free == 19 and c.swa.num_free == 5 and not c.full_to_swa_page.any()
+
+
+def test_shared_layers_own_no_buffers():
+    c = _cache()
+    cfg = PRESETS["tiny"]
+    for spec in cfg.layers:
+        k, v = c.buffers(spec)
+        src_k, _ = c.buffers(cfg.layers[spec.kv_source])
+        assert k is src_k
+    assert len(c._k) == cfg.first_shared_layer
+
+
+def test_prefix_sharing_refcounts_and_refuses_an_evicted_window():
+    c = _cache(page_size=2, num_pages=20, num_swa_pages=12)
+    c.add_request("a")
+    c.reserve("a", 10)
+    c.map_window("a", 10)
+    assert c.prefix_reusable("a", 7) == 6  # whole pages only
+    assert c.add_request("b", share_prefix_of="a", prefix_len=7) == 6
+    row_a, row_b = c.requests["a"].row, c.requests["b"].row
+    assert torch.equal(c.req_to_token[row_b, :6], c.req_to_token[row_a, :6])
+    c.free_request("a")  # b still holds the shared pages
+    assert c.full.num_free == 19 - 3
+    c.free_request("b")
+    assert c.full.num_free == 19 and c.swa.num_free == 11
+    # Once the donor's window has moved past the prefix, reuse would read evicted keys.
+    c.add_request("a")
+    c.reserve("a", 20)
+    c.map_window("a", 20)
+    c.release_window("a", 20)
+    assert c.prefix_reusable("a", 6) == 0
+
+
+def test_batch_metadata_for_a_mixed_batch():
+    c = _cache(page_size=4)
+    for rid, n in (("x", 9), ("y", 6)):
+        c.add_request(rid)
+        c.reserve(rid, n)
+    b = build_batch(c, [BatchItem("x", 5, 4), BatchItem("y", 5, 1)])
+    assert b.seq_lens.tolist() == [9, 6] and b.cu_seqlens_q.tolist() == [0, 4, 5]
+    assert b.positions.tolist() == [5, 6, 7, 8, 5] and not b.is_decode
+    assert b.page_table.shape == (2, 3)
+    with pytest.raises(ValueError, match="reserved"):
+        build_batch(c, [BatchItem("y", 6, 1)])
+
+
+def test_kv_plan_e2b_32k_is_about_6_8x_smaller():
+    plan = plan_kv_bytes(PRESETS["e2b"], 32768, page_size=16)
+    assert (plan.full_layers, plan.sliding_layers, plan.shared_layers) == (3, 12, 20)
+    assert 6.7 < plan.saving < 6.9
