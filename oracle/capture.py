@@ -36,11 +36,11 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save_file
+from safetensors.torch import load as tensors_from_bytes
+from safetensors.torch import save as tensors_to_bytes
 
 from .taps import TapNameError, parse_tap
 
@@ -97,10 +97,6 @@ class Capture:
 
     def tap(self, request_id: str, name: str) -> torch.Tensor:
         return self.requests[request_id].taps[name]
-
-    @property
-    def dtype(self) -> str | None:
-        return self.metadata.get("dtype")
 
 
 def capture_metadata(config=None, *, path: str, dtype: torch.dtype | str, device: str | torch.device = "cpu",
@@ -238,18 +234,18 @@ def _request_capture(request_id: str, assembled: dict, expected: torch.Tensor | 
         for tap, (pos, _) in assembled.items():
             _check_gap_free(request_id, tap, pos)
         # Every activation tap must agree; a tap with a missing chunk disagrees with the others.
-        reference = max((pos for pos, _ in activations.values()), key=len, default=torch.empty(0, dtype=torch.int64))
+        agreed = max((pos for pos, _ in activations.values()), key=len, default=torch.empty(0, dtype=torch.int64))
     else:
-        reference = expected
+        agreed = expected
     for tap, (pos, _) in activations.items():
-        missing = reference[~torch.isin(reference, pos)]
-        extra = pos[~torch.isin(pos, reference)]
+        missing = agreed[~torch.isin(agreed, pos)]
+        extra = pos[~torch.isin(pos, agreed)]
         if missing.numel():
             raise CaptureError(f"request {request_id!r}, tap {tap!r}: missing positions {_short(missing)}")
         if extra.numel():
             raise CaptureError(f"request {request_id!r}, tap {tap!r}: unexpected positions {_short(extra)}")
     return RequestCapture(
-        positions=reference.clone(),
+        positions=agreed.clone(),
         taps={tap: rows for tap, (_, rows) in assembled.items()},
         tap_positions={tap: pos for tap, (pos, _) in pools.items()},
     )
@@ -281,10 +277,15 @@ def save_capture(capture: Capture, directory: str | Path, overwrite: bool = Fals
     target = Path(directory)
     if target.exists() and not overwrite:
         raise CaptureError(f"{target}: already exists (pass overwrite=True to replace it)")
+    if target.exists() and not _is_capture_dir(target):
+        # overwrite=True pointed at the wrong path must not delete someone's directory.
+        raise CaptureError(f"{target}: exists and is not a capture directory; refusing to replace it")
     try:
         metadata_json = json.dumps(capture.metadata, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise CaptureError(f"capture metadata is not plain JSON: {e}") from None
+    for request_id, req in capture.requests.items():
+        _check_request(request_id, req)  # never write what load_capture would refuse
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.writing-", dir=target.parent))
     try:
@@ -294,28 +295,66 @@ def save_capture(capture: Capture, directory: str | Path, overwrite: bool = Fals
         _write_durably(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
         _fsync_dir(staging)
         _move_into_place(staging, target, overwrite)
+        _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
 
 
+def _check_request(request_id: str, req: RequestCapture) -> None:
+    if not isinstance(request_id, str) or not request_id:
+        raise CaptureError(f"request id must be a non-empty string, got {request_id!r}")
+    for tap, tensor in req.taps.items():
+        where = f"request {request_id!r}, tap {tap!r}"
+        try:
+            parse_tap(tap)
+        except TapNameError as e:
+            raise CaptureError(f"request {request_id!r}: {e}") from None
+        if tensor.dtype not in _DTYPES.values():
+            raise CaptureError(f"{where}: dtype {dtype_name(tensor.dtype)} cannot be stored")
+        pos = req.positions_of(tap)
+        if pos.dim() != 1 or bool((pos[1:] <= pos[:-1]).any()) or (pos.numel() and int(pos[0]) < 0):
+            raise CaptureError(f"{where}: positions must be 1-D, strictly increasing and non-negative")
+        if tensor.dim() < 1 or tensor.shape[0] != pos.numel():
+            raise CaptureError(f"{where}: {list(tensor.shape)} does not have one row per position ({pos.numel()})")
+
+
+def _is_capture_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _write_request(staging: Path, index: int, request_id: str, req: RequestCapture) -> dict[str, Any]:
     file = f"request-{index:05d}.safetensors"
-    tensors = {_POSITIONS_KEY: req.positions.to(torch.int64).contiguous()}
+    storages: set[int] = set()
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        # safetensors refuses tensors that share memory (e.g. one buffer reported under two taps).
+        t = t.detach().to("cpu").contiguous()
+        if t.numel() == 0:
+            return t
+        if t.untyped_storage().data_ptr() in storages:
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        return t
+
+    tensors = {_POSITIONS_KEY: own(req.positions.to(torch.int64))}
     taps = []
     for name, tensor in req.taps.items():
         entry = {"name": name, "key": f"tap/{name}", "shape": list(tensor.shape),
                  "dtype": dtype_name(tensor.dtype), "positions_key": _POSITIONS_KEY}
-        tensors[entry["key"]] = tensor.detach().to("cpu").contiguous()
+        tensors[entry["key"]] = own(tensor)
         if name in req.tap_positions:
             entry["positions_key"] = f"{_POSITIONS_KEY}/{name}"
-            tensors[entry["positions_key"]] = req.tap_positions[name].to(torch.int64).contiguous()
+            tensors[entry["positions_key"]] = own(req.tap_positions[name].to(torch.int64))
         taps.append(entry)
-    path = staging / file
-    save_file(tensors, str(path))
-    _fsync_file(path)
-    return {"id": request_id, "file": file, "bytes": path.stat().st_size, "sha256": _sha256(path.read_bytes()),
+    # Serialized in memory and hashed there: the checksum is of exactly the bytes written.
+    data = tensors_to_bytes(tensors)
+    _write_durably(staging / file, data)
+    return {"id": request_id, "file": file, "bytes": len(data), "sha256": _sha256(data),
             "positions": list(req.positions.shape), "taps": taps}
 
 
@@ -323,11 +362,6 @@ def _write_durably(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
@@ -353,11 +387,16 @@ def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
     if not overwrite:
         raise CaptureError(f"{target}: already exists (pass overwrite=True to replace it)")
     if _exchange(staging, target):
-        shutil.rmtree(staging)  # now holds the old capture
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the old capture
         return
     aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     os.rename(target, aside / "old")
-    os.rename(staging, target)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(aside / "old", target)  # put the old capture back (if this fails, it stays aside)
+        os.rmdir(aside)
+        raise
     shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -450,7 +489,7 @@ def _load_request(path: Path, entry: dict[str, Any]) -> RequestCapture:
         raise CaptureError(f"{path}: sha256 does not match the manifest (the file is corrupt)")
     # Parsed from the bytes just hashed, so what is verified is what is loaded.
     try:
-        tensors = load_safetensors_bytes(data)
+        tensors = tensors_from_bytes(data)
     except Exception as e:  # safetensors raises its own error types for malformed headers
         raise CaptureError(f"{path}: not a readable safetensors file ({e})") from None
 

@@ -14,8 +14,7 @@ write shows there before it shows in `layers.{l}.o`. Each is judged against the 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 HEAD_KINDS = ("embed", "ple")
 LAYER_KINDS = ("q", "k", "v", "k_cache", "v_cache", "o", "attn_out", "mlp_out", "out")
@@ -47,9 +46,8 @@ class TapNameError(ValueError):
     """A string that is not a tap name of shared/DESIGN.md."""
 
 
-@dataclass(frozen=True)
-class Tap:
-    """A parsed tap name: `layer` is None for model-level taps."""
+class Tap(NamedTuple):
+    """A parsed tap name, `layer, kind = parse_tap(name)`: `layer` is None for model-level taps."""
 
     layer: int | None
     kind: str

@@ -1,0 +1,471 @@
+"""Compare a candidate capture with the truth, budgeted by the reference's own noise, and find
+the first divergence in dataflow order.
+
+    comparison = compare(truth, ref, cand, config)
+    assert comparison.passed, comparison.summary()
+
+Alignment is by position value: every tap carries its positions (a candidate may hold only
+some, e.g. after a prefix-cache hit), and the truth's and ref's rows are looked up at those
+positions. Pool taps (`layers.{l}.k_cache` / `.v_cache`, optimized path only) are judged
+against the truth's `layers.{l}.k` / `.v` at the positions the pool tap covers.
+
+Row statuses: "pass"; "fail" (over budget or new NaN/Inf); "misaligned" (positions or shapes
+that cannot line up: a failure too); "missing" (in one capture but not another: reported, not
+judged). A comparison passes when no row fails, no truth request is absent from the candidate,
+and every truth request had at least one tap judged.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .capture import Capture, RequestCapture
+from .metrics import as_float_dtype, axis_profile, unravel
+from .taps import LAYER_KINDS, order_key, parse_tap, truth_counterpart
+from .tolerance import DEFAULT_TOLERANCE, Tolerance, Verdict, judge
+
+PASS, FAIL, MISALIGNED, MISSING = "pass", "fail", "misaligned", "missing"
+FAILING = (FAIL, MISALIGNED)
+TOP_ELEMENTS = 5  # worst elements listed for a divergent tap
+TOP_POSITIONS = 32  # positions listed, worst first, for a divergent tap
+
+
+class CompareError(ValueError):
+    """The three captures cannot be compared (other model, mismatched dtypes): bad input, not a
+    divergence."""
+
+
+# --------------------------------------------------------------------------------------
+# Result types
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Element:
+    """One tensor element, its axes named: position, then e.g. head and dim."""
+
+    position: int
+    coords: dict[str, int]
+    candidate: float
+    truth: float
+    ref: float | None
+    abs_error: float
+
+    def where(self) -> str:
+        return ", ".join([f"position {self.position}"] + [f"{k} {v}" for k, v in self.coords.items()])
+
+    def to_dict(self) -> dict:
+        return {"position": self.position, "coords": dict(self.coords), "candidate": self.candidate,
+                "truth": self.truth, "ref": self.ref, "abs_error": self.abs_error}
+
+
+@dataclass
+class TapRow:
+    tap: str  # the candidate's tap name (or the truth's, for a tap the candidate lacks)
+    truth_tap: str  # what it is judged against
+    status: str
+    reasons: list[str] = field(default_factory=list)
+    verdict: Verdict | None = None
+    positions: int = 0  # rows compared
+    worst: Element | None = None  # the max-abs element
+
+    @property
+    def layer(self) -> int | None:
+        return parse_tap(self.tap).layer
+
+    @property
+    def kind(self) -> str:
+        return parse_tap(self.tap).kind
+
+    def to_dict(self) -> dict:
+        d = {"tap": self.tap, "truth_tap": self.truth_tap, "layer": self.layer, "kind": self.kind,
+             "status": self.status, "reasons": list(self.reasons), "positions": self.positions,
+             "worst": self.worst.to_dict() if self.worst else None}
+        if self.verdict is not None:
+            v = self.verdict
+            d.update(ratio=v.ratio, max_abs_ratio=v.max_abs_ratio, error=v.error.to_dict(),
+                     noise=v.noise.to_dict(), budget=v.budget.to_dict())
+        return d
+
+
+@dataclass
+class Divergence:
+    """The first failing tap of a request, and where in it the error sits."""
+
+    request: str
+    row: TapRow
+    worst_elements: list[Element] = field(default_factory=list)
+    positions: list[dict] = field(default_factory=list)  # worst first: position, chunk, rel errors
+    chunks: list[dict] = field(default_factory=list)  # per chunk: range, max/mean rel error
+    heads: list[dict] = field(default_factory=list)  # worst first, for taps with a head axis
+
+    @property
+    def tap(self) -> str:
+        return self.row.tap
+
+    @property
+    def layer(self) -> int | None:
+        return self.row.layer
+
+    @property
+    def kind(self) -> str:
+        return self.row.kind
+
+    def describe(self) -> str:
+        where = "model level" if self.layer is None else f"layer {self.layer}"
+        text = f"{where}, tensor {self.kind} ({self.tap}), request {self.request!r}: {'; '.join(self.row.reasons)}"
+        if self.worst_elements:
+            e = self.worst_elements[0]
+            text += f"; worst at {e.where()}: candidate {e.candidate:.6g} vs truth {e.truth:.6g}"
+        return text
+
+    def to_dict(self) -> dict:
+        return {"request": self.request, "tap": self.tap, "truth_tap": self.row.truth_tap, "layer": self.layer,
+                "kind": self.kind, "status": self.row.status, "reasons": list(self.row.reasons),
+                "ratio": self.row.verdict.ratio if self.row.verdict else None,
+                "max_abs_ratio": self.row.verdict.max_abs_ratio if self.row.verdict else None,
+                "worst_elements": [e.to_dict() for e in self.worst_elements],
+                "positions": self.positions, "chunks": self.chunks, "heads": self.heads}
+
+
+@dataclass
+class RequestComparison:
+    request: str
+    rows: list[TapRow]  # dataflow order
+    first_divergence: Divergence | None
+    layer_growth: dict[str, Any]
+    chunk_starts: list[int] | None
+
+    @property
+    def judged(self) -> list[TapRow]:
+        return [r for r in self.rows if r.status != MISSING]
+
+    @property
+    def passed(self) -> bool:
+        return self.first_divergence is None and bool(self.judged)
+
+    def to_dict(self) -> dict:
+        missing = [r for r in self.rows if r.status == MISSING]
+        return {"request": self.request, "passed": self.passed,
+                "first_divergence": self.first_divergence.to_dict() if self.first_divergence else None,
+                "rows": [r.to_dict() for r in self.rows], "layer_growth": self.layer_growth,
+                "chunk_starts": self.chunk_starts,
+                "missing": [{"tap": r.tap, "reason": "; ".join(r.reasons)} for r in missing]}
+
+
+@dataclass
+class Comparison:
+    requests: list[RequestComparison]
+    dtype: str | None
+    truth_dtype: str | None
+    tolerance: Tolerance
+    missing_requests: list[str]  # in the truth, not in the candidate
+    extra_requests: list[str]  # in the candidate, not in the truth
+    notes: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.missing_requests and all(r.passed for r in self.requests)
+
+    @property
+    def first_divergence(self) -> Divergence | None:
+        """The earliest divergence in dataflow order over all requests (ties: request order)."""
+        found = [r.first_divergence for r in self.requests if r.first_divergence is not None]
+        return min(found, key=lambda d: order_key(d.tap), default=None)
+
+    def counts(self) -> dict[str, int]:
+        rows = [row for r in self.requests for row in r.rows]
+        return {"requests": len(self.requests),
+                "taps_judged": sum(row.status != MISSING for row in rows),
+                "taps_failed": sum(row.status in FAILING for row in rows),
+                "taps_missing": sum(row.status == MISSING for row in rows),
+                "requests_diverged": sum(r.first_divergence is not None for r in self.requests)}
+
+    def to_dict(self) -> dict:
+        first = self.first_divergence
+        return _jsonable({
+            "passed": self.passed, "dtype": self.dtype, "truth_dtype": self.truth_dtype,
+            "tolerance": self.tolerance.to_dict(), "counts": self.counts(),
+            "first_divergence": first.to_dict() if first else None,
+            "requests": [r.to_dict() for r in self.requests],
+            "missing_requests": list(self.missing_requests), "extra_requests": list(self.extra_requests),
+            "notes": list(self.notes), "summary": self.summary(),
+        })
+
+    def summary(self) -> str:
+        """A few lines for a terminal or a failing assertion; the first names the verdict."""
+        c = self.counts()
+        settings = (f"[{self.dtype} vs {self.truth_dtype} truth; budget {self.tolerance.multiple:g}x noise "
+                    f"(max abs {self.tolerance.max_abs_multiple:g}x) + floor]")
+        first = self.first_divergence
+        if first is not None:
+            lines = [f"DIVERGENCE at {first.describe()}",
+                     f"{c['requests_diverged']} of {c['requests']} requests diverge; "
+                     f"{c['taps_failed']} of {c['taps_judged']} judged taps fail {settings}"]
+        elif not self.passed:
+            lines = [f"NO VERDICT: {self._why_unjudged()} {settings}"]
+        else:
+            lines = [f"PARITY: {c['taps_judged']} taps in {c['requests']} requests within budget"
+                     f"{self._closest_call()} {settings}"]
+        if self.missing_requests:
+            lines.append(f"requests missing from the candidate: {self.missing_requests}")
+        if self.extra_requests:
+            lines.append(f"requests only in the candidate (not judged): {self.extra_requests}")
+        if c["taps_missing"]:
+            lines.append(f"{c['taps_missing']} taps present in one capture but not another (see rows marked missing)")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def _why_unjudged(self) -> str:
+        if self.missing_requests:
+            return f"{len(self.missing_requests)} truth requests are missing from the candidate"
+        empty = [r.request for r in self.requests if not r.judged]
+        return f"no tap could be judged for requests {empty}"
+
+    def _closest_call(self) -> str:
+        rows = [(row.verdict.ratio, row.tap, r.request) for r in self.requests for row in r.rows if row.verdict]
+        if not rows:
+            return ""
+        ratio, tap, request = max(rows)
+        return f" (closest: {tap} of request {request!r} at {ratio:.2g} of its budget)"
+
+
+# --------------------------------------------------------------------------------------
+# compare
+# --------------------------------------------------------------------------------------
+
+
+def compare(truth: Capture, ref: Capture, cand: Capture, config, *, tolerance: Tolerance = DEFAULT_TOLERANCE,
+            chunk_boundaries: Mapping[str, Sequence[int]] | None = None) -> Comparison:
+    """Judge every tap of `cand` against `truth`, budgeted by `ref`'s noise.
+
+    `config` (Gemma4Config) must be the model all three captured. `chunk_boundaries` maps a
+    request id to the positions where its prefill chunks (and decode steps) start; without it,
+    the candidate's metadata["scenario"]["chunk_boundaries"] is used when present."""
+    _check_same_model(config, truth=truth, ref=ref, cand=cand)
+    dtype = _compared_dtype(ref, cand)
+    truth_dtype = truth.metadata.get("dtype")
+    notes = _notes(dtype, truth_dtype)
+    if chunk_boundaries is None:
+        chunk_boundaries = _scenario_chunks(cand)
+
+    results = []
+    for request_id, truth_req in truth.requests.items():
+        if request_id not in cand.requests:
+            continue
+        starts = _chunk_starts(chunk_boundaries.get(request_id)) if chunk_boundaries else None
+        results.append(_compare_request(request_id, truth_req, ref.requests.get(request_id), cand.requests[request_id],
+                                        config, dtype, tolerance, starts))
+    missing = [r for r in truth.requests if r not in cand.requests]
+    extra = [r for r in cand.requests if r not in truth.requests]
+    return Comparison(results, dtype, truth_dtype, tolerance, missing, extra, notes)
+
+
+def _compare_request(request_id: str, truth: RequestCapture, ref: RequestCapture | None, cand: RequestCapture,
+                     config, dtype: str | None, tolerance: Tolerance, starts: list[int] | None) -> RequestComparison:
+    rows = [_compare_tap(tap, truth_counterpart(tap), truth, ref, cand, dtype, tolerance) for tap in cand.taps]
+    for tap in truth.taps:
+        if tap not in cand.taps:  # a pool tap judged against it does not stand in for it
+            rows.append(TapRow(tap, tap, MISSING, ["not captured by the candidate"]))
+    rows.sort(key=lambda r: order_key(r.tap))
+
+    first_row = next((r for r in rows if r.status in FAILING), None)
+    first = _locate(request_id, first_row, truth, ref, cand, starts) if first_row else None
+    return RequestComparison(request_id, rows, first, _layer_growth(rows, config), starts)
+
+
+def _compare_tap(tap: str, truth_tap: str, truth: RequestCapture, ref: RequestCapture | None, cand: RequestCapture,
+                 dtype: str | None, tolerance: Tolerance) -> TapRow:
+    if truth_tap not in truth.taps:
+        return TapRow(tap, truth_tap, MISSING, [f"the truth has no {truth_tap}"])
+    if ref is None or truth_tap not in ref.taps:
+        return TapRow(tap, truth_tap, MISSING, [f"the reference in the compared dtype has no {truth_tap}: "
+                                                f"no noise to budget against"])
+    aligned = _align(tap, truth_tap, truth, ref, cand)
+    if isinstance(aligned, str):
+        return TapRow(tap, truth_tap, MISALIGNED, [aligned])
+    c, r, t, positions = aligned
+    verdict = judge(c, r, t, dtype or c.dtype, tolerance)
+    worst = None
+    if verdict.error.max_abs_index is not None:
+        worst = _element(tap, verdict.error.max_abs_index, positions, c, r, t)
+    return TapRow(tap, truth_tap, PASS if verdict.passed else FAIL, list(verdict.reasons), verdict,
+                  positions.numel(), worst)
+
+
+def _align(tap: str, truth_tap: str, truth: RequestCapture, ref: RequestCapture, cand: RequestCapture):
+    """(cand rows, ref rows, truth rows, positions) lined up by position value, or a reason why not."""
+    positions = cand.positions_of(tap)
+    c = cand.taps[tap]
+    t_idx, t_absent = _rows_at(truth.positions_of(truth_tap), positions)
+    if t_absent:
+        return f"candidate positions {t_absent} are not in the truth's {truth_tap}"
+    r_idx, r_absent = _rows_at(ref.positions_of(truth_tap), positions)
+    if r_absent:
+        return f"candidate positions {r_absent} are not in the reference's {truth_tap}"
+    t, r = truth.taps[truth_tap][t_idx], ref.taps[truth_tap][r_idx]
+    if c.shape != t.shape or r.shape != t.shape:
+        return (f"shapes do not line up: candidate {list(c.shape)}, reference {list(r.shape)}, "
+                f"truth {list(t.shape)} at the same positions")
+    return c, r, t, positions
+
+
+def _rows_at(have: torch.Tensor, want: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Row indices of the positions `want` in the ascending `have`, and the wanted positions
+    that are absent (at most 10 listed)."""
+    if have.numel() == 0:
+        return torch.zeros_like(want), want.tolist()[:10]
+    idx = torch.searchsorted(have, want).clamp(max=have.numel() - 1)
+    found = have[idx] == want
+    absent = want[~found].tolist()
+    return idx, absent[:10] + (["..."] if len(absent) > 10 else [])
+
+
+def _element(tap: str, index: tuple[int, ...], positions: torch.Tensor, c: torch.Tensor, r: torch.Tensor,
+             t: torch.Tensor) -> Element:
+    axes = parse_tap(tap).axes[1:]
+    cv, tv, rv = float(c[index]), float(t[index]), float(r[index])
+    return Element(int(positions[index[0]]), dict(zip(axes, index[1:])), cv, tv, rv, abs(cv - tv))
+
+
+# --------------------------------------------------------------------------------------
+# Where the error sits (first divergence only: the rest is downstream of it)
+# --------------------------------------------------------------------------------------
+
+
+def _locate(request_id: str, row: TapRow, truth: RequestCapture, ref: RequestCapture | None, cand: RequestCapture,
+            starts: list[int] | None) -> Divergence:
+    div = Divergence(request_id, row)
+    if row.status != FAIL:  # misaligned: nothing lines up to measure
+        return div
+    c, r, t, positions = _align(row.tap, row.truth_tap, truth, ref, cand)
+    c64, r64, t64 = c.double(), r.double(), t.double()
+
+    abs_err = torch.where(torch.isfinite(c64) & torch.isfinite(t64), (c64 - t64).abs(), math.inf)
+    abs_err = torch.where(torch.isnan(t64), 0.0, abs_err)  # both-sided NaN carries no information
+    top = abs_err.reshape(-1).topk(min(TOP_ELEMENTS, abs_err.numel())).indices
+    for flat in top.tolist():
+        index = unravel(flat, c.shape)
+        div.worst_elements.append(_element(row.tap, index, positions, c, r, t))
+
+    cand_rows = axis_profile(c64, t64, 0)
+    ref_rows = axis_profile(r64, t64, 0)
+    order = torch.argsort(cand_rows, descending=True, stable=True)
+    for i in order[:TOP_POSITIONS].tolist():
+        p = int(positions[i])
+        div.positions.append({"position": p, "chunk": _chunk_of(p, starts), "rel_error": float(cand_rows[i]),
+                              "ref_rel_error": float(ref_rows[i])})
+    if starts is not None:
+        div.chunks = _by_chunk(positions, cand_rows, ref_rows, starts)
+    if "head" in parse_tap(row.tap).axes:
+        cand_heads, ref_heads = axis_profile(c64, t64, 1), axis_profile(r64, t64, 1)
+        for h in torch.argsort(cand_heads, descending=True, stable=True).tolist():
+            div.heads.append({"head": h, "rel_error": float(cand_heads[h]), "ref_rel_error": float(ref_heads[h])})
+    return div
+
+
+def _chunk_starts(boundaries: Sequence[int] | None) -> list[int] | None:
+    """Sorted chunk start positions, always starting at 0, from the boundaries a caller gives
+    (with or without 0)."""
+    if boundaries is None:
+        return None
+    return sorted({0, *(int(b) for b in boundaries)})
+
+
+def _chunk_of(position: int, starts: list[int] | None) -> int | None:
+    return None if starts is None else bisect.bisect_right(starts, position) - 1
+
+
+def _by_chunk(positions: torch.Tensor, cand_rows: torch.Tensor, ref_rows: torch.Tensor,
+              starts: list[int]) -> list[dict]:
+    chunk = torch.tensor([_chunk_of(int(p), starts) for p in positions.tolist()])
+    out = []
+    for k in chunk.unique().tolist():
+        sel = chunk == k
+        errs, pos = cand_rows[sel], positions[sel]
+        end = starts[k + 1] if k + 1 < len(starts) else int(positions.max()) + 1
+        out.append({"chunk": k, "start": starts[k], "end": end, "positions": int(sel.sum()),
+                    "max_rel_error": float(errs.max()), "mean_rel_error": float(errs.mean()),
+                    "worst_position": int(pos[errs.argmax()]), "ref_max_rel_error": float(ref_rows[sel].max())})
+    return out
+
+
+def _layer_growth(rows: list[TapRow], config) -> dict[str, Any]:
+    """Per layer kind, the candidate's and the reference's relative L2 error (and the budget)
+    layer by layer: how error grows through the stack. None where a layer was not judged."""
+    layers = list(range(config.num_hidden_layers))
+    kinds: dict[str, dict[str, list]] = {}
+    for row in rows:
+        if row.verdict is None or row.layer is None or row.layer >= len(layers):
+            continue
+        series = kinds.setdefault(row.kind, {"candidate": [None] * len(layers), "reference": [None] * len(layers),
+                                             "budget": [None] * len(layers)})
+        series["candidate"][row.layer] = row.verdict.error.rel_l2
+        series["reference"][row.layer] = row.verdict.noise.rel_l2
+        series["budget"][row.layer] = row.verdict.budget.rel_l2
+    ordered = {k: kinds[k] for k in LAYER_KINDS if k in kinds}
+    return {"metric": "rel_l2", "layers": layers, "kinds": ordered}
+
+
+# --------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------
+
+
+def _check_same_model(config, **captures: Capture) -> None:
+    want = _canonical(config.to_hf_dict())
+    for name, capture in captures.items():
+        got = capture.metadata.get("model_config")
+        if got is not None and _canonical(got) != want:
+            raise CompareError(f"the {name} capture was taken with another model config than the one given")
+
+
+def _canonical(d: dict) -> str:
+    return json.dumps(d, sort_keys=True, default=list)
+
+
+def _compared_dtype(ref: Capture, cand: Capture) -> str | None:
+    r, c = ref.metadata.get("dtype"), cand.metadata.get("dtype")
+    if r is not None and c is not None and r != c:
+        raise CompareError(f"the reference was captured in {r} but the candidate in {c}: the noise "
+                           f"budget needs the reference in the compared dtype")
+    dtype = c or r
+    if dtype is not None:
+        try:
+            as_float_dtype(dtype)
+        except ValueError as e:
+            raise CompareError(str(e)) from None
+    return dtype
+
+
+def _notes(dtype: str | None, truth_dtype: str | None) -> list[str]:
+    if dtype is None or truth_dtype is None:
+        return []
+    bits = {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}
+    if bits.get(truth_dtype, 0) <= bits.get(dtype, 0):
+        return [f"note: the truth ({truth_dtype}) is not more precise than the compared dtype ({dtype}); "
+                f"budgets are mostly floors"]
+    return []
+
+
+def _scenario_chunks(cand: Capture) -> dict[str, Sequence[int]] | None:
+    chunks = cand.metadata.get("scenario", {}).get("chunk_boundaries") if isinstance(
+        cand.metadata.get("scenario"), dict) else None
+    return chunks if isinstance(chunks, dict) else None
+
+
+def _jsonable(obj):
+    """Plain JSON data: non-finite floats spelled as strings, tuples as lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else ("nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf"))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
