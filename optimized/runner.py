@@ -29,6 +29,8 @@ class RequestResult:
     tokens: list[int]  # generated (or teacher-forced) tokens
     logits: torch.Tensor | None = None  # [prompt_len + new, V] in position order
     prefix_reused: int = 0  # leading prompt tokens whose KV came from another request
+    pages: list[int] = field(default_factory=list)  # full-pool page of each page index
+    steps: list[tuple[int, int]] = field(default_factory=list)  # (first position, tokens) per forward step
 
 
 @dataclass
@@ -42,6 +44,8 @@ class _Live:
     tokens: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     reused: int = 0
+    pages: list[int] = field(default_factory=list)
+    steps: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -179,6 +183,7 @@ class Runner:
             finished = []
             for i, (r, (item, start, end)) in enumerate(zip(running, batch.token_ranges())):
                 n = end - start
+                r.steps.append((item.prefix_len, n))
                 rows = logits[start:end] if return_logits else logits[i:i + 1]
                 if return_logits:
                     r.logits.append(rows.cpu())
@@ -198,7 +203,7 @@ class Runner:
                 if taps is not None:
                     self._emit_cache(cache, r, taps)
                 results[r.index] = RequestResult(
-                    r.tokens, torch.cat(r.logits) if return_logits else None, r.reused)
+                    r.tokens, torch.cat(r.logits) if return_logits else None, r.reused, r.pages, r.steps)
                 running.remove(r)
                 cache.free_request(r.index)
             step += 1
@@ -226,6 +231,7 @@ class Runner:
             r.reused = 0
             return False
         r.done_prompt = r.reused
+        r.pages = list(cache.requests[r.index].pages)
         if r.reused and lives[donor].logits:
             # Positions whose KV was reused were computed once, by the donor: share its logits.
             r.logits.append(torch.cat(lives[donor].logits)[: r.reused])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
 
 EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT = 0, 1, 2
@@ -57,6 +58,162 @@ def cmd_info(args) -> int:
     return EXIT_OK
 
 
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    from optimized.kernels import default_device
+
+    return str(default_device())
+
+
+def _scenarios(args):
+    from .scenario import builtin, load
+
+    if not args.scenario:
+        return builtin(args.model, args.dtype, _device(args.device), args.seed)
+    names = {s.name: s for s in builtin(args.model, args.dtype, _device(args.device), args.seed)}
+    out = []
+    for item in args.scenario:
+        if item in names:
+            out.append(names[item])
+        else:
+            out.append(load(item))
+    return out
+
+
+def _progress(i: int, n: int, name: str, status: str, seconds: float | None = None) -> None:
+    took = f" ({seconds:.1f}s)" if seconds is not None else ""
+    print(f"[{i}/{n}] {name:34s} {status}{took}", file=sys.stderr, flush=True)
+
+
+def _command_line(argv) -> str:
+    import shlex
+
+    return "gemma4-testbed " + " ".join(shlex.quote(a) for a in argv)
+
+
+def cmd_check(args) -> int:
+    import time
+
+    from reference import CheckpointError, ConfigError, resolve
+
+    from .capture import CaptureError
+    from .report import write_report
+    from .run import report_facts, run_scenario
+    from .scenario import ScenarioError
+
+    try:
+        scenarios = _scenarios(args)
+        for sc in scenarios:  # resolve every model up front: bad input fails before any work
+            resolve(sc.model.source, dtype=sc.dtype, device="meta", seed=sc.model.seed)
+    except (ScenarioError, CheckpointError, ConfigError, CaptureError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    runs = []
+    for i, sc in enumerate(scenarios, 1):
+        _progress(i, len(scenarios), sc.name, "running")
+        t0 = time.perf_counter()
+        try:
+            run = run_scenario(sc)
+        except (ScenarioError, CheckpointError, ConfigError, ValueError) as e:
+            print(f"error: scenario {sc.name!r}: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        runs.append(run)
+        _progress(i, len(scenarios), sc.name, "parity" if run.passed else "DIVERGENCE", time.perf_counter() - t0)
+    facts = report_facts(runs, _command_line(args.argv), f"Gemma 4 parity: {args.model} ({args.dtype})")
+    out = Path(args.out) if args.out else Path("reports") / f"check-{Path(args.model).name}-{args.dtype}"
+    html, _ = write_report(facts, out)
+    print(facts["summary"])
+    for run in runs:
+        if not run.passed:
+            print(run.comparison.summary())
+            break
+    print(f"report: {html}")
+    return EXIT_OK if all(r.passed for r in runs) else EXIT_DIVERGED
+
+
+def cmd_capture(args) -> int:
+    from reference import CheckpointError, ConfigError
+
+    from .capture import CaptureError, save_capture
+    from .run import run_scenario
+    from .scenario import ScenarioError
+
+    try:
+        if len(args.scenario) != 1:
+            raise ScenarioError("capture takes exactly one --scenario (a file or a built-in name)")
+        (scenario,) = _scenarios(args)
+        run = run_scenario(scenario)
+        capture = {"truth": run.truth, "reference": run.ref, "optimized": run.cand}[args.path]
+        where = save_capture(capture, args.out, overwrite=args.overwrite)
+    except (ScenarioError, CheckpointError, ConfigError, CaptureError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"capture ({args.path}, {scenario.name}): {where}")
+    return EXIT_OK
+
+
+def cmd_diff(args) -> int:
+    from reference import Gemma4Config
+
+    from .capture import CaptureError, load_capture
+    from .compare import CompareError, compare
+    from .report import write_report
+
+    try:
+        base, cand = load_capture(args.baseline), load_capture(args.candidate)
+        truth = load_capture(args.truth) if args.truth else base
+        config = Gemma4Config.from_hf_dict(cand.metadata["model_config"])
+        comparison = compare(truth, base, cand, config)
+    except (CaptureError, CompareError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(comparison.summary())
+    if args.out:
+        scenario = cand.metadata.get("scenario") or {}
+        facts = {
+            "title": f"diff {args.baseline} {args.candidate}",
+            "verdict": "parity" if comparison.passed else "divergence",
+            "summary": comparison.summary().splitlines()[0],
+            "scenarios": [{"name": scenario.get("name", "capture"), "passed": comparison.passed,
+                           "scenario": scenario, "layout": None, "comparison": comparison.to_dict()}],
+            "environment": {"versions": cand.metadata.get("versions", {}), "device": cand.metadata.get("device"),
+                            "dtype": cand.metadata.get("dtype"), "git": cand.metadata.get("git"), "host": ""},
+            "command": _command_line(args.argv),
+        }
+        html, _ = write_report(facts, args.out)
+        print(f"report: {html}")
+    return EXIT_OK if comparison.passed else EXIT_DIVERGED
+
+
+def cmd_report(args) -> int:
+    import json
+
+    from .report import write_report
+
+    src = Path(args.directory) / "report.json"
+    try:
+        facts = json.loads(src.read_text())
+        html, _ = write_report(facts, args.out or args.directory)
+    except FileNotFoundError:
+        print(f"error: {src}: no report.json to render", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        print(f"error: {src}: cannot render ({e})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"report: {html}")
+    return EXIT_OK if facts.get("verdict") == "parity" else EXIT_DIVERGED
+
+
+def _add_model_args(p) -> None:
+    p.add_argument("model", nargs="?", default="tiny", help="preset name or checkpoint directory (default: tiny)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="cpu, cuda, xpu or auto (default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
+    p.add_argument("--scenario", action="append", default=[],
+                   help="a scenario JSON file or a built-in scenario name (repeatable; default: the built-in set)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma4-testbed", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -66,15 +223,42 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--page-size", type=int, default=16)
     info.add_argument("--context", type=int, nargs="+", default=[4096, 32768, 131072])
     info.set_defaults(func=cmd_info)
+
+    check = sub.add_parser("check", help="run scenarios on both paths, judge parity, write the HTML report")
+    _add_model_args(check)
+    check.add_argument("--out", help="report directory (default: reports/check-<model>-<dtype>)")
+    check.set_defaults(func=cmd_check)
+
+    capture = sub.add_parser("capture", help="capture one path's taps for a scenario into a directory")
+    _add_model_args(capture)
+    capture.add_argument("--path", required=True, choices=["truth", "reference", "optimized"])
+    capture.add_argument("--out", required=True, help="capture directory to create")
+    capture.add_argument("--overwrite", action="store_true")
+    capture.set_defaults(func=cmd_capture)
+
+    diff = sub.add_parser("diff", help="judge a candidate capture against a baseline capture")
+    diff.add_argument("baseline")
+    diff.add_argument("candidate")
+    diff.add_argument("--truth", help="a float64 truth capture; without it the baseline is the truth and "
+                                      "budgets are the per-dtype floors alone")
+    diff.add_argument("--out", help="write an HTML report into this directory")
+    diff.set_defaults(func=cmd_diff)
+
+    report = sub.add_parser("report", help="re-render report.html from a report directory's report.json")
+    report.add_argument("directory")
+    report.add_argument("--out", help="write into another directory")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help/--version
         return int(e.code or 0)
+    args.argv = argv
     return args.func(args)
 
 

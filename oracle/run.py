@@ -1,0 +1,136 @@
+"""Run a scenario on both paths and judge it.
+
+truth = the reference in float64 (on the compared weights), ref = the reference in the compared
+dtype (its error against the truth is the noise a correct implementation has), cand = the
+optimized path in the compared dtype. Decode steps are teacher-forced with the reference's own
+greedy tokens, so both paths see the same sequence even where an argmax would differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from optimized.runner import Runner
+from reference import Gemma4Reference, resolve
+
+from .capture import Capture, CaptureBuilder, capture_metadata
+from .compare import Comparison, compare
+from .scenario import Scenario
+from .tolerance import DEFAULT_TOLERANCE, Tolerance
+
+TRUTH_DTYPE = torch.float64
+
+
+@dataclass
+class ScenarioRun:
+    scenario: Scenario
+    truth: Capture
+    ref: Capture
+    cand: Capture
+    comparison: Comparison
+    layout: dict
+
+    @property
+    def passed(self) -> bool:
+        return self.comparison.passed
+
+
+def greedy_continuation(model: Gemma4Reference, prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor(seq, device=model.device))[-1].argmax()))
+    return seq[len(prompt):]
+
+
+def reference_capture(model: Gemma4Reference, scenario: Scenario, sequences: dict[str, list[int]],
+                      path: str) -> Capture:
+    builder = CaptureBuilder(capture_metadata(model.config, path=path, dtype=model.dtype,
+                                              device=model.device, scenario=scenario.to_dict()))
+    for rid, seq in sequences.items():
+        taps: dict = {}
+        model(torch.tensor(seq, device=model.device), taps=taps)
+        builder.add_taps(rid, torch.arange(len(seq)), taps)
+    return builder.build()
+
+
+def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE,
+                 runner_factory: Callable[..., Runner] = Runner, weights=None) -> ScenarioRun:
+    """Capture truth, reference and optimized path for a scenario and compare them.
+    `runner_factory` lets a test or a fault injection substitute the optimized path."""
+    m = scenario.model
+    if weights is None:
+        cfg, weights = resolve(m.source, dtype=scenario.dtype, device=m.device, seed=m.seed)
+    else:
+        cfg, weights = weights
+    ref_model = Gemma4Reference(cfg, weights)
+    truth_model = Gemma4Reference(cfg, {k: v.to(TRUTH_DTYPE) for k, v in weights.items()})
+    prompts = scenario.prompts(cfg.vocab_size)
+    ids = [r.id for r in scenario.requests]
+    teacher = [greedy_continuation(ref_model, p, r.new_tokens) for p, r in zip(prompts, scenario.requests)]
+    sequences = {rid: p + t for rid, p, t in zip(ids, prompts, teacher)}
+
+    truth = reference_capture(truth_model, scenario, sequences, "truth")
+    ref = reference_capture(ref_model, scenario, sequences, "reference")
+
+    e = scenario.engine
+    runner = runner_factory(cfg, weights=weights, dtype=scenario.dtype, device=m.device, page_size=e.page_size,
+                            chunk_size=e.chunk_size, num_pages=e.num_pages, page_order_seed=e.page_order_seed)
+    builder = CaptureBuilder(capture_metadata(cfg, path="optimized", dtype=scenario.dtype, device=m.device,
+                                              scenario=scenario.to_dict()))
+    index = {r.id: i for i, r in enumerate(scenario.requests)}
+    results = runner.run(
+        prompts, max_new_tokens=[r.new_tokens for r in scenario.requests], teacher_tokens=teacher,
+        chunk_splits=[None if r.chunks is None else list(r.chunks) for r in scenario.requests],
+        arrivals=[r.arrival for r in scenario.requests],
+        share_prefix_with=[None if r.prefix_from is None else index[r.prefix_from["request"]]
+                           for r in scenario.requests],
+        taps=lambda i, name, pos, t: builder.add(ids[i], name, pos, t))
+    cand = builder.build()
+    chunks = {rid: [start for start, _ in res.steps] for rid, res in zip(ids, results)}
+    comparison = compare(truth, ref, cand, cfg, tolerance=tolerance, chunk_boundaries=chunks)
+    layout = {
+        "page_size": e.page_size,
+        "num_pages": runner.cache.full.num_pages,
+        "requests": [{"id": rid, "prompt_len": len(p), "new_tokens": r.new_tokens, "pages": res.pages,
+                      "chunks": [list(s) for s in res.steps], "prefix_reused": res.prefix_reused}
+                     for rid, p, r, res in zip(ids, prompts, scenario.requests, results)],
+    }
+    return ScenarioRun(scenario, truth, ref, cand, comparison, layout)
+
+
+def report_facts(runs: list[ScenarioRun], command: str, title: str, kernels: list | None = None) -> dict:
+    """Everything the HTML report and its JSON twin show (oracle/report.py renders it)."""
+    from .capture import git_revision, package_versions
+    import platform
+    from pathlib import Path
+
+    failed = [r for r in runs if not r.passed]
+    if failed:
+        verdict = "divergence"
+        summary = f"{len(failed)} of {len(runs)} scenarios diverge. First: {failed[0].scenario.name}: " \
+                  f"{failed[0].comparison.summary().splitlines()[0]}"
+    else:
+        verdict = "parity"
+        summary = f"All {len(runs)} scenarios hold parity with the reference within the noise budget."
+    first = runs[0].scenario if runs else None
+    facts = {
+        "title": title,
+        "verdict": verdict,
+        "summary": summary,
+        "scenarios": [{"name": r.scenario.name, "passed": r.passed, "scenario": r.scenario.to_dict(),
+                       "layout": r.layout, "comparison": r.comparison.to_dict()} for r in runs],
+        "environment": {
+            "versions": package_versions(),
+            "device": first.model.device if first else "",
+            "dtype": first.model.dtype if first else "",
+            "git": git_revision(Path(__file__).resolve().parent.parent),
+            "host": f"{platform.node()} ({platform.machine()}, {platform.python_version()})",
+        },
+        "command": command,
+    }
+    if kernels is not None:
+        facts["kernels"] = kernels
+    return facts

@@ -1,0 +1,242 @@
+"""Scenarios: what to run, as JSON (shared/DESIGN.md "Scenarios").
+
+    {
+      "name": "chunked-prefill",
+      "model": {"source": "tiny", "seed": 0, "dtype": "float32", "device": "cpu"},
+      "engine": {"page_size": 4, "chunk_size": 5, "num_pages": null, "page_order_seed": 7},
+      "requests": [
+        {"id": "r0", "length": 13, "seed": 1, "new_tokens": 2},
+        {"id": "r1", "tokens": [5, 9, 2], "new_tokens": 1, "arrival": 2, "chunks": [1, 2],
+         "prefix_from": {"request": "r0", "length": 8}}
+      ]
+    }
+
+A request's prompt is its explicit `tokens`, or `length` tokens drawn from `seed`; with
+`prefix_from` the prompt starts with that many tokens of an earlier request's prompt (a shared
+prefix), and the optimized path reuses that request's KV for it when the pool still holds it.
+Running a scenario is deterministic: the same JSON gives the same tokens, pages and numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ScenarioError(ValueError):
+    """A scenario file or dict that cannot be run; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str = "tiny"  # preset name or checkpoint directory
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    page_size: int = 16
+    chunk_size: int = 512
+    num_pages: int | None = None
+    page_order_seed: int | None = None
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    id: str
+    length: int | None = None
+    seed: int = 0
+    tokens: tuple[int, ...] | None = None
+    new_tokens: int = 0
+    arrival: int = 0
+    chunks: tuple[int, ...] | None = None
+    prefix_from: dict | None = None  # {"request": id, "length": n}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    requests: tuple[RequestSpec, ...] = ()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.model.dtype]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for r in d["requests"]:
+            for k in ("tokens", "chunks"):
+                if r[k] is not None:
+                    r[k] = list(r[k])
+        return d
+
+    def prompts(self, vocab_size: int) -> list[list[int]]:
+        """Every request's prompt token ids, deterministically."""
+        out: dict[str, list[int]] = {}
+        for r in self.requests:
+            if r.tokens is not None:
+                own = list(r.tokens)
+            else:
+                g = torch.Generator().manual_seed(r.seed)
+                own = torch.randint(0, vocab_size, (r.length,), generator=g).tolist()
+            if r.prefix_from is not None:
+                own = out[r.prefix_from["request"]][: r.prefix_from["length"]] + own
+            bad = [t for t in own if not 0 <= t < vocab_size]
+            if bad:
+                raise ScenarioError(f"requests[{r.id!r}].tokens: ids {bad[:3]} outside the vocabulary [0, {vocab_size})")
+            out[r.id] = own
+        return [out[r.id] for r in self.requests]
+
+    def with_model(self, **changes) -> Scenario:
+        return Scenario(self.name, ModelSpec(**{**asdict(self.model), **changes}), self.engine, self.requests)
+
+
+# --------------------------------------------------------------------------------------
+# Parsing with errors that name the field
+# --------------------------------------------------------------------------------------
+
+
+def _int(where: str, v: Any, minimum: int, optional: bool = False):
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ScenarioError(f"{where}: expected an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _only(where: str, d: Any, allowed: set[str]) -> dict:
+    if not isinstance(d, dict):
+        raise ScenarioError(f"{where}: expected an object, got {type(d).__name__}")
+    unknown = set(d) - allowed
+    if unknown:
+        raise ScenarioError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return d
+
+
+def from_dict(d: Any) -> Scenario:
+    d = _only("scenario", d, {"name", "model", "engine", "requests"})
+    name = d.get("name", "scenario")
+    if not isinstance(name, str) or not name:
+        raise ScenarioError(f"name: expected a non-empty string, got {name!r}")
+    m = _only("model", d.get("model", {}), {"source", "seed", "dtype", "device"})
+    model = ModelSpec(
+        source=str(m.get("source", "tiny")), seed=_int("model.seed", m.get("seed", 0), 0),
+        dtype=m.get("dtype", "float32"), device=str(m.get("device", "cpu")))
+    if model.dtype not in DTYPES:
+        raise ScenarioError(f"model.dtype: {model.dtype!r} is not one of {sorted(DTYPES)}")
+    e = _only("engine", d.get("engine", {}), {"page_size", "chunk_size", "num_pages", "page_order_seed"})
+    engine = EngineSpec(
+        page_size=_int("engine.page_size", e.get("page_size", 16), 1),
+        chunk_size=_int("engine.chunk_size", e.get("chunk_size", 512), 1),
+        num_pages=_int("engine.num_pages", e.get("num_pages"), 2, optional=True),
+        page_order_seed=_int("engine.page_order_seed", e.get("page_order_seed"), 0, optional=True))
+    reqs = d.get("requests")
+    if not isinstance(reqs, list) or not reqs:
+        raise ScenarioError("requests: expected a non-empty list")
+    parsed: list[RequestSpec] = []
+    seen: dict[str, int] = {}
+    for i, r in enumerate(reqs):
+        where = f"requests[{i}]"
+        r = _only(where, r, {"id", "length", "seed", "tokens", "new_tokens", "arrival", "chunks", "prefix_from"})
+        rid = r.get("id", f"r{i}")
+        if not isinstance(rid, str) or not rid or rid in seen:
+            raise ScenarioError(f"{where}.id: expected a unique non-empty string, got {rid!r}")
+        tokens = r.get("tokens")
+        length = r.get("length")
+        if (tokens is None) == (length is None):
+            raise ScenarioError(f"{where}: give exactly one of 'tokens' or 'length'")
+        if tokens is not None:
+            if not isinstance(tokens, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in tokens):
+                raise ScenarioError(f"{where}.tokens: expected a list of integer token ids")
+            tokens = tuple(tokens)
+        else:
+            _int(f"{where}.length", length, 0)
+        prefix = r.get("prefix_from")
+        prefix_len = 0
+        if prefix is not None:
+            prefix = _only(f"{where}.prefix_from", prefix, {"request", "length"})
+            if prefix.get("request") not in seen:
+                raise ScenarioError(f"{where}.prefix_from.request: {prefix.get('request')!r} is not an earlier request")
+            prefix_len = _int(f"{where}.prefix_from.length", prefix.get("length"), 1)
+            donor = parsed[seen[prefix["request"]]]
+            donor_len = _prompt_len(donor, parsed, seen)
+            if prefix_len > donor_len:
+                raise ScenarioError(f"{where}.prefix_from.length: {prefix_len} exceeds the prompt of "
+                                    f"{prefix['request']!r} ({donor_len} tokens)")
+        own = len(tokens) if tokens is not None else length
+        if own + prefix_len < 1:
+            raise ScenarioError(f"{where}: the prompt is empty")
+        chunks = r.get("chunks")
+        if chunks is not None:
+            if not isinstance(chunks, list) or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
+                                                   for c in chunks) or sum(chunks) != own + prefix_len:
+                raise ScenarioError(f"{where}.chunks: positive lengths summing to the prompt length "
+                                    f"{own + prefix_len}, got {chunks!r}")
+            chunks = tuple(chunks)
+        parsed.append(RequestSpec(
+            id=rid, length=length, seed=_int(f"{where}.seed", r.get("seed", 0), 0), tokens=tokens,
+            new_tokens=_int(f"{where}.new_tokens", r.get("new_tokens", 0), 0),
+            arrival=_int(f"{where}.arrival", r.get("arrival", 0), 0), chunks=chunks, prefix_from=prefix))
+        seen[rid] = i
+    return Scenario(name, model, engine, tuple(parsed))
+
+
+def _prompt_len(r: RequestSpec, parsed: list[RequestSpec], seen: dict[str, int]) -> int:
+    own = len(r.tokens) if r.tokens is not None else r.length
+    return own + (r.prefix_from["length"] if r.prefix_from else 0)
+
+
+def load(path: str | Path) -> Scenario:
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such scenario file") from None
+    except json.JSONDecodeError as e:
+        raise ScenarioError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return from_dict(raw)
+    except ScenarioError as e:
+        raise ScenarioError(f"{path}: {e}") from None
+
+
+def save(scenario: Scenario, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(scenario.to_dict(), indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------
+# The built-in set `gemma4-testbed check` runs
+# --------------------------------------------------------------------------------------
+
+
+def builtin(source: str = "tiny", dtype: str = "float32", device: str = "cpu", seed: int = 0) -> list[Scenario]:
+    """Small scenarios that together cover one-shot and chunked prefill, decode past the sliding
+    window, page sizes 1 to 16, shuffled pages, mixed extend/decode batches and prefix reuse.
+    Lengths are in units of the tiny models' windows (4 to 6 tokens)."""
+    model = {"source": source, "seed": seed, "dtype": dtype, "device": device}
+    raw = [
+        {"name": "one-shot-prefill", "model": model, "engine": {"page_size": 16, "chunk_size": 64},
+         "requests": [{"id": "r0", "length": 12, "seed": 1, "new_tokens": 2}]},
+        {"name": "chunked-prefill-shuffled-pages", "model": model,
+         "engine": {"page_size": 4, "chunk_size": 5, "page_order_seed": 11},
+         "requests": [{"id": "r0", "length": 13, "seed": 2, "new_tokens": 1},
+                      {"id": "r1", "length": 6, "seed": 3, "new_tokens": 1, "chunks": [1, 2, 3]}]},
+        {"name": "decode-past-window", "model": model, "engine": {"page_size": 2, "chunk_size": 4, "page_order_seed": 5},
+         "requests": [{"id": "r0", "length": 3, "seed": 4, "new_tokens": 12}]},
+        {"name": "mixed-batch-prefix-reuse", "model": model,
+         "engine": {"page_size": 1, "chunk_size": 4, "page_order_seed": 3},
+         "requests": [{"id": "r0", "length": 9, "seed": 5, "new_tokens": 4},
+                      {"id": "r1", "length": 3, "seed": 6, "new_tokens": 2, "arrival": 2,
+                       "prefix_from": {"request": "r0", "length": 6}}]},
+    ]
+    return [from_dict(r) for r in raw]
