@@ -1,0 +1,137 @@
+"""The oracle end to end: scenarios, both paths, the verdict, the CLI and the pytest helper."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import optimized.model
+import optimized.runner
+from oracle import cli
+from oracle.run import run_scenario
+from oracle.scenario import ScenarioError, builtin, from_dict, load
+from oracle.testing import ParityError, assert_parity, scenario
+
+
+def _perturb_full_attention(monkeypatch, factor=1.01):
+    """A test-local kernel bug: full-attention outputs (window None) come out scaled."""
+    for name in ("extend_attention", "decode_attention"):
+        real = getattr(optimized.model, name)
+
+        def wrapped(*args, _real=real, **kwargs):
+            out = _real(*args, **kwargs)
+            return out * factor if kwargs.get("window") is None else out
+
+        monkeypatch.setattr(optimized.model, name, wrapped)
+
+
+def test_builtin_scenarios_hold_parity_on_every_preset_family():
+    for preset in ("tiny", "tiny-kv-eq-v", "tiny-moe"):
+        sc = builtin(preset)[1]  # chunked prefill over shuffled pages with explicit splits
+        run = run_scenario(sc)
+        assert run.passed, run.comparison.summary()
+        assert run.comparison.counts()["taps_failed"] == 0
+
+
+def test_a_perturbed_layer_is_named_as_the_first_divergence(monkeypatch):
+    _perturb_full_attention(monkeypatch)
+    with pytest.raises(ParityError) as err:
+        assert_parity(scenario("tiny", lengths=[9], new_tokens=2, page_size=4, chunk_size=4))
+    div = err.value.run.comparison.first_divergence
+    assert (div.layer, div.kind) == (4, "o")  # tiny's first full-attention layer
+    assert "layers.4.o" in str(err.value)
+
+
+def test_a_stale_pool_slot_is_caught_as_k_cache(monkeypatch):
+    # Corrupt what the last sliding layer stored for position 2 after the run: only the pool tap
+    # can see it, and it must say which layer and which position.
+    real = optimized.runner.Runner._emit_cache
+
+    def corrupt(self, cache, r, taps):
+        spec = self.config.layers[3]
+        row = cache.requests[r.index].row
+        slot = int(cache.req_to_token[row, 2])
+        ps = self.page_size
+        swa_slot = int(cache.full_to_swa_page[slot // ps]) * ps + slot % ps
+        cache.buffers(spec)[0][swa_slot] += 1.0
+        real(self, cache, r, taps)
+
+    monkeypatch.setattr(optimized.runner.Runner, "_emit_cache", corrupt)
+    run = run_scenario(scenario("tiny", lengths=[6], new_tokens=0, page_size=2, chunk_size=6))
+    div = run.comparison.first_divergence
+    assert div.tap == "layers.3.k_cache"
+    assert div.to_dict()["positions"][0]["position"] == 2
+
+
+def test_pytest_helper_passes_on_clean_runs():
+    run = assert_parity(scenario("tiny-kv-eq-v", lengths=[7, 4], new_tokens=2, page_size=2, chunk_size=3))
+    assert run.passed
+
+
+def test_scenario_json_round_trip_and_errors(tmp_path):
+    sc = builtin("tiny")[3]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(sc.to_dict()))
+    assert load(path) == sc
+    prompts = sc.prompts(256)
+    assert prompts[1][:6] == prompts[0][:6] and len(prompts[1]) == 9  # shared prefix + own tokens
+    bad = [
+        ({"requests": []}, "requests"),
+        ({"requests": [{"length": 3}], "engine": {"page_size": 0}}, "engine.page_size"),
+        ({"requests": [{"length": 3, "tokens": [1]}]}, "exactly one"),
+        ({"requests": [{"length": 3, "chunks": [1, 1]}]}, r"requests\[0\].chunks"),
+        ({"requests": [{"length": 3, "prefix_from": {"request": "zz", "length": 1}}]}, "prefix_from.request"),
+        ({"requests": [{"length": 3}], "model": {"dtype": "float8"}}, "model.dtype"),
+        ({"requests": [{"length": 3, "colour": "red"}]}, "unknown field"),
+    ]
+    for raw, match in bad:
+        with pytest.raises(ScenarioError, match=match):
+            from_dict(raw)
+    path.write_text("{oops")
+    with pytest.raises(ScenarioError, match="not valid JSON"):
+        load(path)
+
+
+def test_cli_check_writes_a_report_and_exits_zero_on_parity(tmp_path, capsys):
+    out = tmp_path / "report"
+    code = cli.main(["check", "tiny", "--device", "cpu", "--scenario", "one-shot-prefill",
+                     "--scenario", "decode-past-window", "--out", str(out)])
+    assert code == 0, capsys.readouterr()
+    facts = json.loads((out / "report.json").read_text())
+    assert facts["verdict"] == "parity" and len(facts["scenarios"]) == 2
+    assert facts["command"].startswith("gemma4-testbed check tiny")
+    assert (out / "report.html").read_text().count("parity") > 0
+
+
+def test_cli_check_exits_one_on_divergence(tmp_path, monkeypatch, capsys):
+    _perturb_full_attention(monkeypatch)
+    code = cli.main(["check", "tiny", "--device", "cpu", "--scenario", "one-shot-prefill", "--out", str(tmp_path)])
+    assert code == 1
+    assert "layers.4.o" in capsys.readouterr().out
+
+
+def test_cli_bad_input_exits_two(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"requests": [{"length": -1}]}))
+    assert cli.main(["check", "tiny", "--scenario", str(bad)]) == 2
+    assert "requests[0].length" in capsys.readouterr().err
+    assert cli.main(["check", "no-such-model"]) == 2
+    assert cli.main(["frobnicate"]) == 2
+    assert cli.main(["diff", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+
+
+def test_cli_capture_and_diff(tmp_path, capsys):
+    sc = builtin("tiny")[0]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(sc.to_dict()))
+    for side in ("truth", "reference", "optimized"):
+        assert cli.main(["capture", "--scenario", str(path), "--path", side, "--out", str(tmp_path / side)]) == 0
+    ref, opt = str(tmp_path / "reference"), str(tmp_path / "optimized")
+    code = cli.main(["diff", ref, opt, "--truth", str(tmp_path / "truth"), "--out", str(tmp_path / "d")])
+    assert code == 0, capsys.readouterr().out
+    assert json.loads((tmp_path / "d" / "report.json").read_text())["verdict"] == "parity"
+    # Without a truth the budgets are the float32 floor alone (1e-6 relative): the optimized path's
+    # reordered attention sums exceed that, and diff says so.
+    assert cli.main(["diff", ref, opt]) == 1
+    assert cli.main(["capture", "--scenario", str(path), "--path", "optimized", "--out", opt]) == 2  # exists
