@@ -2,9 +2,11 @@
 K/V written into the pools before attention, Triton paged attention, KV-shared layers reading
 their source layer's pool.
 
-It imports only the reference's config (shared/DESIGN.md): its own ops live in `ops.py`, so a bug
-in the reference cannot hide by being shared. Taps carry the same names and meaning as the
-reference's; each piece is reported per request with its positions.
+It imports only the reference's config (shared/DESIGN.md): its non-attention ops are `ops.py`
+(plain torch) or `fused_ops.py` (Triton kernels), chosen by `fused`, with one signature set so
+the forward below is the same for both. Q/K/V and gate/up are each one projection whose outputs
+are split into column views, as a serving engine does. Taps carry the same names and meaning as
+the reference's; each piece is reported per request with its positions.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 
 from reference.config import Gemma4Config, LayerSpec
 
-from . import ops
+from . import fused_ops, ops
 from .batch import ForwardBatch
 from .kernels.attention import decode_attention, extend_attention
 from .memory import KVCache
@@ -25,11 +27,29 @@ from .memory import KVCache
 TapSink = Callable[[object, str, torch.Tensor, torch.Tensor], None]
 
 
+def fuse_projections(config: Gemma4Config, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per layer, [q; k; v] and [gate; up] weights stacked into one matrix each."""
+    out = {}
+    for spec in config.layers:
+        p = f"layers.{spec.index}."
+        a = p + "self_attn."
+        parts = [w[a + "q_proj.weight"]]
+        if not spec.kv_shared:
+            parts.append(w[a + "k_proj.weight"])
+            if spec.has_v_proj:
+                parts.append(w[a + "v_proj.weight"])
+        out[p + "qkv"] = torch.cat(parts)
+        out[p + "gate_up"] = torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])
+    return out
+
+
 class PagedGemma4:
-    def __init__(self, config: Gemma4Config, weights: dict[str, torch.Tensor], cache: KVCache):
+    def __init__(self, config: Gemma4Config, weights: dict[str, torch.Tensor], cache: KVCache,
+                 fused: bool = False, fused_weights: dict[str, torch.Tensor] | None = None):
         self.config, self.w, self.cache = config, weights, cache
-        first = next(iter(weights.values()))
-        self.dtype, self.device = first.dtype, first.device
+        self.ops = fused_ops if fused else ops
+        self.fw = fused_weights if fused_weights is not None else fuse_projections(config, weights)
+        self.device = next(iter(weights.values())).device
         self.inv_freq = {t: ops.rope_inv_freq(config.rope[t], config.global_head_dim if t == "full_attention"
                                               else config.head_dim, self.device) for t in set(config.layer_types)}
 
@@ -37,92 +57,105 @@ class PagedGemma4:
     def forward(self, ids: torch.Tensor, batch: ForwardBatch, taps: TapSink | None = None,
                 logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [N, V] of the packed new tokens (or of `logit_rows` only)."""
-        cfg, w = self.config, self.w
+        cfg, w, o = self.config, self.w, self.ops
         emit = _emitter(taps, batch)
-        x = ops.scaled_embedding(w["embed_tokens.weight"], ids, cfg.hidden_size)
+        x = o.scaled_embedding(w["embed_tokens.weight"], ids, cfg.hidden_size)
         emit("embed", x)
         ple = self.per_layer_inputs(ids, x) if cfg.has_ple else None
         if ple is not None:
             emit("ple", ple)
-        rope = {t: ops.rope_cos_sin(inv, batch.positions, self.dtype) for t, inv in self.inv_freq.items()}
         for spec in cfg.layers:
-            x = self.layer(spec, x, ple, rope[spec.type], batch, emit)
+            x = self.layer(spec, x, ple, batch, emit)
         if logit_rows is not None:
             x = x[logit_rows]
-        x = ops.rms_norm(x, w["norm.weight"], cfg.rms_norm_eps)
-        logits = ops.softcap(F.linear(x, w["embed_tokens.weight"]), cfg.final_logit_softcapping)
+        x = o.rms_norm(x, w["norm.weight"], cfg.rms_norm_eps)
+        logits = F.linear(x, w["embed_tokens.weight"])
+        if cfg.final_logit_softcapping is not None:
+            logits = o.softcap(logits, cfg.final_logit_softcapping)
         if logit_rows is None:
             emit("final_norm", x)
             emit("logits", logits)
         return logits
 
     def per_layer_inputs(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        cfg, w = self.config, self.w
+        cfg, w, o = self.config, self.w, self.ops
         L, P = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
-        token_part = ops.scaled_embedding(w["embed_tokens_per_layer.weight"], ids, P).view(-1, L, P)
+        token_part = o.scaled_embedding(w["embed_tokens_per_layer.weight"], ids, P).view(-1, L, P)
         ctx = (F.linear(x, w["per_layer_model_projection.weight"]) * cfg.hidden_size ** -0.5).view(-1, L, P)
-        ctx = ops.rms_norm(ctx, w["per_layer_projection_norm.weight"], cfg.rms_norm_eps)
+        ctx = o.rms_norm(ctx, w["per_layer_projection_norm.weight"], cfg.rms_norm_eps)
         return (ctx + token_part) * 2.0 ** -0.5
 
-    def layer(self, spec: LayerSpec, x, ple, cos_sin, batch: ForwardBatch, emit) -> torch.Tensor:
-        cfg, w, eps = self.config, self.w, self.config.rms_norm_eps
+    def layer(self, spec: LayerSpec, x, ple, batch: ForwardBatch, emit) -> torch.Tensor:
+        cfg, w, o, eps = self.config, self.w, self.ops, self.config.rms_norm_eps
         p = f"layers.{spec.index}."
-        h = ops.rms_norm(x, w[p + "input_layernorm.weight"], eps)
-        x = x + ops.rms_norm(self.attention(spec, h, cos_sin, batch, emit), w[p + "post_attention_layernorm.weight"], eps)
+        capturing = emit is not _no_emit
+        a = self.attention(spec, o.rms_norm(x, w[p + "input_layernorm.weight"], eps), batch, emit)
+        # x = x + post_attention_norm(a), and the pre-feed-forward norm of the result, in one pass.
+        x, h = o.add_rms_norm(a, x, w[p + "pre_feedforward_layernorm.weight"], eps,
+                              x_weight=w[p + "post_attention_layernorm.weight"])
         emit(p + "attn_out", x)
 
-        residual = x
-        m = ops.mlp(ops.rms_norm(x, w[p + "pre_feedforward_layernorm.weight"], eps),
-                    w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"])
+        gate_up = F.linear(h, self.fw[p + "gate_up"])
+        inter = spec.mlp_width
+        m = F.linear(o.gelu_tanh_mul(gate_up[:, :inter], gate_up[:, inter:]), w[p + "mlp.down_proj.weight"])
+        # layer_scalar joins the post-FFN pass unless the PLE block sits between the add and the scale.
+        scalar = None if ple is not None else w[p + "layer_scalar"]
         if cfg.enable_moe_block:
-            m1 = ops.rms_norm(m, w[p + "post_feedforward_layernorm_1.weight"], eps)
-            top_w, top_i = ops.route(residual, w[p + "router.scale"], w[p + "router.proj.weight"],
-                                     w[p + "router.per_expert_scale"], cfg.top_k_experts, eps)
-            xe = ops.rms_norm(residual, w[p + "pre_feedforward_layernorm_2.weight"], eps)
-            moe = ops.experts(xe, top_w, top_i, w[p + "experts.gate_up_proj"], w[p + "experts.down_proj"])
-            m = m1 + ops.rms_norm(moe, w[p + "post_feedforward_layernorm_2.weight"], eps)
-        m = ops.rms_norm(m, w[p + "post_feedforward_layernorm.weight"], eps)
-        emit(p + "mlp_out", m)
-        x = residual + m
+            top_w, top_i = o.route(x, w[p + "router.scale"], w[p + "router.proj.weight"],
+                                   w[p + "router.per_expert_scale"], cfg.top_k_experts, eps)
+            xe = o.rms_norm(x, w[p + "pre_feedforward_layernorm_2.weight"], eps)
+            moe = o.experts(xe, top_w, top_i, w[p + "experts.gate_up_proj"], w[p + "experts.down_proj"])
+            out = o.post_ffn_moe_residual_scale(
+                m, moe, x, w[p + "post_feedforward_layernorm_1.weight"], w[p + "post_feedforward_layernorm_2.weight"],
+                w[p + "post_feedforward_layernorm.weight"], eps, scalar, return_normed=capturing)
+        else:
+            out = o.post_ffn_residual_scale(m, x, w[p + "post_feedforward_layernorm.weight"], eps, scalar,
+                                            return_normed=capturing)
+        if capturing:
+            out, normed = out
+            emit(p + "mlp_out", normed)
+        x = out
 
         if ple is not None:
-            g = ops.gelu_tanh(F.linear(x, w[p + "per_layer_input_gate.weight"])) * ple[:, spec.index, :]
-            x = x + ops.rms_norm(F.linear(g, w[p + "per_layer_projection.weight"]),
-                                 w[p + "post_per_layer_input_norm.weight"], eps)
-        x = x * w[p + "layer_scalar"]
+            g = o.gelu_tanh_mul(F.linear(x, w[p + "per_layer_input_gate.weight"]), ple[:, spec.index, :])
+            x = x + o.rms_norm(F.linear(g, w[p + "per_layer_projection.weight"]),
+                               w[p + "post_per_layer_input_norm.weight"], eps)
+            x = x * w[p + "layer_scalar"]
         emit(p + "out", x)
         return x
 
-    def attention(self, spec: LayerSpec, h, cos_sin, batch: ForwardBatch, emit) -> torch.Tensor:
-        w, eps = self.w, self.config.rms_norm_eps
-        p = f"layers.{spec.index}.self_attn."
-        N, hd = h.shape[0], spec.head_dim
-        cos, sin = cos_sin
-        q = ops.apply_rope(ops.rms_norm(F.linear(h, w[p + "q_proj.weight"]).view(N, -1, hd),
-                                        w[p + "q_norm.weight"], eps), cos, sin)
+    def attention(self, spec: LayerSpec, h, batch: ForwardBatch, emit) -> torch.Tensor:
+        w, o, eps = self.w, self.ops, self.config.rms_norm_eps
+        p = f"layers.{spec.index}."
+        N, hd, Hq = h.shape[0], spec.head_dim, self.config.num_attention_heads
+        qkv = F.linear(h, self.fw[p + "qkv"])
+        q = qkv[:, : Hq * hd].view(N, Hq, hd)  # column views of one projection: strided, not copied
+        k = v = None
+        if not spec.kv_shared:
+            kv_width = spec.num_kv_heads * hd
+            k = qkv[:, Hq * hd: Hq * hd + kv_width].view(N, -1, hd)
+            # K=V full layers: V is the raw key projection, before k_norm and RoPE.
+            v = qkv[:, Hq * hd + kv_width:].view(N, -1, hd) if spec.has_v_proj else k
+        a = p + "self_attn."
+        q, k, v = o.qkv_norm(q, k, v, w[a + "q_norm.weight"], None if k is None else w[a + "k_norm.weight"], eps)
+        inv_freq = self.inv_freq[spec.type]
+        q = o.apply_rope(q, batch.positions, inv_freq)
         k_pool, v_pool = self.cache.buffers(spec)
         slots = batch.swa_out_slots if spec.is_sliding else batch.out_slots
-        if not spec.kv_shared:
-            k_raw = F.linear(h, w[p + "k_proj.weight"]).view(N, -1, hd)
-            # K=V full layers: V is the raw key projection, before k_norm and RoPE.
-            v_raw = F.linear(h, w[p + "v_proj.weight"]).view(N, -1, hd) if spec.has_v_proj else k_raw
-            k = ops.apply_rope(ops.rms_norm(k_raw, w[p + "k_norm.weight"], eps), cos, sin)
-            v = ops.rms_norm(v_raw, None, eps)
-            k_pool[slots] = k  # written before attention: kernels read every key from the pool
-            v_pool[slots] = v
-        lp = f"layers.{spec.index}."
-        emit(lp + "q", q)
+        if k is not None:  # written before attention: kernels read every key from the pool
+            o.rope_and_store_kv(k, v, batch.positions, inv_freq, k_pool, v_pool, slots)
+        emit(p + "q", q)
         if emit is not _no_emit:  # a shared layer's keys are its source's, read back at its own slots
-            emit(lp + "k", k_pool[slots])
-            emit(lp + "v", v_pool[slots])
+            emit(p + "k", k_pool[slots])
+            emit(p + "v", v_pool[slots])
         pages = batch.swa_page_table if spec.is_sliding else batch.page_table
         if batch.is_decode:
-            o = decode_attention(q, k_pool, v_pool, pages, batch.page_size, batch.seq_lens, window=spec.window)
+            out = decode_attention(q, k_pool, v_pool, pages, batch.page_size, batch.seq_lens, window=spec.window)
         else:
-            o = extend_attention(q, k_pool, v_pool, pages, batch.page_size, batch.cu_seqlens_q,
-                                 batch.seq_lens, window=spec.window)
-        emit(lp + "o", o)
-        return F.linear(o.reshape(N, -1), w[p + "o_proj.weight"])
+            out = extend_attention(q, k_pool, v_pool, pages, batch.page_size, batch.cu_seqlens_q,
+                                   batch.seq_lens, window=spec.window)
+        emit(p + "o", out)
+        return F.linear(out.reshape(N, -1), w[a + "o_proj.weight"])
 
 
 def _no_emit(name: str, t: torch.Tensor) -> None:

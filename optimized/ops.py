@@ -2,7 +2,8 @@
 
 They follow GEMMA4_SPEC.md in op order and dtype (norms and softmax in float32, the rest in the
 model dtype), written independently of reference/model.py so that the oracle compares two
-implementations, not one twice. Fused Triton versions replace them where a kernel exists.
+implementations, not one twice. The ops with a fused Triton kernel (`fused_ops.py`) have the same
+names and signatures here, so the paged model runs either set unchanged (`fused=` switch).
 """
 
 from __future__ import annotations
@@ -44,25 +45,53 @@ def rope_inv_freq(rope: RopeSpec, head_dim: int, device) -> torch.Tensor:
     return torch.cat([inv, inv.new_zeros(head_dim // 2 - n_rot)])
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, D], rotate-half over the whole head; angles in float32, cos/sin in x's dtype."""
     freqs = positions[:, None].to(inv_freq.dtype) * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, heads, D], rotate-half over the whole head; cos/sin [N, D]."""
+    cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return x * cos + rotated * sin
 
 
-def mlp(y, gate_w, up_w, down_w) -> torch.Tensor:
-    return F.linear(gelu_tanh(F.linear(y, gate_w)) * F.linear(y, up_w), down_w)
+def qkv_norm(q, k, v, q_weight, k_weight, eps: float):
+    """q_norm and k_norm (with weights) and v_norm (without); k = v = None on KV-shared layers."""
+    if k is None:
+        return rms_norm(q, q_weight, eps), None, None
+    return rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), rms_norm(v, None, eps)
 
 
-def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
-    return logits if cap is None else torch.tanh(logits / cap) * cap
+def rope_and_store_kv(k, v, positions, inv_freq, k_pool, v_pool, out_slots) -> None:
+    k_pool[out_slots] = apply_rope(k, positions, inv_freq)
+    v_pool[out_slots] = v
+
+
+def add_rms_norm(x, residual, weight, eps: float, *, x_weight=None):
+    """new_residual = residual + rms_norm(x, x_weight); returns it and rms_norm(it, weight)."""
+    new = residual + (x if x_weight is None else rms_norm(x, x_weight, eps))
+    return new, rms_norm(new, weight, eps)
+
+
+def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return gelu_tanh(gate) * up
+
+
+def post_ffn_residual_scale(m, residual, weight, eps: float, scalar=None, *, return_normed=False):
+    normed = rms_norm(m, weight, eps)
+    out = residual + normed
+    out = out if scalar is None else out * scalar
+    return (out, normed) if return_normed else out
+
+
+def post_ffn_moe_residual_scale(m_dense, m_moe, residual, w_dense, w_moe, weight, eps: float, scalar=None, *,
+                                return_normed=False):
+    m = rms_norm(m_dense, w_dense, eps) + rms_norm(m_moe, w_moe, eps)
+    return post_ffn_residual_scale(m, residual, weight, eps, scalar, return_normed=return_normed)
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(logits / cap) * cap
 
 
 def route(r, scale, proj_w, per_expert_scale, top_k: int, eps: float):

@@ -21,7 +21,7 @@ from reference.window import first_visible_key
 from .batch import BatchItem, build_batch
 from .kernels import default_device
 from .memory import KVCache, OutOfPages, ceil_div
-from .model import PagedGemma4, TapSink
+from .model import PagedGemma4, TapSink, fuse_projections
 
 
 @dataclass
@@ -55,7 +55,8 @@ class _Live:
 class Runner:
     def __init__(self, path_or_preset: str | Path | Gemma4Config = "tiny", dtype: torch.dtype = torch.float32,
                  device=None, page_size: int = 16, chunk_size: int = 512, num_pages: int | None = None,
-                 seed: int = 0, page_order_seed: int | None = None, weights: dict | None = None):
+                 seed: int = 0, page_order_seed: int | None = None, weights: dict | None = None,
+                 fused: bool = True):
         for name, v in (("page_size", page_size), ("chunk_size", chunk_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -70,6 +71,8 @@ class Runner:
         self.dtype, self.page_size, self.chunk_size = dtype, page_size, chunk_size
         self.num_pages, self.page_order_seed = num_pages, page_order_seed
         self.cache: KVCache | None = None
+        self.fused = fused  # False: the non-attention ops in plain torch (the unfused baseline)
+        self.fused_weights = fuse_projections(self.config, self.weights)
 
     # -- validation ------------------------------------------------------------------------
     def _validate(self, prompts, max_new_tokens, teacher_tokens, chunk_splits, arrivals, share_prefix_with):
@@ -144,7 +147,7 @@ class Runner:
         lives = [_Live(i, list(p), k, s, None if teacher_tokens is None else list(teacher_tokens[i]))
                  for i, (p, k, s) in enumerate(zip(prompts, news, splits))]
         cache = self.cache = self._make_cache(lives)
-        model = PagedGemma4(self.config, self.weights, cache)
+        model = PagedGemma4(self.config, self.weights, cache, self.fused, self.fused_weights)
         feed_last = return_logits or taps is not None
         waiting = list(lives)
         running: list[_Live] = []

@@ -87,9 +87,10 @@ def check_parity(preset, lengths, new=3, seed=0, taps=True, **runner_kw):
     return runner, results
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch-ops"])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-kv-eq-v", "tiny-moe"])
-def test_one_shot_prefill_and_decode(preset):
-    check_parity(preset, [11], new=3, page_size=16, chunk_size=64)
+def test_one_shot_prefill_and_decode(preset, fused):
+    check_parity(preset, [11], new=3, page_size=16, chunk_size=64, fused=fused)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])

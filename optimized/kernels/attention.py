@@ -32,15 +32,20 @@ seq_lens, page tables) are trusted; the eager twins check them. A query row with
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from reference.window import first_visible_key, visible
 
-from . import DOT_IN_STORAGE_DTYPE
+from . import DOT_IN_STORAGE_DTYPE, INTERPRETING
+
+if INTERPRETING and type(tl.zeros).__name__ != "InterpretedFunction":
+    # Triton's own library (tl.zeros, tl.cdiv, ...) is made of @jit functions defined when triton
+    # is first imported; if that happened before TRITON_INTERPRET was set, every kernel that
+    # calls them fails at launch with "Cannot call @triton.jit'd outside of the scope of a kernel".
+    raise ImportError("triton was imported before optimized.kernels switched on its interpreter: "
+                      "import optimized.kernels (or set TRITON_INTERPRET=1) before importing triton")
 
 __all__ = [
     "extend_attention", "extend_attention_eager",
@@ -48,17 +53,27 @@ __all__ = [
     "default_num_splits",
 ]
 
-_LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # the kernels work in base 2: exp2 is native
 
-# Block sizes, by head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages) for extend and
-# (BLOCK_N, num_warps, num_stages) for decode. BLOCK_M counts packed (token, head) rows.
-# Small head dims only occur in tiny test models: small blocks there keep the interpreter quick
-# and make short test sequences cross several key blocks and query tiles.
-# D=512 halves the key block so that Q (64x512), K and V (32x512 each, bf16) plus pipelining
-# buffers fit an H100's 228 KB of shared memory. Untuned guesses: bench/attention_bench.py is
-# where they get tuned.
-_EXTEND_BLOCKS = {64: (16, 16, 4, 1), 128: (64, 64, 4, 2), 256: (64, 64, 8, 2), 512: (64, 32, 8, 1)}
-_DECODE_BLOCKS = {64: (16, 4, 1), 128: (64, 4, 2), 256: (64, 4, 2), 512: (32, 4, 2)}
+# Block sizes by storage bytes per element, then by head dim: (BLOCK_M, BLOCK_N, num_warps,
+# num_stages) for extend, (BLOCK_N, num_warps, num_stages) for decode. BLOCK_M counts packed
+# (token, head) rows.
+# - Head dims <= 64 only occur in tiny test models: small blocks keep the interpreter quick and
+#   make short test sequences cross several key blocks and query tiles.
+# - Every entry was compiled for sm_90 ahead of time (Triton 3.9, no GPU at hand): none spills
+#   registers and all fit an H100's 227 KB of shared memory (bf16: extend D=256 160 KB, D=512
+#   164 KB; decode 74-81 KB). At D=512 a 64-row query tile would spill its 64x512 accumulator.
+# - 4-byte storage (float32 models on a GPU: a correctness path, "ieee" dots without tensor cores)
+#   needs much smaller tiles to stay out of local memory.
+# Not yet timed on a GPU: bench/attention_bench.py (--extend-blocks/--decode-blocks) tunes them.
+_EXTEND_BLOCKS = {
+    2: {64: (16, 16, 4, 1), 128: (64, 64, 4, 2), 256: (64, 64, 8, 2), 512: (32, 64, 8, 2)},
+    4: {64: (16, 16, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1), 512: (16, 16, 4, 1)},
+}
+_DECODE_BLOCKS = {
+    2: {64: (16, 4, 1), 128: (64, 4, 2), 256: (64, 8, 2), 512: (32, 8, 2)},
+    4: {64: (16, 4, 1), 128: (32, 4, 2), 256: (32, 8, 1), 512: (16, 8, 1)},
+}
 
 # Decode split heuristic: aim for a few programs per SM of a large GPU (an H100 has 132), but keep
 # at least this many keys per split so each split's fixed cost (loading q, writing a partial row,
@@ -72,17 +87,19 @@ _EAGER_DTYPES = _KERNEL_DTYPES + (torch.float64,)
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _blocks(table: dict, head_dim: int):
-    for limit, cfg in sorted(table.items()):
-        if head_dim <= limit:
-            return cfg
-    return table[max(table)]
+def _blocks(tables: dict, head_dim: int, itemsize: int) -> tuple:
+    """The entry for the smallest tabled head dim >= head_dim (the largest one past the end)."""
+    table = tables[4 if itemsize >= 4 else 2]
+    return next((cfg for limit, cfg in sorted(table.items()) if head_dim <= limit), table[max(table)])
 
 
-def _dot_dtype(dtype: torch.dtype):
-    """tl.dot operand dtype: the storage dtype where compiled (tensor cores), float32 under the
-    interpreter, whose bf16/fp16 dots are wrong (optimized/kernels/__init__.py)."""
-    return _TL_DTYPE[dtype] if DOT_IN_STORAGE_DTYPE else tl.float32
+def _dot_args(dtype: torch.dtype) -> dict:
+    """tl.dot operands: in the storage dtype where compiled (tensor cores), in float32 under the
+    interpreter, whose bf16/fp16 dots are wrong (optimized/kernels/__init__.py). Float32 operands
+    ask for "ieee" precision: a GPU's default (tf32) would drop float32 models to ~1e-3 accuracy.
+    Other operands keep the backend's default (the flag only concerns float32)."""
+    dot_dtype = _TL_DTYPE[dtype] if DOT_IN_STORAGE_DTYPE else tl.float32
+    return dict(DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,7 +110,7 @@ def _dot_dtype(dtype: torch.dtype):
 def _tanh(x):
     # Triton's core language has no tanh (libdevice is vendor-specific). e^{2x} overflowing to
     # inf or flushing to 0 saturates this to +-1, which is the right limit.
-    e = tl.exp2(x * (2.0 * 1.4426950408889634))
+    e = tl.exp2(x * (2.0 * LOG2E))
     return 1.0 - 2.0 / (e + 1.0)
 
 
@@ -107,23 +124,22 @@ def _slots(page_row_ptr, pos, ok, page_size):
 
 @triton.jit
 def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, stride_ks, stride_vs, slots, k_ok, visible_,
-                  softcap, HAS_SOFTCAP: tl.constexpr, D: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                  softcap, HAS_SOFTCAP: tl.constexpr, D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
     """One step of the online softmax: fold a block of keys into (m_i, l_i, acc).
 
-    q: [M, D] float32; slots/k_ok: [N]; visible_: [M, N]. k_ptr/v_ptr already point at the kv
-    head. m_i is kept in log2 units (scores times log2(e)) so the loop uses exp2.
+    q: [M, D] in DOT_DTYPE; slots/k_ok: [N]; visible_: [M, N]. k_ptr/v_ptr already point at the
+    kv head. m_i is kept in log2 units (scores times log2(e)) so the loop uses exp2.
+    K and V feed only tl.dot: they are loaded straight into DOT_DTYPE, which is the float32
+    upcast under the interpreter and a no-op cast where compiled.
     """
     d = tl.arange(0, D)
-    k = tl.load(k_ptr + slots[:, None] * stride_ks + d[None, :], mask=k_ok[:, None], other=0.0)
-    v = tl.load(v_ptr + slots[:, None] * stride_vs + d[None, :], mask=k_ok[:, None], other=0.0)
-    k = k.to(tl.float32)
-    v = v.to(tl.float32)
-    # "ieee" keeps float32 operands exact on GPUs (the default would be tf32); it is ignored for
-    # bf16/fp16 operands.
-    s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision="ieee")
+    k = tl.load(k_ptr + slots[:, None] * stride_ks + d[None, :], mask=k_ok[:, None], other=0.0).to(DOT_DTYPE)
+    v = tl.load(v_ptr + slots[:, None] * stride_vs + d[None, :], mask=k_ok[:, None], other=0.0).to(DOT_DTYPE)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # float32 scores, scale 1.0
     if HAS_SOFTCAP:
         s = softcap * _tanh(s / softcap)
-    s = tl.where(visible_, s * 1.4426950408889634, float("-inf"))
+    s = tl.where(visible_, s * LOG2E, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no visible key yet has m_new = -inf; subtract 0 instead so that
     # exp2(-inf - (-inf)) never makes a NaN.
@@ -131,7 +147,7 @@ def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, stride_ks, stride_vs, slots, k
     p = tl.exp2(s - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
@@ -146,7 +162,7 @@ def _extend_kernel(
     stride_pt, batch, page_size, window, softcap,
     G: tl.constexpr, D: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -176,7 +192,7 @@ def _extend_kernel(
     q_pos = seq_len - extend_len + tok
     d = tl.arange(0, D)
     q_off = (row0 + tok).to(tl.int64)[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)  # feeds only tl.dot
 
     # Keys this tile can see: from the first visible key of its first token (same bound as
     # reference.window.first_visible_key) to its last token's position.
@@ -199,7 +215,7 @@ def _extend_kernel(
         slots = _slots(page_row, k_pos, k_ok, page_size)
         m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh,
                                       stride_ks, stride_vs, slots, k_ok, vis, softcap,
-                                      HAS_SOFTCAP, D, DOT_DTYPE)
+                                      HAS_SOFTCAP, D, DOT_DTYPE, DOT_PRECISION)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_off = (row0 + tok).to(tl.int64)[:, None] * stride_on + head[:, None] * stride_oh + d[None, :]
@@ -224,7 +240,7 @@ def extend_attention(q, k_pool, v_pool, page_table, page_size, cu_seqlens_q, seq
     if n == 0 or batch == 0:
         return out
     g = hq // hkv
-    block_m, block_n, num_warps, num_stages = _blocks(_EXTEND_BLOCKS, d)
+    block_m, block_n, num_warps, num_stages = _blocks(_EXTEND_BLOCKS, d, q.element_size())
     block_m = max(block_m, triton.next_power_of_2(g))
     tokens = block_m // g
     # Each request needs ceil(len / tokens) tiles; summed, that is at most ceil(N / tokens) + B.
@@ -236,7 +252,7 @@ def extend_attention(q, k_pool, v_pool, page_table, page_size, cu_seqlens_q, seq
         batch, page_size, window or 0, float(softcap or 0.0),
         G=g, D=d, TOKENS=tokens, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_B=triton.next_power_of_2(batch), HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, DOT_DTYPE=_dot_dtype(q.dtype),
+        HAS_SOFTCAP=softcap is not None, **_dot_args(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -254,7 +270,7 @@ def _decode_split_kernel(
     stride_pt, page_size, window, softcap,
     G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FINAL: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One (request, kv head, split). FINAL: a single split, which writes the normalised output
     in the output dtype; otherwise writes a float32 partial output and its log2-sum-exp2."""
@@ -269,7 +285,8 @@ def _decode_split_kernel(
     if HAS_WINDOW:
         lo = tl.maximum(seq_len - window, 0)
     # Splits are whole key blocks; a short request leaves its last splits empty.
-    split_len = tl.cdiv(tl.cdiv(seq_len - lo, n_splits), BLOCK_N) * BLOCK_N
+    per_split = (seq_len - lo + n_splits - 1) // n_splits
+    split_len = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     start = lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -278,7 +295,7 @@ def _decode_split_kernel(
     head = kvh * G + r
     d = tl.arange(0, D)
     q_off = b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)  # feeds only tl.dot
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -291,7 +308,7 @@ def _decode_split_kernel(
         vis = k_ok[None, :] & row_ok[:, None]
         m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh,
                                       stride_ks, stride_vs, slots, k_ok, vis, softcap,
-                                      HAS_SOFTCAP, D, DOT_DTYPE)
+                                      HAS_SOFTCAP, D, DOT_DTYPE, DOT_PRECISION)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_off = b.to(tl.int64) * stride_ob + head[:, None] * stride_oh + split * stride_os + d[None, :]
@@ -299,7 +316,7 @@ def _decode_split_kernel(
         tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(o_ptr + o_off, o, mask=row_ok[:, None])
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_i))
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         tl.store(lse_ptr + b * stride_lb + head * stride_lh + split, lse, mask=row_ok)
 
 
@@ -361,10 +378,10 @@ def decode_attention(q, k_pool, v_pool, page_table, page_size, seq_lens, window=
             max_keys = min(max_keys, window)
         num_splits = default_num_splits(batch, hkv, max_keys)
     g = hq // hkv
-    block_n, num_warps, num_stages = _blocks(_DECODE_BLOCKS, d)
+    block_n, num_warps, num_stages = _blocks(_DECODE_BLOCKS, d, q.element_size())
     block_h = max(16, triton.next_power_of_2(g))  # tl.dot wants at least 16 rows
     common = dict(G=g, D=d, BLOCK_H=block_h, BLOCK_N=block_n, HAS_WINDOW=window is not None,
-                  HAS_SOFTCAP=softcap is not None, DOT_DTYPE=_dot_dtype(q.dtype),
+                  HAS_SOFTCAP=softcap is not None, **_dot_args(q.dtype),
                   num_warps=num_warps, num_stages=num_stages)
     args = (page_table, seq_lens)
     q_strides = (q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),

@@ -1,0 +1,394 @@
+"""Fused RMSNorm kernels of Gemma 4, each public op beside its eager twin (`op_eager`).
+
+Numerics follow reference.model.rms_norm (GEMMA4_SPEC.md 3.1 and 9): a norm computes in float32,
+x * (mean(x^2) + eps)^-0.5, then times `w` (plain w, not 1 + w), and rounds once to the storage
+dtype. Where the unfused sequence rounds an intermediate to the storage dtype (a normed branch
+before an add, a residual sum before the next norm or before layer_scalar), the kernel rounds it
+the same way. Kernel and twin then differ only in the order of the float32 sum of squares: a few
+float32 ULP inside, now and then one ULP of the storage dtype after a rounding.
+
+Kernels work on tiles of ROWS rows x BLOCK columns, BLOCK = next_power_of_2(width): one row per
+program at hidden widths, several at head widths (fewer programs; also what keeps Triton's
+interpreter, which pays per program and per helper call, fast enough for CI).
+
+This module also holds what the other kernel modules share: `round_to`, `store_rounded`, the
+tiling rule and the input checks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from reference.model import rms_norm as _reference_rms_norm
+from . import INTERPRETING
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TILE = 4096  # elements per program, at most (unless one row is wider)
+
+
+# -- shared by the kernel modules --------------------------------------------------------------
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """Round float32 `x` to DTYPE, to nearest even, and return it as float32.
+
+    Triton 3.9's interpreter truncates float32 -> bfloat16 casts (about half of random values
+    come out one ULP toward zero, stores included), so bfloat16 is rounded here with integer
+    ops, which are exact on every backend; casting the rounded value is then exact everywhere.
+    (The interpreter also mangles bfloat16 subnormals, below 1.2e-38; they do not occur here.)
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        y = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    elif DTYPE == tl.float16:
+        y = x.to(tl.float16).to(tl.float32)
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def store_rounded(ptrs, x, mask):
+    """Store float32 `x` into `ptrs`, rounded to nearest even in the pointee dtype."""
+    dtype = ptrs.dtype.element_ty
+    tl.store(ptrs, round_to(x, dtype).to(dtype), mask=mask)
+
+
+def rows_per_program(n_rows: int, block: int, tile: int = TILE) -> int:
+    return max(1, min(triton.next_power_of_2(max(n_rows, 1)), tile // block))
+
+
+def launch_options(tile: int) -> dict:
+    """Launch options for a program of `tile` elements. No FMA contraction: the kernels reproduce
+    torch's eager op sequence, which rounds every product, and a fused a * b + c skips that
+    rounding (seen on an H100: a float16 RoPE compiled to fma.rn.f16, 5 of 32 outputs 1 ULP off)."""
+    return dict(num_warps=min(max(tile // 512, 1), 16), enable_fp_fusion=False)
+
+
+def check_float(name: str, t, *, dim: int | tuple[int, ...] | None = None) -> None:
+    """A float16/bfloat16/float32 tensor of the given rank(s) whose last dimension is contiguous."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    dims = (dim,) if isinstance(dim, int) else dim
+    if dims is not None and t.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {list(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if t.device.type == "cpu" and not INTERPRETING:
+        raise ValueError(f"{name} is on the CPU, where Triton kernels run only under TRITON_INTERPRET=1")
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension, got strides {t.stride()}")
+
+
+def check_same(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in `others` shares `ref`'s dtype and device (None entries are skipped)."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+        if t.dtype != ref.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+
+
+def check_weight(name: str, w, width: int, device: torch.device) -> None:
+    check_float(name, w, dim=1)
+    if w.shape[0] != width:
+        raise ValueError(f"{name} must have shape [{width}], got {list(w.shape)}")
+    if w.device != device:
+        raise ValueError(f"{name} is on {w.device}, the activations on {device}")
+
+
+def check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
+# -- kernels -----------------------------------------------------------------------------------
+
+@triton.jit
+def _rms(x, w, cols, N: tl.constexpr, eps, HAS_WEIGHT: tl.constexpr):
+    """RMSNorm of the float32 rows of tile `x` (zero past N), in reference.model.rms_norm's op
+    order. div_rn/sqrt_rn round correctly everywhere; `/` and tl.sqrt may compile to approximations."""
+    mean_sq = tl.div_rn(tl.sum(x * x, axis=1), N)
+    y = x * tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(w + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def _norm_rows(src, stride_t, stride_h, w, dst, first_row, n_rows, eps,
+               H: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+               HAS_WEIGHT: tl.constexpr):
+    """Norm rows first_row.. of src viewed as [T, H, N] (strided) into contiguous dst [T * H, N]."""
+    rows = first_row + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
+    offsets = (rows // H) * stride_t + (rows % H) * stride_h
+    x = tl.load(src + offsets[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    store_rounded(dst + rows[:, None] * N + cols[None, :], _rms(x, w, cols, N, eps, HAS_WEIGHT), mask)
+
+
+@triton.jit
+def _rms_norm_kernel(x, w, out, n_rows, stride_t, stride_h, eps,
+                     H: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                     HAS_WEIGHT: tl.constexpr):
+    first_row = tl.program_id(0).to(tl.int64) * ROWS
+    _norm_rows(x, stride_t, stride_h, w, out, first_row, n_rows, eps, H, N, BLOCK, ROWS, HAS_WEIGHT)
+
+
+@triton.jit
+def _qkv_norm_kernel(q, k, v, q_w, k_w, q_out, k_out, v_out, T,
+                     stride_q0, stride_q1, stride_k0, stride_k1, stride_v0, stride_v1, eps,
+                     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                     ROWS: tl.constexpr):
+    # Programs cover the q rows (token, head), then the k rows, then the v rows; HKV == 0 is the
+    # q-only launch.
+    pid = tl.program_id(0).to(tl.int64)
+    q_programs = tl.cdiv(T * HQ, ROWS)
+    kv_programs = tl.cdiv(T * HKV, ROWS)
+    if pid < q_programs:
+        _norm_rows(q, stride_q0, stride_q1, q_w, q_out, pid * ROWS, T * HQ, eps, HQ, D, BLOCK, ROWS, True)
+    elif pid < q_programs + kv_programs:
+        first_row = (pid - q_programs) * ROWS
+        _norm_rows(k, stride_k0, stride_k1, k_w, k_out, first_row, T * HKV, eps, HKV, D, BLOCK, ROWS, True)
+    else:
+        first_row = (pid - q_programs - kv_programs) * ROWS
+        _norm_rows(v, stride_v0, stride_v1, q_w, v_out, first_row, T * HKV, eps, HKV, D, BLOCK, ROWS, False)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x, res, x_w, w, res_out, out, n_rows, stride_x, stride_res, eps,
+                         N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NORM_X: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
+    dtype = out.dtype.element_ty
+    xv = tl.load(x + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if NORM_X:
+        xv = round_to(_rms(xv, x_w, cols, N, eps, True), dtype)
+    h = xv + tl.load(res + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = round_to(h, dtype)  # the next norm reads the stored residual, as in the unfused ops
+    store_rounded(res_out + rows[:, None] * N + cols[None, :], h, mask)
+    store_rounded(out + rows[:, None] * N + cols[None, :], _rms(h, w, cols, N, eps, True), mask)
+
+
+@triton.jit
+def _post_ffn_kernel(m, m2, res, w1, w2, w, scalar, out, normed, n_rows, stride_m, stride_m2, stride_res, eps,
+                     N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                     MOE: tl.constexpr, HAS_SCALAR: tl.constexpr, STORE_NORMED: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
+    dtype = out.dtype.element_ty
+    x = tl.load(m + rows[:, None] * stride_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if MOE:  # x = post_feedforward_layernorm_1(dense) + post_feedforward_layernorm_2(experts), in dtype
+        x2 = tl.load(m2 + rows[:, None] * stride_m2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = round_to(_rms(x, w1, cols, N, eps, True), dtype)
+        x = round_to(x + round_to(_rms(x2, w2, cols, N, eps, True), dtype), dtype)
+    y = round_to(_rms(x, w, cols, N, eps, True), dtype)
+    if STORE_NORMED:
+        store_rounded(normed + rows[:, None] * N + cols[None, :], y, mask)
+    h = y + tl.load(res + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALAR:
+        h = round_to(h, dtype) * tl.load(scalar).to(tl.float32)
+    store_rounded(out + rows[:, None] * N + cols[None, :], h, mask)
+
+
+# -- rms_norm ----------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of x [N], [rows, N] or [T, heads, N] (strided, last dim
+    contiguous), times `weight` [N] when given. Returns a new contiguous tensor of x's shape."""
+    check_float("x", x, dim=(1, 2, 3))
+    check_eps(eps)
+    n = x.shape[-1]
+    if weight is not None:
+        check_weight("weight", weight, n, x.device)
+    x3 = x.reshape(1, 1, n) if x.dim() == 1 else x.unsqueeze(1) if x.dim() == 2 else x  # views, no copy
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n_rows = x3.shape[0] * x3.shape[1]
+    if n_rows:
+        block = triton.next_power_of_2(n)
+        rows = rows_per_program(n_rows, block)
+        _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
+            x3, x if weight is None else weight, out, n_rows, x3.stride(0), x3.stride(1), eps,
+            H=x3.shape[1], N=n, BLOCK=block, ROWS=rows, HAS_WEIGHT=weight is not None,
+            **launch_options(rows * block))
+    return out
+
+
+def rms_norm_eager(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return _reference_rms_norm(x, weight, eps)
+
+
+# -- qkv_norm ----------------------------------------------------------------------------------
+
+def qkv_norm(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+             q_weight: torch.Tensor, k_weight: torch.Tensor | None, eps: float):
+    """q_norm, k_norm and v_norm (no weight) of one attention layer, in a single launch.
+
+    q [T, Hq, D], k and v [T, Hkv, D]: strided views with a contiguous last dim, typically head
+    views of column slices of one fused QKV projection. On K=V layers pass the same view as k
+    and v. On KV-shared layers pass k = v = k_weight = None: only q is normed.
+    Returns new contiguous (q, k, v); k and v are None in the q-only mode.
+    """
+    check_float("q", q, dim=3)
+    check_eps(eps)
+    T, hq, d = q.shape
+    check_weight("q_weight", q_weight, d, q.device)
+    if k is None:
+        if v is not None or k_weight is not None:
+            raise ValueError("q-only mode (k=None) takes v=None and k_weight=None")
+        hkv = 0
+    else:
+        check_float("k", k, dim=3)
+        check_float("v", v, dim=3)
+        check_same("q", q, k=k, v=v)
+        if k.shape != v.shape or k.shape[0] != T or k.shape[2] != d:
+            raise ValueError(f"k and v must both be [{T}, Hkv, {d}], got {list(k.shape)} and {list(v.shape)}")
+        if k_weight is None:
+            raise ValueError("k_weight is required when k is given")
+        check_weight("k_weight", k_weight, d, q.device)
+        hkv = k.shape[1]
+    q_out = torch.empty((T, hq, d), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((T, hkv, d), dtype=q.dtype, device=q.device) if hkv else None
+    v_out = torch.empty_like(k_out) if hkv else None
+    if T:
+        kk, vv = (k, v) if hkv else (q, q)  # stand-ins, never read, in the q-only launch
+        block = triton.next_power_of_2(d)
+        rows = rows_per_program(T * hq, block)
+        programs = triton.cdiv(T * hq, rows) + 2 * triton.cdiv(T * hkv, rows)
+        _qkv_norm_kernel[(programs,)](
+            q, kk, vv, q_weight, q_weight if k_weight is None else k_weight,
+            q_out, q_out if k_out is None else k_out, q_out if v_out is None else v_out, T,
+            q.stride(0), q.stride(1), kk.stride(0), kk.stride(1), vv.stride(0), vv.stride(1), eps,
+            HQ=hq, HKV=hkv, D=d, BLOCK=block, ROWS=rows, **launch_options(rows * block))
+    return q_out, k_out, v_out
+
+
+def qkv_norm_eager(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                   q_weight: torch.Tensor, k_weight: torch.Tensor | None, eps: float):
+    q = _reference_rms_norm(q, q_weight, eps)
+    if k is None:
+        return q, None, None
+    return q, _reference_rms_norm(k, k_weight, eps), _reference_rms_norm(v, None, eps)
+
+
+# -- add_rms_norm ------------------------------------------------------------------------------
+
+def _check_stream(name: str, t, like: torch.Tensor | None = None) -> None:
+    """A [T, H] residual-stream operand (rows strided, last dim contiguous)."""
+    check_float(name, t, dim=2)
+    if like is not None:
+        check_same("residual", like, **{name: t})
+        if t.shape != like.shape:
+            raise ValueError(f"{name} has shape {list(t.shape)}, residual has {list(like.shape)}")
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                 x_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """new_residual = residual + x; returns (new_residual, rms_norm(new_residual, weight)).
+
+    With `x_weight`, x is first RMS-normed with it: Gemma 4's sandwich step after attention,
+    `x = r + post_attention_layernorm(a)` then `pre_feedforward_layernorm(x)`, in one pass.
+    x and residual are [T, H]; the outputs are new and contiguous.
+    """
+    _check_stream("residual", residual)
+    _check_stream("x", x, residual)
+    check_eps(eps)
+    n = x.shape[1]
+    check_weight("weight", weight, n, x.device)
+    if x_weight is not None:
+        check_weight("x_weight", x_weight, n, x.device)
+    new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(new_residual)
+    if x.shape[0]:
+        block = triton.next_power_of_2(n)
+        rows = rows_per_program(x.shape[0], block)
+        _add_rms_norm_kernel[(triton.cdiv(x.shape[0], rows),)](
+            x, residual, weight if x_weight is None else x_weight, weight, new_residual, out,
+            x.shape[0], x.stride(0), residual.stride(0), eps,
+            N=n, BLOCK=block, ROWS=rows, NORM_X=x_weight is not None, **launch_options(rows * block))
+    return new_residual, out
+
+
+def add_rms_norm_eager(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                       x_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if x_weight is not None:
+        x = _reference_rms_norm(x, x_weight, eps)
+    new_residual = residual + x
+    return new_residual, _reference_rms_norm(new_residual, weight, eps)
+
+
+# -- post-feed-forward norm + residual (+ layer_scalar) -----------------------------------------
+
+def _post_ffn(branches, residual, w_dense, w_moe, weight, eps, scalar, return_normed):
+    """branches: ((name, tensor),) for a dense layer, two of them for an MoE layer."""
+    _check_stream("residual", residual)
+    for name, t in branches:
+        _check_stream(name, t, residual)
+    check_eps(eps)
+    n = residual.shape[1]
+    moe = len(branches) == 2
+    for name, w in (("weight", weight), ("w_dense", w_dense), ("w_moe", w_moe))[:3 if moe else 1]:
+        check_weight(name, w, n, residual.device)
+    if scalar is not None:
+        if not isinstance(scalar, torch.Tensor) or scalar.numel() != 1:
+            raise ValueError("scalar must be a one-element tensor (the layer's layer_scalar buffer)")
+        check_same("residual", residual, scalar=scalar)
+    m, m2 = branches[0][1], branches[-1][1]  # m2 is m itself, never read, for a dense layer
+    out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    normed = torch.empty_like(out) if return_normed else None
+    if residual.shape[0]:
+        block = triton.next_power_of_2(n)
+        rows = rows_per_program(residual.shape[0], block)
+        _post_ffn_kernel[(triton.cdiv(residual.shape[0], rows),)](
+            m, m2, residual, w_dense if moe else weight, w_moe if moe else weight, weight,
+            residual if scalar is None else scalar, out, out if normed is None else normed,
+            residual.shape[0], m.stride(0), m2.stride(0), residual.stride(0), eps,
+            N=n, BLOCK=block, ROWS=rows, MOE=moe, HAS_SCALAR=scalar is not None, STORE_NORMED=return_normed,
+            **launch_options(rows * block))
+    return (out, normed) if return_normed else out
+
+
+def post_ffn_residual_scale(m: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                            scalar: torch.Tensor | None = None, *, return_normed: bool = False):
+    """out = (residual + rms_norm(m, weight)) * scalar, all [T, H]: post_feedforward_layernorm,
+    the residual add and layer_scalar in one pass (GEMMA4_SPEC.md 3.5, for models without PLE).
+
+    scalar=None skips the multiply (PLE models, whose layer_scalar comes after the PLE block).
+    return_normed=True returns (out, rms_norm(m, weight)), the latter being the `mlp_out` tap.
+    """
+    return _post_ffn((("m", m),), residual, None, None, weight, eps, scalar, return_normed)
+
+
+def post_ffn_residual_scale_eager(m, residual, weight, eps, scalar=None, *, return_normed=False):
+    normed = _reference_rms_norm(m, weight, eps)
+    out = residual + normed
+    if scalar is not None:
+        out = out * scalar
+    return (out, normed) if return_normed else out
+
+
+def post_ffn_moe_residual_scale(m_dense: torch.Tensor, m_moe: torch.Tensor, residual: torch.Tensor,
+                                w_dense: torch.Tensor, w_moe: torch.Tensor, weight: torch.Tensor, eps: float,
+                                scalar: torch.Tensor | None = None, *, return_normed: bool = False):
+    """The MoE layer's version (GEMMA4_SPEC.md 3.5), all [T, H]:
+        m   = post_feedforward_layernorm_1(m_dense) + post_feedforward_layernorm_2(m_moe)
+        out = (residual + post_feedforward_layernorm(m)) * scalar
+    with w_dense, w_moe, weight the three norms' weights; scalar and return_normed as in
+    post_ffn_residual_scale (normed = post_feedforward_layernorm(m)).
+    """
+    return _post_ffn((("m_dense", m_dense), ("m_moe", m_moe)), residual, w_dense, w_moe, weight, eps, scalar,
+                     return_normed)
+
+
+def post_ffn_moe_residual_scale_eager(m_dense, m_moe, residual, w_dense, w_moe, weight, eps, scalar=None, *,
+                                      return_normed=False):
+    m = _reference_rms_norm(m_dense, w_dense, eps) + _reference_rms_norm(m_moe, w_moe, eps)
+    return post_ffn_residual_scale_eager(m, residual, weight, eps, scalar, return_normed=return_normed)

@@ -1,0 +1,230 @@
+"""RoPE and KV-pool store kernels of Gemma 4, each beside its eager twin.
+
+RoPE follows GEMMA4_SPEC.md 3.4 and reference.model (rope_cos_sin, apply_rope): angles
+pos * inv_freq in float32, cos/sin rounded to the model dtype, then rotate-half over the whole
+head, x * cos + rotate_half(x) * sin, with each product and the sum rounded to the dtype. The
+kernels compute cos/sin from the positions themselves (no table in memory) and round at the same
+points, so they differ from the reference only where float32 cos/sin differ by an ULP.
+Proportional RoPE needs nothing special: its zero frequencies give cos = 1, sin = 0 exactly.
+
+Pools are [num_slots, Hkv, D]; slot 0 is the padding sink (shared/DESIGN.md "Pools"), so only
+slots in [1, num_slots) are ever written.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from reference.model import apply_rope as _reference_apply_rope
+from .norms import check_float, check_same, launch_options, round_to, rows_per_program, store_rounded
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@triton.jit
+def _cos_sin(positions, inv_freq, tokens, token_ok,
+             HALF: tl.constexpr, BLOCK: tl.constexpr, DTYPE: tl.constexpr):
+    """The reference's cos/sin tables [tokens, BLOCK] (one half; they repeat across the two):
+    float32 angles pos * inv_freq, rounded to DTYPE."""
+    cols = tl.arange(0, BLOCK)
+    pos = tl.load(positions + tokens, mask=token_ok, other=0).to(tl.float32)
+    angle = pos[:, None] * tl.load(inv_freq + cols, mask=cols < HALF, other=0.0)[None, :]
+    return round_to(tl.cos(angle), DTYPE), round_to(tl.sin(angle), DTYPE)
+
+
+@triton.jit
+def _rotate(src, cos, sin, mask, HALF: tl.constexpr, DTYPE: tl.constexpr):
+    """x * cos + rotate_half(x) * sin for the head rows whose first halves `src` points at, with
+    rotate_half(x) = cat(-hi, lo) and every product rounded to DTYPE. Returns the two halves."""
+    lo = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    hi = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    new_lo = round_to(lo * cos, DTYPE) - round_to(hi * sin, DTYPE)
+    new_hi = round_to(hi * cos, DTYPE) + round_to(lo * sin, DTYPE)
+    return new_lo, new_hi
+
+
+# Both kernels: a program takes TOKENS tokens and HEADS consecutive heads (HEADS divides H);
+# cos/sin, the costly part, are computed once per token and reused across those heads.
+
+@triton.jit
+def _rope_kernel(x, positions, inv_freq, out, T, stride_t, stride_h,
+                 H: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, TOKENS: tl.constexpr,
+                 HEADS: tl.constexpr):
+    tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
+    cols = tl.arange(0, BLOCK)
+    token_ok = tokens < T
+    dtype = out.dtype.element_ty
+    cos, sin = _cos_sin(positions, inv_freq, tokens, token_ok, HALF, BLOCK, dtype)
+    mask = token_ok[:, None] & (cols < HALF)[None, :]
+    for i in range(HEADS):
+        h = tl.program_id(1) * HEADS + i
+        lo, hi = _rotate(x + (tokens * stride_t + h * stride_h)[:, None] + cols[None, :], cos, sin, mask, HALF, dtype)
+        dst = out + ((tokens * H + h) * (2 * HALF))[:, None] + cols[None, :]
+        store_rounded(dst, lo, mask)
+        store_rounded(dst + HALF, hi, mask)
+
+
+@triton.jit
+def _store_kv_kernel(k, v, positions, inv_freq, slots, k_pool, v_pool, T, num_slots,
+                     stride_k0, stride_k1, stride_v0, stride_v1,
+                     stride_kp0, stride_kp1, stride_vp0, stride_vp1,
+                     H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                     TOKENS: tl.constexpr, HEADS: tl.constexpr, ROPE: tl.constexpr):
+    tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
+    slot = tl.load(slots + tokens, mask=tokens < T, other=0).to(tl.int64)
+    token_ok = (tokens < T) & (slot >= 1) & (slot < num_slots)  # slot 0 is the padding sink: never written
+    cols = tl.arange(0, BLOCK_D)
+    mask = token_ok[:, None] & (cols < D)[None, :]
+    if ROPE:
+        half_cols = tl.arange(0, BLOCK_HALF)
+        half_mask = token_ok[:, None] & (half_cols < D // 2)[None, :]
+        dtype = k_pool.dtype.element_ty
+        cos, sin = _cos_sin(positions, inv_freq, tokens, token_ok, D // 2, BLOCK_HALF, dtype)
+    for i in range(HEADS):
+        h = tl.program_id(1) * HEADS + i
+        k_src = k + (tokens * stride_k0 + h * stride_k1)[:, None]
+        k_dst = k_pool + (slot * stride_kp0 + h * stride_kp1)[:, None]
+        if ROPE:
+            lo, hi = _rotate(k_src + half_cols[None, :], cos, sin, half_mask, D // 2, dtype)
+            store_rounded(k_dst + half_cols[None, :], lo, half_mask)
+            store_rounded(k_dst + D // 2 + half_cols[None, :], hi, half_mask)
+        else:  # a copy, bit for bit
+            tl.store(k_dst + cols[None, :], tl.load(k_src + cols[None, :], mask=mask), mask=mask)
+        v_row = tl.load(v + (tokens * stride_v0 + h * stride_v1)[:, None] + cols[None, :], mask=mask)
+        tl.store(v_pool + (slot * stride_vp0 + h * stride_vp1)[:, None] + cols[None, :], v_row, mask=mask)
+
+
+def _grid(T: int, heads: int, block: int):
+    """(grid, TOKENS, HEADS): token tiles of at most 1024 elements a head (more programs: each
+    loops over its heads), groups of up to 8 heads."""
+    tokens = rows_per_program(T, block, tile=1024)
+    group = math.gcd(heads, 8)
+    return (triton.cdiv(T, tokens), heads // group), tokens, group
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+def _check_index(name: str, t, length: int, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in _INDEX_DTYPES or t.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D int32 or int64 tensor")
+    if t.shape[0] != length:
+        raise ValueError(f"{name} has {t.shape[0]} entries for {length} tokens")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the activations on {device}")
+    if length > 1 and t.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
+
+
+def _check_rope_inputs(x: torch.Tensor, positions, inv_freq, name: str = "x") -> None:
+    check_float(name, x, dim=3)
+    T, _, d = x.shape
+    if d % 2:
+        raise ValueError(f"the head size must be even for rotate-half RoPE, got {d}")
+    _check_index("positions", positions, T, x.device)
+    if not isinstance(inv_freq, torch.Tensor) or inv_freq.dtype != torch.float32 or inv_freq.shape != (d // 2,):
+        raise ValueError(f"inv_freq must be a float32 tensor of shape [{d // 2}]")
+    if inv_freq.device != x.device or (d > 2 and inv_freq.stride(0) != 1):
+        raise ValueError("inv_freq must be contiguous and on the activations' device")
+
+
+def _check_kv_inputs(k, v, k_pool, v_pool, out_slots, check: bool) -> None:
+    for name, t in (("k", k), ("v", v), ("k_pool", k_pool), ("v_pool", v_pool)):
+        check_float(name, t, dim=3)
+    check_same("k", k, v=v, k_pool=k_pool, v_pool=v_pool)
+    if v.shape != k.shape:
+        raise ValueError(f"k has shape {list(k.shape)}, v has {list(v.shape)}")
+    if k_pool.shape != v_pool.shape or k_pool.shape[1:] != k.shape[1:]:
+        raise ValueError(f"k_pool and v_pool must both be [num_slots, {k.shape[1]}, {k.shape[2]}], "
+                         f"got {list(k_pool.shape)} and {list(v_pool.shape)}")
+    _check_index("out_slots", out_slots, k.shape[0], k.device)
+    if check and out_slots.numel():
+        bad = (out_slots < 1) | (out_slots >= k_pool.shape[0])
+        if bool(bad.any()):
+            raise ValueError(f"out_slots must lie in [1, {k_pool.shape[0]}), got {out_slots[bad].tolist()[:8]} "
+                             f"at tokens {bad.nonzero().flatten().tolist()[:8]}")
+
+
+# -- apply_rope --------------------------------------------------------------------------------
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """RoPE of q or k, x [T, heads, D] (strided, last dim contiguous), at integer positions [T]
+    (int32/int64) with the layer type's inv_freq (float32 [D/2], reference.model.rope_inv_freq).
+    Returns a new contiguous [T, heads, D]."""
+    _check_rope_inputs(x, positions, inv_freq)
+    T, h, d = x.shape
+    out = torch.empty((T, h, d), dtype=x.dtype, device=x.device)
+    if out.numel():
+        block = triton.next_power_of_2(d // 2)
+        grid, tokens, heads = _grid(T, h, block)
+        _rope_kernel[grid](x, positions, inv_freq, out, T, x.stride(0), x.stride(1),
+                           H=h, HALF=d // 2, BLOCK=block, TOKENS=tokens, HEADS=heads,
+                           **launch_options(tokens * block))
+    return out
+
+
+def rope_cos_sin_eager(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """reference.model.rope_cos_sin for a given inv_freq: [T, D] tables, float32 angles, cast to dtype."""
+    freqs = positions[:, None].to(torch.float32) * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope_eager(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    return _reference_apply_rope(x, *rope_cos_sin_eager(positions, inv_freq, x.dtype))
+
+
+# -- KV pool stores ----------------------------------------------------------------------------
+
+def _launch_store(k, v, positions, inv_freq, k_pool, v_pool, out_slots, rope: bool) -> None:
+    T, h, d = k.shape
+    if not T * h * d:
+        return
+    block_d = triton.next_power_of_2(d)
+    grid, tokens, heads = _grid(T, h, block_d)
+    _store_kv_kernel[grid](
+        k, v, positions, inv_freq, out_slots, k_pool, v_pool, T, k_pool.shape[0],
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        H=h, D=d, BLOCK_D=block_d, BLOCK_HALF=max(block_d // 2, 1), TOKENS=tokens, HEADS=heads, ROPE=rope,
+        **launch_options(tokens * block_d))
+
+
+def rope_and_store_kv(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                      k_pool: torch.Tensor, v_pool: torch.Tensor, out_slots: torch.Tensor, *,
+                      check: bool = False) -> None:
+    """k_pool[out_slots] = apply_rope(k, positions, inv_freq); v_pool[out_slots] = v.
+
+    k (already k_normed) and v (already v_normed) are [T, Hkv, D], strided with a contiguous last
+    dim; the pools are [num_slots, Hkv, D] of the same dtype; out_slots [T] (int32/int64) holds
+    translated slot ids. A slot outside [1, num_slots) is never written; with check=True the
+    wrapper raises ValueError for one instead (a host sync, so off by default). With duplicate
+    slots, which token lands is unspecified.
+    """
+    _check_rope_inputs(k, positions, inv_freq, "k")
+    _check_kv_inputs(k, v, k_pool, v_pool, out_slots, check)
+    _launch_store(k, v, positions, inv_freq, k_pool, v_pool, out_slots, rope=True)
+
+
+def rope_and_store_kv_eager(k, v, positions, inv_freq, k_pool, v_pool, out_slots, *, check=False) -> None:
+    store_kv_eager(apply_rope_eager(k, positions, inv_freq), v, k_pool, v_pool, out_slots, check=check)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+             out_slots: torch.Tensor, *, check: bool = False) -> None:
+    """k_pool[out_slots] = k; v_pool[out_slots] = v, bit for bit (no RoPE); the slot contract of
+    rope_and_store_kv."""
+    _check_kv_inputs(k, v, k_pool, v_pool, out_slots, check)
+    # positions/inv_freq are never read without RoPE: out_slots stands in for both.
+    _launch_store(k, v, out_slots, out_slots, k_pool, v_pool, out_slots, rope=False)
+
+
+def store_kv_eager(k, v, k_pool, v_pool, out_slots, *, check=False) -> None:
+    _check_kv_inputs(k, v, k_pool, v_pool, out_slots, check)
+    slots = out_slots.long()
+    ok = (slots >= 1) & (slots < k_pool.shape[0])
+    k_pool[slots[ok]] = k[ok]
+    v_pool[slots[ok]] = v[ok]
