@@ -205,6 +205,35 @@ def cmd_report(args) -> int:
     return EXIT_OK if facts.get("verdict") == "parity" else EXIT_DIVERGED
 
 
+def cmd_kernels(args) -> int:
+    import json
+
+    import torch
+
+    from .kernel_check import format_table, run_kernel_check
+
+    device = torch.device(_device(args.device))
+    size = args.size or ("small" if device.type == "cpu" else "e2b")
+    dtypes = [getattr(torch, d) for d in args.dtype]
+    n = [0]
+
+    def progress(what: str) -> None:
+        n[0] += 1
+        print(f"[{n[0]}] {what}", file=sys.stderr, flush=True)
+
+    results = run_kernel_check(device, dtypes, size, args.repeats, progress=progress)
+    print(f"device {device}, sizes '{size}', median of {args.repeats}")
+    print(format_table(results))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": str(device), "size": size, "results": [r.to_dict() for r in results]},
+                              indent=1))
+    failed = [r.name for r in results if not r.passed]
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
+    print(f"json: {out}")
+    return EXIT_DIVERGED if failed else EXIT_OK
+
+
 def _add_model_args(p) -> None:
     p.add_argument("model", nargs="?", default="tiny", help="preset name or checkpoint directory (default: tiny)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -243,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
                                       "budgets are the per-dtype floors alone")
     diff.add_argument("--out", help="write an HTML report into this directory")
     diff.set_defaults(func=cmd_diff)
+
+    kernels = sub.add_parser("kernels", help="every Triton kernel against its eager twin on this device")
+    kernels.add_argument("--device", default="auto")
+    kernels.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
+                         choices=["float32", "bfloat16", "float16"])
+    kernels.add_argument("--size", choices=["small", "e2b"], help="input sizes (default: small on CPU, e2b on GPU)")
+    kernels.add_argument("--repeats", type=int, default=5)
+    kernels.add_argument("--out", default="reports/kernels.json")
+    kernels.set_defaults(func=cmd_kernels)
 
     report = sub.add_parser("report", help="re-render report.html from a report directory's report.json")
     report.add_argument("directory")

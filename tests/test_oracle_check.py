@@ -135,3 +135,19 @@ def test_cli_capture_and_diff(tmp_path, capsys):
     # reordered attention sums exceed that, and diff says so.
     assert cli.main(["diff", ref, opt]) == 1
     assert cli.main(["capture", "--scenario", str(path), "--path", "optimized", "--out", opt]) == 2  # exists
+
+
+def test_cli_kernels_table_and_exit_codes(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "k.json"
+    assert cli.main(["kernels", "--device", "cpu", "--dtype", "float32", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {r["name"] for r in rows} >= {"rms_norm", "qkv_norm", "rope_and_store_kv", "decode_attention (full)"}
+    assert all(r["passed"] for r in rows)
+    # A kernel that drifts by a few ULPs is caught and fails the command.
+    from optimized.kernels import norms
+
+    real = norms.rms_norm
+    monkeypatch.setattr(norms, "rms_norm", lambda x, w, eps: real(x, w, eps) * (1 + 2e-6))
+    assert cli.main(["kernels", "--device", "cpu", "--dtype", "float32", "--repeats", "1", "--out", str(out)]) == 1
+    assert "| rms_norm | [24, 64] | float32 |" in capsys.readouterr().out
+    assert not next(r for r in json.loads(out.read_text())["results"] if r["name"] == "rms_norm")["passed"]
