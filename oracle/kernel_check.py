@@ -54,11 +54,9 @@ class KernelResult:
 
 
 def _time_us(fn: Callable, device: torch.device, repeats: int) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elif device.type == "xpu":
-            torch.xpu.synchronize()
+    def sync():  # the device's own backend module (torch.cuda, torch.xpu, ...), whatever it is
+        if device.type != "cpu":
+            getattr(torch, device.type).synchronize()
 
     fn()  # warm-up: compilation stays out of the numbers
     times = []
