@@ -63,12 +63,15 @@ class PageAllocator:
             raise ValueError(f"page {page} is not allocated")
         self._refs[page] += 1
 
-    def release(self, page: int) -> None:
+    def release(self, page: int) -> bool:
+        """Drop one reference; True when that was the last and the page is free again."""
         if page == 0 or self._refs[page] < 1:
             raise ValueError(f"page {page} is not allocated")
         self._refs[page] -= 1
         if self._refs[page] == 0:
             self._free.append(page)
+            return True
+        return False
 
 
 @dataclass
@@ -124,9 +127,9 @@ class KVCache:
         self.requests[rid] = req
         if n:
             donor = self.requests[share_prefix_of]
-            for page in donor.pages[: n // self.page_size]:
+            for i, page in enumerate(donor.pages[: n // self.page_size]):
                 self.full.share(page)
-                if self._swa_of[page]:
+                if i >= donor.swa_released and self._swa_of[page]:  # the window part only
                     self.swa.share(self._swa_of[page])
             req.pages = donor.pages[: n // self.page_size]
             req.length = n
@@ -193,8 +196,7 @@ class KVCache:
         swa = self._swa_of[full_page]
         if not swa:
             return
-        self.swa.release(swa)
-        if self.swa._refs[swa] == 0:
+        if self.swa.release(swa):
             self._swa_of[full_page] = 0
             self.full_to_swa_page[full_page] = 0
 

@@ -16,7 +16,6 @@ import torch
 
 from reference.config import Gemma4Config
 from reference.weights import resolve
-from reference.window import first_visible_key
 
 from .batch import BatchItem, build_batch
 from .kernels import default_device
@@ -108,7 +107,7 @@ class Runner:
             raise ValueError(f"arrivals needs one step >= 0 per prompt, got {arrivals!r}")
         if share_prefix_with is not None:
             if len(share_prefix_with) != n:
-                raise ValueError(f"share_prefix_with needs one entry (None or an earlier index) per prompt")
+                raise ValueError("share_prefix_with needs one entry (None or an earlier index) per prompt")
             for i, d in enumerate(share_prefix_with):
                 if d is not None and not (isinstance(d, int) and 0 <= d < i):
                     raise ValueError(f"share_prefix_with[{i}] must be None or an earlier prompt index, got {d!r}")

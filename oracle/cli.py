@@ -82,8 +82,10 @@ def _scenarios(args):
 
 
 def _progress(i: int, n: int, name: str, status: str, seconds: float | None = None) -> None:
+    done = i if seconds is not None else i - 1
+    bar = "#" * done + "." * (n - done)
     took = f" ({seconds:.1f}s)" if seconds is not None else ""
-    print(f"[{i}/{n}] {name:34s} {status}{took}", file=sys.stderr, flush=True)
+    print(f"[{bar}] {i}/{n} {name:34s} {status}{took}", file=sys.stderr, flush=True)
 
 
 def _command_line(argv) -> str:

@@ -189,7 +189,7 @@ class Gemma4Reference:
         return x
 
     def attention(self, spec: LayerSpec, h, cos_sin, mask, shared_kv, record) -> torch.Tensor:
-        cfg, w, eps = self.config, self.w, self.config.rms_norm_eps
+        w, eps = self.w, self.config.rms_norm_eps
         p = f"layers.{spec.index}.self_attn."
         B, T, _ = h.shape
         hd = spec.head_dim
