@@ -147,7 +147,9 @@ class Runner:
                  for i, (p, k, s) in enumerate(zip(prompts, news, splits))]
         cache = self.cache = self._make_cache(lives)
         model = PagedGemma4(self.config, self.weights, cache, self.fused, self.fused_weights)
-        feed_last = return_logits or taps is not None
+        # Every row's logits when they are returned or captured (taps `final_norm`, `logits`), and
+        # then the last generated token is fed too, so both cover prompt + new positions.
+        all_rows = feed_last = return_logits or taps is not None
         waiting = list(lives)
         running: list[_Live] = []
         results: dict[int, RequestResult] = {}
@@ -180,13 +182,13 @@ class Runner:
                     ids.append(r.tokens[-1])
             batch = build_batch(cache, items)
             ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
-            last_rows = None if return_logits else batch.cu_seqlens_q[1:].long() - 1
+            last_rows = None if all_rows else batch.cu_seqlens_q[1:].long() - 1
             logits = model.forward(ids_t, batch, taps=taps, logit_rows=last_rows)
             finished = []
             for i, (r, (item, start, end)) in enumerate(zip(running, batch.token_ranges())):
                 n = end - start
                 r.steps.append((item.prefix_len, n))
-                rows = logits[start:end] if return_logits else logits[i:i + 1]
+                rows = logits[start:end] if all_rows else logits[i:i + 1]
                 if return_logits:
                     r.logits.append(rows.cpu())
                 if r.done_prompt < len(r.prompt):

@@ -31,7 +31,17 @@ def test_builtin_scenarios_hold_parity_on_every_preset_family():
         sc = builtin(preset)[1]  # chunked prefill over shuffled pages with explicit splits
         run = run_scenario(sc)
         assert run.passed, run.comparison.summary()
-        assert run.comparison.counts()["taps_failed"] == 0
+        counts = run.comparison.counts()
+        assert counts["taps_failed"] == 0 and counts["taps_missing"] == 0, counts
+
+
+def test_a_missing_softcap_is_named_at_the_logits(monkeypatch):
+    import optimized.fused_ops
+
+    monkeypatch.setattr(optimized.fused_ops, "softcap", lambda logits, cap: logits)
+    with pytest.raises(ParityError) as err:
+        assert_parity(scenario("tiny-moe", lengths=[6], new_tokens=1, page_size=4, chunk_size=6))
+    assert err.value.run.comparison.first_divergence.tap == "logits"
 
 
 def test_a_perturbed_layer_is_named_as_the_first_divergence(monkeypatch):

@@ -9,6 +9,7 @@ capability (is there a device Triton can compile for?), never by vendor.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -24,6 +25,11 @@ if not _has_triton_device():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETING:
+    # The interpreter emulates kernels with numpy, which warns where a kernel's exp or product
+    # overflows to inf on purpose (tanh of large arguments, masked scores); compiled code is silent.
+    warnings.filterwarnings("ignore", message="overflow encountered", category=RuntimeWarning,
+                            module="triton.runtime.interpreter")
 
 # Triton's interpreter computes wrong results for arithmetic on bf16 values and for tl.dot on bf16
 # operands (shared/DESIGN.md "Kernels"): kernels upcast after every load, and feed tl.dot operands
