@@ -141,9 +141,9 @@ def test_cli_capture_and_diff(tmp_path, capsys):
     code = cli.main(["diff", ref, opt, "--truth", str(tmp_path / "truth"), "--out", str(tmp_path / "d")])
     assert code == 0, capsys.readouterr().out
     assert json.loads((tmp_path / "d" / "report.json").read_text())["verdict"] == "parity"
-    # Without a truth the budgets are the float32 floor alone (1e-6 relative): the optimized path's
-    # reordered attention sums exceed that, and diff says so.
-    assert cli.main(["diff", ref, opt]) == 1
+    # Without a truth the budgets are the float32 floor alone (1e-5 relative), which the optimized
+    # path's reordered attention sums stay within on this scenario.
+    assert cli.main(["diff", ref, opt]) == 0
     assert cli.main(["capture", "--scenario", str(path), "--path", "optimized", "--out", opt]) == 2  # exists
 
 

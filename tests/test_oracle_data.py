@@ -19,7 +19,7 @@ from oracle.metrics import (cosine_similarity, error_metrics, head_profile, max_
                             position_profile, rel_l2, ulp, ulp_distance, ulp_histogram)
 from oracle.taps import (Tap, TapNameError, parse_tap, sort_taps, tap_name, tap_order, tap_trailing_shape,
                          truth_counterpart)
-from oracle.tolerance import DEFAULT_FLOORS, Tolerance, judge
+from oracle.tolerance import DEFAULT_TOLERANCE, DEFAULT_FLOORS, Tolerance, judge
 
 T = 20  # tokens per request: more than the tiny preset's sliding window (5)
 
@@ -543,8 +543,9 @@ def test_budget_is_a_multiple_of_the_noise_plus_a_floor():
 def test_floor_applies_where_the_reference_is_exact():
     truth = torch.randn(64, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = truth.clone()
-    assert judge(truth * (1 + 5e-7), exact, truth, torch.float32).passed
-    assert not judge(truth * (1 + 5e-6), exact, truth, torch.float32).passed
+    floor = DEFAULT_TOLERANCE.floor(torch.float32)
+    assert judge(truth * (1 + floor / 2), exact, truth, torch.float32).passed
+    assert not judge(truth * (1 + floor * 2), exact, truth, torch.float32).passed
 
 
 def test_one_outlier_fails_the_max_abs_budget():
