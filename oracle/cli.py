@@ -67,11 +67,16 @@ def _device(name: str) -> str:
 
 
 def _scenarios(args):
+    from .faults import FAULTS, get
     from .scenario import builtin, load
 
+    model = (args.model, args.dtype, _device(args.device), args.seed)
+    injected = getattr(args, "inject", [])
+    if not args.scenario and injected:  # each injected fault's own scenario, once
+        return list({s.name: s for s in (get(n).scenario(*model) for n in injected)}.values())
     if not args.scenario:
-        return builtin(args.model, args.dtype, _device(args.device), args.seed)
-    names = {s.name: s for s in builtin(args.model, args.dtype, _device(args.device), args.seed)}
+        return builtin(*model)
+    names = {s.name: s for s in [*builtin(*model), *(f.scenario(*model) for f in FAULTS.values())]}
     out = []
     for item in args.scenario:
         if item in names:
@@ -100,29 +105,37 @@ def cmd_check(args) -> int:
     from reference import CheckpointError, ConfigError, resolve
 
     from .capture import CaptureError
+    from .faults import get
     from .report import write_report
     from .run import report_facts, run_scenario
     from .scenario import ScenarioError
 
     try:
+        faults = [get(n) for n in args.inject]
         scenarios = _scenarios(args)
         for sc in scenarios:  # resolve every model up front: bad input fails before any work
             resolve(sc.model.source, dtype=sc.dtype, device="meta", seed=sc.model.seed)
-    except (ScenarioError, CheckpointError, ConfigError, CaptureError, ValueError) as e:
+    except (ScenarioError, CheckpointError, ConfigError, CaptureError, ValueError) as e:  # UnknownFault too
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    for f in faults:
+        print(f"injected fault {f.name}: {f.summary} (alone, on tiny, its scenario {f.scenario_spec['name']} "
+              f"must diverge first at {f.expect})")
     runs = []
     for i, sc in enumerate(scenarios, 1):
         _progress(i, len(scenarios), sc.name, "running")
         t0 = time.perf_counter()
         try:
-            run = run_scenario(sc)
+            run = run_scenario(sc, faults=args.inject)
         except (ScenarioError, CheckpointError, ConfigError, ValueError) as e:
             print(f"error: scenario {sc.name!r}: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         runs.append(run)
         _progress(i, len(scenarios), sc.name, "parity" if run.passed else "DIVERGENCE", time.perf_counter() - t0)
-    facts = report_facts(runs, _command_line(args.argv), f"Gemma 4 parity: {args.model} ({args.dtype})")
+    title = f"Gemma 4 parity: {args.model} ({args.dtype})"
+    if faults:
+        title += f", injected: {', '.join(f.name for f in faults)}"
+    facts = report_facts(runs, _command_line(args.argv), title)
     out = Path(args.out) if args.out else Path("reports") / f"check-{Path(args.model).name}-{args.dtype}"
     html, _ = write_report(facts, out)
     print(facts["summary"])
@@ -130,8 +143,39 @@ def cmd_check(args) -> int:
         if not run.passed:
             print(run.comparison.summary())
             break
+    if len(faults) == 1:  # with several, the first divergence is the earliest of their taps
+        _say_whether_the_fault_was_named(faults[0], args.model, runs)
     print(f"report: {html}")
     return EXIT_OK if all(r.passed for r in runs) else EXIT_DIVERGED
+
+
+def _say_whether_the_fault_was_named(fault, model: str, runs) -> None:
+    """After `check --inject`: whether the oracle named the fault's expected tap on its scenario."""
+    own = [r for r in runs if r.scenario.name == fault.scenario_spec["name"]]
+    if model != "tiny" or not own:
+        return
+    first = own[0].comparison.first_divergence
+    found = "parity (not caught)" if first is None else first.tap
+    verdict = "as expected" if found == fault.expect else f"EXPECTED {fault.expect}"
+    print(f"fault {fault.name}: first divergence {found} on {own[0].scenario.name} ({verdict})")
+
+
+def cmd_faults(args) -> int:
+    from .faults import FAULTS, UnknownFault, get
+
+    try:
+        chosen = [get(n) for n in args.names] if args.names else list(FAULTS.values())
+    except UnknownFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    width = max(len(f.name) for f in chosen)
+    for f in chosen:
+        if args.names:
+            print(f"{f.name}: {f.summary}\n  {f.description}\n  scenario {f.scenario_spec['name']}, "
+                  f"first divergence on tiny: {f.expect}")
+        else:
+            print(f"{f.name:{width}s}  {f.summary}")
+    return EXIT_OK
 
 
 def cmd_capture(args) -> int:
@@ -258,7 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="run scenarios on both paths, judge parity, write the HTML report")
     _add_model_args(check)
     check.add_argument("--out", help="report directory (default: reports/check-<model>-<dtype>)")
+    check.add_argument("--inject", action="append", default=[], metavar="FAULT",
+                       help="inject a known bug into the optimized path (repeatable; see `faults`); without "
+                            "--scenario, runs each fault's own scenario")
     check.set_defaults(func=cmd_check)
+
+    faults = sub.add_parser("faults", help="list the known bug classes `check --inject` can inject")
+    faults.add_argument("names", nargs="*", metavar="FAULT", help="show these in full")
+    faults.set_defaults(func=cmd_faults)
 
     capture = sub.add_parser("capture", help="capture one path's taps for a scenario into a directory")
     _add_model_args(capture)

@@ -9,7 +9,7 @@ greedy tokens, so both paths see the same sequence even where an argmax would di
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -18,6 +18,7 @@ from reference import Gemma4Reference, resolve
 
 from .capture import Capture, CaptureBuilder, capture_metadata
 from .compare import Comparison, compare
+from .faults import get as get_fault, inject_all
 from .scenario import Scenario
 from .tolerance import DEFAULT_TOLERANCE, Tolerance
 
@@ -57,9 +58,13 @@ def reference_capture(model: Gemma4Reference, scenario: Scenario, sequences: dic
 
 
 def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE,
-                 runner_factory: Callable[..., Runner] = Runner, weights=None) -> ScenarioRun:
+                 runner_factory: Callable[..., Runner] = Runner, weights=None,
+                 faults: Sequence[str] = ()) -> ScenarioRun:
     """Capture truth, reference and optimized path for a scenario and compare them.
-    `runner_factory` lets a test or a fault injection substitute the optimized path."""
+    `runner_factory` lets a test substitute the optimized path; `faults` names known bugs
+    (oracle/faults.py) injected into the optimized path while it runs."""
+    for name in faults:
+        get_fault(name)  # an unknown name fails before any work
     m = scenario.model
     if weights is None:
         cfg, weights = resolve(m.source, dtype=scenario.dtype, device=m.device, seed=m.seed)
@@ -76,18 +81,20 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
     ref = reference_capture(ref_model, scenario, sequences, "reference")
 
     e = scenario.engine
-    runner = runner_factory(cfg, weights=weights, dtype=scenario.dtype, device=m.device, page_size=e.page_size,
-                            chunk_size=e.chunk_size, num_pages=e.num_pages, page_order_seed=e.page_order_seed)
     builder = CaptureBuilder(capture_metadata(cfg, path="optimized", dtype=scenario.dtype, device=m.device,
                                               scenario=scenario.to_dict()))
     index = {r.id: i for i, r in enumerate(scenario.requests)}
-    results = runner.run(
-        prompts, max_new_tokens=[r.new_tokens for r in scenario.requests], teacher_tokens=teacher,
-        chunk_splits=[None if r.chunks is None else list(r.chunks) for r in scenario.requests],
-        arrivals=[r.arrival for r in scenario.requests],
-        share_prefix_with=[None if r.prefix_from is None else index[r.prefix_from["request"]]
-                           for r in scenario.requests],
-        taps=lambda i, name, pos, t: builder.add(ids[i], name, pos, t))
+    with inject_all(faults):
+        runner = runner_factory(cfg, weights=weights, dtype=scenario.dtype, device=m.device,
+                                page_size=e.page_size, chunk_size=e.chunk_size, num_pages=e.num_pages,
+                                page_order_seed=e.page_order_seed)
+        results = runner.run(
+            prompts, max_new_tokens=[r.new_tokens for r in scenario.requests], teacher_tokens=teacher,
+            chunk_splits=[None if r.chunks is None else list(r.chunks) for r in scenario.requests],
+            arrivals=[r.arrival for r in scenario.requests],
+            share_prefix_with=[None if r.prefix_from is None else index[r.prefix_from["request"]]
+                               for r in scenario.requests],
+            taps=lambda i, name, pos, t: builder.add(ids[i], name, pos, t))
     cand = builder.build()
     chunks = {rid: [start for start, _ in res.steps] for rid, res in zip(ids, results)}
     comparison = compare(truth, ref, cand, cfg, tolerance=tolerance, chunk_boundaries=chunks)

@@ -236,7 +236,7 @@ def builtin(source: str = "tiny", dtype: str = "float32", device: str = "cpu", s
         {"name": "mixed-batch-prefix-reuse", "model": model,
          "engine": {"page_size": 1, "chunk_size": 4, "page_order_seed": 3},
          "requests": [{"id": "r0", "length": 9, "seed": 5, "new_tokens": 4},
-                      {"id": "r1", "length": 3, "seed": 6, "new_tokens": 2, "arrival": 2,
+                      {"id": "r1", "length": 3, "seed": 6, "new_tokens": 2, "arrival": 1,
                        "prefix_from": {"request": "r0", "length": 6}}]},
     ]
     return [from_dict(r) for r in raw]

@@ -35,6 +35,12 @@ def test_builtin_scenarios_hold_parity_on_every_preset_family():
         assert counts["taps_failed"] == 0 and counts["taps_missing"] == 0, counts
 
 
+def test_builtin_prefix_scenario_really_reuses_pages():
+    run = run_scenario(builtin("tiny")[3])
+    assert run.passed, run.comparison.summary()
+    assert [r["prefix_reused"] for r in run.layout["requests"]] == [0, 4]
+
+
 def test_a_missing_softcap_is_named_at_the_logits(monkeypatch):
     import optimized.fused_ops
 

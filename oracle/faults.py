@@ -1,0 +1,452 @@
+"""Known bug classes, injected into the optimized path on demand (shared/DESIGN.md "Faults").
+
+    from oracle.faults import FAULTS, inject
+    fault = FAULTS["window-one-short"]
+    with inject(fault.name):  # or run_scenario(..., faults=[fault.name])
+        run = run_scenario(fault.scenario())
+    assert run.comparison.first_divergence.tap == fault.expect
+
+Each fault reproduces a bug that the seed PR (shared/seed/) or SGLang's history
+(shared/background/sglang_gemma4.md) names, by swapping module or class attributes of
+`optimized/` for wrappers while a `with` block runs and putting the originals back when it ends,
+exceptions included. Nothing in the optimized path asks whether a fault is on, so faults cost
+nothing when off. Patches are process-wide: do not run a clean path beside an injected one in
+another thread of the same process.
+
+Every fault carries the scenario that exposes it and `expect`, the tap where the oracle must
+report the first divergence when that scenario runs on the `tiny` preset in float32 (all but
+missing-softcap hold in bfloat16 too). `expect` is the first tap the bug can be seen at, which is
+not always the tensor the bug is in: the pool taps (`layers.{l}.k_cache`, gathered when a request
+finishes) sit before `layers.{l}.o` in dataflow order, and `layers.{l}.k` on the optimized path is
+read back from the pool.
+
+Some faults point kernels at slots or pages that the correct path never would. Under Triton's
+CPU interpreter a read outside a tensor is undefined, so those faults check that their wrong ids
+stay inside the pools and raise FaultScenarioError (a ValueError) when a scenario would take
+them outside; their scenarios are sized so that they do not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+import optimized.fused_ops
+import optimized.model
+import optimized.ops
+import optimized.runner
+from optimized.memory import KVCache, ceil_div
+from optimized.model import PagedGemma4
+
+from .scenario import Scenario, from_dict
+
+# Both op sets the paged model can run (`fused=True`: Triton kernels; False: plain torch).
+_OP_SETS = (optimized.fused_ops, optimized.ops)
+
+
+class UnknownFault(ValueError):
+    """A fault name that is not in the registry; the message lists the known ones."""
+
+
+class FaultScenarioError(ValueError):
+    """The scenario would make an injected fault read or write outside a pool."""
+
+
+@dataclass(frozen=True)
+class Patch:
+    """While injected, `owner.attr` (a module or class attribute) is `wrap(original)`."""
+
+    owner: Any
+    attr: str
+    wrap: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    summary: str  # one line
+    description: str  # the real bug it reproduces, and why `expect` is where it first shows
+    expect: str  # first divergent tap on `tiny` (float32) under `scenario()`
+    patches: tuple[Patch, ...]
+    scenario_spec: dict  # scenario JSON without "model"
+
+    def scenario(self, model: str = "tiny", dtype: str = "float32", device: str = "cpu", seed: int = 0) -> Scenario:
+        """The scenario that exposes this fault (`expect` holds for model "tiny")."""
+        return from_dict({**self.scenario_spec,
+                          "model": {"source": model, "seed": seed, "dtype": dtype, "device": device}})
+
+
+# --------------------------------------------------------------------------------------------
+# Injection
+# --------------------------------------------------------------------------------------------
+
+
+def get(name: str) -> Fault:
+    try:
+        return FAULTS[name]
+    except KeyError:
+        raise UnknownFault(f"unknown fault {name!r}; known: {', '.join(FAULTS)}") from None
+
+
+@contextlib.contextmanager
+def inject(name: str) -> Iterator[Fault]:
+    """Apply one fault for the duration of the block; the originals come back on exit."""
+    fault = get(name)
+    applied: list[tuple[Any, str, Any]] = []
+    try:
+        for p in fault.patches:
+            original = vars(p.owner)[p.attr]
+            setattr(p.owner, p.attr, p.wrap(getattr(p.owner, p.attr)))
+            applied.append((p.owner, p.attr, original))
+        yield fault
+    finally:
+        for owner, attr, original in reversed(applied):
+            setattr(owner, attr, original)
+
+
+@contextlib.contextmanager
+def inject_all(names: Iterable[str]) -> Iterator[list[Fault]]:
+    """Apply several faults at once (unknown names fail before any is applied)."""
+    faults = [get(n) for n in names]
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(inject(f.name)) for f in faults]
+
+
+# --------------------------------------------------------------------------------------------
+# Wrappers
+# --------------------------------------------------------------------------------------------
+
+
+def _with_arguments(change: Callable[[dict], None]) -> Callable[[Callable], Callable]:
+    """A wrap that calls the original with its bound arguments edited in place by `change`."""
+
+    def wrap(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            call = signature.bind(*args, **kwargs)
+            change(call.arguments)
+            return fn(*call.args, **call.kwargs)
+
+        return wrapper
+
+    return wrap
+
+
+def _on_batch(change: Callable[[KVCache, Any], dict]) -> Callable[[Callable], Callable]:
+    """A wrap of build_batch: the batch with the fields `change(cache, batch)` returns replaced."""
+
+    def wrap(build: Callable) -> Callable:
+        @functools.wraps(build)
+        def build_batch(cache, items):
+            batch = build(cache, items)
+            return dataclasses.replace(batch, **change(cache, batch))
+
+        return build_batch
+
+    return wrap
+
+
+def _must_fit(ids: torch.Tensor, limit: int, what: str) -> None:
+    if ids.numel() and int(ids.max()) >= limit:
+        raise FaultScenarioError(f"{what} reaches {int(ids.max())}, past the pool's {limit}: the fault would "
+                                 "touch memory outside the pool; use its own scenario or a larger pool")
+
+
+def _double_key_count(a: dict) -> None:
+    # The doubled range runs past the request's pages. Pad its page table with page 0 (the zeroed
+    # padding sink), as a real engine's context-wide table is past the end, so those keys read zeros
+    # from inside the pool.
+    seq_lens, table, page_size = a["seq_lens"], a["page_table"], a["page_size"]
+    pages = ceil_div(2 * int(seq_lens.max()), page_size)
+    a["seq_lens"] = seq_lens * 2
+    a["page_table"] = torch.nn.functional.pad(table, (0, max(0, pages - table.shape[1]))).contiguous()
+
+
+def _window_one_short(a: dict) -> None:
+    if a.get("window") is not None:
+        a["window"] -= 1
+
+
+def _no_window(a: dict) -> None:
+    a["window"] = None
+
+
+def _full_pages_on_sliding_reads(cache: KVCache, batch) -> dict:
+    _must_fit(batch.page_table, cache.swa.num_pages, "a full-pool page id read on a sliding layer")
+    return {"swa_page_table": batch.page_table}
+
+
+def _full_slots_on_sliding_writes(cache: KVCache, batch) -> dict:
+    _must_fit(batch.out_slots, cache.swa.num_pages * cache.page_size, "a full-pool slot written on a sliding layer")
+    return {"swa_out_slots": batch.out_slots}
+
+
+def _token_table(_page_table: Callable) -> Callable:
+    def page_table(self: KVCache, rows: torch.Tensor, num_pages: int) -> torch.Tensor:
+        table = self.req_to_token[rows, : num_pages * self.page_size].contiguous()
+        _must_fit(table, self.full.num_pages, "a slot id used as a page id")
+        return table
+
+    return page_table
+
+
+def _store_into_copy(store: Callable) -> Callable:
+    def rope_and_store_kv(k, v, positions, inv_freq, k_pool, v_pool, out_slots):
+        # What `pool.reshape(...)` gives for a non-contiguous pool view: a fresh copy.
+        store(k, v, positions, inv_freq, k_pool.clone(), v_pool.clone(), out_slots)
+
+    return rope_and_store_kv
+
+
+def _positions_per_chunk(attention: Callable) -> Callable:
+    def wrapper(self, spec, h, batch, emit):
+        prefix = torch.repeat_interleave(batch.prefix_lens.long(), batch.extend_lens.long())
+        # Only RoPE sees the restarted positions: taps keep the batch's own (emit is bound to it).
+        return attention(self, spec, h, dataclasses.replace(batch, positions=batch.positions - prefix), emit)
+
+    return wrapper
+
+
+def _one_plus_w(qkv_norm: Callable) -> Callable:
+    def wrapper(q, k, v, q_weight, k_weight, eps):
+        return qkv_norm(q, k, v, 1 + q_weight, None if k_weight is None else 1 + k_weight, eps)
+
+    return wrapper
+
+
+def _source_one_back(buffers: Callable) -> Callable:
+    def wrapper(self: KVCache, spec):
+        if spec.kv_shared:
+            earlier = [s.index for s in self.cfg.layers
+                       if not s.kv_shared and s.type == spec.type and s.index < spec.kv_source]
+            spec = dataclasses.replace(spec, kv_source=max(earlier, default=spec.kv_source))
+        return buffers(self, spec)
+
+    return wrapper
+
+
+def _reusable_whole_pages(_prefix_reusable: Callable) -> Callable:
+    def prefix_reusable(self: KVCache, donor_rid, prefix_len: int) -> int:
+        donor = self.requests[donor_rid]
+        return min(prefix_len, donor.length) // self.page_size * self.page_size  # no window check
+
+    return prefix_reusable
+
+
+def _release_one_page_early(release: Callable) -> Callable:
+    def release_window(self: KVCache, rid, next_query_pos: int) -> int:
+        return release(self, rid, next_query_pos + self.page_size)
+
+    return release_window
+
+
+def _no_softcap(_softcap: Callable) -> Callable:
+    return lambda logits, cap: logits
+
+
+def _on_op_sets(attr: str, wrap: Callable) -> tuple[Patch, ...]:
+    return tuple(Patch(ops, attr, wrap) for ops in _OP_SETS)
+
+
+def _on_attention(change: Callable[[dict], None], kernels=("extend_attention", "decode_attention")):
+    return tuple(Patch(optimized.model, name, _with_arguments(change)) for name in kernels)
+
+
+# --------------------------------------------------------------------------------------------
+# Scenarios (model filled in by Fault.scenario). tiny: layers 0-3 and 5-8 sliding (W = 5),
+# 4 and 9 full; 6-9 are KV-shared (sources 5 and 4).
+# --------------------------------------------------------------------------------------------
+
+# Two prefill chunks over pages of 2 handed out in order, in a pool large enough that a slot id
+# misread as a page id still lands inside it.
+CHUNKED = {
+    "name": "fault-chunked-prefill",
+    "engine": {"page_size": 2, "chunk_size": 4, "num_pages": 16},
+    "requests": [{"id": "r0", "length": 8, "seed": 21, "new_tokens": 1}],
+}
+
+# A 4-token prompt, then decode until the window has moved (positions 4-6, W = 5), over shuffled
+# pages so full-pool and SWA-pool ids differ; both pools have the same number of pages.
+PAST_WINDOW = {
+    "name": "fault-decode-past-window",
+    "engine": {"page_size": 2, "chunk_size": 4, "page_order_seed": 5},
+    "requests": [{"id": "r0", "length": 4, "seed": 22, "new_tokens": 3}],
+}
+
+# r1 shares r0's first 6 tokens but arrives after r0's window has moved past positions 2-3,
+# which r1's first query (position 6, window 2..6) still needs.
+REUSE_AFTER_EVICTION = {
+    "name": "fault-prefix-reuse-after-eviction",
+    "engine": {"page_size": 2, "chunk_size": 8},
+    "requests": [{"id": "r0", "length": 8, "seed": 23, "new_tokens": 2},
+                 {"id": "r1", "length": 3, "seed": 24, "new_tokens": 1, "arrival": 1,
+                  "prefix_from": {"request": "r0", "length": 6}}],
+}
+
+
+def _registry(*faults: Fault) -> dict[str, Fault]:
+    return {f.name: f for f in faults}
+
+
+FAULTS: dict[str, Fault] = _registry(
+    Fault(
+        "doubled-key-length",
+        "attention kernels get seq_lens = 2 x the keys in the pool",
+        "Seed section 3 (sgl-kernel-xpu PR #191): cumulative totals passed as cu_seqlens_k_new were "
+        "added to cache_seqlens, which already counted every key, so the kernel attended over twice "
+        "the keys, past the valid region (31B GSM8K -5.2 pp with chunked prefill on). Here both "
+        "kernels get 2 x seq_lens; the extra keys read page 0 (zeros) and the queries land at the "
+        "wrong bottom-right-aligned positions. Layer 0's attention output is the first tensor hit.",
+        "layers.0.o",
+        _on_attention(_double_key_count),
+        CHUNKED,
+    ),
+    Fault(
+        "swa-read-untranslated",
+        "sliding layers read through the full-pool page table",
+        "Seed item 2: the hybrid pool's page table was not translated to the SWA sub-pool, so "
+        "sliding layers read SWA pages at full-pool page ids (SGLang #24394, #24617 and #33517 are "
+        "the same class). Writes stay right, so q/k/v and the pool taps hold; layer 0's attention "
+        "output is wrong from the first step. Invisible wherever the two ids happen to agree (one "
+        "request, pages in order): the scenario shuffles pages.",
+        "layers.0.o",
+        (Patch(optimized.runner, "build_batch", _on_batch(_full_pages_on_sliding_reads)),),
+        PAST_WINDOW,
+    ),
+    Fault(
+        "swa-write-untranslated",
+        "sliding layers write K/V at full-pool slots",
+        "Background 3.5: SGLang's fused RoPE + KV-store kernel writes at full-pool ids and cannot "
+        "translate them, which is why it is barred from SWA pools; CUDA-graph padding writing into "
+        "live SWA slots (#24743) is a relative. The layer reads its `k`/`v` taps back at the same "
+        "wrong slots, so they look right; the pool gathered through the translated table does not, "
+        "and `k_cache` precedes `o` in dataflow order.",
+        "layers.0.k_cache",
+        (Patch(optimized.runner, "build_batch", _on_batch(_full_slots_on_sliding_writes)),),
+        PAST_WINDOW,
+    ),
+    Fault(
+        "token-granular-page-table",
+        "kernels get the token table (req_to_token) where a page table is expected",
+        "Seed item 8 (ckvermaAI/sglang #23757): with page_size > 1 the block table must be "
+        "req_to_token strided by the page size and divided by it; left token-granular, each slot id "
+        "is read as a page id and keys come from the wrong slots. Both tables are hit (the SWA one "
+        "is translated from it), so layer 0's attention output is wrong. Identical to the right "
+        "table at page_size 1, so only paged scenarios can show it.",
+        "layers.0.o",
+        (Patch(KVCache, "page_table", _token_table),),
+        CHUNKED,
+    ),
+    Fault(
+        "store-through-copy",
+        "the K/V store writes into a temporary copy; the pool keeps stale values",
+        "DESIGN.md's \"store through a reshaped non-contiguous view\": reshape() of a non-contiguous "
+        "view returns a copy, so a store through it never reaches the pool (the seed's store_cache_xpu "
+        "fix, a .view() of non-contiguous K/V corrupting chunked prefill, is the same family). Every "
+        "K/V write is lost. The optimized `layers.{l}.k` tap is read back from the pool at the "
+        "layer's own slots, so the oracle names layer 0's k, before attention reads the stale keys.",
+        "layers.0.k",
+        _on_op_sets("rope_and_store_kv", _store_into_copy),
+        CHUNKED,
+    ),
+    Fault(
+        "window-one-short",
+        "sliding layers see W - 1 keys instead of W",
+        "Background 2.3: SGLang's Triton decode keeps W - 1 keys (#32087), and Gemma 4 layers passed "
+        "the wrong window until #26147. Here both kernels get window - 1, so a query at position "
+        ">= W - 1 misses its oldest key. The scenario's 4-token prompt fits in W - 1 keys, so prefill "
+        "is clean and the first wrong output is a decode step's, in layer 0.",
+        "layers.0.o",
+        _on_attention(_window_one_short),
+        PAST_WINDOW,
+    ),
+    Fault(
+        "window-ignored-in-extend",
+        "sliding layers attend without their window on extend steps",
+        "SGLang #26513: FlashInfer's prefix-plus-new path ran the cached-prefix half without the "
+        "window mask, so queries saw out-of-window (possibly evicted) keys. Here the extend kernel "
+        "gets window=None on sliding layers, so a prefill query past position W - 1 sees keys it "
+        "must not; decode is untouched, so a prompt shorter than W hides it.",
+        "layers.0.o",
+        _on_attention(_no_window, kernels=("extend_attention",)),
+        CHUNKED,
+    ),
+    Fault(
+        "rope-restarts-per-chunk",
+        "RoPE positions count from 0 in every chunk (positions - prefix_len)",
+        "DESIGN.md \"Positions\": a token at position p has RoPE position p in every chunk and decode "
+        "step. Here RoPE gets positions - prefix_len, so every chunk after the first and every decode "
+        "token (rotated as position 0) is rotated wrongly; taps keep the true positions. The first "
+        "chunk is right: layer 0's q diverges at the second chunk's first token.",
+        "layers.0.q",
+        (Patch(PagedGemma4, "attention", _positions_per_chunk),),
+        CHUNKED,
+    ),
+    Fault(
+        "one-plus-w-norm",
+        "q_norm and k_norm scale by (1 + w), Gemma 2/3 style",
+        "Background 3.2: Gemma 4 norms multiply by w, Gemma 1-3's GemmaRMSNorm by (1 + w); SGLang "
+        "keeps both behind Gemma4RMSNorm's scale_shift, used by q_norm/k_norm, and its fused QKV "
+        "kernel is eligible only with scale_shift == 0. This fault hits that family (qkv_norm, both "
+        "op sets), so layer 0's q is the first tap after it. (Applied to every weighted norm instead, "
+        "the PLE projection norm would make `ple` the first divergence.)",
+        "layers.0.q",
+        _on_op_sets("qkv_norm", _one_plus_w),
+        CHUNKED,
+    ),
+    Fault(
+        "shared-layer-wrong-source",
+        "KV-shared sliding layers read the previous sliding layer's pool",
+        "Background 1.7 and tpu-inference #3406: a KV-shared layer reads the last non-shared layer "
+        "of its type (tiny: 5 for sliding layers 6-8, 4 for full layer 9). Here the shared sliding "
+        "layers read the sliding layer before their source (3); the shared full layer has no earlier "
+        "full layer and keeps its own. A shared layer's `k` tap is the keys it attends with, read "
+        "from the pool it uses, so the oracle names layer 6's k.",
+        "layers.6.k",
+        (Patch(KVCache, "buffers", _source_one_back),),
+        CHUNKED,
+    ),
+    Fault(
+        "prefix-reuse-after-eviction",
+        "a shared prefix is reused after the window it needs was evicted",
+        "Background 1.6 and 5.3 (SWARadixCache tombstones; #34683): a prefix is reusable only while "
+        "the sliding keys its first new query needs are resident. Here KVCache.prefix_reusable skips "
+        "that check, so r1 reuses 6 tokens of r0 although positions 2-3 already left the SWA pool, "
+        "and r1's sliding layers read them as page 0 (zeros). r0 is unaffected; the first wrong "
+        "tensor is r1's layer 0 attention output.",
+        "layers.0.o",
+        (Patch(KVCache, "prefix_reusable", _reusable_whole_pages),),
+        REUSE_AFTER_EVICTION,
+    ),
+    Fault(
+        "swa-evicted-one-page-early",
+        "the SWA eviction frontier runs one page ahead of the window",
+        "Background 1.6 and 5.4 (eviction boundary #22470, page cleanup #27779): an SWA page is freed "
+        "once no later query can see it. Here every release frees one page more, so the oldest "
+        "in-window keys read as page 0. Attention is wrong in the next decode step, but the pool "
+        "gather at the end covers the last W positions, freed ones included, and `k_cache` precedes "
+        "`o` in dataflow order.",
+        "layers.0.k_cache",
+        (Patch(KVCache, "release_window", _release_one_page_early),),
+        PAST_WINDOW,
+    ),
+    Fault(
+        "missing-softcap",
+        "the final logit softcap, 30 tanh(x / 30), is skipped",
+        "Background 2.6: Gemma 4 softcaps the final logits at 30. Everything before the logits is "
+        "untouched, so the oracle must name the logits. The tiny model's logits are small, so the "
+        "error is only tanh's cubic term (about x^3 / 2700): caught at ~200x its float32 budget, "
+        "but under bfloat16 noise on tiny it goes unseen.",
+        "logits",
+        _on_op_sets("softcap", _no_softcap),
+        CHUNKED,
+    ),
+)

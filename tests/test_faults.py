@@ -1,0 +1,97 @@
+"""Known bug classes (oracle/faults.py): the oracle catches each one at the tap it must first show
+at, and an injection leaves nothing behind once its block ends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from oracle import cli
+from oracle.faults import FAULTS, FaultScenarioError, UnknownFault, inject, inject_all
+from oracle.run import run_scenario
+from oracle.scenario import builtin
+
+# Each distinct fault scenario, with the faults that use it.
+SCENARIOS = {}
+for _fault in FAULTS.values():
+    SCENARIOS.setdefault(_fault.scenario_spec["name"], []).append(_fault)
+
+
+def _patched(faults):
+    """(owner, attr) -> the object there now, for every attribute the faults patch."""
+    return {(p.owner, p.attr): vars(p.owner)[p.attr] for f in faults for p in f.patches}
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_each_fault_is_caught_at_its_expected_tap(name):
+    fault = FAULTS[name]
+    run = run_scenario(fault.scenario(), faults=[name])
+    first = run.comparison.first_divergence
+    assert first is not None, f"{name} was not caught: {run.comparison.summary()}"
+    assert first.tap == fault.expect, run.comparison.summary()
+
+
+@pytest.mark.parametrize("scenario_name", list(SCENARIOS))
+def test_after_injection_every_attribute_is_restored_and_the_scenario_holds_parity(scenario_name):
+    faults = SCENARIOS[scenario_name]
+    before = _patched(faults)
+    with inject_all([f.name for f in faults]):
+        during = _patched(faults)
+        assert all(during[key] is not original for key, original in before.items())
+    assert all(vars(owner)[attr] is original for (owner, attr), original in before.items())
+    run = run_scenario(faults[0].scenario())
+    assert run.passed, run.comparison.summary()
+
+
+def test_every_fault_restores_its_attributes_even_when_the_block_raises():
+    for fault in FAULTS.values():
+        before = _patched([fault])
+        with pytest.raises(RuntimeError, match="boom"):
+            with inject(fault.name):
+                raise RuntimeError("boom")
+        assert all(vars(owner)[attr] is original for (owner, attr), original in before.items())
+
+
+def test_unknown_fault_names_fail_before_anything_is_patched():
+    softcap = FAULTS["missing-softcap"]
+    before = _patched([softcap])
+    with pytest.raises(UnknownFault, match="known: doubled-key-length, "):
+        with inject_all(["missing-softcap", "no-such-fault"]):
+            pass
+    assert all(vars(owner)[attr] is original for (owner, attr), original in before.items())
+    with pytest.raises(UnknownFault):
+        run_scenario(softcap.scenario(), faults=["no-such-fault"])
+
+
+def test_a_fault_refuses_a_scenario_where_its_wrong_ids_would_leave_the_pool():
+    # One-shot prefill over pages of 16 in a 2-page pool: slot ids read as page ids overflow it.
+    with pytest.raises(FaultScenarioError, match="outside the pool"):
+        run_scenario(builtin("tiny")[0], faults=["token-granular-page-table"])
+
+
+def test_cli_check_inject_exits_one_and_names_the_expected_tap(tmp_path, capsys):
+    fault = FAULTS["rope-restarts-per-chunk"]
+    path = tmp_path / "scenario.json"
+    path.write_text(json.dumps(fault.scenario().to_dict()))
+    code = cli.main(["check", "tiny", "--device", "cpu", "--inject", fault.name, "--scenario", str(path),
+                     "--out", str(tmp_path / "report")])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert f"({fault.expect})" in out  # the divergence summary names the tap
+    assert f"fault {fault.name}: first divergence {fault.expect}" in out and "(as expected)" in out
+    facts = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert fault.name in facts["title"] and f"--inject {fault.name}" in facts["command"]
+
+
+def test_cli_lists_faults_and_rejects_unknown_names(capsys):
+    assert cli.main(["faults"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(FAULTS)
+    assert all(len(line.split()) > 1 for line in lines)  # each with its one-line description
+    assert cli.main(["faults", "window-one-short"]) == 0
+    assert FAULTS["window-one-short"].expect in capsys.readouterr().out
+    for argv in (["check", "tiny", "--inject", "no-such-fault"], ["faults", "no-such-fault"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "no-such-fault" in err and all(name in err for name in FAULTS)
