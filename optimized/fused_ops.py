@@ -1,12 +1,14 @@
 """The fused Triton kernels under the names and signatures of `ops.py`, so the paged model can
-run on either set. Ops without a kernel yet (embedding, routing, experts) come from `ops.py`."""
+run on either set. Ops without a kernel (the embedding lookup, the RoPE frequencies, a bare
+gelu_tanh) come from `ops.py`."""
 
 from __future__ import annotations
 
 from .kernels.activation import gelu_tanh_mul, softcap
+from .kernels.moe import experts, route
 from .kernels.norms import add_rms_norm, post_ffn_moe_residual_scale, post_ffn_residual_scale, qkv_norm, rms_norm
 from .kernels.rope import apply_rope, rope_and_store_kv
-from .ops import experts, gelu_tanh, route, rope_inv_freq, scaled_embedding
+from .ops import gelu_tanh, rope_inv_freq, scaled_embedding
 
 __all__ = [
     "add_rms_norm", "apply_rope", "experts", "gelu_tanh", "gelu_tanh_mul", "post_ffn_moe_residual_scale",

@@ -11,12 +11,13 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from optimized import ops
-from optimized.kernels import activation, attention, norms, rope
+from optimized.kernels import activation, attention, moe, norms, rope
 from reference.config import RopeSpec
 
 from .metrics import rel_l2, ulp, ulp_distance
@@ -25,15 +26,29 @@ from .metrics import rel_l2, ulp, ulp_distance
 # (see tests/test_fused_kernels.py for the exact argument). The bound is in ULPs at the scale of
 # the output (its largest magnitude): an element that cancels to near zero (residual + branch)
 # has a huge ULP distance at its own tiny magnitude from one rounding of its inputs. The table
-# also shows the elementwise maximum. Attention sums in another order (online softmax over key
-# blocks), so it is bounded relatively, by dtype.
+# also shows the elementwise maximum. Attention (online softmax over key blocks) and the MoE
+# experts (grouped GEMMs) sum in another order, so they are bounded relatively, by dtype. The
+# router's weights are float32 whatever the model dtype, and compared as such.
 ULP_BOUND = {torch.float32: 8.0, torch.bfloat16: 2.0, torch.float16: 2.0}
 ATTN_REL_BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
-SIZES = {  # (tokens, hidden, heads q, heads kv, head dim, intermediate, vocab)
-    "small": dict(T=24, H=64, Hq=4, Hkv=2, D=32, I=96, V=256, ctx=40),
-    "e2b": dict(T=2048, H=1536, Hq=8, Hkv=1, D=256, I=6144, V=262144, ctx=4096),
+# Tokens, hidden, heads q and kv, head dim, intermediate, vocab, context; then the MoE block's
+# hidden, experts, top k and expert intermediate: E2B has no MoE block, so "e2b" takes 26B-A4B's.
+SIZES = {
+    "small": dict(T=24, H=64, Hq=4, Hkv=2, D=32, I=96, V=256, ctx=40, moe_H=64, E=16, top_k=4, moe_I=32),
+    "e2b": dict(T=2048, H=1536, Hq=8, Hkv=1, D=256, I=6144, V=262144, ctx=4096,
+                moe_H=2816, E=128, top_k=8, moe_I=704),
 }
+
+
+class Case(NamedTuple):
+    name: str
+    shape: str
+    kernel: Callable
+    eager: Callable
+    unfused: Callable | None = None  # the torch sequence the paged model runs without the kernel
+    relative: bool = False  # bounded by relative L2 error (sums in another order), not by ULPs
+    compare_dtype: torch.dtype | None = None  # the outputs' dtype, where it is not the model's
 
 
 @dataclass
@@ -70,7 +85,7 @@ def _time_us(fn: Callable, device: torch.device, repeats: int) -> float:
 
 
 def _cases(s: dict, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
-    """(name, shape, kernel thunk, eager thunk, unfused thunk or None, is_attention) per op."""
+    """One Case per op."""
     T, H, Hq, Hkv, D, inter, V = s["T"], s["H"], s["Hq"], s["Hkv"], s["D"], s["I"], s["V"]
 
     def rnd(*shape, scale=1.0):
@@ -129,8 +144,9 @@ def _cases(s: dict, dtype: torch.dtype, device: torch.device, gen: torch.Generat
          lambda: store(rope.rope_and_store_kv_eager, k, v, positions, inv),
          lambda: store(ops.rope_and_store_kv, k, v, positions, inv)),
     ]
-    out = [(n, sh, f, e, u, False) for n, sh, f, e, u in cases]
+    out = [Case(*c) for c in cases]
     out += _attention_cases(s, dtype, device, gen)
+    out += _moe_cases(s, dtype, device, gen)
     return out
 
 
@@ -157,7 +173,47 @@ def _attention_cases(s: dict, dtype, device, gen):
                       lambda w=win: attention.decode_attention(q_dec, k_pool, v_pool, table, page, seq, window=w),
                       lambda w=win: attention.decode_attention_eager(q_dec, k_pool, v_pool, table, page, seq, window=w),
                       None, True))
-    return cases
+    return [Case(*c) for c in cases]
+
+
+def _moe_cases(s: dict, dtype, device, gen):
+    """The router's two kernels (route = router_input, torch's GEMM, softmax_topk) and the experts.
+    The router's stages are checked apart: a one-ULP difference in z moves the logits, and with
+    them the near-ties of the top-k, so only equal logits make the top-k comparable."""
+    T, H, E, k, inter, eps = s["T"], s["moe_H"], s["E"], s["top_k"], s["moe_I"], 1e-6
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    def weight(n):
+        return (0.5 + torch.rand(n, generator=gen)).to(device=device, dtype=dtype)
+
+    r = rnd(T, 2 * H)[:, H:]  # a column view, as the stream is in the fused path's buffers
+    scale, pes, proj_w = weight(H), weight(E), rnd(E, H, scale=H ** -0.5)
+    logits = F.linear(moe.router_input_eager(r, scale, eps), proj_w)
+    top_w, top_i = moe.route_eager(r, scale, proj_w, pes, k, eps)
+    xe = rnd(T, H)
+    gate_up, down = rnd(E, 2 * inter, H, scale=H ** -0.5), rnd(E, H, inter, scale=inter ** -0.5)
+
+    def dense(routing):  # weights scattered to [T, E]: a different expert shows as a large error
+        w, i = routing
+        return torch.zeros(T, E, dtype=w.dtype, device=device).scatter(1, i, w)
+
+    def torch_softmax_topk():  # ops.route's tail
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        w, i = torch.topk(probs, k=k, dim=-1)
+        return w / w.sum(-1, keepdim=True) * pes[i], i
+
+    return [
+        Case("router_input", f"[{T}, {H}] strided", lambda: moe.router_input(r, scale, eps),
+             lambda: moe.router_input_eager(r, scale, eps), lambda: ops.rms_norm(r, None, eps) * scale * H ** -0.5),
+        Case("softmax_topk", f"[{T}, {E}] top {k}", lambda: dense(moe.softmax_topk(logits, pes, k)),
+             lambda: dense(moe.softmax_topk_eager(logits, pes, k)), torch_softmax_topk, compare_dtype=torch.float32),
+        Case("experts", f"[{T}, {H}], {E} experts, top {k}, I {inter}",
+             lambda: moe.experts(xe, top_w, top_i, gate_up, down),
+             lambda: moe.experts_eager(xe, top_w, top_i, gate_up, down),
+             lambda: ops.experts(xe, top_w, top_i, gate_up, down), relative=True),
+    ]
 
 
 def _flat(out) -> torch.Tensor:
@@ -171,23 +227,24 @@ def run_kernel_check(device: torch.device, dtypes=(torch.float32, torch.bfloat16
     results = []
     for dtype in dtypes:
         gen = torch.Generator().manual_seed(seed)
-        for name, shape, kernel, eager, unfused, is_attn in _cases(SIZES[size], dtype, device, gen):
+        for case in _cases(SIZES[size], dtype, device, gen):
             if progress:
-                progress(f"{name} {str(dtype).removeprefix('torch.')}")
-            got, want = _flat(kernel()), _flat(eager())
+                progress(f"{case.name} {str(dtype).removeprefix('torch.')}")
+            out_dtype = case.compare_dtype or dtype
+            got, want = _flat(case.kernel()), _flat(case.eager())
             finite = torch.isfinite(want)
-            ulps = ulp_distance(got[finite], want[finite], dtype)
+            ulps = ulp_distance(got[finite], want[finite], out_dtype)
             max_ulp = float(ulps.max()) if ulps.numel() else 0.0
             top = want[finite].abs().max() if finite.any() else torch.zeros((), device=want.device)
             err = (got[finite].double() - want[finite].double()).abs().max() if finite.any() else top
-            scale_ulp = float(err / ulp(top, dtype)) if finite.any() else 0.0
+            scale_ulp = float(err / ulp(top, out_dtype)) if finite.any() else 0.0
             rel = rel_l2(got, want)
             ok = bool(torch.isfinite(got[finite]).all()) and (
-                rel <= ATTN_REL_BOUND[dtype] if is_attn else scale_ulp <= ULP_BOUND[dtype])
+                rel <= ATTN_REL_BOUND[out_dtype] if case.relative else scale_ulp <= ULP_BOUND[out_dtype])
             results.append(KernelResult(
-                name, shape, str(dtype).removeprefix("torch."), max_ulp, scale_ulp, rel, ok,
-                _time_us(kernel, device, repeats), _time_us(eager, device, repeats),
-                None if unfused is None else _time_us(unfused, device, repeats)))
+                case.name, case.shape, str(dtype).removeprefix("torch."), max_ulp, scale_ulp, rel, ok,
+                _time_us(case.kernel, device, repeats), _time_us(case.eager, device, repeats),
+                None if case.unfused is None else _time_us(case.unfused, device, repeats)))
     return results
 
 
