@@ -135,7 +135,8 @@ def cmd_check(args) -> int:
     title = f"Gemma 4 parity: {args.model} ({args.dtype})"
     if faults:
         title += f", injected: {', '.join(f.name for f in faults)}"
-    facts = report_facts(runs, _command_line(args.argv), title)
+    kernels = _kernel_rows(args) if args.kernels else None
+    facts = report_facts(runs, _command_line(args.argv), title, kernels=kernels)
     out = Path(args.out) if args.out else Path("reports") / f"check-{Path(args.model).name}-{args.dtype}"
     html, _ = write_report(facts, out)
     print(facts["summary"])
@@ -146,7 +147,24 @@ def cmd_check(args) -> int:
     if len(faults) == 1:  # with several, the first divergence is the earliest of their taps
         _say_whether_the_fault_was_named(faults[0], args.model, runs)
     print(f"report: {html}")
-    return EXIT_OK if all(r.passed for r in runs) else EXIT_DIVERGED
+    kernels_ok = kernels is None or all(k["passed"] for k in kernels)
+    return EXIT_OK if all(r.passed for r in runs) and kernels_ok else EXIT_DIVERGED
+
+
+def _kernel_rows(args) -> list[dict]:
+    """The kernel testbed on the check's device and dtype, as rows of the report's kernels table."""
+    import torch
+
+    from .kernel_check import run_kernel_check
+
+    device = torch.device(_device(args.device))
+    results = run_kernel_check(device, (getattr(torch, args.dtype),), "small" if device.type == "cpu" else "e2b",
+                               repeats=3, progress=lambda what: print(f"kernel {what}", file=sys.stderr))
+    if not all(r.passed for r in results):
+        print("kernel testbed: " + ", ".join(r.name for r in results if not r.passed) + " FAILED")
+    return [{"name": r.name, "shape": r.shape, "dtype": r.dtype, "max_ulp": r.scale_ulp, "max_rel": r.rel,
+             "passed": r.passed, "time_us": r.time_us, "eager_us": r.eager_us, "unfused_us": r.unfused_us}
+            for r in results]
 
 
 def _say_whether_the_fault_was_named(fault, model: str, runs) -> None:
@@ -302,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="run scenarios on both paths, judge parity, write the HTML report")
     _add_model_args(check)
     check.add_argument("--out", help="report directory (default: reports/check-<model>-<dtype>)")
+    check.add_argument("--kernels", action="store_true",
+                       help="also run the kernel testbed (see `kernels`) and put its table in the report")
     check.add_argument("--inject", action="append", default=[], metavar="FAULT",
                        help="inject a known bug into the optimized path (repeatable; see `faults`); without "
                             "--scenario, runs each fault's own scenario")

@@ -115,7 +115,11 @@ def report_facts(runs: list[ScenarioRun], command: str, title: str, kernels: lis
     from pathlib import Path
 
     failed = [r for r in runs if not r.passed]
-    if failed:
+    failed_kernels = [k["name"] for k in kernels or [] if not k["passed"]]
+    if failed_kernels and not failed:
+        verdict = "divergence"
+        summary = f"Kernel testbed: {', '.join(failed_kernels)} disagree with their eager twins."
+    elif failed:
         verdict = "divergence"
         summary = f"{len(failed)} of {len(runs)} scenarios diverge. First: {failed[0].scenario.name}: " \
                   f"{failed[0].comparison.summary().splitlines()[0]}"

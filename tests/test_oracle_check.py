@@ -167,3 +167,21 @@ def test_cli_kernels_table_and_exit_codes(tmp_path, monkeypatch, capsys):
     assert cli.main(["kernels", "--device", "cpu", "--dtype", "float32", "--repeats", "1", "--out", str(out)]) == 1
     assert "| rms_norm | [24, 64] | float32 |" in capsys.readouterr().out
     assert not next(r for r in json.loads(out.read_text())["results"] if r["name"] == "rms_norm")["passed"]
+
+
+def test_cli_check_puts_the_kernel_table_in_the_report(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    args = ["check", "tiny", "--device", "cpu", "--scenario", "one-shot-prefill", "--kernels", "--out", str(out)]
+    assert cli.main(args) == 0
+    facts = json.loads((out / "report.json").read_text())
+    assert {"rms_norm", "experts", "decode_attention (full)"} <= {k["name"] for k in facts["kernels"]}
+    assert 'id="kernels"' in (out / "report.html").read_text()
+    # The scenario runs the fused path's own import of the kernel; the testbed calls it through
+    # the module, so a drifting kernel fails the testbed alone and still fails the check.
+    from optimized.kernels import norms
+
+    real = norms.rms_norm
+    monkeypatch.setattr(norms, "rms_norm", lambda x, w, eps: real(x, w, eps) * (1 + 2e-6))
+    assert cli.main(args) == 1
+    facts = json.loads((out / "report.json").read_text())
+    assert facts["verdict"] == "divergence" and "rms_norm" in facts["summary"]
