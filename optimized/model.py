@@ -50,8 +50,7 @@ class PagedGemma4:
         self.ops = fused_ops if fused else ops
         self.fw = fused_weights if fused_weights is not None else fuse_projections(config, weights)
         self.device = next(iter(weights.values())).device
-        self.inv_freq = {t: ops.rope_inv_freq(config.rope[t], config.global_head_dim if t == "full_attention"
-                                              else config.head_dim, self.device) for t in set(config.layer_types)}
+        self.inv_freq = {s.type: ops.rope_inv_freq(config.rope[s.type], s.head_dim, self.device) for s in config.layers}
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, batch: ForwardBatch, taps: TapSink | None = None,

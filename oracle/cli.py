@@ -27,14 +27,13 @@ def cmd_info(args) -> int:
 
     from optimized.memory import plan_kv_bytes
     from reference import CheckpointError, ConfigError, PRESETS, load_config
-    from reference.weights import expected_shapes, parameter_bytes
+    from reference.weights import expected_shapes, parameter_bytes, parameter_count
 
     try:
         cfg = PRESETS[args.model] if args.model in PRESETS else load_config(args.model)
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    n_params = sum(1 for _ in expected_shapes(cfg))
     print(f"model {args.model}")
     fields = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads",
@@ -48,7 +47,7 @@ def cmd_info(args) -> int:
         shared = f"<- {s.kv_source}" if s.kv_shared else ""
         print(f"  {s.index:3d} {'sliding' if s.is_sliding else 'full   '} {s.head_dim:4d} {s.num_kv_heads:3d} "
               f"{shared:6s} {s.mlp_width}{'' if s.has_v_proj or s.kv_shared else '  (K=V)'}")
-    print(f"weights: {n_params} tensors, {parameter_bytes(cfg, torch.bfloat16) // 2:,} parameters, "
+    print(f"weights: {len(expected_shapes(cfg))} tensors, {parameter_count(cfg):,} parameters, "
           f"{_gib(parameter_bytes(cfg, torch.bfloat16))} in bf16")
     print(f"KV cache per sequence, bf16, page size {args.page_size} (paged hybrid layout vs one full-length "
           "cache per layer):")

@@ -8,7 +8,9 @@ greedy tokens, so both paths see the same sequence even where an argmax would di
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -16,7 +18,7 @@ import torch
 from optimized.runner import Runner
 from reference import Gemma4Reference, resolve
 
-from .capture import Capture, CaptureBuilder, capture_metadata
+from .capture import Capture, CaptureBuilder, capture_metadata, git_revision, package_versions
 from .compare import Comparison, compare
 from .faults import get as get_fault, inject_all
 from .scenario import Scenario
@@ -110,10 +112,6 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
 
 def report_facts(runs: list[ScenarioRun], command: str, title: str, kernels: list | None = None) -> dict:
     """Everything the HTML report and its JSON twin show (oracle/report.py renders it)."""
-    from .capture import git_revision, package_versions
-    import platform
-    from pathlib import Path
-
     failed = [r for r in runs if not r.passed]
     failed_kernels = [k["name"] for k in kernels or [] if not k["passed"]]
     if failed_kernels and not failed:

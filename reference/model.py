@@ -10,8 +10,6 @@ Taps: pass `taps={}` to `forward` and it is filled with the named tensors of sha
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -265,8 +263,3 @@ def _recorder(taps: dict | None):
 def _no_record(name: str, t: torch.Tensor) -> None:
     pass
 
-
-def num_parameters(cfg: Gemma4Config) -> int:
-    from .weights import expected_shapes
-
-    return sum(math.prod(s) for s in expected_shapes(cfg).values())

@@ -79,9 +79,12 @@ def expected_shapes(cfg: Gemma4Config) -> dict[str, tuple[int, ...]]:
     return s
 
 
+def parameter_count(cfg: Gemma4Config) -> int:
+    return sum(math.prod(shape) for shape in expected_shapes(cfg).values())
+
+
 def parameter_bytes(cfg: Gemma4Config, dtype: torch.dtype = torch.bfloat16) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return sum(math.prod(shape) for shape in expected_shapes(cfg).values()) * itemsize
+    return parameter_count(cfg) * torch.empty((), dtype=dtype).element_size()
 
 
 # --------------------------------------------------------------------------------------
