@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from optimized.kernels.attention import decode_attention, extend_attention  # no
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
+from oracle.kernel_check import Timer, copy_bandwidth  # noqa: E402
 from reference.window import first_visible_key, visible  # noqa: E402
 
 LAYERS = {"sliding": (256, 512), "full": (512, None)}  # name: (head dim, window)
@@ -73,52 +72,6 @@ class Shape:
 
     def flops(self) -> int:
         return 4 * self.batch * HQ * self.d * self.pairs()
-
-
-# ------------------------------------------------------------------------------------------
-# Timing
-# ------------------------------------------------------------------------------------------
-
-class Timer:
-    """Median wall time of a callable: device events where there is an accelerator, the host
-    clock otherwise (the CPU smoke run under Triton's interpreter)."""
-
-    def __init__(self, device: torch.device, repeats: int, warmup: int, flush_mb: int):
-        self.accel = device.type != "cpu"
-        self.repeats, self.warmup = repeats, warmup
-        self.flush = torch.empty(flush_mb << 18, dtype=torch.int32, device=device) if self.accel and flush_mb else None
-
-    def sync(self):
-        if self.accel:
-            torch.accelerator.synchronize()
-
-    def __call__(self, fn) -> float:
-        for _ in range(self.warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(self.repeats):
-            if self.flush is not None:
-                self.flush.zero_()  # evict the previous run's K/V from L2
-            if self.accel:
-                start, end = torch.Event(enable_timing=True), torch.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-
-def copy_bandwidth(timer: Timer, device, nbytes: int) -> float:
-    """Bytes/s of a device-to-device copy (read + write counted)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / timer(lambda: dst.copy_(src))
 
 
 # ------------------------------------------------------------------------------------------
@@ -270,7 +223,7 @@ def main(argv=None) -> int:
         # bf16, each worth up to one bf16 ULP of max|v|; 4 ULPs leaves margin, and a wrong mask or
         # page lookup is off by far more.
         tol = 4 * torch.finfo(DTYPE).eps * t["v"].abs().max().item()
-        k_time = timer(lambda: run_kernel(s, t, args.page_size))
+        k_time = timer(lambda: run_kernel(s, t, args.page_size)) * 1e-6
         s_time = None
         if sdpa_mem_estimate(s) <= args.sdpa_mem_gb * 1e9:
             q_first = s.ctx - s.new
@@ -282,7 +235,7 @@ def main(argv=None) -> int:
                 win = None
             else:
                 win = s.window
-            s_time = timer(lambda: sdpa(t["q"], k_d, v_d, q_first, win))
+            s_time = timer(lambda: sdpa(t["q"], k_d, v_d, q_first, win)) * 1e-6
         row = dict(asdict(s), hq=HQ, kernel_s=k_time, sdpa_s=s_time, bytes=s.bytes_moved(), flops=s.flops(),
                    kernel_GBps=s.bytes_moved() / k_time / 1e9, copy_fraction=s.bytes_moved() / k_time / copy_bw,
                    kernel_TFLOPs=s.flops() / k_time / 1e12, max_abs_err=err, tol=tol, ok=err <= tol)

@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--device", default="auto")
     kernels.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
                          choices=["float32", "bfloat16", "float16"])
-    kernels.add_argument("--size", choices=["small", "e2b"], help="input sizes (default: small on CPU, e2b on GPU)")
+    kernels.add_argument("--size", choices=["small", "e2b", "e4b", "31b", "26b-a4b"],
+                         help="input sizes: small, or a preset's shapes at 2048 tokens (default: small on CPU, e2b on GPU)")
     kernels.add_argument("--repeats", type=int, default=5)
     kernels.add_argument("--out", default="reports/kernels.json")
     kernels.set_defaults(func=cmd_kernels)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
@@ -32,13 +32,24 @@ from .metrics import rel_l2, ulp, ulp_distance
 ULP_BOUND = {torch.float32: 8.0, torch.bfloat16: 2.0, torch.float16: 2.0}
 ATTN_REL_BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
-# Tokens, hidden, heads q and kv, head dim, intermediate, vocab, context; then the MoE block's
-# hidden, experts, top k and expert intermediate: E2B has no MoE block, so "e2b" takes 26B-A4B's.
-SIZES = {
-    "small": dict(T=24, H=64, Hq=4, Hkv=2, D=32, I=96, V=256, ctx=40, moe_H=64, E=16, top_k=4, moe_I=32),
-    "e2b": dict(T=2048, H=1536, Hq=8, Hkv=1, D=256, I=6144, V=262144, ctx=4096,
-                moe_H=2816, E=128, top_k=8, moe_I=704),
-}
+# Tokens, hidden, heads q and kv, head dim, intermediate, vocab, context; then, for a model with a
+# MoE block, its experts, top k and expert intermediate. "e2b" keeps 26B-A4B's MoE block (E2B has
+# none) so that one run covers every kernel.
+SMALL = dict(T=24, H=64, Hq=4, Hkv=2, D=32, I=96, V=256, ctx=40, moe_H=64, E=16, top_k=4, moe_I=32)
+
+
+def sizes_for(name: str, T: int = 2048) -> dict:
+    """The kernels' input sizes: "small" (CPU, interpreter), or a preset's sliding-layer shapes at
+    T tokens (the MoE sizes from 26B-A4B where the preset has no MoE block)."""
+    if name == "small":
+        return dict(SMALL)
+    from reference.presets import get_preset
+
+    c = get_preset(name)
+    moe = c if c.enable_moe_block else get_preset("26b-a4b")
+    return dict(T=T, H=c.hidden_size, Hq=c.num_attention_heads, Hkv=c.num_key_value_heads, D=c.head_dim,
+                I=c.intermediate_size, V=c.vocab_size, ctx=4096, moe_H=moe.hidden_size, E=moe.num_experts,
+                top_k=moe.top_k_experts, moe_I=moe.moe_intermediate_size)
 
 
 class Case(NamedTuple):
@@ -49,6 +60,8 @@ class Case(NamedTuple):
     unfused: Callable | None = None  # the torch sequence the paged model runs without the kernel
     relative: bool = False  # bounded by relative L2 error (sums in another order), not by ULPs
     compare_dtype: torch.dtype | None = None  # the outputs' dtype, where it is not the model's
+    bytes: int = 0  # the least memory traffic the op needs (inputs read once, outputs written once)
+    flops: int = 0  # for the compute-bound ops (the expert GEMMs)
 
 
 @dataclass
@@ -63,36 +76,97 @@ class KernelResult:
     time_us: float
     eager_us: float
     unfused_us: float | None
+    bytes: int = 0
+    flops: int = 0
+    graphed: list[str] = field(default_factory=list)  # which times are device-graph replays (no host launch cost)
+
+    @property
+    def gbps(self) -> float | None:
+        return self.bytes / self.time_us / 1e3 if self.bytes and self.time_us > 0 else None
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return dict(self.__dict__, gbps=self.gbps)
 
 
-def _time_us(fn: Callable, device: torch.device, repeats: int) -> float:
-    def sync():  # the device's own backend module (torch.cuda, torch.xpu, ...), whatever it is
-        if device.type != "cpu":
-            getattr(torch, device.type).synchronize()
+class Timer:
+    """Median time of a callable in µs. On an accelerator: device events around each run, with the
+    L2 cache flushed before it (so a kernel re-reading last run's inputs does not look faster than
+    memory allows); on the CPU, the host clock.
 
-    fn()  # warm-up: compilation stays out of the numbers
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    With `graphs`, a callable is captured once into a device graph where the device supports them
+    and the graph's replay is timed: the device time of its kernels without the host's launch cost
+    (which at decode sizes is larger than the kernels, and which an engine removes the same way).
+    A callable that cannot be captured (it syncs with the host) is timed as it is; `last_graphed`
+    says which happened."""
+
+    def __init__(self, device: torch.device, repeats: int, warmup: int = 1, flush_mb: int = 256,
+                 graphs: bool = False):
+        self.device, self.repeats, self.warmup = device, repeats, warmup
+        self.accel = device.type != "cpu"
+        self.flush = torch.empty(flush_mb << 18, dtype=torch.int32, device=device) if self.accel and flush_mb else None
+        module = torch.get_device_module(device) if self.accel else None
+        self.graph_api = module if graphs and hasattr(module, "graph") and hasattr(module, "CUDAGraph") else None
+        self.last_graphed = False
+
+    def _capture(self, fn: Callable) -> Callable | None:
+        api = self.graph_api
+        graph = api.CUDAGraph()
+        try:
+            with api.graph(graph):
+                fn()
+        except Exception:  # a host sync inside fn; the capture is abandoned
+            torch.accelerator.synchronize()
+            return None
+        return graph.replay
+
+    def __call__(self, fn: Callable) -> float:
+        for _ in range(self.warmup):  # compilation stays out of the numbers
+            fn()
+        if self.accel:
+            torch.accelerator.synchronize()
+        run = self._capture(fn) if self.graph_api is not None else None
+        self.last_graphed = run is not None
+        run = run or fn
+        times = []
+        for _ in range(self.repeats):
+            if self.flush is not None:
+                self.flush.zero_()
+            if self.accel:
+                start, end = torch.Event(enable_timing=True), torch.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3)
+            else:
+                t0 = time.perf_counter()
+                run()
+                times.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(times)
 
 
-def _cases(s: dict, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
-    """One Case per op."""
+def copy_bandwidth(timer: Timer, device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Bytes/s of a device-to-device copy, read and write counted: the bandwidth a memory-bound
+    kernel can hope for. Never timed from a device graph: on an H100 a graphed copy measured
+    2.4 TB/s where the plain one measured 3.0 (in a graph the copy may go to a copy engine)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    plain = Timer(timer.device, timer.repeats, timer.warmup, flush_mb=0)
+    return 2 * nbytes / (plain(lambda: dst.copy_(src)) * 1e-6)
+
+
+def _cases(s: dict, dtype: torch.dtype, device: torch.device, gen: torch.Generator, attention: bool = True):
+    """One Case per op; the paged attention kernels only with `attention` (they need a context).
+    Inputs are drawn with `gen` on its own device (a device generator keeps large sizes fast) and
+    moved to `device`."""
     T, H, Hq, Hkv, D, inter, V = s["T"], s["H"], s["Hq"], s["Hkv"], s["D"], s["I"], s["V"]
+    b = torch.finfo(dtype).bits // 8
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=gen, device=gen.device) * scale).to(device=device, dtype=dtype)
 
     def weight(n):
-        return (0.5 + torch.rand(n, generator=gen)).to(device=device, dtype=dtype)
+        return (0.5 + torch.rand(n, generator=gen, device=gen.device)).to(device=device, dtype=dtype)
 
     eps = 1e-6
     x, r, w, w2, w3 = rnd(T, H), rnd(T, H), weight(H), weight(H), weight(H)
@@ -103,77 +177,82 @@ def _cases(s: dict, dtype: torch.dtype, device: torch.device, gen: torch.Generat
     v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
     wq, wk = weight(D), weight(D)
     gate_up = rnd(T, 2 * inter)
-    logits = rnd(min(T, 64), V, scale=20.0)
+    rows = min(T, 64)  # logits are computed for the sampled rows only
+    logits = rnd(rows, V, scale=20.0)
     positions = torch.arange(T, device=device) + 1000
     inv = ops.rope_inv_freq(RopeSpec("proportional", 1e6, 0.25), D, device)
-    slots = (torch.randperm(2 * T, generator=gen)[:T] + 1).to(device)
+    slots = (torch.randperm(2 * T, generator=gen, device=gen.device)[:T] + 1).to(device)
 
-    def pools():
-        return torch.zeros(2 * T + 1, Hkv, D, device=device, dtype=dtype), \
-            torch.zeros(2 * T + 1, Hkv, D, device=device, dtype=dtype)
+    def store(fn):  # each variant writes its own pools in place (the same slots every run)
+        pools = [torch.zeros(2 * T + 1, Hkv, D, device=device, dtype=dtype) for _ in range(2)]
 
-    def store(fn, *args):
-        kp, vp = pools()
-        fn(*args, kp, vp, slots)
-        return torch.cat([kp, vp])
+        def run():
+            fn(k, v, positions, inv, *pools, slots)
+            return tuple(pools)
+        return run
 
-    cases = [
-        ("rms_norm", f"[{T}, {H}]", lambda: norms.rms_norm(x, w, eps), lambda: norms.rms_norm_eager(x, w, eps),
-         lambda: ops.rms_norm(x, w, eps)),
-        ("add_rms_norm", f"[{T}, {H}]", lambda: norms.add_rms_norm(x, r, w, eps, x_weight=w2),
-         lambda: norms.add_rms_norm_eager(x, r, w, eps, x_weight=w2),
-         lambda: ops.add_rms_norm(x, r, w, eps, x_weight=w2)),
-        ("qkv_norm", f"q [{T}, {Hq}, {D}] strided", lambda: norms.qkv_norm(q, k, v, wq, wk, eps),
-         lambda: norms.qkv_norm_eager(q, k, v, wq, wk, eps), lambda: ops.qkv_norm(q, k, v, wq, wk, eps)),
-        ("post_ffn_residual_scale", f"[{T}, {H}]", lambda: norms.post_ffn_residual_scale(x, r, w, eps, scalar),
-         lambda: norms.post_ffn_residual_scale_eager(x, r, w, eps, scalar),
-         lambda: ops.post_ffn_residual_scale(x, r, w, eps, scalar)),
-        ("post_ffn_moe_residual_scale", f"[{T}, {H}]",
-         lambda: norms.post_ffn_moe_residual_scale(x, r, r, w, w2, w3, eps, scalar),
-         lambda: norms.post_ffn_moe_residual_scale_eager(x, r, r, w, w2, w3, eps, scalar),
-         lambda: ops.post_ffn_moe_residual_scale(x, r, r, w, w2, w3, eps, scalar)),
-        ("gelu_tanh_mul", f"[{T}, {inter}] halves", lambda: activation.gelu_tanh_mul(gate_up[:, :inter], gate_up[:, inter:]),
-         lambda: activation.gelu_tanh_mul_eager(gate_up[:, :inter], gate_up[:, inter:]),
-         lambda: ops.gelu_tanh_mul(gate_up[:, :inter], gate_up[:, inter:])),
-        ("softcap", f"[{logits.shape[0]}, {V}]", lambda: activation.softcap(logits, 30.0),
-         lambda: activation.softcap_eager(logits, 30.0), lambda: ops.softcap(logits, 30.0)),
-        ("apply_rope", f"q [{T}, {Hq}, {D}] proportional", lambda: rope.apply_rope(q, positions, inv),
-         lambda: rope.apply_rope_eager(q, positions, inv), lambda: ops.apply_rope(q, positions, inv)),
-        ("rope_and_store_kv", f"k/v [{T}, {Hkv}, {D}]",
-         lambda: store(rope.rope_and_store_kv, k, v, positions, inv),
-         lambda: store(rope.rope_and_store_kv_eager, k, v, positions, inv),
-         lambda: store(ops.rope_and_store_kv, k, v, positions, inv)),
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    stream = T * H * b
+    out = [
+        Case("rms_norm", f"[{T}, {H}]", lambda: norms.rms_norm(x, w, eps), lambda: norms.rms_norm_eager(x, w, eps),
+             lambda: ops.rms_norm(x, w, eps), bytes=2 * stream),
+        Case("add_rms_norm", f"[{T}, {H}]", lambda: norms.add_rms_norm(x, r, w, eps, x_weight=w2),
+             lambda: norms.add_rms_norm_eager(x, r, w, eps, x_weight=w2),
+             lambda: ops.add_rms_norm(x, r, w, eps, x_weight=w2), bytes=4 * stream),
+        Case("qkv_norm", f"q [{T}, {Hq}, {D}] strided", lambda: norms.qkv_norm(q, k, v, wq, wk, eps),
+             lambda: norms.qkv_norm_eager(q, k, v, wq, wk, eps), lambda: ops.qkv_norm(q, k, v, wq, wk, eps),
+             bytes=2 * qkv.numel() * b),
+        Case("post_ffn_residual_scale", f"[{T}, {H}]", lambda: norms.post_ffn_residual_scale(x, r, w, eps, scalar),
+             lambda: norms.post_ffn_residual_scale_eager(x, r, w, eps, scalar),
+             lambda: ops.post_ffn_residual_scale(x, r, w, eps, scalar), bytes=3 * stream),
+        Case("post_ffn_moe_residual_scale", f"[{T}, {H}]",
+             lambda: norms.post_ffn_moe_residual_scale(x, r, r, w, w2, w3, eps, scalar),
+             lambda: norms.post_ffn_moe_residual_scale_eager(x, r, r, w, w2, w3, eps, scalar),
+             lambda: ops.post_ffn_moe_residual_scale(x, r, r, w, w2, w3, eps, scalar), bytes=4 * stream),
+        Case("gelu_tanh_mul", f"[{T}, {inter}] halves", lambda: activation.gelu_tanh_mul(gate, up),
+             lambda: activation.gelu_tanh_mul_eager(gate, up), lambda: ops.gelu_tanh_mul(gate, up),
+             bytes=3 * T * inter * b),
+        Case("softcap", f"[{rows}, {V}]", lambda: activation.softcap(logits, 30.0),
+             lambda: activation.softcap_eager(logits, 30.0), lambda: ops.softcap(logits, 30.0),
+             bytes=2 * logits.numel() * b),
+        Case("apply_rope", f"q [{T}, {Hq}, {D}] proportional", lambda: rope.apply_rope(q, positions, inv),
+             lambda: rope.apply_rope_eager(q, positions, inv), lambda: ops.apply_rope(q, positions, inv),
+             bytes=2 * T * Hq * D * b),
+        Case("rope_and_store_kv", f"k/v [{T}, {Hkv}, {D}]",
+             store(rope.rope_and_store_kv), store(rope.rope_and_store_kv_eager), store(ops.rope_and_store_kv),
+             bytes=4 * T * Hkv * D * b),
     ]
-    out = [Case(*c) for c in cases]
-    out += _attention_cases(s, dtype, device, gen)
-    out += _moe_cases(s, dtype, device, gen)
-    return out
+    if attention:
+        out += _attention_cases(s, dtype, device, gen)
+    return out + _moe_cases(s, dtype, device, gen)
 
 
 def _attention_cases(s: dict, dtype, device, gen):
     Hq, Hkv, D, ctx, page = s["Hq"], s["Hkv"], s["D"], s["ctx"], 16
     B, new = 4, min(s["T"], ctx) // 4
     n_pages = B * (-(-ctx // page)) + 1
-    k_pool = torch.randn(n_pages * page, Hkv, D, generator=gen).to(device=device, dtype=dtype)
-    v_pool = torch.randn(n_pages * page, Hkv, D, generator=gen).to(device=device, dtype=dtype)
-    table = (torch.randperm(n_pages - 1, generator=gen) + 1).view(B, -1).to(device=device, dtype=torch.int32)
+    k_pool = torch.randn(n_pages * page, Hkv, D, generator=gen, device=gen.device).to(device=device, dtype=dtype)
+    v_pool = torch.randn(n_pages * page, Hkv, D, generator=gen, device=gen.device).to(device=device, dtype=dtype)
+    table = (torch.randperm(n_pages - 1, generator=gen, device=gen.device) + 1).view(B, -1).to(device=device, dtype=torch.int32)
     seq = torch.full((B,), ctx, dtype=torch.int32, device=device)
     cu = torch.arange(0, (B + 1) * new, new, dtype=torch.int32, device=device)
-    q_ext = torch.randn(B * new, Hq, D, generator=gen).to(device=device, dtype=dtype)
-    q_dec = torch.randn(B, Hq, D, generator=gen).to(device=device, dtype=dtype)
+    q_ext = torch.randn(B * new, Hq, D, generator=gen, device=gen.device).to(device=device, dtype=dtype)
+    q_dec = torch.randn(B, Hq, D, generator=gen, device=gen.device).to(device=device, dtype=dtype)
     window = 512 if D >= 256 else 5
     cases = []
     for win in (None, window):
         tag = "full" if win is None else f"window {win}"
-        cases.append((f"extend_attention ({tag})", f"B {B}, {new} new of {ctx}, {Hq}:{Hkv}, D {D}",
-                      lambda w=win: attention.extend_attention(q_ext, k_pool, v_pool, table, page, cu, seq, window=w),
-                      lambda w=win: attention.extend_attention_eager(q_ext, k_pool, v_pool, table, page, cu, seq, window=w),
-                      None, True))
-        cases.append((f"decode_attention ({tag})", f"B {B}, {ctx} keys, {Hq}:{Hkv}, D {D}",
-                      lambda w=win: attention.decode_attention(q_dec, k_pool, v_pool, table, page, seq, window=w),
-                      lambda w=win: attention.decode_attention_eager(q_dec, k_pool, v_pool, table, page, seq, window=w),
-                      None, True))
-    return [Case(*c) for c in cases]
+        cases.append(Case(f"extend_attention ({tag})", f"B {B}, {new} new of {ctx}, {Hq}:{Hkv}, D {D}",
+                          lambda w=win: attention.extend_attention(q_ext, k_pool, v_pool, table, page, cu, seq, window=w),
+                          lambda w=win: attention.extend_attention_eager(q_ext, k_pool, v_pool, table, page, cu, seq,
+                                                                         window=w),
+                          relative=True))
+        cases.append(Case(f"decode_attention ({tag})", f"B {B}, {ctx} keys, {Hq}:{Hkv}, D {D}",
+                          lambda w=win: attention.decode_attention(q_dec, k_pool, v_pool, table, page, seq, window=w),
+                          lambda w=win: attention.decode_attention_eager(q_dec, k_pool, v_pool, table, page, seq,
+                                                                         window=w),
+                          relative=True))
+    return cases
 
 
 def _moe_cases(s: dict, dtype, device, gen):
@@ -181,12 +260,13 @@ def _moe_cases(s: dict, dtype, device, gen):
     The router's stages are checked apart: a one-ULP difference in z moves the logits, and with
     them the near-ties of the top-k, so only equal logits make the top-k comparable."""
     T, H, E, k, inter, eps = s["T"], s["moe_H"], s["E"], s["top_k"], s["moe_I"], 1e-6
+    b = torch.finfo(dtype).bits // 8
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=gen, device=gen.device) * scale).to(device=device, dtype=dtype)
 
     def weight(n):
-        return (0.5 + torch.rand(n, generator=gen)).to(device=device, dtype=dtype)
+        return (0.5 + torch.rand(n, generator=gen, device=gen.device)).to(device=device, dtype=dtype)
 
     r = rnd(T, 2 * H)[:, H:]  # a column view, as the stream is in the fused path's buffers
     scale, pes, proj_w = weight(H), weight(E), rnd(E, H, scale=H ** -0.5)
@@ -194,6 +274,7 @@ def _moe_cases(s: dict, dtype, device, gen):
     top_w, top_i = moe.route_eager(r, scale, proj_w, pes, k, eps)
     xe = rnd(T, H)
     gate_up, down = rnd(E, 2 * inter, H, scale=H ** -0.5), rnd(E, H, inter, scale=inter ** -0.5)
+    used = int(top_i.unique().numel())  # experts whose weights the experts op must read
 
     def dense(routing):  # weights scattered to [T, E]: a different expert shows as a large error
         w, i = routing
@@ -206,13 +287,15 @@ def _moe_cases(s: dict, dtype, device, gen):
 
     return [
         Case("router_input", f"[{T}, {H}] strided", lambda: moe.router_input(r, scale, eps),
-             lambda: moe.router_input_eager(r, scale, eps), lambda: ops.rms_norm(r, None, eps) * scale * H ** -0.5),
+             lambda: moe.router_input_eager(r, scale, eps), lambda: ops.rms_norm(r, None, eps) * scale * H ** -0.5,
+             bytes=2 * T * H * b),
         Case("softmax_topk", f"[{T}, {E}] top {k}", lambda: dense(moe.softmax_topk(logits, pes, k)),
              lambda: dense(moe.softmax_topk_eager(logits, pes, k)), torch_softmax_topk, compare_dtype=torch.float32),
         Case("experts", f"[{T}, {H}], {E} experts, top {k}, I {inter}",
              lambda: moe.experts(xe, top_w, top_i, gate_up, down),
              lambda: moe.experts_eager(xe, top_w, top_i, gate_up, down),
-             lambda: ops.experts(xe, top_w, top_i, gate_up, down), relative=True),
+             lambda: ops.experts(xe, top_w, top_i, gate_up, down), relative=True,
+             bytes=(used * 3 * inter * H + 2 * T * H) * b, flops=2 * T * k * 3 * inter * H),
     ]
 
 
@@ -222,37 +305,57 @@ def _flat(out) -> torch.Tensor:
     return out.reshape(-1)
 
 
+def check_case(case: Case, dtype: torch.dtype, timer: Timer, time_twins: bool = True) -> KernelResult:
+    """Run one case: kernel against eager twin on the same inputs, then time the kernel and (with
+    `time_twins`) the eager twin and the unfused torch sequence."""
+    out_dtype = case.compare_dtype or dtype
+    got, want = _flat(case.kernel()), _flat(case.eager())
+    finite = torch.isfinite(want)
+    ulps = ulp_distance(got[finite], want[finite], out_dtype)
+    max_ulp = float(ulps.max()) if ulps.numel() else 0.0
+    top = want[finite].abs().max() if finite.any() else torch.zeros((), device=want.device)
+    err = (got[finite].double() - want[finite].double()).abs().max() if finite.any() else top
+    scale_ulp = float(err / ulp(top, out_dtype)) if finite.any() else 0.0
+    rel = rel_l2(got, want)
+    ok = bool(torch.isfinite(got[finite]).all()) and (
+        rel <= ATTN_REL_BOUND[out_dtype] if case.relative else scale_ulp <= ULP_BOUND[out_dtype])
+    graphed = []
+
+    def time_us(what: str, fn: Callable | None) -> float | None:
+        if fn is None:
+            return None
+        t = timer(fn)
+        if timer.last_graphed:
+            graphed.append(what)
+        return t
+
+    times = (time_us("kernel", case.kernel), time_us("eager", case.eager) if time_twins else float("nan"),
+             time_us("unfused", case.unfused) if time_twins else None)
+    return KernelResult(case.name, case.shape, str(dtype).removeprefix("torch."), max_ulp, scale_ulp, rel, ok,
+                        *times, case.bytes, case.flops, graphed)
+
+
 def run_kernel_check(device: torch.device, dtypes=(torch.float32, torch.bfloat16), size: str = "small",
                      repeats: int = 5, seed: int = 0, progress: Callable[[str], None] | None = None) -> list[KernelResult]:
+    """Every case at `size` (see sizes_for) in each dtype."""
+    timer = Timer(device, repeats)
     results = []
     for dtype in dtypes:
         gen = torch.Generator().manual_seed(seed)
-        for case in _cases(SIZES[size], dtype, device, gen):
+        for case in _cases(sizes_for(size), dtype, device, gen):
             if progress:
                 progress(f"{case.name} {str(dtype).removeprefix('torch.')}")
-            out_dtype = case.compare_dtype or dtype
-            got, want = _flat(case.kernel()), _flat(case.eager())
-            finite = torch.isfinite(want)
-            ulps = ulp_distance(got[finite], want[finite], out_dtype)
-            max_ulp = float(ulps.max()) if ulps.numel() else 0.0
-            top = want[finite].abs().max() if finite.any() else torch.zeros((), device=want.device)
-            err = (got[finite].double() - want[finite].double()).abs().max() if finite.any() else top
-            scale_ulp = float(err / ulp(top, out_dtype)) if finite.any() else 0.0
-            rel = rel_l2(got, want)
-            ok = bool(torch.isfinite(got[finite]).all()) and (
-                rel <= ATTN_REL_BOUND[out_dtype] if case.relative else scale_ulp <= ULP_BOUND[out_dtype])
-            results.append(KernelResult(
-                case.name, case.shape, str(dtype).removeprefix("torch."), max_ulp, scale_ulp, rel, ok,
-                _time_us(case.kernel, device, repeats), _time_us(case.eager, device, repeats),
-                None if case.unfused is None else _time_us(case.unfused, device, repeats)))
+            results.append(check_case(case, dtype, timer))
     return results
 
 
 def format_table(results: list[KernelResult]) -> str:
-    lines = ["| op | shape | dtype | max ULP (own / at scale) | rel L2 | ok | kernel µs | eager µs | unfused µs |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| op | shape | dtype | max ULP (own / at scale) | rel L2 | ok | kernel µs | eager µs | unfused µs "
+             "| kernel GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         unf = "-" if r.unfused_us is None else f"{r.unfused_us:.1f}"
+        gbps = "-" if r.gbps is None else f"{r.gbps:.0f}"
         lines.append(f"| {r.name} | {r.shape} | {r.dtype} | {r.max_ulp:.0f} / {r.scale_ulp:.1f} | {r.rel:.2e} | "
-                     f"{'ok' if r.passed else 'FAIL'} | {r.time_us:.1f} | {r.eager_us:.1f} | {unf} |")
+                     f"{'ok' if r.passed else 'FAIL'} | {r.time_us:.1f} | {r.eager_us:.1f} | {unf} | {gbps} |")
     return "\n".join(lines)

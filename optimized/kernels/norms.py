@@ -25,7 +25,10 @@ from reference.model import rms_norm as _reference_rms_norm
 from . import INTERPRETING
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TILE = 4096  # elements per program, at most (unless one row is wider)
+# Launch shape, read at each launch (bench/kernel_bench.py sweeps them): elements per program at
+# most (unless one row is wider), and elements per warp.
+TILE = 4096
+WARP_ELEMS = 1024  # H100 sweep (docs/measurements.md): 512 left 31B's add_rms_norm at 83% of copy bandwidth, 1024 reaches 100%
 
 
 # -- shared by the kernel modules --------------------------------------------------------------
@@ -57,15 +60,15 @@ def store_rounded(ptrs, x, mask):
     tl.store(ptrs, round_to(x, dtype).to(dtype), mask=mask)
 
 
-def rows_per_program(n_rows: int, block: int, tile: int = TILE) -> int:
-    return max(1, min(triton.next_power_of_2(max(n_rows, 1)), tile // block))
+def rows_per_program(n_rows: int, block: int, tile: int | None = None) -> int:
+    return max(1, min(triton.next_power_of_2(max(n_rows, 1)), (tile or TILE) // block))
 
 
-def launch_options(tile: int) -> dict:
+def launch_options(tile: int, warp_elems: int | None = None) -> dict:
     """Launch options for a program of `tile` elements. No FMA contraction: the kernels reproduce
     torch's eager op sequence, which rounds every product, and a fused a * b + c skips that
     rounding (seen on an H100: a float16 RoPE compiled to fma.rn.f16, 5 of 32 outputs 1 ULP off)."""
-    return dict(num_warps=min(max(tile // 512, 1), 16), enable_fp_fusion=False)
+    return dict(num_warps=min(max(tile // (warp_elems or WARP_ELEMS), 1), 16), enable_fp_fusion=False)
 
 
 def check_float(name: str, t, *, dim: int | tuple[int, ...] | None = None) -> None:
