@@ -297,6 +297,24 @@ def cmd_kernels(args) -> int:
     return EXIT_DIVERGED if failed else EXIT_OK
 
 
+def cmd_serve(args) -> int:
+    from optimized.serve import build_server, run_until_interrupted
+
+    try:
+        server = build_server(args.model, host=args.host, port=args.port, dtype=args.dtype,
+                              device=None if args.device == "auto" else args.device, page_size=args.page_size,
+                              chunk_size=args.chunk_size, num_pages=args.num_pages, max_requests=args.max_requests,
+                              token_budget=args.token_budget, max_context=args.max_context, seed=args.seed)
+    except ValueError as e:  # CheckpointError, ConfigError, TokenizerError, ChatError, bad engine settings
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # the address is taken or not ours to bind
+        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    run_until_interrupted(server)
+    return EXIT_OK
+
+
 def _add_model_args(p) -> None:
     p.add_argument("model", nargs="?", default="tiny", help="preset name or checkpoint directory (default: tiny)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -354,6 +372,24 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--repeats", type=int, default=5)
     kernels.add_argument("--out", default="reports/kernels.json")
     kernels.set_defaults(func=cmd_kernels)
+
+    serve = sub.add_parser("serve", help="serve the optimized path over HTTP (/generate, OpenAI-compatible "
+                                         "/v1/completions and /v1/chat/completions) until Ctrl-C")
+    serve.add_argument("model", nargs="?", default="tiny",
+                       help="preset name or checkpoint directory (default: tiny); a directory's tokenizer.json and "
+                            "chat template are used where present")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0: any free port")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--device", default="auto", help="cpu, cuda, xpu or auto (default)")
+    serve.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
+    serve.add_argument("--page-size", type=int, default=16)
+    serve.add_argument("--chunk-size", type=int, default=512, help="most prompt tokens per request per step")
+    serve.add_argument("--num-pages", type=int, help="KV pool size in pages (default: max-requests full contexts)")
+    serve.add_argument("--max-requests", type=int, default=16, help="most requests running at once")
+    serve.add_argument("--max-context", type=int, help="most positions per request (default: the model's, <= 4096)")
+    serve.add_argument("--token-budget", type=int, help="most tokens per step (default: no limit)")
+    serve.set_defaults(func=cmd_serve)
 
     report = sub.add_parser("report", help="re-render report.html from a report directory's report.json")
     report.add_argument("directory")

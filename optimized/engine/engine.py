@@ -120,6 +120,12 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
+    def stats(self) -> dict:
+        """Queue and pool occupancy: what a server reports and what a leak check compares."""
+        c = self.cache
+        return dict(waiting=len(self.scheduler.waiting), running=len(self.scheduler.running),
+                    free_pages=c.full.num_free, free_swa_pages=c.swa.num_free, requests_in_cache=len(c.requests))
+
     # -- the loop -----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[Event]:

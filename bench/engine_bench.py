@@ -1,0 +1,118 @@
+"""Generation throughput of the engine on a real model shape (random weights): decode tokens/s at
+several batch sizes and the time to prefill one long prompt, with the fused kernels and with the
+torch ops side by side in one run.
+
+    python bench/engine_bench.py --model e2b --out reports/engine_bench.json
+    python bench/engine_bench.py --quick          # a smoke run on the tiny preset (any device)
+
+Decode throughput counts the tokens produced after every request of the batch has its first
+token, over the time they took (median of --repeats runs): steady-state decode, prefill excluded.
+Each step is one eager forward (no device graphs), so at small batches it shows host launch cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from optimized.kernels import default_device  # noqa: E402  (first: it may switch on the interpreter)
+
+import torch  # noqa: E402
+from optimized.engine import Engine, SamplingParams  # noqa: E402
+from reference.weights import resolve  # noqa: E402
+
+
+def sync(device):
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+
+
+def decode_rate(engine: Engine, batch: int, prompt_len: int, new: int, gen: torch.Generator) -> tuple[float, float]:
+    """(tokens/s in steady decode, median ms per decode step) for one batch."""
+    V = engine.config.vocab_size
+    for _ in range(batch):
+        engine.add_request(torch.randint(3, V, (prompt_len,), generator=gen).tolist(),
+                           SamplingParams(max_new_tokens=new, ignore_eos=True))
+    started, steps, tokens, t0 = set(), [], 0, None
+    while engine.has_work():
+        t = time.perf_counter()
+        events = engine.step()
+        sync(engine.device)
+        if t0 is not None:
+            steps.append(time.perf_counter() - t)
+            tokens += len(events)
+        started.update(e.rid for e in events)
+        if t0 is None and len(started) == batch:
+            t0 = time.perf_counter()
+    return tokens / (time.perf_counter() - t0), 1e3 * statistics.median(steps)
+
+
+def prefill_ms(engine: Engine, length: int, gen: torch.Generator) -> float:
+    V = engine.config.vocab_size
+    engine.add_request(torch.randint(3, V, (length,), generator=gen).tolist(), SamplingParams(max_new_tokens=1))
+    sync(engine.device)
+    t = time.perf_counter()
+    while engine.has_work():
+        engine.step()
+    sync(engine.device)
+    return 1e3 * (time.perf_counter() - t)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="e2b")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--prefill", nargs="+", type=int, default=[2048, 8192])
+    p.add_argument("--chunk-size", type=int, default=8192)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    device = default_device()
+    dtype = torch.bfloat16 if device.type != "cpu" else torch.float32
+    if args.quick:
+        args.model, args.batch, args.prompt, args.new, args.prefill, args.repeats = "tiny", [1, 4], 8, 4, [32], 1
+    config, weights = resolve(args.model, dtype, device, 0)
+    name = torch.get_device_module(device).get_device_name(device) if device.type != "cpu" else "cpu"
+    print(f"device {name}; model {args.model} (random weights), {str(dtype).removeprefix('torch.')}")
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for fused in (True, False):
+        tag = "fused kernels" if fused else "torch ops"
+        decode_engine = Engine(config, weights=weights, dtype=dtype, device=device, fused=fused,
+                               max_requests=max(args.batch), max_context=args.prompt + args.new,
+                               chunk_size=args.chunk_size)
+        decode_rate(decode_engine, 1, args.prompt, 4, gen)  # warm-up: compilation
+        for b in args.batch:
+            runs = [decode_rate(decode_engine, b, args.prompt, args.new, gen) for _ in range(args.repeats)]
+            rate, step_ms = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+            rows.append(dict(path=tag, what="decode", batch=b, tokens_per_s=rate, step_ms=step_ms))
+            print(f"{tag}: decode batch {b}: {rate:.0f} tok/s, {step_ms:.2f} ms/step", flush=True)
+        del decode_engine
+        prefill_engine = Engine(config, weights=weights, dtype=dtype, device=device, fused=fused, max_requests=1,
+                                max_context=max(args.prefill) + 1, chunk_size=args.chunk_size)
+        prefill_ms(prefill_engine, 16, gen)  # warm-up
+        for n in args.prefill:
+            ms = statistics.median(prefill_ms(prefill_engine, n, gen) for _ in range(args.repeats))
+            rows.append(dict(path=tag, what="prefill", tokens=n, ms=ms))
+            print(f"{tag}: prefill {n} tokens (chunk {args.chunk_size}): {ms:.1f} ms", flush=True)
+        del prefill_engine
+        if device.type != "cpu":
+            torch.get_device_module(device).empty_cache()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(device=name, model=args.model, dtype=str(dtype), torch=torch.__version__,
+                                            prompt=args.prompt, new=args.new, rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Request bodies in, jobs out; generated tokens in, response bodies out. No sockets here.
+
+Three request shapes share one job: /generate (token ids or text plus the engine's own sampling
+fields), /v1/completions and /v1/chat/completions (an OpenAI-compatible subset). Every field is
+checked before anything reaches the engine, and an error names the field. Unknown fields are
+refused rather than ignored: a client that asks for something we do not do (stop strings,
+penalties, n > 1) must hear so, not get a silently different answer.
+
+Text in responses is the generated text without the stop token that ended it; the token ids
+(`output_ids`, or `token_ids` in the OpenAI shapes) include it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from optimized.engine import SamplingParams
+
+from .chat import ChatError, ChatTemplate
+from .tokenizer import Tokenizer
+
+
+class ApiError(Exception):
+    """An answer other than 200: status, message, and the OpenAI-style error type."""
+
+    TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "method_not_allowed",
+             411: "length_required", 413: "request_too_large", 500: "internal_error", 503: "engine_unavailable"}
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+    def body(self) -> dict:
+        err = {"message": self.message, "type": self.TYPES.get(self.status, "error"), "code": self.status}
+        if self.param is not None:
+            err["param"] = self.param
+        return {"error": err}
+
+
+def bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param)
+
+
+@dataclass
+class Context:
+    """What request parsing needs to know about the server."""
+    model_name: str
+    max_context: int
+    tokenizer: Tokenizer | None = None
+    chat_template: ChatTemplate | None = None
+
+
+@dataclass
+class Job:
+    kind: str  # "generate", "completion" or "chat"
+    prompt: list[int]
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+# -- field checks ----------------------------------------------------------------------------
+
+def _only(body: dict, allowed: set[str]) -> None:
+    for key in body:
+        if key not in allowed:
+            raise bad(f"{key}: unknown field; this endpoint takes {', '.join(sorted(allowed))}", key)
+
+
+def _bool(body: dict, key: str, default: bool = False) -> bool:
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(f"{key}: must be true or false, got {v!r}", key)
+    return v
+
+
+def _token_ids(v, key: str) -> list[int]:
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        raise bad(f"{key}: must be a list of integer token ids", key)
+    if not v:
+        raise bad(f"{key}: must not be empty", key)
+    return v
+
+
+def _need_tokenizer(ctx: Context, key: str) -> Tokenizer:
+    if ctx.tokenizer is None:
+        raise bad(f"{key}: text input needs a tokenizer, and this server has none (it serves a preset or a "
+                  "checkpoint without tokenizer.json); send token ids instead", key)
+    return ctx.tokenizer
+
+
+def _encode(ctx: Context, text, key: str, add_special_tokens: bool = True) -> list[int]:
+    if not isinstance(text, str):
+        raise bad(f"{key}: must be a string", key)
+    return _need_tokenizer(ctx, key).encode(text, add_special_tokens=add_special_tokens)
+
+
+# -- /generate -------------------------------------------------------------------------------
+
+def parse_generate(body: dict, ctx: Context) -> Job:
+    _only(body, {"input_ids", "text", "sampling", "add_special_tokens"})
+    if ("input_ids" in body) == ("text" in body):
+        raise bad("give exactly one of input_ids (token ids) and text", "input_ids")
+    if "input_ids" in body:
+        prompt = _token_ids(body["input_ids"], "input_ids")
+    else:
+        prompt = _encode(ctx, body["text"], "text", _bool(body, "add_special_tokens", True))
+    sampling = body.get("sampling", {})
+    try:
+        params = SamplingParams.from_dict(sampling)
+    except ValueError as e:
+        raise bad(f"sampling: {e}", "sampling") from None
+    return Job("generate", prompt, params)
+
+
+# -- OpenAI-compatible -----------------------------------------------------------------------
+
+# OpenAI name -> SamplingParams field; top_k, stop_token_ids and ignore_eos are the extensions
+# vLLM and SGLang also take.
+SAMPLING_FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
+                   "top_k": "top_k", "seed": "seed", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos"}
+COMMON_FIELDS = {"model", "stream", "stream_options", "n", "user", "stop", *SAMPLING_FIELDS}
+
+
+def _openai_common(body: dict, ctx: Context, kind: str, prompt: list[int], default_max: int) -> Job:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("model: must be a string", "model")
+    if model is not None and model != ctx.model_name:
+        raise ApiError(404, f"model: {model!r} is not served here; this server serves {ctx.model_name!r}", "model")
+    if body.get("n") not in (None, 1):
+        raise bad(f"n: only n = 1 is supported, got {body['n']!r}", "n")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad("user: must be a string", "user")
+    if body.get("stop") not in (None, [], ""):
+        raise bad("stop: stop strings are not supported; use stop_token_ids", "stop")
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise bad("stream_options: must be an object with only include_usage", "stream_options")
+        if not stream:
+            raise bad("stream_options: only allowed with stream: true", "stream_options")
+        include_usage = _bool(options, "include_usage")
+    chosen = {}
+    for api_name, name in SAMPLING_FIELDS.items():
+        if body.get(api_name) is None:
+            continue
+        try:  # one field at a time, so the error names the field the client sent
+            SamplingParams.from_dict({name: body[api_name]})
+        except ValueError as e:
+            raise bad(f"{api_name}: {e}", api_name) from None
+        chosen[name] = body[api_name]
+    chosen.setdefault("max_new_tokens", default_max)
+    params = SamplingParams.from_dict(chosen)
+    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    return Job(kind, prompt, params, stream, include_usage, f"{prefix}-{uuid.uuid4().hex}")
+
+
+def parse_completion(body: dict, ctx: Context) -> Job:
+    _only(body, COMMON_FIELDS | {"prompt"})
+    if "prompt" not in body:
+        raise bad("prompt: missing (a string, or a list of token ids)", "prompt")
+    p = body["prompt"]
+    if isinstance(p, list) and p and all(isinstance(x, (list, str)) for x in p):
+        raise bad("prompt: only one prompt per request is supported", "prompt")
+    if isinstance(p, str):
+        prompt = _encode(ctx, p, "prompt")
+    elif isinstance(p, list):
+        prompt = _token_ids(p, "prompt")
+    else:
+        raise bad("prompt: must be a string or a list of token ids", "prompt")
+    return _openai_common(body, ctx, "completion", prompt, default_max=16)
+
+
+def parse_chat(body: dict, ctx: Context) -> Job:
+    _only(body, COMMON_FIELDS | {"messages", "max_completion_tokens"})
+    if ctx.chat_template is None:
+        raise bad("this checkpoint has no chat template (chat_template.jinja, or chat_template in "
+                  "tokenizer_config.json); use /v1/completions", "messages")
+    if "messages" not in body:
+        raise bad("messages: missing", "messages")
+    tokenizer = _need_tokenizer(ctx, "messages")
+    try:
+        text = ctx.chat_template.render(body["messages"], add_generation_prompt=True)
+    except ChatError as e:
+        raise bad(str(e), "messages") from None
+    # The template writes its own <bos>; encoding must not add a second (as apply_chat_template).
+    prompt = tokenizer.encode(text, add_special_tokens=False)
+    if body.get("max_completion_tokens") is not None:  # OpenAI's newer name for max_tokens
+        if body.get("max_tokens") is not None:
+            raise bad("max_completion_tokens: give it or max_tokens, not both", "max_completion_tokens")
+        body = {**body, "max_tokens": body["max_completion_tokens"]}
+    # No limit given: as much as the context has room for (OpenAI's chat default).
+    return _openai_common(body, ctx, "chat", prompt, default_max=max(1, ctx.max_context - len(prompt)))
+
+
+# -- responses -------------------------------------------------------------------------------
+
+def answer_text(tokenizer: Tokenizer | None, tokens: list[int], finish_reason: str | None) -> str | None:
+    if tokenizer is None:
+        return None
+    return tokenizer.decode(tokens[:-1] if finish_reason == "stop" else tokens)
+
+
+def usage(job: Job, completion_tokens: int) -> dict:
+    return {"prompt_tokens": len(job.prompt), "completion_tokens": completion_tokens,
+            "total_tokens": len(job.prompt) + completion_tokens}
+
+
+def response(job: Job, ctx: Context, tokens: list[int], finish_reason: str) -> dict:
+    """The whole (non-streaming) answer."""
+    text = answer_text(ctx.tokenizer, tokens, finish_reason)
+    if job.kind == "generate":
+        out = {"output_ids": tokens, "finish_reason": finish_reason, "prompt_tokens": len(job.prompt)}
+        if text is not None:
+            out["text"] = text
+        return out
+    if job.kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None}
+    choice.update(finish_reason=finish_reason, token_ids=tokens)
+    return {"id": job.id, "object": "chat.completion" if job.kind == "chat" else "text_completion",
+            "created": job.created, "model": ctx.model_name, "choices": [choice], "usage": usage(job, len(tokens))}
+
+
+def chunk(job: Job, ctx: Context, text: str | None, tokens: list[int], finish_reason: str | None,
+          first: bool = False) -> dict:
+    """One streamed piece: the text and token ids one engine event added."""
+    if job.kind == "chat":
+        delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+        choice = {"index": 0, "delta": delta}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None}
+    choice.update(finish_reason=finish_reason, token_ids=tokens)
+    out = {"id": job.id, "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
+           "created": job.created, "model": ctx.model_name, "choices": [choice]}
+    if job.include_usage:
+        out["usage"] = None  # OpenAI's convention: null on every chunk but the last
+    return out
+
+
+def usage_chunk(job: Job, ctx: Context, completion_tokens: int) -> dict:
+    return {"id": job.id, "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
+            "created": job.created, "model": ctx.model_name, "choices": [], "usage": usage(job, completion_tokens)}

@@ -1,0 +1,168 @@
+"""The engine thread: the one thread that touches the Engine (it is not thread-safe).
+
+HTTP handler threads talk to it through queues only. A handler `submit`s a request and reads its
+`Ticket`: first ("accepted", rid) or ("rejected", message), then Events until one is finished. A
+handler whose client went away calls `abort`. The loop drains its inbox before every step, so a new
+request joins the running batch at the next step (continuous batching); with nothing to do it
+blocks on the inbox instead of spinning.
+
+If the engine raises, the thread records the error, tells every waiting ticket, and stops; later
+submissions fail at once with that error (the server answers 503). Engine state after an
+unexpected exception is unknown, so it is not touched again.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import traceback
+
+from optimized.engine import SamplingParams
+
+
+class EngineDead(RuntimeError):
+    """The engine thread is not running (it failed, or the server is shutting down)."""
+
+
+class Ticket:
+    """One request's mailbox. The engine thread puts, the handler thread gets."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams):
+        self.prompt, self.params = prompt, params
+        self.rid: int | None = None
+        self.box: queue.Queue = queue.Queue()
+
+    def get(self, timeout: float | None = None):
+        """The next message, or None after `timeout` seconds: ("accepted", rid), ("rejected", msg),
+        ("event", Event) or ("dead", msg)."""
+        try:
+            return self.box.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+_STOP = object()
+
+
+class EngineWorker:
+    def __init__(self, engine, name: str = "engine"):
+        self.engine = engine
+        self.error: str | None = None  # why the thread died, once it has
+        self._inbox: queue.Queue = queue.Queue()
+        self._live: dict[int, Ticket] = {}  # rid -> ticket, engine thread only
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- handler side ----------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None and not self._stopping
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Ticket:
+        if not self.alive:
+            raise EngineDead(self.error or "the engine is shutting down")
+        ticket = Ticket(prompt, params)
+        self._inbox.put(("add", ticket))
+        return ticket
+
+    def next(self, ticket: Ticket, timeout: float) -> tuple | None:
+        """The ticket's next message, None after `timeout` seconds; ("dead", why) once the thread has
+        ended (also for a submission that raced with its end and was never read)."""
+        msg = ticket.get(timeout)
+        if msg is None and not self._thread.is_alive():
+            msg = ticket.get(0) or ("dead", self.error or "the engine is shutting down")
+        return msg
+
+    def abort(self, ticket: Ticket) -> None:
+        """Drop the request if it is still running; harmless if it finished or was rejected."""
+        if self._thread.is_alive():
+            self._inbox.put(("abort", ticket))
+
+    def call(self, fn, timeout: float = 60.0):
+        """Run fn(engine) on the engine thread and return its result (for inspection: the engine
+        must not be read from another thread while it steps)."""
+        if not self.alive:
+            raise EngineDead(self.error or "the engine is shutting down")
+        reply: queue.Queue = queue.Queue()
+        self._inbox.put(("call", (fn, reply)))
+        ok, value = reply.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Finish the current step, fail every waiting request, and end the thread."""
+        self._stopping = True
+        self._inbox.put((_STOP, None))
+        self._thread.join(timeout)
+
+    # -- engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        why = "the engine is shutting down"
+        try:
+            while True:
+                block = not self.engine.has_work()
+                if not self._handle(self._inbox.get() if block else None):
+                    return
+                while True:  # drain whatever else arrived, without blocking
+                    try:
+                        msg = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not self._handle(msg):
+                        return
+                if self.engine.has_work():
+                    for event in self.engine.step():
+                        ticket = self._live.get(event.rid)
+                        if ticket is None:
+                            continue
+                        ticket.box.put(("event", event))
+                        if event.finished:
+                            del self._live[event.rid]
+        except BaseException as e:  # noqa: BLE001 (recorded and reported to every client)
+            why = f"engine failed: {type(e).__name__}: {e}"
+            self.error = why
+            traceback.print_exc()
+        finally:
+            self._fail_everyone(why)
+
+    def _handle(self, msg) -> bool:
+        """Apply one inbox message; False means stop."""
+        if msg is None:
+            return True
+        kind, arg = msg
+        if kind is _STOP:
+            return False
+        if kind == "add":
+            try:
+                arg.rid = self.engine.add_request(arg.prompt, arg.params)
+            except ValueError as e:  # bad input: the engine is unchanged, the client gets a 400
+                arg.box.put(("rejected", str(e)))
+                return True
+            self._live[arg.rid] = arg
+            arg.box.put(("accepted", arg.rid))
+        elif kind == "abort":
+            if arg.rid is not None and self._live.pop(arg.rid, None) is not None:
+                self.engine.abort(arg.rid)
+        elif kind == "call":
+            fn, reply = arg
+            try:
+                reply.put((True, fn(self.engine)))
+            except Exception as e:  # noqa: BLE001 (handed back to the caller)
+                reply.put((False, e))
+        return True
+
+    def _fail_everyone(self, why: str) -> None:
+        for ticket in self._live.values():
+            ticket.box.put(("dead", why))
+        self._live.clear()
+        while True:  # submissions that raced with the end
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                arg.box.put(("dead", why))
+            elif kind == "call":
+                arg[1].put((False, EngineDead(why)))

@@ -1,0 +1,440 @@
+"""The HTTP server (optimized/serve/) end to end, through urllib against a live server on port 0.
+
+Token budget: the tiny model steps at about a second under Triton's interpreter on 2 cores, so
+requests ask for a few tokens each, and "what a request gets alone" for greedy decoding is the
+eager reference's argmax loop (milliseconds), which the first test ties to the engine and server.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+try:
+    import tokenizers
+except ImportError:  # optional: without it the server takes token ids only
+    tokenizers = None
+
+import reference
+from oracle.cli import build_parser, main
+from optimized.engine import Engine, SamplingParams
+from optimized.serve import (ChatError, ChatTemplate, Tokenizer, build_server, load_chat_template, load_tokenizer,
+                             make_server)
+
+P1 = [5, 9, 2, 77, 31, 140]
+needs_tokenizers = pytest.mark.skipif(tokenizers is None, reason="text input needs the optional `tokenizers` package")
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def call(server, path, body=None, method=None, raw: bytes | None = None, timeout=120):
+    """(status, parsed JSON or text) of one request."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(server.url + path, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, text, ctype = r.status, r.read().decode(), r.headers.get("Content-Type")
+    except urllib.error.HTTPError as e:
+        status, text, ctype = e.code, e.read().decode(), e.headers.get("Content-Type")
+    return status, (json.loads(text) if ctype == "application/json" else text)
+
+
+def events(server, path, body):
+    """The parsed `data:` events of a streamed answer, checking it ends with [DONE]."""
+    status, text = call(server, path, {**body, "stream": True})
+    assert status == 200, text
+    datas = [block.removeprefix("data: ") for block in text.split("\n\n") if block]
+    assert datas[-1] == "[DONE]"
+    return [json.loads(d) for d in datas[:-1]]
+
+
+def raw_request(server, payload: bytes) -> tuple[int, dict]:
+    """Send bytes as they are (for what urllib refuses to send) and read the answer."""
+    with socket.create_connection(server.server_address[:2], timeout=30) as sock:
+        sock.sendall(payload)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        return resp.status, json.loads(resp.read())
+
+
+def error_of(reply) -> str:
+    assert isinstance(reply, dict) and set(reply) == {"error"}, reply
+    return reply["error"]["message"]
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor(ids))[-1].argmax()))
+    return ids[len(prompt):]
+
+
+def run_server(server):
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return thread
+
+
+def engine_stats(server):
+    """Engine.stats() (queues, free pages, registered requests), read on the engine thread."""
+    return server.worker.call(lambda e: e.stats())
+
+
+# -- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = make_server(Engine("tiny", dtype=torch.float32, device="cpu"), model_name="tiny")
+    thread = run_server(srv)
+    yield srv
+    srv.shutdown()
+    thread.join(10)
+    assert not srv.worker._thread.is_alive(), "shutdown must end the engine thread"
+
+
+@pytest.fixture(scope="module")
+def ref_model():
+    return reference.load_model("tiny", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def p1_alone(server):
+    """P1's greedy tokens through /generate, alone on the server."""
+    status, reply = call(server, "/generate", {"input_ids": P1, "sampling": {"max_new_tokens": 4, "ignore_eos": True}})
+    assert status == 200, reply
+    return reply
+
+
+# -- correctness -----------------------------------------------------------------------------
+
+
+def test_health_and_models(server):
+    assert call(server, "/health") == (200, {"status": "ok"})
+    status, reply = call(server, "/v1/models")
+    assert status == 200 and reply["object"] == "list"
+    assert [m["id"] for m in reply["data"]] == ["tiny"] and reply["data"][0]["max_model_len"] == 4096
+
+
+def test_generate_matches_engine_and_reference(p1_alone, ref_model):
+    assert p1_alone["finish_reason"] == "length" and p1_alone["prompt_tokens"] == len(P1)
+    assert "text" not in p1_alone  # no tokenizer
+    second = Engine("tiny", dtype=torch.float32, device="cpu")
+    (out,) = second.generate([P1], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert p1_alone["output_ids"] == out.tokens
+    assert out.tokens == reference_greedy(ref_model, P1, 4)
+
+
+def test_stream_yields_the_non_streaming_tokens(server, p1_alone):
+    evs = events(server, "/v1/completions", {"prompt": P1, "max_tokens": 4, "ignore_eos": True})
+    assert [t for e in evs for t in e["choices"][0]["token_ids"]] == p1_alone["output_ids"]
+    assert [e["choices"][0]["finish_reason"] for e in evs] == [None, None, None, "length"]
+    assert {e["id"] for e in evs} == {evs[0]["id"]} and evs[0]["object"] == "text_completion"
+
+
+def test_concurrent_requests_get_what_they_get_alone(server, p1_alone, ref_model):
+    sampled = {"prompt": list(range(40, 49)), "max_tokens": 3, "temperature": 1.0, "top_k": 50, "seed": 123,
+               "ignore_eos": True}
+    status, alone = call(server, "/v1/completions", sampled)
+    assert status == 200, alone
+    b_prompt = [11, 22, 33]
+    jobs = {
+        "p1": lambda: call(server, "/generate", {"input_ids": P1, "sampling": {"max_new_tokens": 4, "ignore_eos": True}}),
+        "b": lambda: events(server, "/v1/completions", {"prompt": b_prompt, "max_tokens": 3, "ignore_eos": True}),
+        "sampled": lambda: call(server, "/v1/completions", sampled),
+        "bad": lambda: call(server, "/generate", {"input_ids": [300]}),  # a rejection beside them harms none
+    }
+    results, gate = {}, threading.Barrier(len(jobs))
+
+    def run(name):
+        gate.wait()
+        results[name] = jobs[name]()
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results["p1"] == (200, p1_alone)
+    assert [t for e in results["b"] for t in e["choices"][0]["token_ids"]] == reference_greedy(ref_model, b_prompt, 3)
+    status, got = results["sampled"]
+    assert status == 200 and got["choices"][0]["token_ids"] == alone["choices"][0]["token_ids"]
+    assert got["usage"] == {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+    assert results["bad"][0] == 400
+
+
+def test_client_disconnect_aborts_its_request(server):
+    idle = engine_stats(server)
+    assert idle["waiting"] == idle["running"] == idle["requests_in_cache"] == 0
+
+    def post(body):
+        data = json.dumps(body).encode()
+        return f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data
+
+    long = {"prompt": P1, "max_tokens": 200, "ignore_eos": True}
+    with socket.create_connection(server.server_address[:2], timeout=60) as sock:  # streaming: gone after a token
+        sock.sendall(post({**long, "stream": True}))
+        seen = b""
+        while b"data:" not in seen:
+            seen += sock.recv(4096)
+    with socket.create_connection(server.server_address[:2], timeout=60) as sock:  # waiting: gone at once
+        sock.sendall(post(long))
+    deadline = time.monotonic() + 60
+    while engine_stats(server) != idle:
+        assert time.monotonic() < deadline, f"pages not given back: {engine_stats(server)} vs idle {idle}"
+        time.sleep(0.2)
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    # (method, path, body (dict, or bytes as sent), status, words the message must contain)
+    ("POST", "/generate", b"{not json", 400, "not valid JSON"),
+    ("POST", "/generate", b"[1, 2]", 400, "JSON object"),
+    ("POST", "/generate", b'{"input_ids": [1], "sampling": {"temperature": NaN}}', 400, "NaN"),
+    ("POST", "/generate", b"\xff\xfe", 400, "UTF-8"),
+    ("POST", "/generate", b"[" * 100_000, 400, "not valid JSON"),  # too deep to parse: refused, not a crash
+    ("POST", "/generate", b"", 400, "not valid JSON"),
+    ("POST", "/generate", {"input_ids": [1], "colour": 1}, 400, "colour: unknown field"),
+    ("POST", "/generate", {"input_ids": [1], "text": "a"}, 400, "exactly one of input_ids"),
+    ("POST", "/generate", {}, 400, "exactly one of input_ids"),
+    ("POST", "/generate", {"input_ids": "1 2"}, 400, "input_ids: must be a list"),
+    ("POST", "/generate", {"input_ids": [1, True]}, 400, "input_ids: must be a list of integer"),
+    ("POST", "/generate", {"input_ids": []}, 400, "input_ids: must not be empty"),
+    ("POST", "/generate", {"input_ids": [5, 999]}, 400, "[0, 256)"),
+    ("POST", "/generate", {"input_ids": [1], "sampling": {"bogus": 1}}, 400, "bogus"),
+    ("POST", "/generate", {"input_ids": [1], "sampling": {"temperature": -1}}, 400, "temperature"),
+    ("POST", "/generate", {"input_ids": [1], "sampling": []}, 400, "sampling"),
+    ("POST", "/generate", {"input_ids": [1], "sampling": {"max_new_tokens": 5000}}, 400, "max_context"),
+    ("POST", "/generate", {"text": "hello"}, 400, "needs a tokenizer"),
+    ("POST", "/v1/completions", {"max_tokens": 2}, 400, "prompt: missing"),
+    ("POST", "/v1/completions", {"prompt": "hi"}, 400, "needs a tokenizer"),
+    ("POST", "/v1/completions", {"prompt": [[1], [2]]}, 400, "one prompt per request"),
+    ("POST", "/v1/completions", {"prompt": 7}, 400, "prompt: must be a string or a list"),
+    ("POST", "/v1/completions", {"prompt": [1], "max_tokens": 0}, 400, "max_tokens"),
+    ("POST", "/v1/completions", {"prompt": [1], "top_p": 2}, 400, "top_p"),
+    ("POST", "/v1/completions", {"prompt": [1], "seed": "x"}, 400, "seed"),
+    ("POST", "/v1/completions", {"prompt": [1], "stop_token_ids": [999]}, 400, "stop_token_ids"),
+    ("POST", "/v1/completions", {"prompt": [1], "stream": "yes"}, 400, "stream: must be true or false"),
+    ("POST", "/v1/completions", {"prompt": [1], "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("POST", "/v1/completions", {"prompt": [1], "n": 2}, 400, "n: only n = 1"),
+    ("POST", "/v1/completions", {"prompt": [1], "stop": ["x"]}, 400, "stop strings"),
+    ("POST", "/v1/completions", {"prompt": [1], "presence_penalty": 1}, 400, "presence_penalty: unknown field"),
+    ("POST", "/v1/completions", {"prompt": [1], "model": "other"}, 404, "'other' is not served"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400, "no chat template"),
+    ("GET", "/nope", None, 404, "/nope: no such endpoint"),
+    ("POST", "/v1/nope", {"prompt": [1]}, 404, "no such endpoint"),
+    ("GET", "/generate", None, 405, "use POST"),
+    ("DELETE", "/health", None, 405, "use GET"),
+    ("PUT", "/v1/completions", {"prompt": [1]}, 405, "method not allowed"),
+]
+
+
+@pytest.mark.parametrize("method,path,body,status,words", BAD_REQUESTS,
+                         ids=[f"{m} {p} {w}" for m, p, _, _, w in BAD_REQUESTS])
+def test_bad_requests_are_answered_and_named(server, method, path, body, status, words):
+    raw = body if isinstance(body, bytes) else None
+    got, reply = call(server, path, None if raw else body, method=method, raw=raw)
+    assert got == status, reply
+    assert words in error_of(reply)
+
+
+def test_transport_errors(server):
+    status, reply = raw_request(server, b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 9437184\r\n\r\n")
+    assert status == 413 and "limit is 8388608" in error_of(reply)
+    status, reply = raw_request(server, b"POST /generate HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 411 and "Content-Length" in error_of(reply)
+    status, reply = raw_request(server, b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 1_0\r\n\r\n")
+    assert status == 400 and "Content-Length" in error_of(reply)
+    status, reply = raw_request(server, b"BREW /generate HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 501 and "error" in reply
+    assert call(server, "/health") == (200, {"status": "ok"})  # none of it hurt the server
+
+
+class _BrokenEngine:
+    """An engine whose step fails, as a kernel error would."""
+    max_context = 64
+
+    def __init__(self):
+        self.queued = False
+
+    def add_request(self, prompt, params):
+        self.queued = True
+        return 0
+
+    def has_work(self):
+        return self.queued
+
+    def step(self):
+        raise RuntimeError("simulated kernel failure")
+
+    def abort(self, rid):
+        raise KeyError(rid)
+
+
+def test_dead_engine_answers_503_with_its_error():
+    srv = make_server(_BrokenEngine())
+    thread = run_server(srv)
+    try:
+        status, reply = call(srv, "/generate", {"input_ids": [1]})
+        assert status == 503 and "simulated kernel failure" in error_of(reply)
+        for path, body in (("/health", None), ("/generate", {"input_ids": [1]}),
+                           ("/v1/completions", {"prompt": [1], "stream": True})):
+            status, reply = call(srv, path, body)
+            assert status == 503 and "simulated kernel failure" in error_of(reply), (path, reply)
+    finally:
+        srv.shutdown()
+        thread.join(10)
+
+
+# -- text: tokenizer and chat template -------------------------------------------------------
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<turn>", "<end>"]
+WORDS = ["hello", "world", "user", "assistant", "the", "cat", "sat", "on", "mat"]
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+            "{% if m.role == 'tool' %}{{ raise_exception('tool turns are not supported') }}{% endif %}"
+            "<turn>{{ m.role }} {{ m.content }}<end>{% endfor %}"
+            "{% if add_generation_prompt %}<turn>assistant {% endif %}")
+
+
+def write_text_checkpoint(path):
+    """The tiny preset's weights plus a word-level tokenizer whose 256 entries cover the vocab,
+    a tokenizer_config.json that asks for <bos>, and a chat template."""
+    cfg, weights = reference.resolve("tiny", dtype=torch.float32)
+    reference.save_checkpoint(path, cfg, weights)
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    vocab.update({f"w{i}": i for i in range(len(vocab), cfg.vocab_size)})
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": {"content": "<eos>"}, "pad_token": "<pad>", "add_bos_token": True}))
+    (path / "chat_template.jinja").write_text(TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-with-tokenizer")
+    write_text_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_server(text_dir):
+    srv = build_server(str(text_dir), port=0, device="cpu", log_requests=False)
+    thread = run_server(srv)
+    yield srv
+    srv.shutdown()
+    thread.join(10)
+
+
+@needs_tokenizers
+def test_tokenizer_and_template_load(text_dir):
+    tok = load_tokenizer(text_dir)
+    assert tok.encode("hello world") == [2, 6, 7]  # <bos> from add_bos_token
+    assert tok.encode("hello world", add_special_tokens=False) == [6, 7]
+    assert tok.decode([2, 6, 7, 1]) == "hello world" and tok.decode([6, 1], skip_special_tokens=False) == "hello <eos>"
+    chat = load_chat_template(text_dir)
+    assert chat.render([{"role": "user", "content": "hello"}]) == "<bos><turn>user hello<end><turn>assistant "
+    assert load_tokenizer("tiny") is None and load_chat_template("tiny") is None
+
+
+@pytest.mark.parametrize("messages,words", [
+    ("hi", "messages: must be a non-empty list"),
+    ([], "messages: must be a non-empty list"),
+    (["hi"], "messages[0]: must be an object"),
+    ([{"content": "hi"}], "messages[0].role: missing"),
+    ([{"role": "user", "content": 3}], "messages[0].content: must be a string"),
+    ([{"role": "user", "content": "a", "name": "x"}], "messages[0].name: unknown field"),
+    ([{"role": "tool", "content": "a"}], "rejected the messages: tool turns are not supported"),
+])
+def test_bad_messages(messages, words):
+    with pytest.raises(ChatError) as e:
+        ChatTemplate(TEMPLATE, "<bos>", "<eos>").render(messages)
+    assert words in str(e.value)
+
+
+def test_template_is_sandboxed():
+    evil = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(ChatError, match="failed to render"):
+        evil.render([{"role": "user", "content": "x"}])
+    with pytest.raises(ChatError, match="syntax error"):
+        ChatTemplate("{% for %}")
+
+
+@needs_tokenizers
+def test_incremental_decoder_holds_back_a_split_character():
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE({"<unk>": 0, "a": 1, "<0xC3>": 2, "<0xA9>": 3}, [],
+                                                     unk_token="<unk>", byte_fallback=True))
+    bpe.decoder = tokenizers.decoders.Sequence([tokenizers.decoders.ByteFallback(), tokenizers.decoders.Fuse()])
+    stream = Tokenizer(bpe).stream()
+    assert [stream.push(t) for t in (1, 2, 3, 1)] == ["a", "", "é", "a"]
+    stream.push(2)
+    assert stream.flush() == "\ufffd"  # an unfinished character at the end comes out as U+FFFD
+
+
+@needs_tokenizers
+def test_text_completion(text_server, text_dir):
+    tok = load_tokenizer(text_dir)
+    body = {"prompt": "the cat sat on the mat", "max_tokens": 3, "ignore_eos": True, "model": text_dir.name}
+    status, reply = call(text_server, "/v1/completions", body)
+    assert status == 200, reply
+    choice = reply["choices"][0]
+    assert reply["usage"]["prompt_tokens"] == len(tok.encode(body["prompt"])) == 7
+    assert len(choice["token_ids"]) == 3 and choice["text"] == tok.decode(choice["token_ids"])
+    assert choice["text"]  # the vocab covers every id, so three tokens are never empty text
+    status, plain = call(text_server, "/generate", {"text": body["prompt"], "sampling": {"max_new_tokens": 3,
+                                                                                         "ignore_eos": True}})
+    assert status == 200 and plain["output_ids"] == choice["token_ids"] and plain["text"] == choice["text"]
+
+
+@needs_tokenizers
+def test_chat_completion_and_stream(text_server, text_dir):
+    tok = load_tokenizer(text_dir)
+    messages = [{"role": "user", "content": "hello world"}]
+    status, reply = call(text_server, "/v1/chat/completions", {"messages": messages, "max_tokens": 3})
+    assert status == 200, reply
+    choice = reply["choices"][0]
+    prompt = tok.encode("<bos><turn>user hello world<end><turn>assistant ", add_special_tokens=False)
+    assert reply["usage"]["prompt_tokens"] == len(prompt) and prompt[0] == 2 and prompt[1] != 2  # one <bos>
+    assert reply["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
+    ids = choice["token_ids"]
+    want = tok.decode(ids[:-1] if choice["finish_reason"] == "stop" else ids)
+    assert choice["message"]["content"] == want
+    evs = events(text_server, "/v1/chat/completions", {"messages": messages, "max_tokens": 3,
+                                                       "stream_options": {"include_usage": True}})
+    assert evs[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert evs[-1]["choices"] == [] and evs[-1]["usage"] == reply["usage"]
+    pieces = evs[1:-1]
+    assert [t for e in pieces for t in e["choices"][0]["token_ids"]] == ids
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in pieces) == want
+    assert pieces[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+    status, reply = call(text_server, "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]})
+    assert status == 400 and "tool turns are not supported" in error_of(reply)
+
+
+# -- CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_serve_parses_and_refuses_a_bad_model(tmp_path, capsys):
+    args = build_parser().parse_args(["serve", "tiny", "--host", "0.0.0.0", "--port", "0", "--dtype", "bfloat16",
+                                      "--device", "cpu", "--page-size", "8", "--chunk-size", "64", "--num-pages",
+                                      "100", "--max-requests", "4", "--token-budget", "256"])
+    assert (args.model, args.host, args.port, args.page_size, args.chunk_size, args.num_pages, args.max_requests,
+            args.token_budget, args.dtype) == ("tiny", "0.0.0.0", 0, 8, 64, 100, 4, 256, "bfloat16")
+    assert build_parser().parse_args(["serve"]).model == "tiny"
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+    (tmp_path / "tokenizer.json").write_text("{broken")
+    assert main(["serve", str(tmp_path)]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err  # unreadable, or `tokenizers` missing: both refused
