@@ -7,7 +7,8 @@ torch ops side by side in one run.
 
 Decode throughput counts the tokens produced after every request of the batch has its first
 token, over the time they took (median of --repeats runs): steady-state decode, prefill excluded.
-Each step is one eager forward (no device graphs), so at small batches it shows host launch cost.
+Paths: fused kernels with decode steps replayed from device graphs (the default on a GPU), fused
+kernels eagerly, and the torch ops eagerly; eager steps show the host's launch cost.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from optimized.kernels import default_device  # noqa: E402  (first: it may switc
 
 import torch  # noqa: E402
 from optimized.engine import Engine, SamplingParams  # noqa: E402
+from optimized.engine.graphs import graphs_supported  # noqa: E402
 from reference.weights import resolve  # noqa: E402
 
 
@@ -85,9 +87,11 @@ def main(argv=None) -> int:
     print(f"device {name}; model {args.model} (random weights), {str(dtype).removeprefix('torch.')}")
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for fused in (True, False):
-        tag = "fused kernels" if fused else "torch ops"
-        decode_engine = Engine(config, weights=weights, dtype=dtype, device=device, fused=fused,
+    paths = [("fused kernels + decode graphs", True, True), ("fused kernels", True, False), ("torch ops", False, False)]
+    if not graphs_supported(device):
+        paths = paths[1:]
+    for tag, fused, graphs in paths:
+        decode_engine = Engine(config, weights=weights, dtype=dtype, device=device, fused=fused, graphs=graphs,
                                max_requests=max(args.batch), max_context=args.prompt + args.new,
                                chunk_size=args.chunk_size)
         decode_rate(decode_engine, 1, args.prompt, 4, gen)  # warm-up: compilation
@@ -97,7 +101,10 @@ def main(argv=None) -> int:
             rows.append(dict(path=tag, what="decode", batch=b, tokens_per_s=rate, step_ms=step_ms))
             print(f"{tag}: decode batch {b}: {rate:.0f} tok/s, {step_ms:.2f} ms/step", flush=True)
         del decode_engine
-        prefill_engine = Engine(config, weights=weights, dtype=dtype, device=device, fused=fused, max_requests=1,
+        if graphs:  # prefill never uses the decode graphs
+            continue
+        prefill_engine = Engine(config, weights=weights, dtype=dtype, device=device, fused=fused, graphs=False,
+                                max_requests=1,
                                 max_context=max(args.prefill) + 1, chunk_size=args.chunk_size)
         prefill_ms(prefill_engine, 16, gen)  # warm-up
         for n in args.prefill:

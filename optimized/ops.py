@@ -29,8 +29,10 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_embedding(table: torch.Tensor, ids: torch.Tensor, width: int) -> torch.Tensor:
-    # The scale is a float32 number rounded to the table's dtype (39.25 for sqrt(1536) in bf16).
-    scale = torch.tensor(width ** 0.5, dtype=torch.float32).to(table.dtype).to(table.device)
+    # The scale is a float32 number rounded to the table's dtype (39.25 for sqrt(1536) in bf16),
+    # passed as a Python number: exact in the dtype, so the product rounds as with a dtype tensor,
+    # and no host-to-device copy (which a decode graph could not capture).
+    scale = torch.tensor(width ** 0.5, dtype=torch.float32).to(table.dtype).item()
     return table[ids] * scale
 
 

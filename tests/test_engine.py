@@ -220,3 +220,23 @@ def test_a_request_larger_than_the_pool_is_refused():
 def test_bad_engine_settings_are_refused(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         _engine(**kw)
+
+
+def test_padded_static_decode_gives_the_reference_tokens():
+    """The decode-graph path's static buffers and padding, run eagerly (a CPU cannot capture
+    graphs): batches of 1-5 requests padded to the captured sizes 1, 2, 4, 5."""
+    from optimized.engine.graphs import DecodeGraphs, batch_sizes
+
+    assert batch_sizes(5) == [1, 2, 4, 5] and batch_sizes(1) == [1] and batch_sizes(8) == [1, 2, 4, 8]
+    engine = _engine(max_requests=5, page_size=2, max_context=24, chunk_size=4)
+    engine.decode_graphs = DecodeGraphs(engine.model, 5, 12, capture=False)
+    prompts = _prompts([3, 7, 1, 5, 2])
+    outs = engine.generate(prompts, [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (4, 2, 5, 3, 4)])
+    for p, o in zip(prompts, outs):
+        assert o.tokens == reference_greedy("tiny", p, len(o.tokens))
+
+
+def test_graphs_need_a_capable_device():
+    with pytest.raises(ValueError, match="graphs"):
+        _engine(graphs=True)
+    assert _engine().decode_graphs is None  # auto: off on the CPU

@@ -18,6 +18,7 @@ from ..batch import build_batch
 from ..kernels import default_device
 from ..memory import KVCache, ceil_div
 from ..model import PagedGemma4, fuse_projections
+from .graphs import DecodeGraphs, graphs_supported
 from .sampler import SamplingParams, sample
 from .scheduler import Scheduler, Sequence
 
@@ -42,12 +43,14 @@ class Engine:
     def __init__(self, path_or_preset: str | Path | Gemma4Config = "tiny", dtype: torch.dtype = torch.float32,
                  device=None, *, page_size: int = 16, chunk_size: int = 512, num_pages: int | None = None,
                  max_requests: int = 16, max_context: int | None = None, token_budget: int | None = None,
-                 fused: bool = True, seed: int = 0, weights: dict[str, torch.Tensor] | None = None):
+                 fused: bool = True, seed: int = 0, weights: dict[str, torch.Tensor] | None = None,
+                 graphs: bool | None = None):
         """max_context: the most positions one request may use (default: the model's limit, at
         most 4096). num_pages: the full pool's size in pages (default: max_requests requests of
         max_context each). token_budget: the most tokens one step may run (default: no limit
         beyond chunk_size per prefilling request). weights: tensors to use as they are, with
-        path_or_preset then the Gemma4Config they belong to (tests share them with the reference)."""
+        path_or_preset then the Gemma4Config they belong to (tests share them with the reference).
+        graphs: replay decode steps from device graphs (default: where the device can)."""
         for name, v, low in (("page_size", page_size, 1), ("chunk_size", chunk_size, 1),
                              ("max_requests", max_requests, 1), ("num_pages", num_pages, 2),
                              ("max_context", max_context, 1), ("token_budget", token_budget, 1),
@@ -74,6 +77,19 @@ class Engine:
                              max_context=self.max_context, dtype=dtype, device=self.device)
         self.model = PagedGemma4(cfg, weights, self.cache, fused, fuse_projections(cfg, weights))
         self.scheduler = Scheduler(self.cache, chunk_size, token_budget)
+        if graphs and not graphs_supported(self.device):
+            raise ValueError(f"graphs=True needs a device that can capture graphs; {self.device} cannot")
+        self.decode_graphs: DecodeGraphs | None = None
+        self.graphs_off_because: str | None = None if graphs or graphs is None else "graphs=False"
+        if graphs or (graphs is None and graphs_supported(self.device)):
+            try:
+                self.decode_graphs = DecodeGraphs(self.model, max_requests, pages_per_request)
+            except RuntimeError as e:  # an op in the step syncs with the host (the torch MoE loop does)
+                if graphs:
+                    raise ValueError(f"cannot capture a decode step in a device graph: {e}") from e
+                self.graphs_off_because = f"capture failed: {e}"
+        elif graphs is None:
+            self.graphs_off_because = f"{self.device} cannot capture graphs"
         self._seeds = torch.Generator().manual_seed(seed)  # seeds for requests that give none
         self._next_rid = 0
         self._sequences: dict[int, Sequence] = {}
@@ -135,7 +151,10 @@ class Engine:
             return []
         batch = build_batch(self.cache, [s.item for s in plan])
         ids = torch.tensor([t for s in plan for t in s.ids], dtype=torch.long, device=self.device)
-        logits = self.model.forward(ids, batch, logit_rows=batch.cu_seqlens_q[1:].long() - 1)
+        if self.decode_graphs is not None and batch.is_decode:
+            logits = self.decode_graphs.run(ids, batch)
+        else:
+            logits = self.model.forward(ids, batch, logit_rows=batch.cu_seqlens_q[1:].long() - 1)
         greedy = logits.argmax(dim=-1).tolist()  # one sync for every greedy request
         events = []
         for i, s in enumerate(plan):
