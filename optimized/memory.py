@@ -32,6 +32,17 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def shared_prefix_len(written: list[int], prompt: list[int]) -> int:
+    """How many leading tokens of `prompt` match tokens whose K/V another request has written,
+    leaving the prompt's last token to compute (its logits give the first new token)."""
+    n = 0
+    for a, b in zip(written, prompt[: len(prompt) - 1]):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 class PageAllocator:
     """Reference-counted pages 1..num_pages-1 (0 is reserved). `order_seed` shuffles the order in
     which pages are handed out, so tests exercise fragmented, non-monotonic page tables."""

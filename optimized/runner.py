@@ -19,7 +19,7 @@ from reference.weights import resolve
 
 from .batch import BatchItem, build_batch
 from .kernels import default_device
-from .memory import KVCache, OutOfPages, ceil_div
+from .memory import KVCache, OutOfPages, ceil_div, shared_prefix_len
 from .model import PagedGemma4, TapSink, fuse_projections
 
 
@@ -218,12 +218,7 @@ class Runner:
         reuse = 0
         if donor is not None and lives[donor] in running:
             d = lives[donor]
-            common = 0
-            for a, b in zip(r.prompt[: len(r.prompt) - 1], d.prompt[: d.done_prompt]):
-                if a != b:
-                    break
-                common += 1
-            reuse = cache.prefix_reusable(donor, common)
+            reuse = cache.prefix_reusable(donor, shared_prefix_len(d.prompt[: d.done_prompt], r.prompt))
         if ceil_div(r.total, ps) - reuse // ps > cache.full.num_free:
             return False
         try:

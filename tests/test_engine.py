@@ -69,14 +69,16 @@ def test_greedy_matches_reference(preset):
 @settings(max_examples=6)
 @given(lengths=st.lists(st.integers(1, 10), min_size=1, max_size=3), chunk=st.integers(1, 8),
        budget=st.one_of(st.none(), st.integers(1, 10)), page=st.sampled_from([1, 2, 4, 16]),
-       max_requests=st.integers(1, 3), seed=st.integers(0, 100))
-def test_any_schedule_gives_the_reference_tokens(lengths, chunk, budget, page, max_requests, seed):
-    """Whatever the chunking, token budget, page size and number of request rows (few rows make
-    requests queue), every request gets the reference's greedy tokens and every page comes back."""
+       max_requests=st.integers(1, 3), shared=st.integers(0, 9), seed=st.integers(0, 100))
+def test_any_schedule_gives_the_reference_tokens(lengths, chunk, budget, page, max_requests, shared, seed):
+    """Whatever the chunking, token budget, page size, number of request rows (few rows make
+    requests queue) and shared prompt opening (prefix reuse where the window allows), every
+    request gets the reference's greedy tokens and every page comes back."""
     engine = _engine(chunk_size=chunk, token_budget=budget, page_size=page, max_requests=max_requests,
                      max_context=32)
     free = engine.cache.full.num_free, engine.cache.swa.num_free
-    prompts = _prompts(lengths, seed)
+    opening = _prompts([shared], seed + 1)[0] if shared else []
+    prompts = [opening + p for p in _prompts(lengths, seed)]
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))
     for p, o in zip(prompts, outs):
         assert o.tokens == reference_greedy("tiny", p, 2)
@@ -240,3 +242,51 @@ def test_graphs_need_a_capable_device():
     with pytest.raises(ValueError, match="graphs"):
         _engine(graphs=True)
     assert _engine().decode_graphs is None  # auto: off on the CPU
+
+
+def test_a_shared_prompt_prefix_is_reused_and_gives_the_reference_tokens():
+    """Requests that arrive while another with the same opening runs reuse its K/V pages: whole
+    written pages, and only while the sliding keys their first query needs are resident (tiny's
+    window is 4). Their tokens are still the reference's, and every page comes back."""
+    engine = _engine(page_size=4, chunk_size=4, max_context=40)
+    free = engine.cache.full.num_free
+    system = _prompts([13], seed=5)[0]
+    prompts = [system + [7, 8, 9], system + [10, 11], system[:6] + [3]]
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    first = engine.add_request(prompts[0], params)
+    engine.step()
+    engine.step()  # the first request has written 8 prompt tokens; its page 0 has left the window
+    rest = [engine.add_request(p, params) for p in prompts[1:]]
+    got = {}
+    while engine.has_work():
+        for e in engine.step():
+            got.setdefault(e.rid, []).append(e)
+    assert got[rest[0]][-1].reused_tokens == 8  # keys from position 5 on: pages 1-2, resident
+    assert got[rest[1]][-1].reused_tokens == 0  # 4 tokens would need position 1, on evicted page 0
+    for rid, p in zip([first] + rest, prompts):
+        assert [e.token for e in got[rid]] == reference_greedy("tiny", p, 3)
+    assert engine.cache.full.num_free == free
+
+
+def test_no_reuse_once_the_window_has_moved_on():
+    """tiny's sliding window is 4: after a long prompt and decode, the donor's early SWA pages
+    are gone, so a request sharing only its opening recomputes it (and is still right)."""
+    engine = _engine(page_size=2, chunk_size=32, max_context=40)
+    donor_prompt = _prompts([20], seed=3)[0]
+    engine.add_request(donor_prompt, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    engine.step()
+    engine.step()
+    late = donor_prompt[:8] + [5]
+    rid = engine.add_request(late, SamplingParams(max_new_tokens=2, ignore_eos=True))
+    events = []
+    while engine.has_work():
+        events += [e for e in engine.step() if e.rid == rid]
+    assert events[-1].reused_tokens == 0
+    assert [e.token for e in events] == reference_greedy("tiny", late, 2)
+
+
+def test_prefix_sharing_can_be_turned_off():
+    engine = _engine(page_size=4, share_prefixes=False)
+    p = _prompts([9], seed=1)[0]
+    outs = engine.generate([p, p + [4]], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert [o.reused_tokens for o in outs] == [0, 0]

@@ -29,6 +29,7 @@ class Event:
     token: int
     finished: bool
     finish_reason: str | None  # "stop" (an eos or stop id, kept as the last token) or "length"
+    reused_tokens: int = 0  # prompt tokens whose K/V came from another request (prefix sharing)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Output:
     prompt: list[int]
     tokens: list[int]
     finish_reason: str
+    reused_tokens: int = 0
 
 
 class Engine:
@@ -44,13 +46,14 @@ class Engine:
                  device=None, *, page_size: int = 16, chunk_size: int = 512, num_pages: int | None = None,
                  max_requests: int = 16, max_context: int | None = None, token_budget: int | None = None,
                  fused: bool = True, seed: int = 0, weights: dict[str, torch.Tensor] | None = None,
-                 graphs: bool | None = None):
+                 graphs: bool | None = None, share_prefixes: bool = True):
         """max_context: the most positions one request may use (default: the model's limit, at
         most 4096). num_pages: the full pool's size in pages (default: max_requests requests of
         max_context each). token_budget: the most tokens one step may run (default: no limit
         beyond chunk_size per prefilling request). weights: tensors to use as they are, with
         path_or_preset then the Gemma4Config they belong to (tests share them with the reference).
-        graphs: replay decode steps from device graphs (default: where the device can)."""
+        graphs: replay decode steps from device graphs (default: where the device can).
+        share_prefixes: a new request reuses the K/V of a running request's identical prefix."""
         for name, v, low in (("page_size", page_size, 1), ("chunk_size", chunk_size, 1),
                              ("max_requests", max_requests, 1), ("num_pages", num_pages, 2),
                              ("max_context", max_context, 1), ("token_budget", token_budget, 1),
@@ -76,7 +79,7 @@ class Engine:
                              num_swa_pages=max_requests * swa_per_request + 1, max_requests=max_requests,
                              max_context=self.max_context, dtype=dtype, device=self.device)
         self.model = PagedGemma4(cfg, weights, self.cache, fused, fuse_projections(cfg, weights))
-        self.scheduler = Scheduler(self.cache, chunk_size, token_budget)
+        self.scheduler = Scheduler(self.cache, chunk_size, token_budget, share_prefixes)
         if graphs and not graphs_supported(self.device):
             raise ValueError(f"graphs=True needs a device that can capture graphs; {self.device} cannot")
         self.decode_graphs: DecodeGraphs | None = None
@@ -167,7 +170,7 @@ class Engine:
             token = greedy[i] if seq.params.greedy else sample(logits[i], seq.params, seq.generator)
             seq.tokens.append(token)
             reason = self._finish_reason(seq, token)
-            events.append(Event(seq.rid, token, reason is not None, reason))
+            events.append(Event(seq.rid, token, reason is not None, reason, seq.reused))
             if reason is None:
                 self.cache.release_window(seq.rid, item.seq_len)
             else:
@@ -206,5 +209,6 @@ class Engine:
                     outputs[e.rid].tokens.append(e.token)
                     if e.finished:
                         outputs[e.rid].finish_reason = e.finish_reason
+                        outputs[e.rid].reused_tokens = e.reused_tokens
                         pending.discard(e.rid)
         return [outputs[rid] for rid in rids]

@@ -10,6 +10,11 @@ Continuous batching under a per-step token budget. Each step takes, in order:
    request's whole length (prompt + max_new_tokens), reserved at admission: a running request
    never runs out of pages, so nothing is ever preempted. A request that does not fit waits,
    and so do the ones behind it (no overtaking).
+
+With `share_prefixes`, a new request whose prompt starts with tokens a running request has
+already written reuses those K/V pages instead of recomputing them: whole pages only, and only
+while the sliding window they need is still resident (KVCache.prefix_reusable decides both).
+Finished requests give their pages back at once, so only running requests can lend.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..batch import BatchItem
-from ..memory import KVCache, OutOfPages, ceil_div
+from ..memory import KVCache, OutOfPages, ceil_div, shared_prefix_len
 from .sampler import SamplingParams
 
 
@@ -32,6 +37,13 @@ class Sequence:
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     done_prompt: int = 0  # prompt tokens whose K/V are in the pool
+    reused: int = 0  # leading prompt tokens whose K/V came from another request
+
+    @property
+    def written(self) -> list[int]:
+        """The tokens whose K/V are in the pool, in position order (the last generated token is fed
+        at the next step)."""
+        return self.prompt[: self.done_prompt] + (self.tokens[:-1] if not self.prefilling else [])
 
     @property
     def length(self) -> int:  # positions it may ever need
@@ -50,8 +62,9 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, chunk_size: int, token_budget: int | None):
+    def __init__(self, cache: KVCache, chunk_size: int, token_budget: int | None, share_prefixes: bool = True):
         self.cache, self.chunk_size, self.token_budget = cache, chunk_size, token_budget
+        self.share_prefixes = share_prefixes
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -85,14 +98,26 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> bool:
         cache = self.cache
-        if self.pages_needed(seq) > cache.full.num_free:
+        donor, reuse = self._best_donor(seq)
+        if self.pages_needed(seq) - reuse // cache.page_size > cache.full.num_free:
             return False
         try:
-            cache.add_request(seq.rid)
+            seq.reused = cache.add_request(seq.rid, donor, reuse)
         except OutOfPages:  # every request row in use
             return False
         cache.reserve(seq.rid, seq.length)  # cannot fail: the pages were counted above
+        seq.done_prompt = seq.reused
         return True
+
+    def _best_donor(self, seq: Sequence) -> tuple[int | None, int]:
+        """The running request that can lend the most of seq's prompt, and how many tokens."""
+        best: tuple[int | None, int] = (None, 0)
+        if self.share_prefixes:
+            for d in self.running:
+                n = self.cache.prefix_reusable(d.rid, shared_prefix_len(d.written, seq.prompt))
+                if n > best[1]:
+                    best = (d.rid, n)
+        return best
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
