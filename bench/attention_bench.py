@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # optimized.kernels first: without an accelerator it switches on Triton's interpreter, which must
 # happen before triton itself is imported.
-from optimized.kernels import INTERPRETING, default_device  # noqa: E402
+from optimized.kernels import INTERPRETING, default_device, device_name  # noqa: E402
 import optimized.kernels.attention as attention  # noqa: E402
 from optimized.kernels.attention import decode_attention, extend_attention  # noqa: E402
 
@@ -203,10 +202,7 @@ def main(argv=None) -> int:
     timer = Timer(device, args.repeats, args.warmup, args.flush_mb)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     copy_bw = copy_bandwidth(timer, device, args.copy_mb << 20)
-    if device.type == "cpu":
-        name = platform.processor() or "cpu"
-    else:
-        name = torch.get_device_module(device).get_device_name(device)
+    name = device_name(device)
     print(f"device: {name}{' (Triton interpreter)' if INTERPRETING else ''}; "
           f"copy bandwidth {copy_bw / 1e9:.0f} GB/s; bf16; page_size {args.page_size}\n")
 

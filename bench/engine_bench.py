@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from optimized.kernels import default_device  # noqa: E402  (first: it may switch on the interpreter)
+from optimized.kernels import default_device, device_name  # noqa: E402  (first: it may switch on the interpreter)
 
 import torch  # noqa: E402
 from optimized.engine import Engine, SamplingParams  # noqa: E402
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.model, args.batch, args.prompt, args.new, args.prefill, args.repeats = "tiny", [1, 4], 8, 4, [32], 1
     config, weights = resolve(args.model, dtype, device, 0)
-    name = torch.get_device_module(device).get_device_name(device) if device.type != "cpu" else "cpu"
+    name = device_name(device)
     print(f"device {name}; model {args.model} (random weights), {str(dtype).removeprefix('torch.')}")
     rows = []
     gen = torch.Generator().manual_seed(0)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # optimized.kernels first: without an accelerator it switches on Triton's interpreter, which must
 # happen before triton itself is imported.
-from optimized.kernels import INTERPRETING, activation, default_device, norms, rope  # noqa: E402
+from optimized.kernels import INTERPRETING, activation, default_device, device_name, norms, rope  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -93,10 +92,7 @@ def main(argv=None) -> int:
     timer = Timer(device, args.repeats, warmup=2, flush_mb=256 if device.type != "cpu" else 0,
                   graphs=not args.no_graphs)
     copy_bw = copy_bandwidth(timer, device, args.copy_mb << 20)
-    if device.type == "cpu":
-        name = platform.processor() or "cpu"
-    else:
-        name = torch.get_device_module(device).get_device_name(device)
+    name = device_name(device)
     print(f"device: {name}{' (Triton interpreter)' if INTERPRETING else ''}; copy bandwidth {copy_bw / 1e9:.0f} GB/s; "
           f"{args.dtype}; median of {args.repeats}; launch {launch}\n")
     header = ("| model | T | op | shape | kernel µs | eager µs | unfused µs | vs unfused | GB/s | % copy BW | "

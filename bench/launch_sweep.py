@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from optimized.kernels import default_device  # noqa: E402  (first: it may switch on the interpreter)
+from optimized.kernels import default_device, device_name  # noqa: E402  (first: it may switch on the interpreter)
 
 import torch  # noqa: E402
 from kernel_bench import KNOB_MODULES, MODELS  # noqa: E402
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(
-            device=torch.get_device_module(device).get_device_name(device) if device.type != "cpu" else "cpu",
+            device=device_name(device),
             copy_bandwidth_Bps=copy_bw, groups=groups,
             rows=[dict(op=op, model=m, T=T, us=[c[0] for c in cells], copy_fraction=[c[1] for c in cells])
                   for (op, m, T), cells in table.items()]), indent=1))

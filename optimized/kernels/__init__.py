@@ -44,3 +44,12 @@ def default_device() -> torch.device:
     if xpu is not None and xpu.is_available():
         return torch.device("xpu")
     return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    """The card's name for benchmark records ("NVIDIA H100 80GB HBM3"), or the CPU's."""
+    if device.type == "cpu":
+        import platform
+
+        return platform.processor() or "cpu"
+    return torch.get_device_module(device).get_device_name(device)
