@@ -35,7 +35,7 @@ from optimized.kernels import INTERPRETING, activation, default_device, device_n
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from oracle.kernel_check import Timer, _cases, check_case, copy_bandwidth, sizes_for  # noqa: E402
+from oracle.kernel_check import Timer, build_cases, check_case, copy_bandwidth, sizes_for  # noqa: E402
 
 MOE_OPS = {"router_input", "softmax_topk", "experts", "post_ffn_moe_residual_scale"}
 MODELS = {"e2b": lambda name: name not in MOE_OPS, "31b": lambda name: name not in MOE_OPS,
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     rows = []
     for model, sizes, wanted in sweep:
         gen = torch.Generator(device=device).manual_seed(args.seed)
-        for case in _cases(sizes, dtype, device, gen, attention=False):
+        for case in build_cases(sizes, dtype, device, gen, attention=False):
             if not wanted(case.name) or (args.ops and case.name not in args.ops):
                 continue
             r = check_case(case, dtype, timer)

@@ -20,7 +20,7 @@ from optimized.kernels import default_device, device_name  # noqa: E402  (first:
 
 import torch  # noqa: E402
 from kernel_bench import KNOB_MODULES, MODELS  # noqa: E402
-from oracle.kernel_check import Timer, _cases, check_case, copy_bandwidth, sizes_for  # noqa: E402
+from oracle.kernel_check import Timer, build_cases, check_case, copy_bandwidth, sizes_for  # noqa: E402
 
 OPS = ["rms_norm", "add_rms_norm", "qkv_norm", "post_ffn_residual_scale", "post_ffn_moe_residual_scale",
        "router_input", "gelu_tanh_mul", "softcap", "apply_rope", "rope_and_store_kv"]
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         for model in args.models:
             for T in args.tokens:
                 gen = torch.Generator(device=device).manual_seed(0)
-                for case in _cases(sizes_for(model, T), torch.bfloat16, device, gen, attention=False):
+                for case in build_cases(sizes_for(model, T), torch.bfloat16, device, gen, attention=False):
                     if case.name in args.ops:
                         r = check_case(case, torch.bfloat16, timer, time_twins=False)
                         share = r.gbps * 1e9 / copy_bw if r.gbps else 0.0

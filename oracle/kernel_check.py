@@ -155,7 +155,7 @@ def copy_bandwidth(timer: Timer, device: torch.device, nbytes: int = 2 << 30) ->
     return 2 * nbytes / (plain(lambda: dst.copy_(src)) * 1e-6)
 
 
-def _cases(s: dict, dtype: torch.dtype, device: torch.device, gen: torch.Generator, attention: bool = True):
+def build_cases(s: dict, dtype: torch.dtype, device: torch.device, gen: torch.Generator, attention: bool = True):
     """One Case per op; the paged attention kernels only with `attention` (they need a context).
     Inputs are drawn with `gen` on its own device (a device generator keeps large sizes fast) and
     moved to `device`."""
@@ -342,7 +342,7 @@ def run_kernel_check(device: torch.device, dtypes=(torch.float32, torch.bfloat16
     results = []
     for dtype in dtypes:
         gen = torch.Generator().manual_seed(seed)
-        for case in _cases(sizes_for(size), dtype, device, gen):
+        for case in build_cases(sizes_for(size), dtype, device, gen):
             if progress:
                 progress(f"{case.name} {str(dtype).removeprefix('torch.')}")
             results.append(check_case(case, dtype, timer))
