@@ -13,6 +13,13 @@ Row statuses: "pass"; "fail" (over budget or new NaN/Inf); "misaligned" (positio
 that cannot line up: a failure too); "missing" (in one capture but not another: reported, not
 judged). A comparison passes when no row fails, no truth request is absent from the candidate,
 and every truth request had at least one tap judged.
+
+Given the model's weights (`compare(..., weights=...)`, as run_scenario does), each tap that has a
+replay (oracle/replay.py) is also judged locally: the candidate against a float64 replay of its
+own upstream taps, budgeted by the reference against a replay of ITS upstream taps, so neither
+carries error inherited from earlier stages. A row then fails when its global OR its local
+judgement fails, and the first divergence says which one did. A local judgement whose inputs a
+capture lacks is "skipped", with the reason. Without weights (the `diff` CLI) nothing changes.
 """
 
 from __future__ import annotations
@@ -27,11 +34,13 @@ import torch
 
 from .capture import Capture, RequestCapture
 from .metrics import as_float_dtype, axis_profile, unravel
+from .replay import Replayer, Skipped
 from .taps import LAYER_KINDS, order_key, parse_tap, truth_counterpart
 from .tolerance import DEFAULT_TOLERANCE, Tolerance, Verdict, judge
 
-PASS, FAIL, MISALIGNED, MISSING = "pass", "fail", "misaligned", "missing"
+PASS, FAIL, MISALIGNED, MISSING, SKIPPED = "pass", "fail", "misaligned", "missing", "skipped"
 FAILING = (FAIL, MISALIGNED)
+GLOBAL, LOCAL, BOTH = "global", "local", "global and local"  # which judgement a divergence failed
 TOP_ELEMENTS = 5  # worst elements listed for a divergent tap
 TOP_POSITIONS = 32  # positions listed, worst first, for a divergent tap
 
@@ -66,14 +75,34 @@ class Element:
 
 
 @dataclass
+class LocalRow:
+    """A tap's layer-local judgement: the candidate against a replay of its own inputs."""
+
+    inputs: list[str]  # the taps it was replayed from
+    status: str  # PASS, FAIL or SKIPPED
+    reasons: list[str] = field(default_factory=list)  # why it fails, or why it was skipped
+    verdict: Verdict | None = None
+    positions: int = 0  # rows judged
+    note: str | None = None  # rows a replay left out, and why
+
+    def to_dict(self) -> dict:
+        d = {"inputs": list(self.inputs), "status": self.status, "reasons": list(self.reasons),
+             "positions": self.positions, "note": self.note}
+        if self.verdict is not None:
+            d.update(_verdict_dict(self.verdict))
+        return d
+
+
+@dataclass
 class TapRow:
     tap: str  # the candidate's tap name (or the truth's, for a tap the candidate lacks)
     truth_tap: str  # what it is judged against
-    status: str
+    status: str  # of the global judgement
     reasons: list[str] = field(default_factory=list)
     verdict: Verdict | None = None
     positions: int = 0  # rows compared
     worst: Element | None = None  # the max-abs element
+    local: LocalRow | None = None  # None: no local judgement (no weights given, or no replay for this tap)
 
     @property
     def layer(self) -> int | None:
@@ -83,15 +112,26 @@ class TapRow:
     def kind(self) -> str:
         return parse_tap(self.tap).kind
 
+    @property
+    def failed_by(self) -> str | None:
+        """GLOBAL, LOCAL or BOTH: which judgements fail; None when neither does."""
+        g = self.status in FAILING
+        loc = self.local is not None and self.local.status == FAIL
+        return BOTH if g and loc else GLOBAL if g else LOCAL if loc else None
+
     def to_dict(self) -> dict:
         d = {"tap": self.tap, "truth_tap": self.truth_tap, "layer": self.layer, "kind": self.kind,
              "status": self.status, "reasons": list(self.reasons), "positions": self.positions,
-             "worst": self.worst.to_dict() if self.worst else None}
+             "worst": self.worst.to_dict() if self.worst else None, "failed_by": self.failed_by,
+             "local": self.local.to_dict() if self.local else None}
         if self.verdict is not None:
-            v = self.verdict
-            d.update(ratio=v.ratio, max_abs_ratio=v.max_abs_ratio, error=v.error.to_dict(),
-                     noise=v.noise.to_dict(), budget=v.budget.to_dict())
+            d.update(_verdict_dict(self.verdict))
         return d
+
+
+def _verdict_dict(v: Verdict) -> dict:
+    return {"ratio": v.ratio, "max_abs_ratio": v.max_abs_ratio, "error": v.error.to_dict(),
+            "noise": v.noise.to_dict(), "budget": v.budget.to_dict()}
 
 
 @dataclass
@@ -104,6 +144,20 @@ class Divergence:
     positions: list[dict] = field(default_factory=list)  # worst first: position, chunk, rel errors
     chunks: list[dict] = field(default_factory=list)  # per chunk: range, max/mean rel error
     heads: list[dict] = field(default_factory=list)  # worst first, for taps with a head axis
+
+    @property
+    def judgement(self) -> str:
+        """GLOBAL, LOCAL or BOTH. Where the global judgement fails, the location above is of the
+        error against the truth; where only the local one does, of the error against the replay."""
+        return self.row.failed_by or GLOBAL
+
+    @property
+    def verdict(self) -> Verdict | None:
+        return self.row.local.verdict if self.judgement == LOCAL else self.row.verdict
+
+    @property
+    def reasons(self) -> list[str]:
+        return self.row.local.reasons if self.judgement == LOCAL else self.row.reasons
 
     @property
     def tap(self) -> str:
@@ -119,17 +173,22 @@ class Divergence:
 
     def describe(self) -> str:
         where = "model level" if self.layer is None else f"layer {self.layer}"
-        text = f"{where}, tensor {self.kind} ({self.tap}), request {self.request!r}: {'; '.join(self.row.reasons)}"
+        how = f"{self.judgement} judgement"
+        if self.judgement == LOCAL:
+            how += f", replayed from {', '.join(self.row.local.inputs)}"
+        text = f"{where}, tensor {self.kind} ({self.tap}), request {self.request!r} [{how}]: {'; '.join(self.reasons)}"
         if self.worst_elements:
             e = self.worst_elements[0]
-            text += f"; worst at {e.where()}: candidate {e.candidate:.6g} vs truth {e.truth:.6g}"
+            against = "replay" if self.judgement == LOCAL else "truth"
+            text += f"; worst at {e.where()}: candidate {e.candidate:.6g} vs {against} {e.truth:.6g}"
         return text
 
     def to_dict(self) -> dict:
+        v = self.verdict
         return {"request": self.request, "tap": self.tap, "truth_tap": self.row.truth_tap, "layer": self.layer,
-                "kind": self.kind, "status": self.row.status, "reasons": list(self.row.reasons),
-                "ratio": self.row.verdict.ratio if self.row.verdict else None,
-                "max_abs_ratio": self.row.verdict.max_abs_ratio if self.row.verdict else None,
+                "kind": self.kind, "judgement": self.judgement,
+                "status": FAIL if self.judgement == LOCAL else self.row.status, "reasons": list(self.reasons),
+                "ratio": v.ratio if v else None, "max_abs_ratio": v.max_abs_ratio if v else None,
                 "worst_elements": [e.to_dict() for e in self.worst_elements],
                 "positions": self.positions, "chunks": self.chunks, "heads": self.heads}
 
@@ -181,11 +240,15 @@ class Comparison:
 
     def counts(self) -> dict[str, int]:
         rows = [row for r in self.requests for row in r.rows]
+        local = [row.local for row in rows if row.local is not None]
         return {"requests": len(self.requests),
                 "taps_judged": sum(row.status != MISSING for row in rows),
-                "taps_failed": sum(row.status in FAILING for row in rows),
+                "taps_failed": sum(row.failed_by is not None for row in rows),
                 "taps_missing": sum(row.status == MISSING for row in rows),
-                "requests_diverged": sum(r.first_divergence is not None for r in self.requests)}
+                "requests_diverged": sum(r.first_divergence is not None for r in self.requests),
+                "local_judged": sum(x.status != SKIPPED for x in local),
+                "local_failed": sum(x.status == FAIL for x in local),
+                "local_skipped": sum(x.status == SKIPPED for x in local)}
 
     def to_dict(self) -> dict:
         first = self.first_divergence
@@ -201,7 +264,8 @@ class Comparison:
     def summary(self) -> str:
         """A few lines for a terminal or a failing assertion; the first names the verdict."""
         c = self.counts()
-        settings = (f"[{self.dtype} vs {self.truth_dtype} truth; budget {self.tolerance.multiple:g}x noise "
+        local = f"; {c['local_judged']} local judgements" if c["local_judged"] or c["local_skipped"] else ""
+        settings = (f"[{self.dtype} vs {self.truth_dtype} truth{local}; budget {self.tolerance.multiple:g}x noise "
                     f"(max abs {self.tolerance.max_abs_multiple:g}x) + floor]")
         first = self.first_divergence
         if first is not None:
@@ -219,6 +283,9 @@ class Comparison:
             lines.append(f"requests only in the candidate (not judged): {self.extra_requests}")
         if c["taps_missing"]:
             lines.append(f"{c['taps_missing']} taps present in one capture but not another (see rows marked missing)")
+        if c["local_skipped"]:
+            lines.append(f"{c['local_skipped']} local judgements skipped (their inputs are not in a capture; "
+                         f"see each row's local.reasons)")
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -229,11 +296,13 @@ class Comparison:
         return f"no tap could be judged for requests {empty}"
 
     def _closest_call(self) -> str:
-        rows = [(row.verdict.ratio, row.tap, r.request) for r in self.requests for row in r.rows if row.verdict]
+        rows = [(row.verdict.ratio, row.tap, r.request, "") for r in self.requests for row in r.rows if row.verdict]
+        rows += [(row.local.verdict.ratio, row.tap, r.request, " (local)") for r in self.requests for row in r.rows
+                 if row.local is not None and row.local.verdict]
         if not rows:
             return ""
-        ratio, tap, request = max(rows)
-        return f" (closest: {tap} of request {request!r} at {ratio:.2g} of its budget)"
+        ratio, tap, request, how = max(rows)
+        return f" (closest: {tap}{how} of request {request!r} at {ratio:.2g} of its budget)"
 
 
 # --------------------------------------------------------------------------------------
@@ -242,18 +311,21 @@ class Comparison:
 
 
 def compare(truth: Capture, ref: Capture, cand: Capture, config, *, tolerance: Tolerance = DEFAULT_TOLERANCE,
-            chunk_boundaries: Mapping[str, Sequence[int]] | None = None) -> Comparison:
+            chunk_boundaries: Mapping[str, Sequence[int]] | None = None,
+            weights: Mapping[str, torch.Tensor] | None = None) -> Comparison:
     """Judge every tap of `cand` against `truth`, budgeted by `ref`'s noise.
 
     `config` (Gemma4Config) must be the model all three captured. `chunk_boundaries` maps a
     request id to the positions where its prefill chunks (and decode steps) start; without it,
-    the candidate's metadata["scenario"]["chunk_boundaries"] is used when present."""
+    the candidate's metadata["scenario"]["chunk_boundaries"] is used when present. `weights`
+    (that model's, in the compared dtype or float64) turn on the layer-local judgement."""
     _check_same_model(config, truth=truth, ref=ref, cand=cand)
     dtype = _compared_dtype(ref, cand)
     truth_dtype = truth.metadata.get("dtype")
     notes = _notes(dtype, truth_dtype)
     if chunk_boundaries is None:
         chunk_boundaries = _scenario_chunks(cand)
+    replayer = Replayer(config, weights) if weights is not None else None
 
     results = []
     for request_id, truth_req in truth.requests.items():
@@ -261,23 +333,80 @@ def compare(truth: Capture, ref: Capture, cand: Capture, config, *, tolerance: T
             continue
         starts = _chunk_starts(chunk_boundaries.get(request_id)) if chunk_boundaries else None
         results.append(_compare_request(request_id, truth_req, ref.requests.get(request_id), cand.requests[request_id],
-                                        config, dtype, tolerance, starts))
+                                        config, dtype, tolerance, starts, replayer))
     missing = [r for r in truth.requests if r not in cand.requests]
     extra = [r for r in cand.requests if r not in truth.requests]
     return Comparison(results, dtype, truth_dtype, tolerance, missing, extra, notes)
 
 
 def _compare_request(request_id: str, truth: RequestCapture, ref: RequestCapture | None, cand: RequestCapture,
-                     config, dtype: str | None, tolerance: Tolerance, starts: list[int] | None) -> RequestComparison:
+                     config, dtype: str | None, tolerance: Tolerance, starts: list[int] | None,
+                     replayer: Replayer | None = None) -> RequestComparison:
     rows = [_compare_tap(tap, truth_counterpart(tap), truth, ref, cand, dtype, tolerance) for tap in cand.taps]
     for tap in truth.taps:
         if tap not in cand.taps:  # a pool tap judged against it does not stand in for it
             rows.append(TapRow(tap, tap, MISSING, ["not captured by the candidate"]))
     rows.sort(key=lambda r: order_key(r.tap))
 
-    first_row = next((r for r in rows if r.status in FAILING), None)
-    first = _locate(request_id, first_row, truth, ref, cand, starts) if first_row else None
+    failing_local = {}  # tap -> the aligned tensors of a failing local judgement, to locate it
+    if replayer is not None:
+        for row in rows:
+            if row.tap in cand.taps:
+                row.local, tensors = _local_row(row.tap, replayer, ref, cand, dtype, tolerance)
+                if row.local is not None and row.local.status == FAIL:
+                    failing_local[row.tap] = tensors
+
+    first_row = next((r for r in rows if r.failed_by is not None), None)
+    first = None
+    if first_row is not None:
+        if first_row.failed_by == LOCAL:
+            first = _locate(request_id, first_row, failing_local[first_row.tap], starts)
+        else:
+            aligned = _align(first_row.tap, first_row.truth_tap, truth, ref, cand) if first_row.status == FAIL else None
+            first = _locate(request_id, first_row, aligned, starts)
     return RequestComparison(request_id, rows, first, _layer_growth(rows, config), starts)
+
+
+def _local_row(tap: str, replayer: Replayer, ref: RequestCapture | None, cand: RequestCapture, dtype: str | None,
+               tolerance: Tolerance) -> tuple[LocalRow | None, tuple | None]:
+    """The local judgement of one tap (None where the tap has no replay) and, when it fails, the
+    aligned (cand, ref, cand replay, positions, ref replay) to locate the error in."""
+    inputs = replayer.inputs(tap)
+    if inputs is None:
+        return None, None
+    inputs = list(inputs)
+    if ref is None:
+        return LocalRow(inputs, SKIPPED, ["the reference has no capture of this request"]), None
+    compared = as_float_dtype(dtype) if dtype else cand.taps[tap].dtype
+    replays = {}
+    for side, req in (("candidate", cand), ("reference", ref)):
+        if tap not in req.taps:
+            return LocalRow(inputs, SKIPPED, [f"the {side} has no {tap}"]), None
+        replays[side] = replayer.replay(tap, req, compared)
+        if isinstance(replays[side], Skipped):
+            return LocalRow(inputs, SKIPPED, [f"{side}: {replays[side].reason}"]), None
+    c_rep, r_rep = replays["candidate"], replays["reference"]
+
+    positions = cand.positions_of(tap)
+    r_idx, absent = _rows_at(ref.positions_of(tap), positions)
+    if absent:
+        return LocalRow(inputs, SKIPPED, [f"candidate positions {absent} are not in the reference's {tap}"]), None
+    keep = torch.ones(positions.numel(), dtype=torch.bool)
+    if c_rep.rows is not None:
+        keep &= c_rep.rows
+    if r_rep.rows is not None:
+        keep &= r_rep.rows[r_idx]
+    note = "; ".join(f"{side}: {x.note}" for side, x in replays.items() if x.note) or None
+    if not bool(keep.any()):
+        return LocalRow(inputs, SKIPPED, [f"no row could be replayed ({note})"], note=note), None
+    c, c_truth = cand.taps[tap][keep], c_rep.values[keep]
+    r, r_truth = ref.taps[tap][r_idx][keep], r_rep.values[r_idx][keep]
+    if c.shape != c_truth.shape or r.shape != c.shape or r_truth.shape != c.shape:
+        return LocalRow(inputs, SKIPPED, [f"shapes do not line up: candidate {list(c.shape)}, replay "
+                                          f"{list(c_truth.shape)}, reference {list(r.shape)}"]), None
+    verdict = judge(c, r, c_truth, dtype or c.dtype, tolerance, ref_truth=r_truth)
+    row = LocalRow(inputs, PASS if verdict.passed else FAIL, list(verdict.reasons), verdict, int(keep.sum()), note)
+    return row, (None if verdict.passed else (c, r, c_truth, positions[keep], r_truth))
 
 
 def _compare_tap(tap: str, truth_tap: str, truth: RequestCapture, ref: RequestCapture | None, cand: RequestCapture,
@@ -339,13 +468,15 @@ def _element(tap: str, index: tuple[int, ...], positions: torch.Tensor, c: torch
 # --------------------------------------------------------------------------------------
 
 
-def _locate(request_id: str, row: TapRow, truth: RequestCapture, ref: RequestCapture | None, cand: RequestCapture,
-            starts: list[int] | None) -> Divergence:
+def _locate(request_id: str, row: TapRow, aligned: tuple | None, starts: list[int] | None) -> Divergence:
+    """`aligned`: (cand, ref, truth, positions[, the ref's own truth]) row for row, or None where
+    nothing lines up to measure (misaligned). A local judgement's truths are the two replays."""
     div = Divergence(request_id, row)
-    if row.status != FAIL:  # misaligned: nothing lines up to measure
+    if aligned is None:
         return div
-    c, r, t, positions = _align(row.tap, row.truth_tap, truth, ref, cand)
+    c, r, t, positions = aligned[:4]
     c64, r64, t64 = c.double(), r.double(), t.double()
+    rt64 = aligned[4].double() if len(aligned) > 4 else t64
 
     abs_err = torch.where(torch.isfinite(c64) & torch.isfinite(t64), (c64 - t64).abs(), math.inf)
     abs_err = torch.where(torch.isnan(t64), 0.0, abs_err)  # both-sided NaN carries no information
@@ -355,7 +486,7 @@ def _locate(request_id: str, row: TapRow, truth: RequestCapture, ref: RequestCap
         div.worst_elements.append(_element(row.tap, index, positions, c, r, t))
 
     cand_rows = axis_profile(c64, t64, 0)
-    ref_rows = axis_profile(r64, t64, 0)
+    ref_rows = axis_profile(r64, rt64, 0)
     order = torch.argsort(cand_rows, descending=True, stable=True)
     for i in order[:TOP_POSITIONS].tolist():
         p = int(positions[i])
@@ -364,7 +495,7 @@ def _locate(request_id: str, row: TapRow, truth: RequestCapture, ref: RequestCap
     if starts is not None:
         div.chunks = _by_chunk(positions, cand_rows, ref_rows, starts)
     if "head" in parse_tap(row.tap).axes:
-        cand_heads, ref_heads = axis_profile(c64, t64, 1), axis_profile(r64, t64, 1)
+        cand_heads, ref_heads = axis_profile(c64, t64, 1), axis_profile(r64, rt64, 1)
         for h in torch.argsort(cand_heads, descending=True, stable=True).tolist():
             div.heads.append({"head": h, "rel_error": float(cand_heads[h]), "ref_rel_error": float(ref_heads[h])})
     return div

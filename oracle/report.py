@@ -5,8 +5,9 @@
 
 `facts` is a plain JSON-able dict (the schema is below); the report shows, top to bottom: the
 verdict, the first divergence, each scenario (its settings, a drawing of its page layout and
-chunks, a layer x tap-kind heatmap of error/budget, error growth across layers), the kernels
-table when given, the environment, and last the command that reproduces it.
+chunks, a layer x tap-kind heatmap of error/budget, a second one for the layer-local judgements
+when the comparison has them, error growth across layers), the kernels table when given, the
+environment, and last the command that reproduces it.
 
     {"title": str, "verdict": "parity" | "divergence" | "no verdict", "summary": str,
      "scenarios": [{"name": str, "passed": bool, "scenario": {...scenario JSON...},
@@ -516,6 +517,8 @@ def _cell(row: Mapping[str, Any] | None, first_tap: str | None, layer: int | Non
         text, (bg, fg) = fmt_ratio(ratio), ratio_colour(ratio)
     err, noise, budget = (row.get(k) or {} for k in ("error", "noise", "budget"))
     parts = [f"{row.get('tap', tap)}: {status}"]
+    if row.get("inputs"):
+        parts.append(f"replayed from {', '.join(str(t) for t in row['inputs'])}")
     if ratio is not None:
         parts.append(f"error/budget {fmt(ratio)} (rel L2 {fmt(err.get('rel_l2'))}, budget {fmt(budget.get('rel_l2'))}, "
                      f"reference noise {fmt(noise.get('rel_l2'))}); max abs error/budget {fmt(row.get('max_abs_ratio'))}")
@@ -539,6 +542,30 @@ def heatmap(request: Mapping[str, Any], n_layers: int | None = None) -> dict:
     head = [_cell(by_key[(None, k)], first_tap, None, k) for k in HEAD_KINDS if (None, k) in by_key]
     tail = [_cell(by_key[(None, k)], first_tap, None, k) for k in TAIL_KINDS if (None, k) in by_key]
     return {"kinds": kinds, "grid": grid, "head": head, "tail": tail}
+
+
+def local_heatmap(request: Mapping[str, Any], n_layers: int | None = None) -> dict | None:
+    """The same grid for the layer-local judgements (error against a replay of the tap's own
+    inputs, over the reference's noise against ITS replay); None when no tap was judged locally.
+    Skipped judgements show as "skip" with their reason on hover."""
+    rows = []
+    for r in request.get("rows") or []:
+        loc = r.get("local")
+        if not loc:
+            continue
+        reasons = list(loc.get("reasons") or []) + ([loc["note"]] if loc.get("note") else [])
+        rows.append({**loc, "tap": r.get("tap"), "layer": r.get("layer"), "kind": r.get("kind"),
+                     "reasons": reasons, "inputs": loc.get("inputs")})
+    if not rows:
+        return None
+    fd = request.get("first_divergence") or {}
+    local_first = fd if fd.get("judgement") in ("local", "global and local") else {}
+    grid = heatmap({"rows": rows, "first_divergence": local_first}, n_layers)
+    for cells in [grid["head"], grid["tail"], *(row["cells"] for row in grid["grid"])]:
+        for c in cells:
+            if c["status"] == "skipped":
+                c.update(text="skip", bg="#eceef1", fg="#6a7280")
+    return grid
 
 
 # --------------------------------------------------------------------------------------
@@ -638,6 +665,7 @@ def _scenario_view(index: int, s: Mapping[str, Any]) -> dict:
             "passed": bool(req.get("passed")),
             "first_tap": fd.get("tap"),
             "heatmap": heatmap(req, len(growth.get("layers") or []) or None),
+            "local_heatmap": local_heatmap(req, len(growth.get("layers") or []) or None),
             "growth": growth_drawings(growth, mark),
             "missing": req.get("missing") or [],
         })
@@ -689,6 +717,10 @@ def _first_divergence_view(raw: list, views: list[dict]) -> dict | None:
     rid = str(fd.get("request"))
     req = next((r for r in comp.get("requests") or [] if str(r.get("request")) == rid), {})
     row = next((r for r in req.get("rows") or [] if r.get("tap") == fd.get("tap")), {})
+    judgement = fd.get("judgement") or "global"
+    local = row.get("local") or {}
+    if judgement == "local":  # the numbers of the judgement that failed: error against the replay
+        row = local
     layout_req = next((r for r in (s.get("layout") or {}).get("requests") or [] if str(r.get("id")) == rid), None)
     spans = chunk_spans(layout_req)
     starts = req.get("chunk_starts")
@@ -718,7 +750,10 @@ def _first_divergence_view(raw: list, views: list[dict]) -> dict | None:
                          "coords": [(e.get("coords") or {}).get(k) for k in coords],
                          "candidate": fmt(e.get("candidate"), 7), "truth": fmt(e.get("truth"), 7),
                          "ref": fmt(e.get("ref"), 7), "abs_error": fmt(e.get("abs_error")),
-                         "ref_error": fmt(abs(r - t)) if r is not None and t is not None else "–"})
+                         # A local failure's "truth" is the replay of the CANDIDATE's inputs; the
+                         # reference's own replay differs, so |ref - it| would mean nothing.
+                         "ref_error": fmt(abs(r - t)) if r is not None and t is not None and judgement != "local"
+                         else "–"})
 
     positions = []
     for p in (fd.get("positions") or [])[:TOP_POSITIONS]:
@@ -771,6 +806,8 @@ def _first_divergence_view(raw: list, views: list[dict]) -> dict | None:
         "metrics": metrics, "coords": coords, "elements": elements, "positions": positions,
         "chunk_sentence": chunk_sentence, "chunks": chunks, "heads": heads,
         "ulp": _ulp_view(err.get("ulp"), noise.get("ulp")), "others": others,
+        "judgement": judgement, "local_inputs": [str(t) for t in local.get("inputs") or []],
+        "against": "replay" if judgement == "local" else "truth",
     }
 
 

@@ -99,7 +99,8 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
             taps=lambda i, name, pos, t: builder.add(ids[i], name, pos, t))
     cand = builder.build()
     chunks = {rid: [start for start, _ in res.steps] for rid, res in zip(ids, results)}
-    comparison = compare(truth, ref, cand, cfg, tolerance=tolerance, chunk_boundaries=chunks)
+    # The truth model's float64 weights let compare() replay each stage locally (oracle/replay.py).
+    comparison = compare(truth, ref, cand, cfg, tolerance=tolerance, chunk_boundaries=chunks, weights=truth_model.w)
     layout = {
         "page_size": e.page_size,
         "num_pages": runner.cache.full.num_pages,

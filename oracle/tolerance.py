@@ -119,9 +119,13 @@ class Verdict:
 
 
 def judge(candidate: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype | str,
-          tolerance: Tolerance = DEFAULT_TOLERANCE) -> Verdict:
-    """Verdict on one tap; the three tensors are aligned row for row and of the same shape."""
-    noise = error_metrics(ref, truth, ulp_dtype=dtype)
+          tolerance: Tolerance = DEFAULT_TOLERANCE, *, ref_truth: torch.Tensor | None = None) -> Verdict:
+    """Verdict on one tap; the tensors are aligned row for row and of the same shape.
+
+    `ref_truth` is what the reference is measured against when that is not the candidate's
+    truth: a layer-local judgement (oracle/replay.py) measures each path against a replay of its
+    own inputs."""
+    noise = error_metrics(ref, truth if ref_truth is None else ref_truth, ulp_dtype=dtype)
     budget = tolerance.budget(noise, dtype)
     # Mismatch fraction: the share of elements beyond the max-abs budget (how widespread a
     # failure is).

@@ -39,6 +39,7 @@ import triton.language as tl
 from reference.window import first_visible_key, visible
 
 from . import DOT_IN_STORAGE_DTYPE, INTERPRETING
+from .norms import store_rounded
 
 if INTERPRETING and type(tl.zeros).__name__ != "InterpretedFunction":
     # Triton's own library (tl.zeros, tl.cdiv, ...) is made of @jit functions defined when triton
@@ -219,7 +220,9 @@ def _extend_kernel(
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_off = (row0 + tok).to(tl.int64)[:, None] * stride_on + head[:, None] * stride_oh + d[None, :]
-    tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    # Rounded to nearest with integer ops: the interpreter's cast truncates bf16 (norms.round_to),
+    # which left outputs one ULP low where the float32 result sat just under a bf16 value.
+    store_rounded(o_ptr + o_off, o, row_ok[:, None])
 
 
 def extend_attention(q, k_pool, v_pool, page_table, page_size, cu_seqlens_q, seq_lens,
@@ -313,7 +316,7 @@ def _decode_split_kernel(
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_off = b.to(tl.int64) * stride_ob + head[:, None] * stride_oh + split * stride_os + d[None, :]
     if FINAL:
-        tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        store_rounded(o_ptr + o_off, o, row_ok[:, None])
     else:
         tl.store(o_ptr + o_off, o, mask=row_ok[:, None])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
@@ -341,7 +344,7 @@ def _decode_merge_kernel(
     for i in range(0, n_splits):
         acc += tl.exp2(tl.load(lse_row + i) - lse_max) * tl.load(part_row + i * stride_ps + d)
     o = acc / tl.where(total == 0.0, 1.0, total)
-    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, o.to(o_ptr.dtype.element_ty))
+    store_rounded(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, o, None)
 
 
 def default_num_splits(batch: int, kv_heads: int, max_keys: int) -> int:

@@ -1,0 +1,315 @@
+"""Layer-local replay: recompute one tap in float64 from the upstream taps of the same capture.
+
+The global judgement (oracle/compare.py) measures a tap against the truth, so its error and its
+noise both carry everything earlier layers passed on; deep in a bfloat16 stack that inherited
+error dwarfs what one stage adds. A replay removes it: feed a stage the capture's OWN inputs
+(cast to float64) and run the reference's math on them. Then
+
+    local error = metric(cand[T] vs replay(cand)[T])     what the candidate's stage T added
+    local noise = metric(ref[T]  vs replay(ref)[T])      what the reference's stage T adds
+
+(oracle/compare.py judges the pair with the usual Tolerance). The math is the reference's own
+(reference/model.py); this module only cuts it at the tap boundaries.
+
+    replayer = Replayer(config, weights)       # weights in any dtype; kept in float64
+    replayer.inputs("layers.3.o")              # ("layers.3.q", "layers.3.k", "layers.3.v")
+    result = replayer.replay("layers.3.o", request_capture)   # Replayed, or Skipped(reason)
+
+Stages and their inputs (STAGES below; `prev` is the previous layer's `out`, `embed` for layer 0):
+
+    q           prev                      pre-attention norm, q_proj, q_norm, RoPE at the tap's positions
+    k, v        prev                      k_proj / v_proj (or raw k on K=V layers), k_norm + RoPE / v_norm
+    k, v        layers.{src}.k / .v       on a KV-shared layer: it attends with its source's final K / V
+                                          at the same positions (an identity, exact by definition)
+    o           q, k, v of the layer      causal (+ sliding window) attention, GQA, scale 1.0
+    attn_out    prev, o                   o_proj, post-attention norm, residual add
+    mlp_out     attn_out                  dense MLP (+ router, top-k experts, branch norms on MoE)
+    out         attn_out, mlp_out, (ple)  residual add, PLE block, layer_scalar
+    final_norm  last layer's out
+    logits      final_norm                tied lm head, softcap
+
+Not replayed: `embed` and `ple` (their input is the token ids, which a capture does not hold) and
+the pool taps `k_cache` / `v_cache` (optimized path only, so there is no reference noise for them;
+the global judgement against the truth's k / v covers them).
+
+Rows a replay cannot define are left out, never guessed: attention rows whose visible keys are not
+all in the capture (a request that reused a cached prefix has no taps for the prefix), and MoE rows
+whose top-k choice is a near tie (see `_moe`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from reference.config import Gemma4Config, LayerSpec
+from reference.model import Gemma4Reference, apply_rope, attend, attention_mask, gelu_tanh, rms_norm, rope_cos_sin
+from reference.window import first_visible_key, visible
+
+from .capture import RequestCapture
+from .taps import TapNameError, parse_tap
+
+F64 = torch.float64
+
+# A top-k choice is a near tie when the gap between the k-th and (k+1)-th router logits is under
+# this many times their rounding scale in the compared dtype (see _near_tie): the capture's own
+# rounding may flip such a choice, and then either expert set is a correct output. Measured on
+# tiny-moe in bfloat16 (4 seeds x 6 prompts x 6 layers, 1440 rows): the reference's own flips
+# against float64 all sat below 0.4 of the scale; 4 leaves 10x headroom and sets aside ~8% of rows.
+ROUTER_TIE = 4.0
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """A replayed tap: float64 values [T, ...] on the capture's positions, and which rows are
+    defined (None: all); `note` says why rows were left out."""
+
+    values: torch.Tensor
+    rows: torch.Tensor | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """No replay for this tap in this capture, and why."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    inputs: Callable[[Gemma4Config, int | None], tuple[str, ...]]  # (config, layer) -> input tap names
+    run: Callable[..., torch.Tensor | Replayed]  # (model, spec, *inputs, positions=[, compared_dtype=])
+    wants_dtype: bool = False  # a discrete choice (MoE top-k) needs the compared dtype's rounding
+
+
+# --------------------------------------------------------------------------------------
+# One function per stage. Inputs are float64 [T, ...]; `positions` [T] are the capture's.
+# --------------------------------------------------------------------------------------
+
+
+def replay_q(m: Gemma4Reference, spec: LayerSpec, prev: torch.Tensor, *, positions: torch.Tensor) -> torch.Tensor:
+    h = _pre_attention(m, spec, prev)
+    q = F.linear(h, m.w[_attn(spec) + "q_proj.weight"]).view(h.shape[0], -1, spec.head_dim)
+    return _rope(m, spec, rms_norm(q, m.w[_attn(spec) + "q_norm.weight"], m.config.rms_norm_eps), positions)
+
+
+def replay_k(m: Gemma4Reference, spec: LayerSpec, prev: torch.Tensor, *, positions: torch.Tensor) -> torch.Tensor:
+    if spec.kv_shared:
+        return prev  # the source layer's k tap (see _kv_inputs)
+    k_raw = _k_raw(m, spec, _pre_attention(m, spec, prev))
+    return _rope(m, spec, rms_norm(k_raw, m.w[_attn(spec) + "k_norm.weight"], m.config.rms_norm_eps), positions)
+
+
+def replay_v(m: Gemma4Reference, spec: LayerSpec, prev: torch.Tensor, *, positions: torch.Tensor) -> torch.Tensor:
+    if spec.kv_shared:
+        return prev  # the source layer's v tap
+    h = _pre_attention(m, spec, prev)
+    # K=V full layers have no v_proj: V is the raw key projection (before k_norm and RoPE).
+    v_raw = F.linear(h, m.w[_attn(spec) + "v_proj.weight"]).view(h.shape[0], -1, spec.head_dim) \
+        if spec.has_v_proj else _k_raw(m, spec, h)
+    return rms_norm(v_raw, None, m.config.rms_norm_eps)
+
+
+def replay_o(m: Gemma4Reference, spec: LayerSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+             positions: torch.Tensor) -> Replayed:
+    # The mask is built from position values, so a capture that starts past 0 (a reused prefix)
+    # still lines up; rows missing some visible key are computed but left out.
+    mask = attention_mask(positions, spec.window, F64)
+    o = attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask)[0].transpose(0, 1)
+    needed = torch.tensor([p - first_visible_key(p, spec.window) + 1 for p in positions.tolist()],
+                          device=positions.device)
+    present = visible(positions[:, None], positions[None, :], spec.window).sum(dim=1)
+    rows = present == needed
+    if bool(rows.all()):
+        return Replayed(o)
+    return Replayed(o, rows, f"{int((~rows).sum())} query rows left out: some of their visible keys are "
+                             f"not in the capture (e.g. a reused prefix)")
+
+
+def replay_attn_out(m: Gemma4Reference, spec: LayerSpec, prev: torch.Tensor, o: torch.Tensor, *,
+                    positions: torch.Tensor) -> torch.Tensor:
+    a = F.linear(o.reshape(o.shape[0], -1), m.w[_attn(spec) + "o_proj.weight"])
+    return prev + rms_norm(a, m.w[_layer(spec) + "post_attention_layernorm.weight"], m.config.rms_norm_eps)
+
+
+def replay_mlp_out(m: Gemma4Reference, spec: LayerSpec, attn_out: torch.Tensor, *, positions: torch.Tensor,
+                   compared_dtype: torch.dtype | None = None) -> torch.Tensor | Replayed:
+    p, eps = _layer(spec), m.config.rms_norm_eps
+    dense = m.mlp(rms_norm(attn_out, m.w[p + "pre_feedforward_layernorm.weight"], eps), p)
+    if not m.config.enable_moe_block:
+        return rms_norm(dense, m.w[p + "post_feedforward_layernorm.weight"], eps)
+    return _moe(m, spec, attn_out, dense, compared_dtype)
+
+
+def replay_out(m: Gemma4Reference, spec: LayerSpec, attn_out: torch.Tensor, mlp_out: torch.Tensor,
+               ple: torch.Tensor | None = None, *, positions: torch.Tensor) -> torch.Tensor:
+    p, w, eps = _layer(spec), m.w, m.config.rms_norm_eps
+    x = attn_out + mlp_out
+    if ple is not None:
+        g = gelu_tanh(F.linear(x, w[p + "per_layer_input_gate.weight"])) * ple[:, spec.index, :]
+        g = F.linear(g, w[p + "per_layer_projection.weight"])
+        x = x + rms_norm(g, w[p + "post_per_layer_input_norm.weight"], eps)
+    return x * w[p + "layer_scalar"]
+
+
+def replay_final_norm(m: Gemma4Reference, spec: None, last_out: torch.Tensor, *,
+                      positions: torch.Tensor) -> torch.Tensor:
+    return rms_norm(last_out, m.w["norm.weight"], m.config.rms_norm_eps)
+
+
+def replay_logits(m: Gemma4Reference, spec: None, final_norm: torch.Tensor, *, positions: torch.Tensor) -> torch.Tensor:
+    return m.lm_head(final_norm)
+
+
+# --------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------
+
+
+def _layer(spec: LayerSpec) -> str:
+    return f"layers.{spec.index}."
+
+
+def _attn(spec: LayerSpec) -> str:
+    return f"layers.{spec.index}.self_attn."
+
+
+def _pre_attention(m: Gemma4Reference, spec: LayerSpec, prev: torch.Tensor) -> torch.Tensor:
+    return rms_norm(prev, m.w[_layer(spec) + "input_layernorm.weight"], m.config.rms_norm_eps)
+
+
+def _k_raw(m: Gemma4Reference, spec: LayerSpec, h: torch.Tensor) -> torch.Tensor:
+    return F.linear(h, m.w[_attn(spec) + "k_proj.weight"]).view(h.shape[0], -1, spec.head_dim)
+
+
+def _rope(m: Gemma4Reference, spec: LayerSpec, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    cos, sin = rope_cos_sin(m.config.rope[spec.type], spec.head_dim, positions, F64)
+    return apply_rope(x, cos, sin)
+
+
+def _moe(m: Gemma4Reference, spec: LayerSpec, r: torch.Tensor, dense: torch.Tensor,
+         compared_dtype: torch.dtype | None) -> Replayed:
+    """The MoE branch as reference/model.py runs it, in float64 on the capture's attn_out.
+
+    The top-k choice is discrete: where the k-th and (k+1)-th router logits nearly tie, the
+    capture's own rounding may pick either set, and the two outputs differ by a whole expert.
+    Such rows are left out (counted in the note) rather than judged against a choice the
+    capture was free to make the other way."""
+    p, w, eps = _layer(spec), m.w, m.config.rms_norm_eps
+    weights, experts = m.route(r, p)
+    moe = m.experts(rms_norm(r, w[p + "pre_feedforward_layernorm_2.weight"], eps), weights, experts, p)
+    mixed = rms_norm(dense, w[p + "post_feedforward_layernorm_1.weight"], eps) \
+        + rms_norm(moe, w[p + "post_feedforward_layernorm_2.weight"], eps)
+    out = rms_norm(mixed, w[p + "post_feedforward_layernorm.weight"], eps)
+    rows = ~_near_tie(m, r, p, compared_dtype)
+    if bool(rows.all()):
+        return Replayed(out)
+    return Replayed(out, rows, f"{int((~rows).sum())} rows left out: their top-{m.config.top_k_experts} expert "
+                               f"choice is a near tie that rounding may flip")
+
+
+def _near_tie(m: Gemma4Reference, r: torch.Tensor, p: str, compared_dtype: torch.dtype | None) -> torch.Tensor:
+    """Rows whose k-th and (k+1)-th router logits are closer than rounding in the compared dtype
+    can separate. A logit l_i = sum_j W_ij z_j picks up rounding from z (normed and scaled in
+    that dtype) and from its own store: its scale is eps * (||W_i * z||_2 + |l_i|)."""
+    cfg = m.config
+    if compared_dtype is None or cfg.top_k_experts >= cfg.num_experts:
+        return torch.zeros(r.shape[0], dtype=torch.bool, device=r.device)
+    z = rms_norm(r, None, cfg.rms_norm_eps) * m.w[p + "router.scale"] * cfg.hidden_size ** -0.5
+    proj = m.w[p + "router.proj.weight"]
+    logits = F.linear(z, proj)
+    scale = torch.finfo(compared_dtype).eps * (torch.sqrt((z * z) @ (proj * proj).T) + logits.abs())
+    top = logits.topk(cfg.top_k_experts + 1, dim=-1)
+    gap = top.values[:, -2] - top.values[:, -1]
+    pair = scale.gather(1, top.indices[:, -2:])
+    return gap < ROUTER_TIE * pair.pow(2).sum(dim=-1).sqrt()
+
+
+# --------------------------------------------------------------------------------------
+# The table: stage -> input taps
+# --------------------------------------------------------------------------------------
+
+
+def _prev(layer: int) -> str:
+    return "embed" if layer == 0 else f"layers.{layer - 1}.out"
+
+
+def _own(*kinds: str) -> Callable[[Gemma4Config, int | None], tuple[str, ...]]:
+    return lambda cfg, layer: tuple(f"layers.{layer}.{k}" for k in kinds)
+
+
+def _kv_inputs(kind: str) -> Callable[[Gemma4Config, int | None], tuple[str, ...]]:
+    def inputs(cfg: Gemma4Config, layer: int | None) -> tuple[str, ...]:
+        spec = cfg.layers[layer]
+        return (f"layers.{spec.kv_source}.{kind}",) if spec.kv_shared else (_prev(layer),)
+
+    return inputs
+
+
+STAGES: dict[str, Stage] = {
+    "q": Stage(lambda cfg, layer: (_prev(layer),), replay_q),
+    "k": Stage(_kv_inputs("k"), replay_k),
+    "v": Stage(_kv_inputs("v"), replay_v),
+    "o": Stage(_own("q", "k", "v"), replay_o),
+    "attn_out": Stage(lambda cfg, layer: (_prev(layer), f"layers.{layer}.o"), replay_attn_out),
+    "mlp_out": Stage(_own("attn_out"), replay_mlp_out, wants_dtype=True),
+    "out": Stage(lambda cfg, layer: (f"layers.{layer}.attn_out", f"layers.{layer}.mlp_out")
+                 + (("ple",) if cfg.has_ple else ()), replay_out),
+    "final_norm": Stage(lambda cfg, layer: (f"layers.{cfg.num_hidden_layers - 1}.out",), replay_final_norm),
+    "logits": Stage(lambda cfg, layer: ("final_norm",), replay_logits),
+}
+
+
+class Replayer:
+    """Replays taps of captures taken with one model (`config` and its weights)."""
+
+    def __init__(self, config: Gemma4Config, weights: Mapping[str, torch.Tensor]):
+        # Weights stay on their device (the truth model's float64 weights are reused as they are);
+        # captures live on the CPU, so inputs go to the weights and results come back.
+        self.config = config
+        self.model = Gemma4Reference(config, {k: v.detach().to(F64) for k, v in weights.items()})
+
+    def inputs(self, tap: str) -> tuple[str, ...] | None:
+        """The taps `tap` is replayed from, or None when it has no replay."""
+        try:
+            t = parse_tap(tap)
+        except TapNameError:
+            return None
+        stage = STAGES.get(t.kind)
+        if stage is None or (t.layer is not None and t.layer >= self.config.num_hidden_layers):
+            return None
+        return stage.inputs(self.config, t.layer)
+
+    def replay(self, tap: str, request: RequestCapture,
+               compared_dtype: torch.dtype | None = None) -> Replayed | Skipped:
+        """Recompute `tap` of one request from that request's own input taps. `compared_dtype`
+        (the captures' dtype) sets how close a MoE top-k choice may come to a tie."""
+        inputs = self.inputs(tap)
+        if inputs is None:
+            return Skipped(f"{tap} has no local replay (its inputs are not taps, or it is a pool tap)")
+        absent = [name for name in inputs if name not in request.taps]
+        if absent:
+            return Skipped(f"input {', '.join(absent)} not in the capture")
+        positions = request.positions_of(tap)
+        for name in inputs:
+            if not torch.equal(request.positions_of(name), positions):
+                return Skipped(f"input {name} covers other positions than {tap}")
+        t = parse_tap(tap)
+        spec = None if t.layer is None else self.config.layers[t.layer]
+        device = self.model.device
+        args = [request.taps[name].detach().to(device, F64) for name in inputs]
+        stage = STAGES[t.kind]
+        extra = {"compared_dtype": compared_dtype} if stage.wants_dtype else {}
+        try:
+            with torch.no_grad():
+                result = stage.run(self.model, spec, *args, positions=positions.to(device), **extra)
+        except (RuntimeError, ValueError, IndexError) as e:  # torch's shape errors: a capture of another shape
+            return Skipped(f"its inputs do not fit the model ({str(e).splitlines()[0]})")
+        if not isinstance(result, Replayed):
+            result = Replayed(result)
+        rows = None if result.rows is None else result.rows.cpu()
+        return Replayed(result.values.cpu(), rows, result.note)
