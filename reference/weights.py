@@ -104,6 +104,9 @@ def _tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+FINAL_NORM_GAIN = 6.0
+
+
 def random_weights(cfg: Gemma4Config, seed: int = 0, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu") -> Weights:
     """Seeded random weights. Each tensor draws from its own generator seeded by (seed, name), so a
@@ -119,6 +122,11 @@ def random_weights(cfg: Gemma4Config, seed: int = 0, dtype: torch.dtype = torch.
         t = torch.empty(shape, dtype=torch.float32, device=device)
         if _is_scale(name):
             t.uniform_(0.5, 1.5, generator=gen)
+            if name == "norm.weight":
+                # With unit-scale logits the final softcap (30 tanh(x / 30)) is all but linear: a
+                # missing or wrong softcap would move them less than one bf16 ULP (docs/design_notes.md
+                # note 13). A trained model's logits reach past the cap; this gain puts ours there.
+                t *= FINAL_NORM_GAIN
         elif name.startswith("embed_tokens"):
             t.normal_(0.0, 1.0, generator=gen)
             t /= math.sqrt(shape[-1])  # scaled back up by sqrt(width) in the forward
