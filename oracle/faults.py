@@ -14,8 +14,8 @@ nothing when off. Patches are process-wide: do not run a clean path beside an in
 another thread of the same process.
 
 Every fault carries the scenario that exposes it and `expect`, the tap where the oracle must
-report the first divergence when that scenario runs on the `tiny` preset in float32 (all but
-missing-softcap hold in bfloat16 too). `expect` is the first tap the bug can be seen at, which is
+report the first divergence when that scenario runs on the `tiny` preset, in float32 and in
+bfloat16 (tests/test_faults.py, tests/test_replay.py). `expect` is the first tap the bug can be seen at, which is
 not always the tensor the bug is in: the pool taps (`layers.{l}.k_cache`, gathered when a request
 finishes) sit before `layers.{l}.o` in dataflow order, and `layers.{l}.k` on the optimized path is
 read back from the pool.
@@ -442,9 +442,9 @@ FAULTS: dict[str, Fault] = _registry(
         "missing-softcap",
         "the final logit softcap, 30 tanh(x / 30), is skipped",
         "Background 2.6: Gemma 4 softcaps the final logits at 30. Everything before the logits is "
-        "untouched, so the oracle must name the logits. The tiny model's logits are small, so the "
-        "error is only tanh's cubic term (about x^3 / 2700): caught at ~200x its float32 budget, "
-        "but under bfloat16 noise on tiny it goes unseen.",
+        "untouched, so the oracle must name the logits. Random init scales the final norm so that "
+        "logits reach the cap's range; with unit-scale logits the error would be only tanh's cubic "
+        "term (about x^3 / 2700), under one bfloat16 ULP. In bfloat16 the local judgement catches it.",
         "logits",
         _on_op_sets("softcap", _no_softcap),
         CHUNKED,
