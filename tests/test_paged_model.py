@@ -1,8 +1,8 @@
 """The optimized path against the reference, under many page layouts, chunkings and batches.
 
-Bound (fp32 on CPU): logits within 2e-4 absolute and every tap within 1e-4 relative L2 of the
-reference. Both compute the same ops in fp32; they differ only in the order of the attention sums
-(online softmax over key blocks vs one dense softmax), each layer adding roughly sqrt(keys) * 2^-24
+Bound (fp32 on CPU): logits within 5e-5 of the largest logit and every tap within 1e-4 relative
+L2 of the reference. Both compute the same ops in fp32; they differ only in the order of the
+attention sums (online softmax over key blocks vs one dense softmax), each layer adding roughly sqrt(keys) * 2^-24
 ~ 1e-6 relative error, which compounds over the ten layers of the tiny models to a measured worst
 of ~2e-5 (on small-norm taps late in the stack). A real bug is far above the bound: one head
 scaled by 1.01 shows as ~5e-3 at its tap, a wrong key or position as ~1e-1.
@@ -16,7 +16,7 @@ import torch
 import reference
 from optimized.runner import Runner
 
-LOGIT_ATOL = 2e-4
+LOGIT_RTOL = 5e-5  # of max|logit|: random init puts logits at std ~6 (reference/weights.py)
 TAP_RTOL = 1e-4
 
 
@@ -63,8 +63,8 @@ def check_parity(preset, lengths, new=3, seed=0, taps=True, **runner_kw):
         ref_taps = {}
         ref_logits = ref(torch.tensor(seq), taps=ref_taps)
         assert res.logits.shape == ref_logits.shape
-        err = (res.logits - ref_logits).abs().max().item()
-        assert err < LOGIT_ATOL, f"request {i}: logits differ by {err:.3g}"
+        err = ((res.logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+        assert err < LOGIT_RTOL, f"request {i}: logits differ by {err:.3g} of the largest"
         greedy = ref_logits[len(prompt) - 1:-1].argmax(-1).tolist()
         assert res.tokens == greedy, f"request {i}: greedy tokens {res.tokens} vs reference {greedy}"
         if sink is None:
@@ -162,7 +162,7 @@ def test_teacher_forcing_overrides_greedy():
                                                                  return_logits=True)[0]
     assert res.tokens == [5, 6, 7]
     ref = reference.Gemma4Reference(cfg, w)(torch.tensor(prompt + [5, 6, 7]))
-    assert (res.logits - ref).abs().max() < LOGIT_ATOL
+    assert (res.logits - ref).abs().max() < LOGIT_RTOL * ref.abs().max()
 
 
 @pytest.mark.parametrize("kwargs, args, match", [
