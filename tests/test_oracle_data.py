@@ -24,16 +24,6 @@ from oracle.tolerance import DEFAULT_TOLERANCE, DEFAULT_FLOORS, Tolerance, judge
 T = 20  # tokens per request: more than the tiny preset's sliding window (5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and under pytest-xdist on 2 cores the
-    # workers' spinning thread pools slow each other down by 10x or more.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     config, weights = reference.resolve("tiny", dtype=torch.float64, seed=0)

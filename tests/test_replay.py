@@ -31,16 +31,6 @@ PRESETS = ("tiny", "tiny-kv-eq-v", "tiny-moe")
 T = 12  # tokens: past every preset's sliding window (4-6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny float64 matmuls take microseconds on one thread and milliseconds when two xdist
-    # workers' thread pools spin against each other on 2 cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def reference_captures(preset: str, dtype: torch.dtype, lengths=(T, 3)):
     """(config, float64 weights, capture) of the reference in `dtype` on the preset's weights."""
     config, weights = reference.resolve(preset, dtype=dtype, seed=0)
