@@ -39,7 +39,7 @@ import triton.language as tl
 from reference.window import first_visible_key, visible
 
 from . import DOT_IN_STORAGE_DTYPE, INTERPRETING
-from .norms import store_rounded
+from .norms import segment_tile, store_rounded
 
 if INTERPRETING and type(tl.zeros).__name__ != "InterpretedFunction":
     # Triton's own library (tl.zeros, tl.cdiv, ...) is made of @jit functions defined when triton
@@ -165,24 +165,14 @@ def _extend_kernel(
     BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
     kvh = tl.program_id(1)
 
-    # Tiles are numbered request by request, TOKENS new tokens per tile. Find this tile's request
-    # from cu_seqlens_q on the device (the grid is an upper bound; spare programs exit), so the
-    # host never has to read lengths back.
-    bi = tl.arange(0, BLOCK_B)
-    q_begin = tl.load(cu_q_ptr + bi, mask=bi < batch, other=0)
-    q_end = tl.load(cu_q_ptr + bi + 1, mask=bi < batch, other=0)
-    n_tiles = (q_end - q_begin + TOKENS - 1) // TOKENS
-    tiles_end = tl.cumsum(n_tiles, 0)
-    b = tl.sum((tiles_end <= tile).to(tl.int32), 0)
+    # Tiles are numbered request by request, TOKENS new tokens per tile; the grid is an upper
+    # bound and spare programs exit.
+    b, tile_in_req, row0, q_end = segment_tile(cu_q_ptr, batch, TOKENS, BLOCK_B)
     if b >= batch:
         return
-    mine = bi == b
-    tile_in_req = tile - tl.sum(tl.where(mine, tiles_end - n_tiles, 0), 0)
-    row0 = tl.sum(tl.where(mine, q_begin, 0), 0)
-    extend_len = tl.sum(tl.where(mine, q_end - q_begin, 0), 0)
+    extend_len = q_end - row0
     seq_len = tl.load(seq_lens_ptr + b)
 
     # Rows are (token, head) pairs, token-major: row r is token r // G, head kvh*G + r % G.

@@ -41,7 +41,7 @@ import triton.language as tl
 from reference.model import Gemma4Reference, compute_dtype, rms_norm as _reference_rms_norm
 from . import DOT_IN_STORAGE_DTYPE
 from .activation import _gelu_tanh
-from .norms import (_rms, check_eps, check_float, check_same, check_weight, launch_options, round_to,
+from .norms import (_rms, check_eps, check_float, check_same, check_weight, launch_options, round_to, segment_tile,
                     rows_per_program, store_rounded)
 
 __all__ = [
@@ -214,19 +214,9 @@ def route_eager(r: torch.Tensor, scale: torch.Tensor, proj_w: torch.Tensor, per_
 @triton.jit
 def _expert_tile(offsets, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """(expert, first row, end row) of this program's tile of sorted rows; expert == E for a
-    spare program. Tiles are numbered expert by expert, BLOCK_M rows each, and found from the
-    offsets on the device: the host never reads the routing back."""
-    tile = tl.program_id(0)
-    e = tl.arange(0, BLOCK_E)
-    start = tl.load(offsets + e, mask=e < E, other=0)
-    end = tl.load(offsets + e + 1, mask=e < E, other=0)
-    n_tiles = (end - start + BLOCK_M - 1) // BLOCK_M
-    tiles_end = tl.cumsum(n_tiles, 0)
-    expert = tl.sum((tiles_end <= tile).to(tl.int32), 0)
-    mine = e == expert
-    first_tile = tl.sum(tl.where(mine, tiles_end - n_tiles, 0), 0)
-    row0 = tl.sum(tl.where(mine, start, 0), 0) + (tile - first_tile) * BLOCK_M
-    return expert, row0, tl.sum(tl.where(mine, end, 0), 0)
+    spare program. Tiles are numbered expert by expert, BLOCK_M rows each."""
+    expert, tile, start, end = segment_tile(offsets, E, BLOCK_M, BLOCK_E)
+    return expert, start + tile * BLOCK_M, end
 
 
 @triton.jit

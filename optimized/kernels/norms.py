@@ -11,8 +11,8 @@ Kernels work on tiles of ROWS rows x BLOCK columns, BLOCK = next_power_of_2(widt
 program at hidden widths, several at head widths (fewer programs; also what keeps Triton's
 interpreter, which pays per program and per helper call, fast enough for CI).
 
-This module also holds what the other kernel modules share: `round_to`, `store_rounded`, the
-tiling rule and the input checks.
+This module also holds what the other kernel modules share: `round_to`, `store_rounded`,
+`segment_tile`, the tiling rule and the input checks.
 """
 
 from __future__ import annotations
@@ -58,6 +58,25 @@ def store_rounded(ptrs, x, mask):
     """Store float32 `x` into `ptrs`, rounded to nearest even in the pointee dtype."""
     dtype = ptrs.dtype.element_ty
     tl.store(ptrs, round_to(x, dtype).to(dtype), mask=mask)
+
+
+@triton.jit
+def segment_tile(bounds, n, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """(segment, tile within it, segment start, segment end) of this program (axis 0), for rows
+    cut into n segments at bounds[0..n] (cu_seqlens of requests, offsets of experts) and tiles
+    of ROWS rows numbered segment by segment. Found on the device, so the host never reads the
+    bounds back and launches an upper bound of tiles; a spare program gets segment == n.
+    BLOCK >= n (a power of two)."""
+    tile = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    start = tl.load(bounds + i, mask=i < n, other=0)
+    end = tl.load(bounds + i + 1, mask=i < n, other=0)
+    n_tiles = (end - start + ROWS - 1) // ROWS
+    tiles_end = tl.cumsum(n_tiles, 0)
+    seg = tl.sum((tiles_end <= tile).to(tl.int32), 0)
+    mine = i == seg
+    first_tile = tl.sum(tl.where(mine, tiles_end - n_tiles, 0), 0)
+    return seg, tile - first_tile, tl.sum(tl.where(mine, start, 0), 0), tl.sum(tl.where(mine, end, 0), 0)
 
 
 def rows_per_program(n_rows: int, block: int, tile: int | None = None) -> int:
