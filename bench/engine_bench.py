@@ -22,11 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from optimized.kernels import default_device, device_name  # noqa: E402  (first: it may switch on the interpreter)
+from optimized.kernels import default_device, device_name, graphs_supported  # noqa: E402  (first: it may switch on the interpreter)
 
 import torch  # noqa: E402
 from optimized.engine import Engine, SamplingParams  # noqa: E402
-from optimized.engine.graphs import graphs_supported  # noqa: E402
 from reference.weights import resolve  # noqa: E402
 
 

@@ -46,6 +46,24 @@ KNOBS = {"norms": ("TILE", "WARP_ELEMS"), "activation": ("MAX_BLOCK", "TILE", "W
 DECODE_T, PREFILL_T = (1, 8, 32, 64), (2048, 4096, 8192)
 
 
+def launch_settings() -> dict[str, int]:
+    """The current launch-shape settings, as "module.NAME": value."""
+    return {f"{m}.{n}": getattr(KNOB_MODULES[m], n) for m, ns in KNOBS.items() for n in ns}
+
+
+def apply_settings(specs: list[str]) -> None:
+    """Set launch-shape settings from "module.NAME=INT" strings; ValueError names a bad one."""
+    for spec in specs:
+        try:
+            key, value = spec.split("=")
+            module, attr = key.split(".")
+            if attr not in KNOBS[module]:
+                raise KeyError(attr)
+            setattr(KNOB_MODULES[module], attr, int(value))
+        except (ValueError, KeyError):
+            raise ValueError(f"--set {spec!r}: expected MODULE.NAME=INT with one of the listed settings") from None
+
+
 def _fmt(x: float | None, unit: str = "") -> str:
     return "-" if x is None else f"{x:.0f}{unit}"
 
@@ -72,16 +90,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="also write the results here as JSON")
     args = p.parse_args(argv)
 
-    for spec in args.set:
-        try:
-            key, value = spec.split("=")
-            module, attr = key.split(".")
-            if attr not in KNOBS[module]:
-                raise KeyError(attr)
-            setattr(KNOB_MODULES[module], attr, int(value))
-        except (ValueError, KeyError):
-            p.error(f"--set {spec!r}: expected MODULE.NAME=INT with one of the listed settings")
-    launch = {f"{m}.{n}": getattr(KNOB_MODULES[m], n) for m, ns in KNOBS.items() for n in ns}
+    try:
+        apply_settings(args.set)
+    except ValueError as e:
+        p.error(str(e))
+    launch = launch_settings()
     device = default_device()
     dtype = getattr(torch, args.dtype)
     if args.quick:

@@ -19,20 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from optimized.kernels import default_device, device_name  # noqa: E402  (first: it may switch on the interpreter)
 
 import torch  # noqa: E402
-from kernel_bench import KNOB_MODULES, MODELS  # noqa: E402
+from kernel_bench import MODELS, apply_settings, launch_settings  # noqa: E402
 from oracle.kernel_check import Timer, build_cases, check_case, copy_bandwidth, sizes_for  # noqa: E402
 
 OPS = ["rms_norm", "add_rms_norm", "qkv_norm", "post_ffn_residual_scale", "post_ffn_moe_residual_scale",
        "router_input", "gelu_tanh_mul", "softcap", "apply_rope", "rope_and_store_kv"]
-
-
-def apply(group: str, defaults: dict) -> None:
-    for (module, attr), value in defaults.items():
-        setattr(KNOB_MODULES[module], attr, value)
-    for spec in group.split():
-        key, value = spec.split("=")
-        module, attr = key.split(".")
-        setattr(KNOB_MODULES[module], attr, int(value))
 
 
 def main(argv=None) -> int:
@@ -48,12 +39,11 @@ def main(argv=None) -> int:
     device = default_device()
     timer = Timer(device, args.repeats, warmup=2, graphs=True)
     copy_bw = copy_bandwidth(timer, device)
-    defaults = {(m, a): getattr(mod, a) for m, mod in KNOB_MODULES.items() for a in dir(mod)
-                if a in ("TILE", "WARP_ELEMS", "MAX_BLOCK", "TOKEN_TILE")}
+    defaults = [f"{k}={v}" for k, v in launch_settings().items()]
     groups = ["defaults"] + args.groups + ["defaults"]
     table: dict[tuple, list] = {}
     for group in groups:
-        apply("" if group == "defaults" else group, defaults)
+        apply_settings(defaults + ([] if group == "defaults" else group.split()))
         for model in args.models:
             for T in args.tokens:
                 gen = torch.Generator(device=device).manual_seed(0)
@@ -64,7 +54,7 @@ def main(argv=None) -> int:
                         table.setdefault((case.name, model, T), []).append((r.time_us, share, r.passed))
                         print(f"{group} | {case.name} | {model} | {T} | {r.time_us:.1f} µs | {100 * share:.0f}%"
                               f"{'' if r.passed else ' FAIL'}", flush=True)
-    apply("", defaults)
+    apply_settings(defaults)
 
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s; % of it per group (µs in the JSON)\n")
     print("| op | model | T | " + " | ".join(groups) + " |")

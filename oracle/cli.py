@@ -302,7 +302,7 @@ def cmd_serve(args) -> int:
 
     try:
         server = build_server(args.model, host=args.host, port=args.port, dtype=args.dtype,
-                              device=None if args.device == "auto" else args.device, page_size=args.page_size,
+                              device=_device(args.device), page_size=args.page_size,
                               chunk_size=args.chunk_size, num_pages=args.num_pages, max_requests=args.max_requests,
                               token_budget=args.token_budget, max_context=args.max_context, seed=args.seed)
     except ValueError as e:  # CheckpointError, ConfigError, TokenizerError, ChatError, bad engine settings
@@ -315,13 +315,14 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
-def _add_model_args(p) -> None:
+def _add_model_args(p, scenarios: bool = True) -> None:
     p.add_argument("model", nargs="?", default="tiny", help="preset name or checkpoint directory (default: tiny)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="cpu, cuda, xpu or auto (default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
-    p.add_argument("--scenario", action="append", default=[],
-                   help="a scenario JSON file or a built-in scenario name (repeatable; default: the built-in set)")
+    if scenarios:
+        p.add_argument("--scenario", action="append", default=[],
+                       help="a scenario JSON file or a built-in scenario name (repeatable; default: the built-in set)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,15 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.set_defaults(func=cmd_kernels)
 
     serve = sub.add_parser("serve", help="serve the optimized path over HTTP (/generate, OpenAI-compatible "
-                                         "/v1/completions and /v1/chat/completions) until Ctrl-C")
-    serve.add_argument("model", nargs="?", default="tiny",
-                       help="preset name or checkpoint directory (default: tiny); a directory's tokenizer.json and "
-                            "chat template are used where present")
+                                         "/v1/completions and /v1/chat/completions) until Ctrl-C; a checkpoint "
+                                         "directory's tokenizer.json and chat template are used where present")
+    _add_model_args(serve, scenarios=False)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0: any free port")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    serve.add_argument("--device", default="auto", help="cpu, cuda, xpu or auto (default)")
-    serve.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
     serve.add_argument("--page-size", type=int, default=16)
     serve.add_argument("--chunk-size", type=int, default=512, help="most prompt tokens per request per step")
     serve.add_argument("--num-pages", type=int, help="KV pool size in pages (default: max-requests full contexts)")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from optimized import ops
-from optimized.kernels import activation, attention, moe, norms, rope
+from optimized.kernels import activation, attention, graphs_supported, moe, norms, rope
 from reference.config import RopeSpec
 
 from .metrics import rel_l2, ulp, ulp_distance
@@ -104,8 +104,7 @@ class Timer:
         self.device, self.repeats, self.warmup = device, repeats, warmup
         self.accel = device.type != "cpu"
         self.flush = torch.empty(flush_mb << 18, dtype=torch.int32, device=device) if self.accel and flush_mb else None
-        module = torch.get_device_module(device) if self.accel else None
-        self.graph_api = module if graphs and hasattr(module, "graph") and hasattr(module, "CUDAGraph") else None
+        self.graph_api = torch.get_device_module(device) if graphs and graphs_supported(device) else None
         self.last_graphed = False
 
     def _capture(self, fn: Callable) -> Callable | None:

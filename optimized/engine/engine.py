@@ -15,10 +15,10 @@ from reference.config import Gemma4Config
 from reference.weights import resolve
 
 from ..batch import build_batch
-from ..kernels import default_device
+from ..kernels import default_device, graphs_supported
 from ..memory import KVCache, ceil_div
 from ..model import PagedGemma4, fuse_projections
-from .graphs import DecodeGraphs, graphs_supported
+from .graphs import DecodeGraphs
 from .sampler import SamplingParams, sample
 from .scheduler import Scheduler, Sequence
 
@@ -80,22 +80,27 @@ class Engine:
                              max_context=self.max_context, dtype=dtype, device=self.device)
         self.model = PagedGemma4(cfg, weights, self.cache, fused, fuse_projections(cfg, weights))
         self.scheduler = Scheduler(self.cache, chunk_size, token_budget, share_prefixes)
-        if graphs and not graphs_supported(self.device):
-            raise ValueError(f"graphs=True needs a device that can capture graphs; {self.device} cannot")
-        self.decode_graphs: DecodeGraphs | None = None
-        self.graphs_off_because: str | None = None if graphs or graphs is None else "graphs=False"
-        if graphs or (graphs is None and graphs_supported(self.device)):
-            try:
-                self.decode_graphs = DecodeGraphs(self.model, max_requests, pages_per_request)
-            except RuntimeError as e:  # an op in the step syncs with the host (the torch MoE loop does)
-                if graphs:
-                    raise ValueError(f"cannot capture a decode step in a device graph: {e}") from e
-                self.graphs_off_because = f"capture failed: {e}"
-        elif graphs is None:
-            self.graphs_off_because = f"{self.device} cannot capture graphs"
+        self.decode_graphs, self.graphs_off_because = self._decode_graphs(graphs, max_requests, pages_per_request)
         self._seeds = torch.Generator().manual_seed(seed)  # seeds for requests that give none
         self._next_rid = 0
         self._sequences: dict[int, Sequence] = {}
+
+    def _decode_graphs(self, graphs: bool | None, max_requests: int, max_pages: int
+                       ) -> tuple[DecodeGraphs | None, str | None]:
+        """The decode graphs, or None and why not. graphs=True insists (a device or a step that
+        cannot be captured is an error); None captures where it can."""
+        if graphs is False:
+            return None, "graphs=False"
+        if not graphs_supported(self.device):
+            if graphs:
+                raise ValueError(f"graphs=True needs a device that can capture graphs; {self.device} cannot")
+            return None, f"{self.device} cannot capture graphs"
+        try:
+            return DecodeGraphs(self.model, max_requests, max_pages), None
+        except RuntimeError as e:  # an op in the step syncs with the host (the torch ops' MoE loop does)
+            if graphs:
+                raise ValueError(f"cannot capture a decode step in a device graph: {e}") from e
+            return None, f"capture failed: {e}"
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> int:

@@ -25,14 +25,6 @@ from ..batch import BatchItem, ForwardBatch
 from ..model import PagedGemma4
 
 
-def graphs_supported(device: torch.device) -> bool:
-    """Whether the device can capture and replay graphs (decided by capability, not by vendor)."""
-    if device.type == "cpu":
-        return False
-    module = torch.get_device_module(device)
-    return hasattr(module, "CUDAGraph") and hasattr(module, "graph")
-
-
 def batch_sizes(max_requests: int) -> list[int]:
     """The captured batch sizes: powers of two up to max_requests, and max_requests itself."""
     sizes, b = [], 1

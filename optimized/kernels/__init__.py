@@ -46,6 +46,14 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def graphs_supported(device: torch.device) -> bool:
+    """Whether the device can capture and replay graphs (by capability, not by vendor)."""
+    if device.type == "cpu":
+        return False
+    module = torch.get_device_module(device)
+    return hasattr(module, "CUDAGraph") and hasattr(module, "graph")
+
+
 def device_name(device: torch.device) -> str:
     """The card's name for benchmark records ("NVIDIA H100 80GB HBM3"), or the CPU's."""
     if device.type == "cpu":
