@@ -8,8 +8,9 @@ error dwarfs what one stage adds. A replay removes it: feed a stage the capture'
     local error = metric(cand[T] vs replay(cand)[T])     what the candidate's stage T added
     local noise = metric(ref[T]  vs replay(ref)[T])      what the reference's stage T adds
 
-(oracle/compare.py judges the pair with the usual Tolerance). The math is the reference's own
-(reference/model.py); this module only cuts it at the tap boundaries.
+(oracle/compare.py judges the pair with the usual Tolerance). The math is the reference's own:
+its methods end at the tap boundaries (qkv, feed_forward, layer_out, lm_head), and this module
+calls them on a capture's taps.
 
     replayer = Replayer(config, weights)       # weights in any dtype; kept in float64
     replayer.inputs("layers.3.o")              # ("layers.3.q", "layers.3.k", "layers.3.v")
@@ -34,7 +35,7 @@ the global judgement against the truth's k / v covers them).
 
 Rows a replay cannot define are left out, never guessed: attention rows whose visible keys are not
 all in the capture (a request that reused a cached prefix has no taps for the prefix), and MoE rows
-whose top-k choice is a near tie (see `_moe`).
+whose top-k choice is a near tie (see `replay_mlp_out`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from reference.config import Gemma4Config, LayerSpec
-from reference.model import Gemma4Reference, apply_rope, attend, attention_mask, gelu_tanh, rms_norm, rope_cos_sin
+from reference.model import Gemma4Reference, attend, attention_mask, rms_norm, rope_cos_sin
 from reference.window import first_visible_key, visible
 
 from .capture import RequestCapture
@@ -91,27 +92,23 @@ class Stage:
 # --------------------------------------------------------------------------------------
 
 
+def _qkv(m: Gemma4Reference, spec: LayerSpec, prev: torch.Tensor, positions: torch.Tensor):
+    h = rms_norm(prev, m.w[_layer(spec) + "input_layernorm.weight"], m.config.rms_norm_eps)
+    cos, sin = rope_cos_sin(m.config.rope[spec.type], spec.head_dim, positions, F64)
+    return m.qkv(spec, h, cos, sin)
+
+
 def replay_q(m: Gemma4Reference, spec: LayerSpec, prev: torch.Tensor, *, positions: torch.Tensor) -> torch.Tensor:
-    h = _pre_attention(m, spec, prev)
-    q = F.linear(h, m.w[_attn(spec) + "q_proj.weight"]).view(h.shape[0], -1, spec.head_dim)
-    return _rope(m, spec, rms_norm(q, m.w[_attn(spec) + "q_norm.weight"], m.config.rms_norm_eps), positions)
+    return _qkv(m, spec, prev, positions)[0]
 
 
 def replay_k(m: Gemma4Reference, spec: LayerSpec, prev: torch.Tensor, *, positions: torch.Tensor) -> torch.Tensor:
-    if spec.kv_shared:
-        return prev  # the source layer's k tap (see _kv_inputs)
-    k_raw = _k_raw(m, spec, _pre_attention(m, spec, prev))
-    return _rope(m, spec, rms_norm(k_raw, m.w[_attn(spec) + "k_norm.weight"], m.config.rms_norm_eps), positions)
+    # On a KV-shared layer `prev` is the source layer's k tap (see _kv_inputs).
+    return prev if spec.kv_shared else _qkv(m, spec, prev, positions)[1]
 
 
 def replay_v(m: Gemma4Reference, spec: LayerSpec, prev: torch.Tensor, *, positions: torch.Tensor) -> torch.Tensor:
-    if spec.kv_shared:
-        return prev  # the source layer's v tap
-    h = _pre_attention(m, spec, prev)
-    # K=V full layers have no v_proj: V is the raw key projection (before k_norm and RoPE).
-    v_raw = F.linear(h, m.w[_attn(spec) + "v_proj.weight"]).view(h.shape[0], -1, spec.head_dim) \
-        if spec.has_v_proj else _k_raw(m, spec, h)
-    return rms_norm(v_raw, None, m.config.rms_norm_eps)
+    return prev if spec.kv_shared else _qkv(m, spec, prev, positions)[2]
 
 
 def replay_o(m: Gemma4Reference, spec: LayerSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -138,22 +135,22 @@ def replay_attn_out(m: Gemma4Reference, spec: LayerSpec, prev: torch.Tensor, o: 
 
 def replay_mlp_out(m: Gemma4Reference, spec: LayerSpec, attn_out: torch.Tensor, *, positions: torch.Tensor,
                    compared_dtype: torch.dtype | None = None) -> torch.Tensor | Replayed:
-    p, eps = _layer(spec), m.config.rms_norm_eps
-    dense = m.mlp(rms_norm(attn_out, m.w[p + "pre_feedforward_layernorm.weight"], eps), p)
+    """The feed-forward branch. On MoE models, rows whose top-k expert choice is a near tie
+    (see _near_tie) are left out: the capture's own rounding may pick either expert set, and
+    the two outputs differ by a whole expert."""
+    out = m.feed_forward(spec, attn_out)
     if not m.config.enable_moe_block:
-        return rms_norm(dense, m.w[p + "post_feedforward_layernorm.weight"], eps)
-    return _moe(m, spec, attn_out, dense, compared_dtype)
+        return out
+    rows = ~_near_tie(m, attn_out, _layer(spec), compared_dtype)
+    if bool(rows.all()):
+        return Replayed(out)
+    return Replayed(out, rows, f"{int((~rows).sum())} rows left out: their top-{m.config.top_k_experts} expert "
+                               f"choice is a near tie that rounding may flip")
 
 
 def replay_out(m: Gemma4Reference, spec: LayerSpec, attn_out: torch.Tensor, mlp_out: torch.Tensor,
                ple: torch.Tensor | None = None, *, positions: torch.Tensor) -> torch.Tensor:
-    p, w, eps = _layer(spec), m.w, m.config.rms_norm_eps
-    x = attn_out + mlp_out
-    if ple is not None:
-        g = gelu_tanh(F.linear(x, w[p + "per_layer_input_gate.weight"])) * ple[:, spec.index, :]
-        g = F.linear(g, w[p + "per_layer_projection.weight"])
-        x = x + rms_norm(g, w[p + "post_per_layer_input_norm.weight"], eps)
-    return x * w[p + "layer_scalar"]
+    return m.layer_out(spec, attn_out, mlp_out, None if ple is None else ple[:, spec.index, :])
 
 
 def replay_final_norm(m: Gemma4Reference, spec: None, last_out: torch.Tensor, *,
@@ -176,40 +173,6 @@ def _layer(spec: LayerSpec) -> str:
 
 def _attn(spec: LayerSpec) -> str:
     return f"layers.{spec.index}.self_attn."
-
-
-def _pre_attention(m: Gemma4Reference, spec: LayerSpec, prev: torch.Tensor) -> torch.Tensor:
-    return rms_norm(prev, m.w[_layer(spec) + "input_layernorm.weight"], m.config.rms_norm_eps)
-
-
-def _k_raw(m: Gemma4Reference, spec: LayerSpec, h: torch.Tensor) -> torch.Tensor:
-    return F.linear(h, m.w[_attn(spec) + "k_proj.weight"]).view(h.shape[0], -1, spec.head_dim)
-
-
-def _rope(m: Gemma4Reference, spec: LayerSpec, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    cos, sin = rope_cos_sin(m.config.rope[spec.type], spec.head_dim, positions, F64)
-    return apply_rope(x, cos, sin)
-
-
-def _moe(m: Gemma4Reference, spec: LayerSpec, r: torch.Tensor, dense: torch.Tensor,
-         compared_dtype: torch.dtype | None) -> Replayed:
-    """The MoE branch as reference/model.py runs it, in float64 on the capture's attn_out.
-
-    The top-k choice is discrete: where the k-th and (k+1)-th router logits nearly tie, the
-    capture's own rounding may pick either set, and the two outputs differ by a whole expert.
-    Such rows are left out (counted in the note) rather than judged against a choice the
-    capture was free to make the other way."""
-    p, w, eps = _layer(spec), m.w, m.config.rms_norm_eps
-    weights, experts = m.route(r, p)
-    moe = m.experts(rms_norm(r, w[p + "pre_feedforward_layernorm_2.weight"], eps), weights, experts, p)
-    mixed = rms_norm(dense, w[p + "post_feedforward_layernorm_1.weight"], eps) \
-        + rms_norm(moe, w[p + "post_feedforward_layernorm_2.weight"], eps)
-    out = rms_norm(mixed, w[p + "post_feedforward_layernorm.weight"], eps)
-    rows = ~_near_tie(m, r, p, compared_dtype)
-    if bool(rows.all()):
-        return Replayed(out)
-    return Replayed(out, rows, f"{int((~rows).sum())} rows left out: their top-{m.config.top_k_experts} expert "
-                               f"choice is a near tie that rounding may flip")
 
 
 def _near_tie(m: Gemma4Reference, r: torch.Tensor, p: str, compared_dtype: torch.dtype | None) -> torch.Tensor:

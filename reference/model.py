@@ -158,50 +158,52 @@ class Gemma4Reference:
         return (ctx + token_part) * 2.0 ** -0.5
 
     def layer(self, spec: LayerSpec, x, ple, cos_sin, mask, shared_kv, record) -> torch.Tensor:
-        cfg, w, eps = self.config, self.w, self.config.rms_norm_eps
+        w, eps = self.w, self.config.rms_norm_eps
         p = f"layers.{spec.index}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
         a = self.attention(spec, h, cos_sin, mask, shared_kv, record)
         x = x + rms_norm(a, w[p + "post_attention_layernorm.weight"], eps)
         record(p + "attn_out", x)
-
-        residual = x
-        m = self.mlp(rms_norm(x, w[p + "pre_feedforward_layernorm.weight"], eps), p)
-        if cfg.enable_moe_block:
-            m1 = rms_norm(m, w[p + "post_feedforward_layernorm_1.weight"], eps)
-            flat = residual.reshape(-1, residual.shape[-1])
-            weights, experts = self.route(flat, p)
-            moe = self.experts(rms_norm(flat, w[p + "pre_feedforward_layernorm_2.weight"], eps), weights, experts, p)
-            m2 = rms_norm(moe.reshape(residual.shape), w[p + "post_feedforward_layernorm_2.weight"], eps)
-            m = m1 + m2
-        m = rms_norm(m, w[p + "post_feedforward_layernorm.weight"], eps)
+        m = self.feed_forward(spec, x)
         record(p + "mlp_out", m)
-        x = residual + m
-
-        if ple is not None:
-            g = gelu_tanh(F.linear(x, w[p + "per_layer_input_gate.weight"])) * ple[:, :, spec.index, :]
-            g = F.linear(g, w[p + "per_layer_projection.weight"])
-            x = x + rms_norm(g, w[p + "post_per_layer_input_norm.weight"], eps)
-        x = x * w[p + "layer_scalar"]
+        x = self.layer_out(spec, x, m, None if ple is None else ple[..., spec.index, :])
         record(p + "out", x)
         return x
 
-    def attention(self, spec: LayerSpec, h, cos_sin, mask, shared_kv, record) -> torch.Tensor:
+    def feed_forward(self, spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:
+        """The post-feed-forward-normed branch (tap mlp_out) from the stream after attention:
+        dense MLP, plus the routed experts and their branch norms on MoE models."""
+        cfg, w, eps = self.config, self.w, self.config.rms_norm_eps
+        p = f"layers.{spec.index}."
+        m = self.mlp(rms_norm(x, w[p + "pre_feedforward_layernorm.weight"], eps), p)
+        if cfg.enable_moe_block:
+            m1 = rms_norm(m, w[p + "post_feedforward_layernorm_1.weight"], eps)
+            flat = x.reshape(-1, x.shape[-1])
+            weights, experts = self.route(flat, p)
+            moe = self.experts(rms_norm(flat, w[p + "pre_feedforward_layernorm_2.weight"], eps), weights, experts, p)
+            m2 = rms_norm(moe.reshape(x.shape), w[p + "post_feedforward_layernorm_2.weight"], eps)
+            m = m1 + m2
+        return rms_norm(m, w[p + "post_feedforward_layernorm.weight"], eps)
+
+    def layer_out(self, spec: LayerSpec, x: torch.Tensor, m: torch.Tensor, ple: torch.Tensor | None) -> torch.Tensor:
+        """The stream leaving the layer (tap out): residual add, the PLE block where the model has
+        one (`ple`: this layer's per-layer input), layer_scalar."""
         w, eps = self.w, self.config.rms_norm_eps
-        p = f"layers.{spec.index}.self_attn."
+        p = f"layers.{spec.index}."
+        x = x + m
+        if ple is not None:
+            g = gelu_tanh(F.linear(x, w[p + "per_layer_input_gate.weight"])) * ple
+            g = F.linear(g, w[p + "per_layer_projection.weight"])
+            x = x + rms_norm(g, w[p + "post_per_layer_input_norm.weight"], eps)
+        return x * w[p + "layer_scalar"]
+
+    def attention(self, spec: LayerSpec, h, cos_sin, mask, shared_kv, record) -> torch.Tensor:
+        w = self.w
         B, T, _ = h.shape
-        hd = spec.head_dim
-        cos, sin = cos_sin
-        q = F.linear(h, w[p + "q_proj.weight"]).view(B, T, -1, hd)
-        q = apply_rope(rms_norm(q, w[p + "q_norm.weight"], eps), cos, sin)
+        q, k, v = self.qkv(spec, h, *cos_sin)
         if spec.kv_shared:
             k, v = shared_kv[spec.kv_source]
         else:
-            k_raw = F.linear(h, w[p + "k_proj.weight"]).view(B, T, -1, hd)
-            # K=V full layers have no v_proj: V is the raw key projection (before k_norm and RoPE).
-            v_raw = F.linear(h, w[p + "v_proj.weight"]).view(B, T, -1, hd) if spec.has_v_proj else k_raw
-            k = apply_rope(rms_norm(k_raw, w[p + "k_norm.weight"], eps), cos, sin)
-            v = rms_norm(v_raw, None, eps)
             shared_kv[spec.index] = (k, v)
         lp = f"layers.{spec.index}."
         record(lp + "q", q)
@@ -209,7 +211,22 @@ class Gemma4Reference:
         record(lp + "v", v)
         o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
         record(lp + "o", o)
-        return F.linear(o.reshape(B, T, -1), w[p + "o_proj.weight"])
+        return F.linear(o.reshape(B, T, -1), w[lp + "self_attn.o_proj.weight"])
+
+    def qkv(self, spec: LayerSpec, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q, k, v [..., heads, D] (taps q, k, v) from the pre-attention-normed stream h [..., H];
+        k and v are None on a KV-shared layer (it attends with its source's)."""
+        w, eps = self.w, self.config.rms_norm_eps
+        p = f"layers.{spec.index}.self_attn."
+        heads = (*h.shape[:-1], -1, spec.head_dim)
+        q = apply_rope(rms_norm(F.linear(h, w[p + "q_proj.weight"]).view(heads), w[p + "q_norm.weight"], eps), cos, sin)
+        if spec.kv_shared:
+            return q, None, None
+        k_raw = F.linear(h, w[p + "k_proj.weight"]).view(heads)
+        # K=V full layers have no v_proj: V is the raw key projection (before k_norm and RoPE).
+        v_raw = F.linear(h, w[p + "v_proj.weight"]).view(heads) if spec.has_v_proj else k_raw
+        k = apply_rope(rms_norm(k_raw, w[p + "k_norm.weight"], eps), cos, sin)
+        return q, k, rms_norm(v_raw, None, eps)
 
     def mlp(self, y: torch.Tensor, p: str) -> torch.Tensor:
         w = self.w
