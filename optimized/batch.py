@@ -43,10 +43,6 @@ class ForwardBatch:
     page_size: int
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.positions.numel())
-
-    @property
     def is_decode(self) -> bool:
         return all(it.extend_len == 1 for it in self.items)
 
@@ -59,8 +55,9 @@ class ForwardBatch:
 
 
 def build_batch(cache: KVCache, items: list[BatchItem]) -> ForwardBatch:
-    """Metadata for one forward step. Full-pool slots for every new token must already be reserved;
-    SWA pages for them are mapped here, before the one translation of the batch."""
+    """Metadata for one forward step. It allocates nothing: full-pool slots for every new token
+    must already be reserved (KVCache.reserve) and their SWA pages mapped (KVCache.map_window),
+    which the engine does before it builds the batch; this only reads the tables."""
     if not items:
         raise ValueError("a batch needs at least one request")
     dev = cache.device
@@ -71,8 +68,6 @@ def build_batch(cache: KVCache, items: list[BatchItem]) -> ForwardBatch:
         if cache.requests[it.rid].length < it.seq_len:
             raise ValueError(f"request {it.rid!r}: slots reserved up to {cache.requests[it.rid].length}, "
                              f"batch needs {it.seq_len}")
-    for it in items:
-        cache.map_window(it.rid, it.seq_len)
     rows = torch.tensor([cache.requests[it.rid].row for it in items], dtype=torch.long, device=dev)
     prefix = torch.tensor([it.prefix_len for it in items], dtype=torch.int32)
     extend = torch.tensor([it.extend_len for it in items], dtype=torch.int32)

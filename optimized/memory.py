@@ -32,6 +32,18 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def swa_pages_per_request(window: int, page_size: int, length: int, chunk: int = 1) -> int:
+    """The one sliding-window sizing rule: the most SWA pages one request of `length` positions
+    holds at once when it runs steps of at most `chunk` new tokens.
+
+    A step at positions s .. s+chunk-1 needs keys from first_visible_key(s) = s - window + 1 on:
+    window - 1 + chunk positions. Pages behind that were released after the previous step, so the
+    request holds exactly the pages those positions touch: at most ceil((window + chunk - 2) /
+    page_size) + 1 (one partial page at each end), and never more pages than its whole length.
+    A borrowed prefix adds none: reuse is refused unless the donor's frontier is the borrower's."""
+    return min(ceil_div(length, page_size), ceil_div(window + chunk - 2, page_size) + 1)
+
+
 def shared_prefix_len(written: list[int], prompt: list[int]) -> int:
     """How many leading tokens of `prompt` match tokens whose K/V another request has written,
     leaving the prompt's last token to compute (its logits give the first new token)."""
@@ -257,9 +269,7 @@ def plan_kv_bytes(cfg: Gemma4Config, context: int, page_size: int = 16, dtype=to
     item = torch.empty((), dtype=dtype).element_size()
     per_token = {s.index: 2 * s.num_kv_heads * s.head_dim * item for s in cfg.layers}
     full_pages = ceil_div(context, page_size)
-    # A sliding layer holds the window plus the page it is filling (at most one partial page at
-    # each end), never more than the whole context.
-    swa_pages = min(full_pages, ceil_div(cfg.sliding_window, page_size) + 1)
+    swa_pages = swa_pages_per_request(cfg.sliding_window, page_size, context)  # decode steps
     paged = naive = 0
     counts = {"full": 0, "sliding": 0, "shared": 0}
     for s in cfg.layers:

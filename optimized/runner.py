@@ -1,10 +1,14 @@
-"""Runner: the public entry of the optimized path. It prefills prompts in chunks, decodes (greedy or
-teacher-forced), and can report taps, for the oracle and the engine to build on.
+"""Runner: the public scripted facade of the optimized path. It prefills prompts in chunks,
+decodes (greedy or teacher-forced), and can report taps, for the oracle and for tests.
 
-Scheduling is deliberately simple and deterministic: every step takes, for each live request,
-its next prefill chunk or one decode token, so extend and decode requests share batches. A
-request is admitted once pages for its whole length are free (running out of pages queues it);
-one that could never fit is refused before any work starts.
+It has no loop of its own: it sizes an Engine for the run, hands it the run's arguments as
+policy (a scheduler Script of chunk splits, arrivals and prefix donors; a TeacherSampler; the tap
+sink; the page order seed) and steps it until every request is done. By default every step takes,
+for each live request, its next prefill chunk or one decode token, so extend and decode
+requests share batches; with `token_budget` or `max_requests` the scheduler decides the chunks of
+prompts given no explicit splits (continuous batching). A request is admitted once pages for its
+whole length are free (running out of pages queues it); one that could never fit is refused
+before any work starts.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import torch
 from reference.config import Gemma4Config
 from reference.weights import resolve
 
-from .batch import BatchItem, build_batch
+from .engine import Engine, SamplingParams
+from .engine.engine import emit_pool_taps
+from .engine.sampler import TeacherSampler
+from .engine.scheduler import Script
 from .kernels import default_device
-from .memory import KVCache, OutOfPages, ceil_div, shared_prefix_len
-from .model import PagedGemma4, TapSink, fuse_projections
+from .memory import KVCache, ceil_div, swa_pages_per_request
+from .model import TapSink
 
 
 @dataclass
@@ -32,35 +39,31 @@ class RequestResult:
     steps: list[tuple[int, int]] = field(default_factory=list)  # (first position, tokens) per forward step
 
 
-@dataclass
-class _Live:
-    index: int
-    prompt: list[int]
-    new: int
-    splits: list[int]
-    teacher: list[int] | None
-    done_prompt: int = 0
-    tokens: list[int] = field(default_factory=list)
-    logits: list[torch.Tensor] = field(default_factory=list)
-    reused: int = 0
-    pages: list[int] = field(default_factory=list)
-    steps: list[tuple[int, int]] = field(default_factory=list)
+@dataclass(frozen=True)
+class _Finished:
+    """What the pool-tap hook is told about a finishing request."""
 
-    @property
-    def total(self) -> int:
-        return len(self.prompt) + self.new
+    index: int
+    length: int  # positions written
 
 
 class Runner:
     def __init__(self, path_or_preset: str | Path | Gemma4Config = "tiny", dtype: torch.dtype = torch.float32,
                  device=None, page_size: int = 16, chunk_size: int = 512, num_pages: int | None = None,
                  seed: int = 0, page_order_seed: int | None = None, weights: dict | None = None,
-                 fused: bool = True):
+                 fused: bool = True, token_budget: int | None = None, max_requests: int | None = None,
+                 graphs: bool | str | None = None):
+        """token_budget, max_requests: let the scheduler decide (the most tokens per step, the
+        most requests running at once). graphs: the engine's decode graphs (None: where the
+        device can capture them; "static": their padded static batch, run eagerly)."""
         for name, v in (("page_size", page_size), ("chunk_size", chunk_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if num_pages is not None and (not isinstance(num_pages, int) or num_pages < 2):
             raise ValueError(f"num_pages must be an integer >= 2 (page 0 is reserved), got {num_pages!r}")
+        for name, v in (("token_budget", token_budget), ("max_requests", max_requests)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         self.device = torch.device(device) if device is not None else default_device()
         if weights is not None:
             self.config = path_or_preset
@@ -69,9 +72,10 @@ class Runner:
             self.config, self.weights = resolve(path_or_preset, dtype, self.device, seed)
         self.dtype, self.page_size, self.chunk_size = dtype, page_size, chunk_size
         self.num_pages, self.page_order_seed = num_pages, page_order_seed
+        self.token_budget, self.max_requests, self.graphs = token_budget, max_requests, graphs
         self.cache: KVCache | None = None
+        self.engine: Engine | None = None  # the last run's
         self.fused = fused  # False: the non-attention ops in plain torch (the unfused baseline)
-        self.fused_weights = fuse_projections(self.config, self.weights)
 
     # -- validation ------------------------------------------------------------------------
     def _validate(self, prompts, max_new_tokens, teacher_tokens, chunk_splits, arrivals, share_prefix_with):
@@ -94,15 +98,18 @@ class Runner:
             for i, (t, k) in enumerate(zip(teacher_tokens, news)):
                 if len(t) < k or any(not isinstance(x, int) or not 0 <= x < V for x in t[:k]):
                     raise ValueError(f"teacher_tokens[{i}]: needs {k} token ids in [0, {V}), got {list(t)[:k + 1]}")
+        # Without explicit splits a prompt is cut into chunk_size chunks, unless the scheduler decides.
+        scheduler_decides = self.token_budget is not None or self.max_requests is not None
         splits = []
         for i, p in enumerate(prompts):
             s = None if chunk_splits is None else chunk_splits[i]
             if s is None:
-                s = [self.chunk_size] * ceil_div(len(p), self.chunk_size)
-                s[-1] = len(p) - self.chunk_size * (len(s) - 1)
+                if not scheduler_decides:
+                    s = [self.chunk_size] * ceil_div(len(p), self.chunk_size)
+                    s[-1] = len(p) - self.chunk_size * (len(s) - 1)
             elif any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in s) or sum(s) != len(p):
                 raise ValueError(f"chunk_splits[{i}]: positive chunk lengths summing to {len(p)}, got {s!r}")
-            splits.append(list(s))
+            splits.append(None if s is None else list(s))
         if arrivals is not None and (len(arrivals) != n or any(not isinstance(a, int) or a < 0 for a in arrivals)):
             raise ValueError(f"arrivals needs one step >= 0 per prompt, got {arrivals!r}")
         if share_prefix_with is not None:
@@ -111,156 +118,84 @@ class Runner:
             for i, d in enumerate(share_prefix_with):
                 if d is not None and not (isinstance(d, int) and 0 <= d < i):
                     raise ValueError(f"share_prefix_with[{i}] must be None or an earlier prompt index, got {d!r}")
-        return news, splits
-
-    def _make_cache(self, lives: list[_Live]) -> KVCache:
-        ps, W = self.page_size, self.config.sliding_window
-        need = [ceil_div(r.total, ps) for r in lives]
+        totals = [len(p) + k for p, k in zip(prompts, news)]
+        need = [ceil_div(t, self.page_size) for t in totals]
         num_pages = self.num_pages or sum(need) + 1
-        too_long = [i for i, k in enumerate(need) if k > num_pages - 1]
-        if too_long:
-            i = too_long[0]
-            raise ValueError(f"prompt {i} needs {lives[i].total} positions ({need[i]} pages of {ps}); "
-                             f"the pool can ever hold {(num_pages - 1) * ps}")
-        # A sliding layer holds, per request, the window behind its chunk plus the chunk itself.
-        swa_need = [min(k, ceil_div(W - 1 + max(r.splits), ps) + 2) for k, r in zip(need, lives)]
-        return KVCache(self.config, page_size=ps, num_pages=num_pages, num_swa_pages=sum(swa_need) + 1,
-                       max_requests=len(lives), max_context=max(r.total for r in lives), dtype=self.dtype,
-                       device=self.device, order_seed=self.page_order_seed)
+        for i, k in enumerate(need):
+            if k > num_pages - 1:
+                raise ValueError(f"prompt {i} needs {totals[i]} positions ({k} pages of {self.page_size}); "
+                                 f"the pool can ever hold {(num_pages - 1) * self.page_size}")
+        return news, splits, totals, num_pages
 
-    # -- the loop --------------------------------------------------------------------------
+    def _engine(self, splits, totals, num_pages, script, sampler, taps) -> Engine:
+        """An engine sized for this run: a row per request (or max_requests), a full pool of
+        every request's pages, an SWA pool by the one sizing rule at each request's longest chunk."""
+        W, ps = self.config.sliding_window, self.page_size
+        swa = sum(swa_pages_per_request(W, ps, t, max(s) if s else self.chunk_size) for s, t in zip(splits, totals))
+        return Engine(self.config, weights=self.weights, dtype=self.dtype, device=self.device, page_size=ps,
+                      chunk_size=self.chunk_size, num_pages=num_pages, num_swa_pages=swa + 1,
+                      max_requests=self.max_requests or len(totals), max_context=max(totals),
+                      token_budget=self.token_budget, fused=self.fused, graphs=self.graphs,
+                      page_order_seed=self.page_order_seed, script=script, sampler=sampler, taps=taps,
+                      feed_last=taps is not None)
+
+    # -- the run ---------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, prompts, max_new_tokens=0, teacher_tokens=None, return_logits: bool = False,
             chunk_splits=None, arrivals=None, share_prefix_with=None, taps: TapSink | None = None):
         """Prefill and decode every prompt; returns one RequestResult per prompt, in order.
 
-        chunk_splits: per prompt, explicit prefill chunk lengths (None: `chunk_size` chunks).
+        chunk_splits: per prompt, explicit prefill chunk lengths (None: `chunk_size` chunks, or
+          the scheduler's with token_budget / max_requests).
         arrivals: per prompt, the step at which it may start (default 0).
         share_prefix_with: per prompt, None or the index of an earlier prompt whose KV for the
           common prefix (whole pages, still inside the window) this prompt reuses.
         taps: a sink(request_index, name, positions, tensor) that receives every tap, including
           `layers.{l}.k_cache/.v_cache` gathered from the pools when a request finishes.
         """
-        news, splits = self._validate(prompts, max_new_tokens, teacher_tokens, chunk_splits, arrivals,
-                                      share_prefix_with)
-        lives = [_Live(i, list(p), k, s, None if teacher_tokens is None else list(teacher_tokens[i]))
-                 for i, (p, k, s) in enumerate(zip(prompts, news, splits))]
-        cache = self.cache = self._make_cache(lives)
-        model = PagedGemma4(self.config, self.weights, cache, self.fused, self.fused_weights)
-        # Every row's logits when they are returned or captured (taps `final_norm`, `logits`), and
-        # then the last generated token is fed too, so both cover prompt + new positions.
-        all_rows = feed_last = return_logits or taps is not None
-        waiting = list(lives)
-        running: list[_Live] = []
-        results: dict[int, RequestResult] = {}
-        step = 0
-        while waiting or running:
-            for r in list(waiting):
-                if arrivals is not None and arrivals[r.index] > step:
-                    continue
-                donor = None if share_prefix_with is None else share_prefix_with[r.index]
-                if donor is not None and donor not in results and lives[donor] not in running:
-                    continue  # the donor has not started: wait for its KV
-                if not self._admit(cache, r, lives, donor, running):
-                    break  # out of pages: keep arrival order, wait for a request to finish
-                waiting.remove(r)
-                running.append(r)
-            if not running:
-                step += 1
-                if step > 10_000_000:
-                    raise RuntimeError("scheduler made no progress")
-                continue
-            items, ids = [], []
-            for r in running:
-                if r.done_prompt < len(r.prompt):
-                    start = r.done_prompt
-                    chunk = _next_chunk(r.splits, start)
-                    items.append(BatchItem(r.index, start, chunk))
-                    ids.extend(r.prompt[start:start + chunk])
-                else:
-                    items.append(BatchItem(r.index, len(r.prompt) + len(r.tokens) - 1, 1))
-                    ids.append(r.tokens[-1])
-            batch = build_batch(cache, items)
-            ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
-            last_rows = None if all_rows else batch.cu_seqlens_q[1:].long() - 1
-            logits = model.forward(ids_t, batch, taps=taps, logit_rows=last_rows)
-            finished = []
-            for i, (r, (item, start, end)) in enumerate(zip(running, batch.token_ranges())):
-                n = end - start
-                r.steps.append((item.prefix_len, n))
-                rows = logits[start:end] if all_rows else logits[i:i + 1]
-                if return_logits:
-                    r.logits.append(rows.cpu())
-                if r.done_prompt < len(r.prompt):
-                    r.done_prompt += n
-                    if r.done_prompt < len(r.prompt):
-                        cache.release_window(r.index, item.seq_len)
-                        continue
-                if len(r.tokens) < r.new:
-                    pred = int(rows[-1].argmax())
-                    r.tokens.append(pred if r.teacher is None else r.teacher[len(r.tokens)])
-                    if len(r.tokens) < r.new or feed_last:
-                        cache.release_window(r.index, item.seq_len)
-                        continue
-                finished.append(r)
-            for r in finished:
+        news, splits, totals, num_pages = self._validate(prompts, max_new_tokens, teacher_tokens, chunk_splits,
+                                                         arrivals, share_prefix_with)
+        n = len(prompts)
+        script = Script(splits={i: s for i, s in enumerate(splits) if s is not None},
+                        arrivals=dict(enumerate(arrivals or [])),
+                        donors={i: d for i, d in enumerate(share_prefix_with or []) if d is not None})
+        sampler = None if teacher_tokens is None else TeacherSampler(dict(enumerate(teacher_tokens)))
+        # Every row's logits when they are returned or captured (taps `final_norm`, `logits`): the
+        # engine computes them only with a tap sink, so returning logits alone means a sink too.
+        logits: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]
+        sink = None
+        if return_logits or taps is not None:
+            def sink(i, name, positions, tensor):
+                if return_logits and name == "logits":
+                    logits[i].update(zip(positions.tolist(), tensor.cpu()))
                 if taps is not None:
-                    self._emit_cache(cache, r, taps)
-                results[r.index] = RequestResult(
-                    r.tokens, torch.cat(r.logits) if return_logits else None, r.reused, r.pages, r.steps)
-                running.remove(r)
-                cache.free_request(r.index)
-            step += 1
-        return [results[i] for i in range(len(lives))]
+                    taps(i, name, positions, tensor)
 
-    def _admit(self, cache: KVCache, r: _Live, lives, donor, running) -> bool:
-        ps = self.page_size
-        reuse = 0
-        if donor is not None and lives[donor] in running:
-            d = lives[donor]
-            reuse = cache.prefix_reusable(donor, shared_prefix_len(d.prompt[: d.done_prompt], r.prompt))
-        if ceil_div(r.total, ps) - reuse // ps > cache.full.num_free:
-            return False
-        try:
-            r.reused = cache.add_request(r.index, donor if reuse else None, reuse)
-            cache.reserve(r.index, r.total)
-        except OutOfPages:
-            if r.index in cache.requests:
-                cache.free_request(r.index)
-            r.reused = 0
-            return False
-        r.done_prompt = r.reused
-        r.pages = list(cache.requests[r.index].pages)
-        if r.reused and lives[donor].logits:
-            # Positions whose KV was reused were computed once, by the donor: share its logits.
-            r.logits.append(torch.cat(lives[donor].logits)[: r.reused])
-        return True
+        engine = self.engine = self._engine(splits, totals, num_pages, script, sampler, sink)
+        self.cache = engine.cache
+        seqs = [engine.sequence(engine.add_request(list(p), _NO_STOP, max_new_tokens=k))
+                for p, k in zip(prompts, news)]
+        if taps is not None:
+            engine.pool_taps = lambda seq: self._emit_cache(engine.cache, _Finished(seq.rid, len(seq.written)), sink)
+        else:
+            engine.pool_taps = lambda seq: None  # logits only: no pool taps to gather
+        while engine.has_work():
+            engine.step()
+        results = []
+        for i, seq in enumerate(seqs):
+            rows = None
+            if return_logits:
+                # Positions whose KV was reused were computed once, by the donor: share its logits.
+                own = logits[i] if not seq.reused else {**{p: logits[script.donors[i]][p] for p in range(seq.reused)},
+                                                        **logits[i]}
+                rows = torch.stack([own[p] for p in sorted(own)])
+            results.append(RequestResult(seq.tokens, rows, seq.reused, seq.pages, seq.steps))
+        return results
 
-    def _emit_cache(self, cache: KVCache, r: _Live, taps: TapSink) -> None:
-        """Pool contents read back through the page tables: every position on full layers, the
-        last W on sliding layers (the ones a next query would need, plus the one it drops)."""
-        length = len(r.prompt) + len(r.tokens)
-        row = cache.requests[r.index].row
-        ps = self.page_size
-        for spec in self.config.layers:
-            if spec.kv_shared:
-                continue
-            lo = 0 if spec.window is None else max(0, length - spec.window)
-            pos = torch.arange(lo, length, device=self.device)
-            slots = cache.req_to_token[row, pos].long()
-            if spec.is_sliding:
-                slots = cache.full_to_swa_page[slots // ps].long() * ps + slots % ps
-            k, v = cache.buffers(spec)
-            taps(r.index, f"layers.{spec.index}.k_cache", pos, k[slots].clone())
-            taps(r.index, f"layers.{spec.index}.v_cache", pos, v[slots].clone())
+    def _emit_cache(self, cache: KVCache, r: _Finished, taps: TapSink) -> None:
+        """The pool taps of a finishing request (a hook tests use to corrupt the pool first)."""
+        emit_pool_taps(cache, self.config, r.index, r.length, taps)
 
 
-def _next_chunk(splits: list[int], start: int) -> int:
-    """Length of the chunk that starts at prompt position `start`. Chunk boundaries are absolute:
-    after a reused prefix that ends mid-chunk, the rest of that chunk comes first."""
-    boundary = 0
-    for s in splits:
-        boundary += s
-        if boundary > start:
-            return boundary - start
-    raise AssertionError("prompt already consumed")
+# Scripted runs stop on length only: teacher-forced tokens may be anything, eos included.
+_NO_STOP = SamplingParams(max_new_tokens=1, ignore_eos=True)

@@ -1,26 +1,37 @@
-"""Engine: the optimized path as a generation service. Requests come in as token ids with their
-sampling parameters; each `step()` runs one forward over the batch the scheduler picks and
-returns the tokens it produced. Not thread-safe: one thread owns an Engine (the HTTP server
-runs it in its own thread).
+"""Engine: the one driver loop of the optimized path. Requests come in as token ids with their
+sampling parameters; each `step()` schedules a batch, runs one forward over it and postprocesses
+the rows (sampling, window release, finishing), returning the tokens it produced. Not
+thread-safe: one thread owns an Engine (the HTTP server runs it in its own thread).
+
+What the oracle needs is policy the same loop takes (docs/design_notes.md, "One engine under the
+oracle"): a scheduler `Script` (chunk splits, arrivals, named prefix donors), a sampler (the
+teacher, forcing the reference's tokens), a page order seed, and a tap sink. With taps on, every
+row's logits are computed and the `logits` tap of a request's last row in a step is the very
+row postprocess selected and handed to the sampler, so a wrong row shows at that tap even under
+teacher forcing. `optimized.Runner` is a thin facade that fills these in.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from reference.config import Gemma4Config
 from reference.weights import resolve
 
-from ..batch import build_batch
+from ..batch import ForwardBatch, build_batch
 from ..kernels import default_device, graphs_supported
-from ..memory import KVCache, ceil_div
-from ..model import PagedGemma4, fuse_projections
+from ..memory import KVCache, ceil_div, swa_pages_per_request
+from ..model import PagedGemma4, TapSink, fuse_projections
 from .graphs import DecodeGraphs
 from .sampler import SamplingParams, sample
-from .scheduler import Scheduler, Sequence
+from .scheduler import Scheduler, Script, Sequence
+
+# sampler(sequence, logits row [V]) -> the next token. None: the engine's own (params-driven).
+Sampler = Callable[[Sequence, torch.Tensor], int]
 
 
 @dataclass(frozen=True)
@@ -46,20 +57,36 @@ class Engine:
                  device=None, *, page_size: int = 16, chunk_size: int = 512, num_pages: int | None = None,
                  max_requests: int = 16, max_context: int | None = None, token_budget: int | None = None,
                  fused: bool = True, seed: int = 0, weights: dict[str, torch.Tensor] | None = None,
-                 graphs: bool | None = None, share_prefixes: bool = True):
+                 graphs: bool | str | None = None, share_prefixes: bool = True,
+                 num_swa_pages: int | None = None, page_order_seed: int | None = None,
+                 script: Script | None = None, sampler: Sampler | None = None, taps: TapSink | None = None,
+                 feed_last: bool | None = None):
         """max_context: the most positions one request may use (default: the model's limit, at
         most 4096). num_pages: the full pool's size in pages (default: max_requests requests of
-        max_context each). token_budget: the most tokens one step may run (default: no limit
-        beyond chunk_size per prefilling request). weights: tensors to use as they are, with
-        path_or_preset then the Gemma4Config they belong to (tests share them with the reference).
-        graphs: replay decode steps from device graphs (default: where the device can).
-        share_prefixes: a new request reuses the K/V of a running request's identical prefix."""
+        max_context each); num_swa_pages likewise for the sliding pool (default: the sizing rule
+        of optimized/memory.py for max_requests such requests). token_budget: the most tokens one
+        step may run (default: no limit beyond chunk_size per prefilling request). weights:
+        tensors to use as they are, with path_or_preset then the Gemma4Config they belong to
+        (tests share them with the reference). graphs: replay decode steps from device graphs
+        (True insists, None where the device can, False never, "static": the graphs' padded
+        static batch run eagerly, which is how a CPU exercises that path). share_prefixes: a new
+        request reuses the K/V of a running request's identical prefix.
+
+        Policy for the oracle: page_order_seed shuffles the order pages are handed out in;
+        script fixes chunks, arrivals and prefix donors; sampler replaces sampling (a
+        TeacherSampler forces tokens); taps receives every tap (model taps, `logits` from the
+        rows postprocess selects, `layers.{l}.k_cache/.v_cache` from the pools when a request
+        finishes); feed_last (default: on with taps) feeds each request's last token too, so
+        taps and pools cover every position."""
         for name, v, low in (("page_size", page_size, 1), ("chunk_size", chunk_size, 1),
                              ("max_requests", max_requests, 1), ("num_pages", num_pages, 2),
-                             ("max_context", max_context, 1), ("token_budget", token_budget, 1),
-                             ("seed", seed, 0)):
+                             ("num_swa_pages", num_swa_pages, 2), ("max_context", max_context, 1),
+                             ("token_budget", token_budget, 1), ("seed", seed, 0),
+                             ("page_order_seed", page_order_seed, 0)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if graphs not in (True, False, None, "static"):
+            raise ValueError(f"graphs must be True, False, None or 'static', got {graphs!r}")
         self.device = torch.device(device) if device is not None else default_device()
         if weights is not None:
             self.config = path_or_preset
@@ -73,24 +100,29 @@ class Engine:
                              f"{cfg.max_position_embeddings}")
         pages_per_request = ceil_div(self.max_context, page_size)
         num_pages = num_pages or max_requests * pages_per_request + 1
-        # A sliding layer holds per request the window behind a chunk plus the chunk itself.
-        swa_per_request = min(pages_per_request, ceil_div(cfg.sliding_window - 1 + chunk_size, page_size) + 2)
+        swa = swa_pages_per_request(cfg.sliding_window, page_size, self.max_context, chunk_size)
         self.cache = KVCache(cfg, page_size=page_size, num_pages=num_pages,
-                             num_swa_pages=max_requests * swa_per_request + 1, max_requests=max_requests,
-                             max_context=self.max_context, dtype=dtype, device=self.device)
+                             num_swa_pages=num_swa_pages or max_requests * swa + 1, max_requests=max_requests,
+                             max_context=self.max_context, dtype=dtype, device=self.device, order_seed=page_order_seed)
         self.model = PagedGemma4(cfg, weights, self.cache, fused, fuse_projections(cfg, weights))
-        self.scheduler = Scheduler(self.cache, chunk_size, token_budget, share_prefixes)
+        self.scheduler = Scheduler(self.cache, chunk_size, token_budget, share_prefixes, script)
+        self.sampler, self.taps = sampler, taps
+        self.feed_last = taps is not None if feed_last is None else feed_last
+        # Called with each finishing sequence while its pages are still held (taps only).
+        self.pool_taps: Callable[[Sequence], None] = self._emit_pool_taps
         self.decode_graphs, self.graphs_off_because = self._decode_graphs(graphs, max_requests, pages_per_request)
         self._seeds = torch.Generator().manual_seed(seed)  # seeds for requests that give none
         self._next_rid = 0
         self._sequences: dict[int, Sequence] = {}
 
-    def _decode_graphs(self, graphs: bool | None, max_requests: int, max_pages: int
+    def _decode_graphs(self, graphs: bool | str | None, max_requests: int, max_pages: int
                        ) -> tuple[DecodeGraphs | None, str | None]:
         """The decode graphs, or None and why not. graphs=True insists (a device or a step that
         cannot be captured is an error); None captures where it can."""
         if graphs is False:
             return None, "graphs=False"
+        if graphs == "static":
+            return DecodeGraphs(self.model, max_requests, max_pages, capture=False), None
         if not graphs_supported(self.device):
             if graphs:
                 raise ValueError(f"graphs=True needs a device that can capture graphs; {self.device} cannot")
@@ -103,12 +135,17 @@ class Engine:
             return None, f"capture failed: {e}"
 
     # -- requests ---------------------------------------------------------------------------
-    def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> int:
-        """Queue a request; returns its id. Raises ValueError, naming the problem, for input
-        that could never run (the engine is unchanged then)."""
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None, *,
+                    max_new_tokens: int | None = None) -> int:
+        """Queue a request; returns its id (0, 1, ... in order). Raises ValueError, naming the
+        problem, for input that could never run (the engine is unchanged then). max_new_tokens
+        overrides params.max_new_tokens and may be 0 (prefill only: the oracle's prompt runs)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        new = params.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if isinstance(new, bool) or not isinstance(new, int) or new < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {new!r}")
         V = self.config.vocab_size
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise ValueError("the prompt must be a non-empty list of token ids")
@@ -117,9 +154,9 @@ class Engine:
             raise ValueError(f"prompt token ids must be integers in [0, {V}), got {bad[:3]}")
         if any(t >= V for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must lie in [0, {V}), got {list(params.stop_token_ids)}")
-        length = len(prompt) + params.max_new_tokens
+        length = len(prompt) + new
         if length > self.max_context:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {length} "
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({new}) = {length} "
                              f"exceeds max_context {self.max_context}")
         if ceil_div(length, self.cache.page_size) > self.cache.full.num_pages - 1:
             raise ValueError(f"the request needs {length} positions; the pool holds "
@@ -128,7 +165,7 @@ class Engine:
         generator = None if params.greedy else torch.Generator().manual_seed(seed)
         rid = self._next_rid
         self._next_rid += 1
-        seq = Sequence(rid, list(prompt), params, generator)
+        seq = Sequence(rid, list(prompt), params, generator, new)
         self._sequences[rid] = seq
         self.scheduler.waiting.append(seq)
         return rid
@@ -141,6 +178,11 @@ class Engine:
         else:
             self.scheduler.waiting.remove(seq)
 
+    def sequence(self, rid: int) -> Sequence:
+        """A queued or running request's state (tokens, steps, pages): hold on to it to read it
+        after the request finishes."""
+        return self._sequences[rid]
+
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
@@ -150,44 +192,92 @@ class Engine:
         return dict(waiting=len(self.scheduler.waiting), running=len(self.scheduler.running),
                     free_pages=c.full.num_free, free_swa_pages=c.swa.num_free, requests_in_cache=len(c.requests))
 
-    # -- the loop -----------------------------------------------------------------------------
+    # -- the loop: schedule -> run -> postprocess --------------------------------------------
     @torch.no_grad()
     def step(self) -> list[Event]:
         """One forward step over the scheduled batch; one Event per request that produced a token."""
         plan = self.scheduler.schedule()
         if not plan:
             return []
+        for s in plan:  # the batch's SWA pages: allocation before the (side-effect free) metadata
+            self.cache.map_window(s.seq.rid, s.item.seq_len)
         batch = build_batch(self.cache, [s.item for s in plan])
         ids = torch.tensor([t for s in plan for t in s.ids], dtype=torch.long, device=self.device)
+        logits, rows = self._run(ids, batch)
+        return self._postprocess(plan, batch, logits, rows)
+
+    def _sample_rows(self, batch: ForwardBatch) -> torch.Tensor:
+        """Each request's last new token: the row its next token is sampled from."""
+        return batch.cu_seqlens_q[1:].long() - 1
+
+    def _run(self, ids: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(every row's logits [N, V], or None without taps; the selected rows [B, V])."""
+        select = self._sample_rows(batch)
+        if self.taps is None:
+            if self.decode_graphs is not None and batch.is_decode:
+                return None, self.decode_graphs.run(ids, batch)[select]
+            return None, self.model.forward(ids, batch, logit_rows=select)
+        # The model's own `logits` tap is dropped: postprocess reports the rows it selected.
+        model_taps = _without_logits(self.taps)
         if self.decode_graphs is not None and batch.is_decode:
-            logits = self.decode_graphs.run(ids, batch)
+            logits = self.decode_graphs.run(ids, batch, taps=model_taps)
         else:
-            logits = self.model.forward(ids, batch, logit_rows=batch.cu_seqlens_q[1:].long() - 1)
-        greedy = logits.argmax(dim=-1).tolist()  # one sync for every greedy request
+            logits = self.model.forward(ids, batch, taps=model_taps)
+        return logits, logits[select]
+
+    def _postprocess(self, plan, batch: ForwardBatch, logits: torch.Tensor | None, rows: torch.Tensor) -> list[Event]:
+        if self.taps is not None:
+            for (item, start, end), row in zip(batch.token_ranges(), rows):
+                if end - 1 > start:
+                    self.taps(item.rid, "logits", batch.positions[start:end - 1], logits[start:end - 1].clone())
+                self.taps(item.rid, "logits", batch.positions[end - 1:end], row[None].clone())
+        greedy = None
         events = []
         for i, s in enumerate(plan):
             seq, item = s.seq, s.item
+            seq.steps.append((item.prefix_len, item.extend_len))
             if seq.prefilling:
                 seq.done_prompt += item.extend_len
                 if seq.prefilling:
                     self.cache.release_window(seq.rid, item.seq_len)
                     continue
-            token = greedy[i] if seq.params.greedy else sample(logits[i], seq.params, seq.generator)
+            if seq.finish_reason is not None or seq.max_new_tokens == 0:  # the last token fed, or none wanted
+                seq.fed_last = seq.finish_reason is not None
+                seq.finish_reason = seq.finish_reason or "length"
+                self._finish(seq)
+                continue
+            if self.sampler is not None:
+                token = self.sampler(seq, rows[i])
+            elif seq.params.greedy:
+                if greedy is None:
+                    greedy = rows.argmax(dim=-1).tolist()  # one sync for every greedy request
+                token = greedy[i]
+            else:
+                token = sample(rows[i], seq.params, seq.generator)
             seq.tokens.append(token)
             reason = self._finish_reason(seq, token)
             events.append(Event(seq.rid, token, reason is not None, reason, seq.reused))
-            if reason is None:
+            seq.finish_reason = reason
+            if reason is None or self.feed_last:
                 self.cache.release_window(seq.rid, item.seq_len)
             else:
-                self.scheduler.finish(seq)
-                del self._sequences[seq.rid]
+                self._finish(seq)
         return events
+
+    def _finish(self, seq: Sequence) -> None:
+        if self.taps is not None:
+            self.pool_taps(seq)
+        self.scheduler.finish(seq)
+        del self._sequences[seq.rid]
+
+    def _emit_pool_taps(self, seq: Sequence) -> None:
+        emit_pool_taps(self.cache, self.config, seq.rid, len(seq.written), self.taps)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.config.eos_token_id):
             return "stop"
-        if len(seq.tokens) >= p.max_new_tokens:
+        if len(seq.tokens) >= seq.max_new_tokens:
             return "length"
         return None
 
@@ -216,4 +306,33 @@ class Engine:
                         outputs[e.rid].finish_reason = e.finish_reason
                         outputs[e.rid].reused_tokens = e.reused_tokens
                         pending.discard(e.rid)
+        while any(rid in self._sequences for rid in rids):  # fed-last requests: one more step each
+            self.step()
         return [outputs[rid] for rid in rids]
+
+
+def emit_pool_taps(cache: KVCache, config: Gemma4Config, rid, length: int, taps: TapSink) -> None:
+    """`layers.{l}.k_cache/.v_cache` of request `rid`: pool contents read back through its page
+    tables, every position on full layers, the last W on sliding layers (the ones a next query
+    would need, plus the one it drops)."""
+    row = cache.requests[rid].row
+    ps = cache.page_size
+    for spec in config.layers:
+        if spec.kv_shared:
+            continue
+        lo = 0 if spec.window is None else max(0, length - spec.window)
+        pos = torch.arange(lo, length, device=cache.device)
+        slots = cache.req_to_token[row, pos].long()
+        if spec.is_sliding:
+            slots = cache.full_to_swa_page[slots // ps].long() * ps + slots % ps
+        k, v = cache.buffers(spec)
+        taps(rid, f"layers.{spec.index}.k_cache", pos, k[slots].clone())
+        taps(rid, f"layers.{spec.index}.v_cache", pos, v[slots].clone())
+
+
+def _without_logits(taps: TapSink) -> TapSink:
+    def sink(rid, name, positions, tensor):
+        if name != "logits":
+            taps(rid, name, positions, tensor)
+
+    return sink

@@ -10,19 +10,33 @@ into the smallest captured size that holds it, the rest padded:
   padding sink) and attend to one key there; their logits are dropped.
 
 The page tables are captured at full width (max_context / page_size pages), so the attention
-kernels' launch shapes do not depend on the step. Graphs are used for decode-only steps without
-taps; prefill chunks and mixed steps run eagerly.
+kernels' launch shapes do not depend on the step. Graphs are used for decode-only steps; prefill
+chunks and mixed steps run eagerly.
 
-`capture=False` runs the same padded static batch eagerly: it is how the CPU tests check the
-padding and the buffer copies, which are the parts a graph cannot make wrong on its own.
+Under the oracle (taps on) a replayed step is still judged: after the replay, the identical
+static padded forward runs eagerly with taps on the same static buffers (rewriting the same K/V
+slots with the same values), and the two must give bitwise-equal logits, else GraphMismatch.
+The taps then describe exactly the computation the graph replayed.
+
+`capture=False` runs the same padded static batch eagerly: it is how the CPU tests (and the
+oracle on a CPU, Engine(graphs="static")) check the padding and the buffer copies, which are the
+parts a graph cannot make wrong on its own.
 """
 
 from __future__ import annotations
 
+
 import torch
 
 from ..batch import BatchItem, ForwardBatch
-from ..model import PagedGemma4
+from ..model import PagedGemma4, TapSink
+
+
+class GraphMismatch(RuntimeError):
+    """A replayed decode graph and the same step run eagerly gave different logits."""
+
+
+_PAD = object()  # the request id of padding rows: their taps are dropped
 
 
 def batch_sizes(max_requests: int) -> list[int]:
@@ -62,25 +76,27 @@ class DecodeGraphs:
                 self._graphs[b] = (graph, logits)
             self._reset_padding(max_requests)
 
-    def _static_batch(self, b: int) -> ForwardBatch:
-        # rows, prefix_lens and extend_lens are bookkeeping the forward does not read.
+    def _static_batch(self, b: int, items: list[BatchItem] | None = None) -> ForwardBatch:
+        # rows, prefix_lens and extend_lens are bookkeeping the forward does not read; items name
+        # the requests taps are reported for (padding rows by default).
         return ForwardBatch(
-            items=[BatchItem(i, 0, 1) for i in range(b)], rows=self.positions[:b], prefix_lens=self.seq_lens[:b],
+            items=items or [BatchItem(_PAD, 0, 1) for _ in range(b)], rows=self.positions[:b], prefix_lens=self.seq_lens[:b],
             extend_lens=self.seq_lens[:b], seq_lens=self.seq_lens[:b], cu_seqlens_q=self.cu[:b + 1],
             positions=self.positions[:b], out_slots=self.out_slots[:b], swa_out_slots=self.swa_out_slots[:b],
             page_table=self.page_table[:b], swa_page_table=self.swa_page_table[:b], page_size=self.page_size)
 
-    def forward(self, b: int) -> torch.Tensor:
+    def forward(self, b: int, items: list[BatchItem] | None = None, taps: TapSink | None = None) -> torch.Tensor:
         """The model on the first b static rows (what a graph of size b records)."""
-        return self.model.forward(self.ids[:b], self._static_batch(b))
+        return self.model.forward(self.ids[:b], self._static_batch(b, items), taps=taps)
 
     def _reset_padding(self, start: int) -> None:
         for t in (self.ids, self.positions, self.out_slots, self.swa_out_slots, self.page_table, self.swa_page_table):
             t[start:] = 0
         self.seq_lens[start:] = 1
 
-    def run(self, ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [b, V] of a decode batch of b <= max_requests requests."""
+    def run(self, ids: torch.Tensor, batch: ForwardBatch, taps: TapSink | None = None) -> torch.Tensor:
+        """Logits [b, V] of a decode batch of b <= max_requests requests; with taps, the step's
+        taps too (the real rows' only), checked against the replay as the module says."""
         b = len(batch.items)
         size = next(s for s in self.sizes if s >= b)
         width = batch.page_table.shape[1]
@@ -94,9 +110,28 @@ class DecodeGraphs:
         self.swa_page_table[:b, :width] = batch.swa_page_table
         self.swa_page_table[:b, width:] = 0
         self._reset_padding(b)
-        if self.capture:
-            graph, logits = self._graphs[size]
-            graph.replay()
-        else:
-            logits = self.forward(size)
-        return logits[:b]
+        items = None
+        if taps is not None:
+            items = list(batch.items) + [BatchItem(_PAD, 0, 1)] * (size - b)
+            taps = _real_rows(taps)
+        if not self.capture:
+            return self.forward(size, items, taps)[:b]
+        graph, logits = self._graphs[size]
+        graph.replay()
+        if taps is None:
+            return logits[:b]
+        replayed = logits[:b].clone()  # the graph's output buffer, before anything reuses its memory
+        eager = self.forward(size, items, taps)[:b]
+        if not torch.equal(replayed, eager):
+            diff = (replayed.float() - eager.float()).abs().max().item()
+            raise GraphMismatch(f"decode graph of size {size} and the same step run eagerly disagree "
+                                f"(max |logit difference| {diff:.3g}) for requests {[it.rid for it in batch.items]}")
+        return replayed
+
+
+def _real_rows(taps: TapSink) -> TapSink:
+    def sink(rid, name, positions, tensor):
+        if rid is not _PAD:
+            taps(rid, name, positions, tensor)
+
+    return sink

@@ -80,3 +80,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         x[cut] = float("-inf")
     probs = torch.softmax(x, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class TeacherSampler:
+    """Forces given tokens: request `rid`'s n-th sampled token is `tokens[rid][n]`, whatever its
+    logits say (the oracle feeds the reference's tokens so both paths see one sequence). The
+    engine still hands it the row it selected, and reports that row at the `logits` tap."""
+
+    def __init__(self, tokens: dict[int, list[int]]):
+        self.tokens = tokens
+
+    def __call__(self, seq, row: torch.Tensor) -> int:
+        return self.tokens[seq.rid][len(seq.tokens)]
