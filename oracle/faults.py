@@ -37,10 +37,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+import optimized.engine.engine
 import optimized.fused_ops
 import optimized.model
 import optimized.ops
-import optimized.runner
 from optimized.memory import KVCache, ceil_div
 from optimized.model import PagedGemma4
 
@@ -318,7 +318,7 @@ FAULTS: dict[str, Fault] = _registry(
         "output is wrong from the first step. Invisible wherever the two ids happen to agree (one "
         "request, pages in order): the scenario shuffles pages.",
         "layers.0.o",
-        (Patch(optimized.runner, "build_batch", _on_batch(_full_pages_on_sliding_reads)),),
+        (Patch(optimized.engine.engine, "build_batch", _on_batch(_full_pages_on_sliding_reads)),),
         PAST_WINDOW,
     ),
     Fault(
@@ -330,7 +330,7 @@ FAULTS: dict[str, Fault] = _registry(
         "wrong slots, so they look right; the pool gathered through the translated table does not, "
         "and `k_cache` precedes `o` in dataflow order.",
         "layers.0.k_cache",
-        (Patch(optimized.runner, "build_batch", _on_batch(_full_slots_on_sliding_writes)),),
+        (Patch(optimized.engine.engine, "build_batch", _on_batch(_full_slots_on_sliding_writes)),),
         PAST_WINDOW,
     ),
     Fault(

@@ -4,6 +4,14 @@ truth = the reference in float64 (on the compared weights), ref = the reference 
 dtype (its error against the truth is the noise a correct implementation has), cand = the
 optimized path in the compared dtype. Decode steps are teacher-forced with the reference's own
 greedy tokens, so both paths see the same sequence even where an argmax would differ.
+
+The optimized path is the Engine's one loop (through the `optimized.Runner` facade): the
+scenario's schedule, the teacher tokens and the tap sink are policy it takes. Its `logits` tap
+is the row the engine hands its sampler, so a wrong sampling row shows there even though the
+teacher decides the token. On a device that can capture graphs, decode steps replay them and
+each replay is checked bitwise against the same step run eagerly with taps (a mismatch raises
+GraphMismatch); `decode_graphs="static"` runs the graphs' padded static batch eagerly instead,
+which is how a CPU exercises that path.
 """
 
 from __future__ import annotations
@@ -61,10 +69,12 @@ def reference_capture(model: Gemma4Reference, scenario: Scenario, sequences: dic
 
 def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE,
                  runner_factory: Callable[..., Runner] = Runner, weights=None,
-                 faults: Sequence[str] = ()) -> ScenarioRun:
+                 faults: Sequence[str] = (), decode_graphs: bool | str | None = None) -> ScenarioRun:
     """Capture truth, reference and optimized path for a scenario and compare them.
     `runner_factory` lets a test substitute the optimized path; `faults` names known bugs
-    (oracle/faults.py) injected into the optimized path while it runs."""
+    (oracle/faults.py) injected into the optimized path while it runs; `decode_graphs` is the
+    engine's `graphs` (None: replay where the device can capture, "static": the padded static
+    decode batch without capture, False: plain eager decode)."""
     for name in faults:
         get_fault(name)  # an unknown name fails before any work
     m = scenario.model
@@ -89,7 +99,8 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
     with inject_all(faults):
         runner = runner_factory(cfg, weights=weights, dtype=scenario.dtype, device=m.device,
                                 page_size=e.page_size, chunk_size=e.chunk_size, num_pages=e.num_pages,
-                                page_order_seed=e.page_order_seed)
+                                page_order_seed=e.page_order_seed, token_budget=e.token_budget,
+                                max_requests=e.max_requests, graphs=decode_graphs)
         results = runner.run(
             prompts, max_new_tokens=[r.new_tokens for r in scenario.requests], teacher_tokens=teacher,
             chunk_splits=[None if r.chunks is None else list(r.chunks) for r in scenario.requests],
@@ -104,11 +115,22 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
     layout = {
         "page_size": e.page_size,
         "num_pages": runner.cache.full.num_pages,
+        "decode": _decode_path(getattr(runner, "engine", None)),
         "requests": [{"id": rid, "prompt_len": len(p), "new_tokens": r.new_tokens, "pages": res.pages,
                       "chunks": [list(s) for s in res.steps], "prefix_reused": res.prefix_reused}
                      for rid, p, r, res in zip(ids, prompts, scenario.requests, results)],
     }
     return ScenarioRun(scenario, truth, ref, cand, comparison, layout)
+
+
+def _decode_path(engine) -> str:
+    """How the engine ran decode steps: "graphs", "static" (padded, not captured) or "eager (why)"."""
+    if engine is None:
+        return "unknown"
+    graphs = engine.decode_graphs
+    if graphs is None:
+        return f"eager ({engine.graphs_off_because})"
+    return "graphs" if graphs.capture else "static"
 
 
 def report_facts(runs: list[ScenarioRun], command: str, title: str, kernels: list | None = None) -> dict:

@@ -47,6 +47,10 @@ class EngineSpec:
     chunk_size: int = 512
     num_pages: int | None = None
     page_order_seed: int | None = None
+    # Either lets the scheduler decide: the chunks of requests without explicit `chunks` are cut
+    # by continuous batching under this per-step token budget / running-request limit.
+    token_budget: int | None = None
+    max_requests: int | None = None
 
 
 @dataclass(frozen=True)
@@ -134,12 +138,15 @@ def from_dict(d: Any) -> Scenario:
         dtype=m.get("dtype", "float32"), device=str(m.get("device", "cpu")))
     if model.dtype not in DTYPES:
         raise ScenarioError(f"model.dtype: {model.dtype!r} is not one of {sorted(DTYPES)}")
-    e = _only("engine", d.get("engine", {}), {"page_size", "chunk_size", "num_pages", "page_order_seed"})
+    e = _only("engine", d.get("engine", {}), {"page_size", "chunk_size", "num_pages", "page_order_seed",
+                                              "token_budget", "max_requests"})
     engine = EngineSpec(
         page_size=_int("engine.page_size", e.get("page_size", 16), 1),
         chunk_size=_int("engine.chunk_size", e.get("chunk_size", 512), 1),
         num_pages=_int("engine.num_pages", e.get("num_pages"), 2, optional=True),
-        page_order_seed=_int("engine.page_order_seed", e.get("page_order_seed"), 0, optional=True))
+        page_order_seed=_int("engine.page_order_seed", e.get("page_order_seed"), 0, optional=True),
+        token_budget=_int("engine.token_budget", e.get("token_budget"), 1, optional=True),
+        max_requests=_int("engine.max_requests", e.get("max_requests"), 1, optional=True))
     reqs = d.get("requests")
     if not isinstance(reqs, list) or not reqs:
         raise ScenarioError("requests: expected a non-empty list")
