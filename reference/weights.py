@@ -106,15 +106,80 @@ def _tensor_seed(seed: int, name: str) -> int:
 
 FINAL_NORM_GAIN = 6.0
 
+# Init styles. "unit": every weight at unit scale (gains U(0.5, 1.5)); the tiny test presets use
+# it, and the faults' expected taps and margins were calibrated on it. "checkpoint": the same draws
+# with the gains a trained checkpoint's statistics need (docs/design_notes.md notes 10 and 14):
+#   - q_norm and k_norm gains scaled so that attention scores (scale 1 on RMS-normed q and k) have
+#     a standard deviation of about ATTENTION_SCORE_STD instead of sqrt(head_dim) (22.6 at head
+#     size 512: a near one-hot softmax whose winner bf16 rounding flips);
+#   - router.scale scaled so that the MoE router's logits have a standard deviation of about
+#     ROUTER_LOGIT_STD instead of hidden_size ** -0.5 (0.02 at 26B-A4B: a near-uniform softmax whose
+#     top-k is a near tie at every token);
+#   - the tied embedding table scaled so that the scaled embedding has an RMS of about
+#     EMBEDDING_SELF_LOGIT / sqrt(hidden_size) instead of 1, and the final norm's gain raised by the
+#     inverse factor so that logits keep a std of about FINAL_NORM_GAIN. With unit embeddings the
+#     residual stream keeps the input token's own embedding, and the tied lm_head turns it into a
+#     logit sqrt(hidden_size) / RMS(stream) standard deviations above the rest (8 at E2B's last
+#     layer): every position "predicts" its own token, by a margin no rounding can flip, so argmax
+#     agreement says nothing. Scaled down, that self-logit is at most about EMBEDDING_SELF_LOGIT
+#     standard deviations, below one once the stream has grown past the first layers.
+# Both are gains on existing tensors, drawn from the same generators: the "unit" weights times a
+# per-tensor constant, so a dropped or misplaced gain still shows.
+UNIT, CHECKPOINT = "unit", "checkpoint"
+INIT_STYLES = (UNIT, CHECKPOINT)
+ATTENTION_SCORE_STD = 2.0
+ROUTER_LOGIT_STD = 1.5
+EMBEDDING_SELF_LOGIT = 2.0
+# Models at least this wide get the "checkpoint" style by default: the real shapes (1536 and up),
+# not the tiny test presets (64) nor anything else a test builds at small width.
+CHECKPOINT_INIT_MIN_HIDDEN = 512
+_UNIFORM_SECOND_MOMENT = 13.0 / 12.0  # E[u^2] for u ~ U(0.5, 1.5)
+
+
+def default_init(cfg: Gemma4Config) -> str:
+    """The init style random_weights uses for a config when none is asked for."""
+    return CHECKPOINT if cfg.hidden_size >= CHECKPOINT_INIT_MIN_HIDDEN else UNIT
+
+
+def init_gain(cfg: Gemma4Config, name: str, init: str) -> float:
+    """The constant a "unit" tensor is multiplied by under `init` (1.0 for most tensors).
+
+    q/k norm gains g ~ c * U(0.5, 1.5): the score q.k of unit-RMS q and k over D dims has
+    std sqrt(D) * E[u^2] * c^2, so c^2 = ATTENTION_SCORE_STD / (sqrt(D) * E[u^2]).
+    embed_tokens e ~ c * N(0, 1/H) and the final norm gain 6/c: logits x.e keep a std of about 6.
+    router.scale s ~ c * U(0.5, 1.5): z = rms_norm(r) * s / sqrt(H) against a projection of std
+    1/sqrt(H) gives logits of std c * sqrt(E[u^2] / H), so c = ROUTER_LOGIT_STD * sqrt(H / E[u^2])."""
+    if init not in INIT_STYLES:
+        raise ValueError(f"unknown init style {init!r}; known: {', '.join(INIT_STYLES)}")
+    if init == UNIT:
+        return FINAL_NORM_GAIN if name == "norm.weight" else 1.0
+    embedding = EMBEDDING_SELF_LOGIT / math.sqrt(cfg.hidden_size)  # RMS of the scaled embedding
+    if name == "embed_tokens.weight":
+        return embedding
+    if name == "norm.weight":
+        return FINAL_NORM_GAIN / embedding
+    if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+        layer = int(name.split(".")[1])
+        head_dim = cfg.layers[layer].head_dim
+        return math.sqrt(ATTENTION_SCORE_STD / (math.sqrt(head_dim) * _UNIFORM_SECOND_MOMENT))
+    if name.endswith("router.scale"):
+        return ROUTER_LOGIT_STD * math.sqrt(cfg.hidden_size / _UNIFORM_SECOND_MOMENT)
+    return 1.0
+
 
 def random_weights(cfg: Gemma4Config, seed: int = 0, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu") -> Weights:
+                   device: str | torch.device = "cpu", init: str | None = None) -> Weights:
     """Seeded random weights. Each tensor draws from its own generator seeded by (seed, name), so a
     tensor does not change when others are added. The same seed gives the same weights on the same
-    device type. On the meta device nothing is allocated (for sizing real shapes)."""
+    device type. On the meta device nothing is allocated (for sizing real shapes).
+
+    `init` ("unit" or "checkpoint", see INIT_STYLES; default: `default_init(cfg)`) picks the
+    gains: the two styles draw the same numbers and differ only in a few per-tensor constants."""
     device = torch.device(device)
+    init = default_init(cfg) if init is None else init
     out: Weights = {}
     for name, shape in expected_shapes(cfg).items():
+        gain = init_gain(cfg, name, init)
         if device.type == "meta":
             out[name] = torch.empty(shape, dtype=dtype, device=device)
             continue
@@ -122,14 +187,15 @@ def random_weights(cfg: Gemma4Config, seed: int = 0, dtype: torch.dtype = torch.
         t = torch.empty(shape, dtype=torch.float32, device=device)
         if _is_scale(name):
             t.uniform_(0.5, 1.5, generator=gen)
-            if name == "norm.weight":
-                # With unit-scale logits the final softcap (30 tanh(x / 30)) is all but linear: a
-                # missing or wrong softcap would move them less than one bf16 ULP (docs/design_notes.md
-                # note 13). A trained model's logits reach past the cap; this gain puts ours there.
-                t *= FINAL_NORM_GAIN
+            # The final norm's gain (FINAL_NORM_GAIN, both styles): with unit-scale logits the final
+            # softcap (30 tanh(x / 30)) is all but linear, and a missing or wrong softcap would move
+            # them less than one bf16 ULP (docs/design_notes.md note 13). A trained model's logits
+            # reach past the cap; this gain puts ours there.
+            if gain != 1.0:
+                t *= gain
         elif name.startswith("embed_tokens"):
             t.normal_(0.0, 1.0, generator=gen)
-            t /= math.sqrt(shape[-1])  # scaled back up by sqrt(width) in the forward
+            t /= math.sqrt(shape[-1]) / gain  # scaled back up by sqrt(width) in the forward
         else:
             fan_in = shape[-1]
             t.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=gen)
