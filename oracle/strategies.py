@@ -12,6 +12,8 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
+from optimized.kernels import default_device
+
 from .scenario import Scenario, from_dict
 
 FAILING_DIR = Path("reports") / "failing-scenarios"
@@ -41,7 +43,11 @@ def _prompt_len(req: dict) -> int:
 
 @st.composite
 def scenarios(draw, models=("tiny", "tiny-kv-eq-v", "tiny-moe"), dtype: str = "float32",
-              device: str = "cpu", max_requests: int = 3) -> Scenario:
+              device: str | None = None, max_requests: int = 3) -> Scenario:
+    """Scenarios on `device`; by default the machine's (`default_device()`: cuda where a GPU
+    exists, so generated scenarios run the compiled kernels there)."""
+    if device is None:
+        device = str(default_device())
     requests: list[dict] = []
     for i in range(draw(st.integers(1, max_requests))):
         requests.append(draw(_request(i, list(requests))))

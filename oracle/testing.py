@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from optimized.kernels import default_device
+
 from .run import ScenarioRun, run_scenario
 from .scenario import Scenario, from_dict, load
 
@@ -25,8 +27,11 @@ class ParityError(AssertionError):
 
 def scenario(model: str = "tiny", *, lengths=(12,), new_tokens: int = 2, page_size: int = 4,
              chunk_size: int = 5, page_order_seed: int | None = 0, dtype: str = "float32",
-             device: str = "cpu", seed: int = 0, name: str = "test") -> Scenario:
-    """A scenario of independent random prompts of the given lengths."""
+             device: str | None = None, seed: int = 0, name: str = "test") -> Scenario:
+    """A scenario of independent random prompts of the given lengths, on `device` (by default the
+    machine's, `default_device()`: a GPU where there is one, where the kernels run compiled)."""
+    if device is None:
+        device = str(default_device())
     return from_dict({
         "name": name,
         "model": {"source": model, "seed": seed, "dtype": dtype, "device": device},
@@ -36,13 +41,17 @@ def scenario(model: str = "tiny", *, lengths=(12,), new_tokens: int = 2, page_si
     })
 
 
-def assert_parity(s: Scenario | dict | str | Path, **run_kwargs) -> ScenarioRun:
+def assert_parity(s: Scenario | dict | str | Path, *, device: str | None = None, **run_kwargs) -> ScenarioRun:
     """Run the scenario on both paths; raise ParityError (an AssertionError) unless every tap is
-    within its noise budget. Returns the run for further checks."""
+    within its noise budget. Returns the run for further checks. `device` runs it there instead of
+    on the scenario's own device, e.g. `str(default_device())` to replay on this machine a scenario
+    file saved on another (a failing scenario saved by a CPU-only CI run says "cpu")."""
     if isinstance(s, dict):
         s = from_dict(s)
     elif isinstance(s, (str, Path)):
         s = load(s)
+    if device is not None:
+        s = s.with_model(device=str(device))
     run = run_scenario(s, **run_kwargs)
     if not run.passed:
         raise ParityError(run)

@@ -4,6 +4,9 @@ Every pool slot that does not hold a key the kernel may read is NaN: slot/page 0
 sink), spare pages, the tail of a request's last page, keys before the first visible one, and the
 pages wholly before the window, whose page-table entries are evicted to 0. A kernel that reads
 outside [first visible key, query position] therefore turns its output into NaN.
+
+Inputs are drawn on the CPU from a seeded generator (the same values on every machine) and moved
+to the machine's device (the `device` fixture): compiled kernels on a GPU, the interpreter here.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def build_paged(gen, seq_lens, live_from, hkv, d, page_size, dtype, spare_pages=3, evict=True) -> Paged:
+def build_paged(gen, seq_lens, live_from, hkv, d, page_size, dtype, device, spare_pages=3, evict=True) -> Paged:
     """Pages handed out from a shuffled free list (fragmented, out of order). Only keys at
     positions live_from[b] .. seq_lens[b]-1 are written; every other slot is NaN. With `evict`,
     page-table entries of pages wholly before live_from[b] are 0, as after sliding-window eviction."""
@@ -67,23 +70,29 @@ def build_paged(gen, seq_lens, live_from, hkv, d, page_size, dtype, spare_pages=
         k_pool[slots], v_pool[slots] = k[pos], v[pos]
         if evict:
             table[b, : lo // page_size] = 0
-    return Paged(k_pool, v_pool, table, torch.tensor(seq_lens, dtype=torch.int32), ks, vs)
+    buf = buf.to(device)
+    return Paged(buf[:, :, 0], buf[:, :, 1], table.to(device), torch.tensor(seq_lens, dtype=torch.int32, device=device),
+                 [k.to(device) for k in ks], [v.to(device) for v in vs])
 
 
-def make_q(gen, n, hq, hkv, d, dtype, layout):
+def make_q(gen, n, hq, hkv, d, dtype, layout, device):
     """Queries [n, hq, d], contiguous or as the non-contiguous views kernels meet in practice."""
     if layout == "fused_qkv":  # the q columns of a fused QKV projection output
-        qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=gen).to(dtype)
+        qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=gen).to(device, dtype)
         return qkv[:, : hq * d].view(n, hq, d)
     if layout == "strided_heads":  # every other head of a bigger tensor
-        return torch.randn(n, 2 * hq, d, generator=gen).to(dtype)[:, ::2]
-    return torch.randn(n, hq, d, generator=gen).to(dtype)
+        return torch.randn(n, 2 * hq, d, generator=gen).to(device, dtype)[:, ::2]
+    return torch.randn(n, hq, d, generator=gen).to(device, dtype)
 
 
-def make_out(n, hq, d, dtype, strided):
+def make_out(n, hq, d, dtype, strided, device):
     if strided:  # a column slice of a wider buffer
-        return torch.full((n, hq, 2 * d), float("nan"), dtype=dtype)[:, :, :d]
+        return torch.full((n, hq, 2 * d), float("nan"), dtype=dtype, device=device)[:, :, :d]
     return None
+
+
+def i32(values, device):
+    return torch.tensor(values, dtype=torch.int32, device=device)
 
 
 def upcast(*ts):
@@ -120,7 +129,7 @@ def assert_attention_close(actual, expected, q, k_pool, v_live, softcap=None):
 
 
 def live_v(paged, live_from):
-    return torch.cat([v[lo:] for v, lo in zip(paged.v, live_from)] or [torch.zeros(0)])
+    return torch.cat([v[lo:] for v, lo in zip(paged.v, live_from)] or [torch.zeros(0, device=paged.v_pool.device)])
 
 
 # ------------------------------------------------------------------------------------------
@@ -146,7 +155,7 @@ common = dict(
     **common,
 )
 def test_extend_matches_eager(requests, page_size, hkv, group, d, window, softcap, dtype,
-                              q_layout, strided_out, seed):
+                              q_layout, strided_out, seed, device):
     """requests: (prefix already in the pool, new tokens) per request; 0 new tokens is allowed."""
     gen = torch.Generator().manual_seed(seed)
     dtype = DTYPES[dtype]
@@ -154,11 +163,11 @@ def test_extend_matches_eager(requests, page_size, hkv, group, d, window, softca
     ext = [e for _, e in requests]
     seq_lens = [p + e for p, e in requests]
     live_from = [first_visible_key(s - e, window) for s, e in zip(seq_lens, ext)]
-    paged = build_paged(gen, seq_lens, live_from, hkv, d, page_size, dtype)
+    paged = build_paged(gen, seq_lens, live_from, hkv, d, page_size, dtype, device)
     n = sum(ext)
-    cu = torch.tensor([0] + ext, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    q = make_q(gen, n, hq, hkv, d, dtype, q_layout)
-    out = make_out(n, hq, d, dtype, strided_out)
+    cu = i32([0] + ext, device).cumsum(0, dtype=torch.int32)
+    q = make_q(gen, n, hq, hkv, d, dtype, q_layout, device)
+    out = make_out(n, hq, d, dtype, strided_out, device)
 
     args = (paged.page_table, page_size, cu, paged.seq_lens)
     got = extend_attention(q, paged.k_pool, paged.v_pool, *args, window=window, softcap=softcap, out=out)
@@ -174,14 +183,14 @@ def test_extend_matches_eager(requests, page_size, hkv, group, d, window, softca
     **common,
 )
 def test_decode_matches_eager(seq_lens, num_splits, page_size, hkv, group, d, window, softcap,
-                              dtype, q_layout, strided_out, seed):
+                              dtype, q_layout, strided_out, seed, device):
     gen = torch.Generator().manual_seed(seed)
     dtype = DTYPES[dtype]
     hq = hkv * group
     live_from = [first_visible_key(s - 1, window) for s in seq_lens]
-    paged = build_paged(gen, seq_lens, live_from, hkv, d, page_size, dtype)
-    q = make_q(gen, len(seq_lens), hq, hkv, d, dtype, q_layout)
-    out = make_out(len(seq_lens), hq, d, dtype, strided_out)
+    paged = build_paged(gen, seq_lens, live_from, hkv, d, page_size, dtype, device)
+    q = make_q(gen, len(seq_lens), hq, hkv, d, dtype, q_layout, device)
+    out = make_out(len(seq_lens), hq, d, dtype, strided_out, device)
 
     args = (paged.page_table, page_size, paged.seq_lens)
     got = decode_attention(q, paged.k_pool, paged.v_pool, *args, window=window, softcap=softcap,
@@ -197,7 +206,7 @@ def test_decode_matches_eager(seq_lens, num_splits, page_size, hkv, group, d, wi
 def dense_truth(q, k, v, window, softcap):
     """Dense attention of a whole sequence, q [S, Hq, D], k/v [S, Hkv, D] -> [S, Hq, D].
     Without softcap it is the reference model's own `attend` with its additive mask."""
-    pos = torch.arange(q.shape[0])
+    pos = torch.arange(q.shape[0], device=q.device)
     if softcap is None:
         heads_first = [t.transpose(0, 1)[None] for t in (q, k, v)]  # [1, H, S, D]
         return attend(*heads_first, attention_mask(pos, window, q.dtype))[0].transpose(0, 1)
@@ -216,8 +225,8 @@ def run_chunks(op, q, paged, page_size, window, softcap):
     outs, end = [], 0
     for n in CHUNKS:
         end += n
-        cu = torch.tensor([0, n], dtype=torch.int32)
-        seq = torch.tensor([end], dtype=torch.int32)
+        cu = i32([0, n], q.device)
+        seq = i32([end], q.device)
         # The first key any query of this chunk may see; pages before it stay evicted.
         table = paged.page_table.clone()
         table[0, : first_visible_key(end - n, window) // page_size] = 0
@@ -228,33 +237,33 @@ def run_chunks(op, q, paged, page_size, window, softcap):
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
 @pytest.mark.parametrize("window", [None, 1, 3, 8])
-def test_eager_twins_match_dense_truth(window, softcap):
+def test_eager_twins_match_dense_truth(window, softcap, device):
     gen = torch.Generator().manual_seed(1000 + (window or 0) + int(softcap or 0))
     S, page_size, hkv, hq, d = sum(CHUNKS), 4, 2, 4, 16
-    paged = build_paged(gen, [S], [0], hkv, d, page_size, torch.float64, evict=False)
-    q = torch.randn(S, hq, d, generator=gen, dtype=torch.float64)
+    paged = build_paged(gen, [S], [0], hkv, d, page_size, torch.float64, device, evict=False)
+    q = torch.randn(S, hq, d, generator=gen, dtype=torch.float64).to(device)
     truth = dense_truth(q, paged.k[0], paged.v[0], window, softcap)
 
     chunked = run_chunks(extend_attention_eager, q, paged, page_size, window, softcap)
     torch.testing.assert_close(chunked, truth, atol=1e-12, rtol=1e-12)
     for s in (1, 5, S):  # decode at a few positions: the query at s-1 over keys 0..s-1
         last = decode_attention_eager(q[s - 1:s], paged.k_pool, paged.v_pool, paged.page_table, page_size,
-                                      torch.tensor([s], dtype=torch.int32), window=window, softcap=softcap)
+                                      i32([s], device), window=window, softcap=softcap)
         torch.testing.assert_close(last[0], dense_truth(q[:s], paged.k[0][:s], paged.v[0][:s], window, softcap)[-1],
                                    atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("window,softcap", [(None, None), (1, None), (5, 30.0), (7, None)])
-def test_chunked_prefill_kernel_matches_dense_truth(window, softcap):
+def test_chunked_prefill_kernel_matches_dense_truth(window, softcap, device):
     gen = torch.Generator().manual_seed(2000 + (window or 0))
     S, page_size, hkv, hq, d = sum(CHUNKS), 2, 1, 4, 32
-    paged = build_paged(gen, [S], [0], hkv, d, page_size, torch.float32, evict=False)
-    q = torch.randn(S, hq, d, generator=gen)
+    paged = build_paged(gen, [S], [0], hkv, d, page_size, torch.float32, device, evict=False)
+    q = torch.randn(S, hq, d, generator=gen).to(device)
     truth = dense_truth(q.double(), paged.k[0].double(), paged.v[0].double(), window, softcap).float()
     chunked = run_chunks(extend_attention, q, paged, page_size, window, softcap)
     assert_attention_close(chunked, truth, q, paged.k_pool, paged.v[0], softcap)
     whole = extend_attention(q, paged.k_pool, paged.v_pool, paged.page_table, page_size,
-                             torch.tensor([0, S], dtype=torch.int32), paged.seq_lens,
+                             i32([0, S], device), paged.seq_lens,
                              window=window, softcap=softcap)
     assert_attention_close(whole, truth, q, paged.k_pool, paged.v[0], softcap)
 
@@ -264,12 +273,12 @@ def test_chunked_prefill_kernel_matches_dense_truth(window, softcap):
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("window", [None, 20])
-def test_decode_num_splits_agree(window):
+def test_decode_num_splits_agree(window, device):
     gen = torch.Generator().manual_seed(3000 + (window or 0))
     seq_lens, page_size, hkv, hq, d = [1, 37, 70], 4, 1, 4, 16
     live_from = [first_visible_key(s - 1, window) for s in seq_lens]
-    paged = build_paged(gen, seq_lens, live_from, hkv, d, page_size, torch.float32)
-    q = torch.randn(len(seq_lens), hq, d, generator=gen)
+    paged = build_paged(gen, seq_lens, live_from, hkv, d, page_size, torch.float32, device)
+    q = torch.randn(len(seq_lens), hq, d, generator=gen).to(device)
     args = (q, paged.k_pool, paged.v_pool, paged.page_table, page_size, paged.seq_lens)
     want = decode_attention_eager(*args, window=window)
     single = decode_attention(*args, window=window, num_splits=1)
@@ -280,13 +289,13 @@ def test_decode_num_splits_agree(window):
         torch.testing.assert_close(got, single, atol=5e-6, rtol=5e-6)
 
 
-def test_evicted_pages_are_never_read():
+def test_evicted_pages_are_never_read(device):
     """Same pool, once fully mapped with real keys everywhere, once with the pages before the
     window evicted (entry 0) and their old contents, slot 0 and every spare slot set to NaN: the
-    outputs must be bitwise equal."""
+    outputs must be bitwise equal (on every backend: the same kernel on the same visible keys)."""
     gen = torch.Generator().manual_seed(4000)
     window, page_size, S, n_new, hkv, hq, d = 5, 2, 23, 4, 1, 2, 16
-    full = build_paged(gen, [S, S - 3], [0, 0], hkv, d, page_size, torch.float32, evict=False)
+    full = build_paged(gen, [S, S - 3], [0, 0], hkv, d, page_size, torch.float32, device, evict=False)
     full.k_pool.nan_to_num_(7.0)  # slot 0 and spare slots hold finite junk here
     full.v_pool.nan_to_num_(-3.0)
     evicted_pool_k, evicted_pool_v = full.k_pool.clone(), full.v_pool.clone()
@@ -300,8 +309,8 @@ def test_evicted_pages_are_never_read():
                 pool[p * page_size:(p + 1) * page_size] = float("nan")
         table[b, :first_page] = 0
 
-    q = torch.randn(2 * n_new, hq, d, generator=gen)
-    cu = torch.tensor([0, n_new, 2 * n_new], dtype=torch.int32)
+    q = torch.randn(2 * n_new, hq, d, generator=gen).to(device)
+    cu = i32([0, n_new, 2 * n_new], device)
     a = extend_attention(q, full.k_pool, full.v_pool, full.page_table, page_size, cu, full.seq_lens, window=window)
     b = extend_attention(q, evicted_pool_k, evicted_pool_v, table, page_size, cu, full.seq_lens, window=window)
     assert torch.isfinite(b).all() and torch.equal(a, b)
@@ -317,16 +326,16 @@ def test_evicted_pages_are_never_read():
 
 @pytest.mark.parametrize("d,window", [(256, 4), (512, None)])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_gemma4_head_dims(d, window, dtype):
+def test_gemma4_head_dims(d, window, dtype, device):
     """The real head sizes, with the real block sizes, on a handful of tokens."""
     gen = torch.Generator().manual_seed(5000 + d)
     dtype = DTYPES[dtype]
     prefix, n_new, page_size, hkv, hq = 5, 6, 4, 1, 4
     seq_lens = [prefix + n_new]
     live = [first_visible_key(prefix, window)]
-    paged = build_paged(gen, seq_lens, live, hkv, d, page_size, dtype)
-    q = make_q(gen, n_new, hq, hkv, d, dtype, "fused_qkv")
-    args = (paged.page_table, page_size, torch.tensor([0, n_new], dtype=torch.int32), paged.seq_lens)
+    paged = build_paged(gen, seq_lens, live, hkv, d, page_size, dtype, device)
+    q = make_q(gen, n_new, hq, hkv, d, dtype, "fused_qkv", device)
+    args = (paged.page_table, page_size, i32([0, n_new], device), paged.seq_lens)
     got = extend_attention(q, paged.k_pool, paged.v_pool, *args, window=window)
     want = extend_attention_eager(*upcast(q, paged.k_pool, paged.v_pool), *args, window=window)
     assert_attention_close(got, want, q, paged.k_pool, live_v(paged, live))
@@ -340,18 +349,18 @@ def test_gemma4_head_dims(d, window, dtype):
         assert_attention_close(got, want, qd, paged.k_pool, live_v(paged, live))
 
 
-def test_rows_without_keys_and_empty_batches():
+def test_rows_without_keys_and_empty_batches(device):
     """A padding row (seq_len 0) decodes to zeros without touching the pool; empty inputs work."""
     gen = torch.Generator().manual_seed(6000)
-    paged = build_paged(gen, [0, 9], [0, 0], 1, 16, 4, torch.float32)
-    q = torch.randn(2, 2, 16, generator=gen)
+    paged = build_paged(gen, [0, 9], [0, 0], 1, 16, 4, torch.float32, device)
+    q = torch.randn(2, 2, 16, generator=gen).to(device)
     for splits in (1, 4):
         o = decode_attention(q, paged.k_pool, paged.v_pool, paged.page_table, 4, paged.seq_lens, num_splits=splits)
         assert torch.equal(o[0], torch.zeros_like(o[0]))
         want = decode_attention_eager(q[1:], paged.k_pool, paged.v_pool, paged.page_table[1:], 4, paged.seq_lens[1:])
         assert_attention_close(o[1:], want, q, paged.k_pool, paged.v[1])
     empty = extend_attention(q[:0], paged.k_pool, paged.v_pool, paged.page_table, 4,
-                             torch.zeros(3, dtype=torch.int32), paged.seq_lens)
+                             torch.zeros(3, dtype=torch.int32, device=device), paged.seq_lens)
     assert empty.shape == (0, 2, 16)
 
 
@@ -368,20 +377,29 @@ def test_default_num_splits():
 # Bad inputs
 # ------------------------------------------------------------------------------------------
 
-def _valid_inputs(op):
+def _valid_inputs(op, device):
     """Good arguments for `op`: 2 requests, 5 new tokens for extend, 2 queries for decode."""
     gen = torch.Generator().manual_seed(7000)
-    paged = build_paged(gen, [6, 3], [0, 0], 2, 16, 2, torch.float32)
+    paged = build_paged(gen, [6, 3], [0, 0], 2, 16, 2, torch.float32, device)
     n = 2 if op.startswith("decode") else 5
-    a = dict(q=torch.randn(n, 4, 16, generator=gen), k_pool=paged.k_pool, v_pool=paged.v_pool,
+    a = dict(q=torch.randn(n, 4, 16, generator=gen).to(device), k_pool=paged.k_pool, v_pool=paged.v_pool,
              page_table=paged.page_table, page_size=2, seq_lens=paged.seq_lens)
     if not op.startswith("decode"):
-        a["cu_seqlens_q"] = torch.tensor([0, 3, 5], dtype=torch.int32)
+        a["cu_seqlens_q"] = i32([0, 3, 5], device)
     return a
 
 
 def _n(a):
     return a["q"].shape[0]
+
+
+def _randn(a, *shape):
+    """A replacement input on the valid inputs' device (only the mutated property is wrong)."""
+    return torch.randn(*shape, device=a["q"].device)
+
+
+def _empty(a, *shape, **kw):
+    return torch.empty(*shape, device=a["q"].device, **kw)
 
 
 BAD = {  # name: (mutation of valid arguments, expected message)
@@ -390,11 +408,11 @@ BAD = {  # name: (mutation of valid arguments, expected message)
     "float64 (twins only)": (lambda a: a.update(q=a["q"].double(), k_pool=a["k_pool"].double(),
                                                 v_pool=a["v_pool"].double()), "q has dtype"),
     "dtype mismatch": (lambda a: a.update(q=a["q"].half()), "dtypes differ"),
-    "q last dim strided": (lambda a: a.update(q=torch.randn(_n(a), 4, 32)[:, :, ::2]), "contiguous last dim"),
-    "head dim mismatch": (lambda a: a.update(q=torch.randn(_n(a), 4, 32)), "head dim of q"),
-    "head dim not pow2": (lambda a: a.update(q=torch.randn(_n(a), 4, 24), k_pool=torch.randn(9, 2, 24),
-                                             v_pool=torch.randn(9, 2, 24)), "power of two"),
-    "heads not multiple": (lambda a: a.update(q=torch.randn(_n(a), 3, 16)), "multiple of kv heads"),
+    "q last dim strided": (lambda a: a.update(q=_randn(a, _n(a), 4, 32)[:, :, ::2]), "contiguous last dim"),
+    "head dim mismatch": (lambda a: a.update(q=_randn(a, _n(a), 4, 32)), "head dim of q"),
+    "head dim not pow2": (lambda a: a.update(q=_randn(a, _n(a), 4, 24), k_pool=_randn(a, 9, 2, 24),
+                                             v_pool=_randn(a, 9, 2, 24)), "power of two"),
+    "heads not multiple": (lambda a: a.update(q=_randn(a, _n(a), 3, 16)), "multiple of kv heads"),
     "k/v shapes differ": (lambda a: a.update(v_pool=a["v_pool"][:-1]), "differ in shape"),
     "page_table int64": (lambda a: a.update(page_table=a["page_table"].long()), "page_table must be"),
     "page_size 0": (lambda a: a.update(page_size=0), "page_size must be"),
@@ -402,8 +420,8 @@ BAD = {  # name: (mutation of valid arguments, expected message)
     "seq_lens length": (lambda a: a.update(seq_lens=a["seq_lens"][:1]), "seq_lens must have 2"),
     "window 0": (lambda a: a.update(window=0), "window must be"),
     "softcap negative": (lambda a: a.update(softcap=-1.0), "softcap must be"),
-    "out wrong shape": (lambda a: a.update(out=torch.empty(_n(a), 4, 8)), "out must be"),
-    "out wrong dtype": (lambda a: a.update(out=torch.empty(_n(a), 4, 16, dtype=torch.bfloat16)), "out must match"),
+    "out wrong shape": (lambda a: a.update(out=_empty(a, _n(a), 4, 8)), "out must be"),
+    "out wrong dtype": (lambda a: a.update(out=_empty(a, _n(a), 4, 16, dtype=torch.bfloat16)), "out must match"),
     "device mismatch": (lambda a: a.update(seq_lens=a["seq_lens"].to("meta")), "seq_lens is on meta"),
 }
 OPS = {"extend": extend_attention, "extend_eager": extend_attention_eager,
@@ -412,10 +430,10 @@ OPS = {"extend": extend_attention, "extend_eager": extend_attention_eager,
 
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_inputs_raise(op, case):
+def test_bad_inputs_raise(op, case, device):
     if case.startswith("float64") and op.endswith("eager"):
         pytest.skip("the eager twins compute float64 inputs in float64")
-    a = _valid_inputs(op)
+    a = _valid_inputs(op, device)
     mutate, message = BAD[case]
     mutate(a)
     with pytest.raises(ValueError, match=message):
@@ -423,8 +441,8 @@ def test_bad_inputs_raise(op, case):
 
 
 @pytest.mark.parametrize("op", ["extend", "extend_eager"])
-def test_bad_cu_seqlens_raise(op):
-    a = _valid_inputs(op)
+def test_bad_cu_seqlens_raise(op, device):
+    a = _valid_inputs(op, device)
     with pytest.raises(ValueError, match="cu_seqlens_q must have 3"):
         OPS[op](**{**a, "cu_seqlens_q": a["cu_seqlens_q"][:2]})
     with pytest.raises(ValueError, match="cu_seqlens_q must be a 1-D int32"):
@@ -432,23 +450,23 @@ def test_bad_cu_seqlens_raise(op):
 
 
 @pytest.mark.parametrize("op", ["decode", "decode_eager"])
-def test_decode_rows_must_match_batch(op):
-    a = _valid_inputs(op)
+def test_decode_rows_must_match_batch(op, device):
+    a = _valid_inputs(op, device)
     with pytest.raises(ValueError, match="decode q has 3 rows"):
-        OPS[op](**{**a, "q": torch.randn(3, 4, 16)})
+        OPS[op](**{**a, "q": torch.randn(3, 4, 16, device=device)})
 
 
 @pytest.mark.parametrize("num_splits", [0, -1, 1.5])
-def test_bad_num_splits(num_splits):
+def test_bad_num_splits(num_splits, device):
     with pytest.raises(ValueError, match="num_splits"):
-        decode_attention(**_valid_inputs("decode"), num_splits=num_splits)
+        decode_attention(**_valid_inputs("decode", device), num_splits=num_splits)
 
 
-def test_eager_checks_metadata_values():
-    a = _valid_inputs("extend_eager")
+def test_eager_checks_metadata_values(device):
+    a = _valid_inputs("extend_eager", device)
     with pytest.raises(ValueError, match="cu_seqlens_q must rise"):
-        extend_attention_eager(**{**a, "cu_seqlens_q": torch.tensor([0, 3, 4], dtype=torch.int32)})
+        extend_attention_eager(**{**a, "cu_seqlens_q": i32([0, 3, 4], device)})
     with pytest.raises(ValueError, match="new tokens but seq_len"):
-        extend_attention_eager(**{**a, "seq_lens": torch.tensor([6, 1], dtype=torch.int32)})
+        extend_attention_eager(**{**a, "seq_lens": i32([6, 1], device)})
     with pytest.raises(ValueError, match="pages"):
-        extend_attention_eager(**{**a, "seq_lens": torch.tensor([60, 3], dtype=torch.int32)})
+        extend_attention_eager(**{**a, "seq_lens": i32([60, 3], device)})

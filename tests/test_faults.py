@@ -24,23 +24,23 @@ def _patched(faults):
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
-def test_each_fault_is_caught_at_its_expected_tap(name):
+def test_each_fault_is_caught_at_its_expected_tap(name, device):
     fault = FAULTS[name]
-    run = run_scenario(fault.scenario(), faults=[name])
+    run = run_scenario(fault.scenario(device=str(device)), faults=[name])
     first = run.comparison.first_divergence
     assert first is not None, f"{name} was not caught: {run.comparison.summary()}"
     assert first.tap == fault.expect, run.comparison.summary()
 
 
 @pytest.mark.parametrize("scenario_name", list(SCENARIOS))
-def test_after_injection_every_attribute_is_restored_and_the_scenario_holds_parity(scenario_name):
+def test_after_injection_every_attribute_is_restored_and_the_scenario_holds_parity(scenario_name, device):
     faults = SCENARIOS[scenario_name]
     before = _patched(faults)
     with inject_all([f.name for f in faults]):
         during = _patched(faults)
         assert all(during[key] is not original for key, original in before.items())
     assert all(vars(owner)[attr] is original for (owner, attr), original in before.items())
-    run = run_scenario(faults[0].scenario())
+    run = run_scenario(faults[0].scenario(device=str(device)))
     assert run.passed, run.comparison.summary()
 
 
@@ -53,7 +53,7 @@ def test_every_fault_restores_its_attributes_even_when_the_block_raises():
         assert all(vars(owner)[attr] is original for (owner, attr), original in before.items())
 
 
-def test_unknown_fault_names_fail_before_anything_is_patched():
+def test_unknown_fault_names_fail_before_anything_is_patched(device):
     softcap = FAULTS["missing-softcap"]
     before = _patched([softcap])
     with pytest.raises(UnknownFault, match="known: doubled-key-length, "):
@@ -61,20 +61,20 @@ def test_unknown_fault_names_fail_before_anything_is_patched():
             pass
     assert all(vars(owner)[attr] is original for (owner, attr), original in before.items())
     with pytest.raises(UnknownFault):
-        run_scenario(softcap.scenario(), faults=["no-such-fault"])
+        run_scenario(softcap.scenario(device=str(device)), faults=["no-such-fault"])
 
 
-def test_a_fault_refuses_a_scenario_where_its_wrong_ids_would_leave_the_pool():
+def test_a_fault_refuses_a_scenario_where_its_wrong_ids_would_leave_the_pool(device):
     # One-shot prefill over pages of 16 in a 2-page pool: slot ids read as page ids overflow it.
     with pytest.raises(FaultScenarioError, match="outside the pool"):
-        run_scenario(builtin("tiny")[0], faults=["token-granular-page-table"])
+        run_scenario(builtin("tiny", device=str(device))[0], faults=["token-granular-page-table"])
 
 
-def test_cli_check_inject_exits_one_and_names_the_expected_tap(tmp_path, capsys):
+def test_cli_check_inject_exits_one_and_names_the_expected_tap(tmp_path, capsys, device):
     fault = FAULTS["rope-restarts-per-chunk"]
     path = tmp_path / "scenario.json"
-    path.write_text(json.dumps(fault.scenario().to_dict()))
-    code = cli.main(["check", "tiny", "--device", "cpu", "--inject", fault.name, "--scenario", str(path),
+    path.write_text(json.dumps(fault.scenario(device=str(device)).to_dict()))
+    code = cli.main(["check", "tiny", "--device", str(device), "--inject", fault.name, "--scenario", str(path),
                      "--out", str(tmp_path / "report")])
     out = capsys.readouterr().out
     assert code == 1, out

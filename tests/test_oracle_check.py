@@ -26,40 +26,40 @@ def _perturb_full_attention(monkeypatch, factor=1.01):
         monkeypatch.setattr(optimized.model, name, wrapped)
 
 
-def test_builtin_scenarios_hold_parity_on_every_preset_family():
+def test_builtin_scenarios_hold_parity_on_every_preset_family(device):
     for preset in ("tiny", "tiny-kv-eq-v", "tiny-moe"):
-        sc = builtin(preset)[1]  # chunked prefill over shuffled pages with explicit splits
+        sc = builtin(preset, device=str(device))[1]  # chunked prefill over shuffled pages with explicit splits
         run = run_scenario(sc)
         assert run.passed, run.comparison.summary()
         counts = run.comparison.counts()
         assert counts["taps_failed"] == 0 and counts["taps_missing"] == 0, counts
 
 
-def test_builtin_prefix_scenario_really_reuses_pages():
-    run = run_scenario(builtin("tiny")[3])
+def test_builtin_prefix_scenario_really_reuses_pages(device):
+    run = run_scenario(builtin("tiny", device=str(device))[3])
     assert run.passed, run.comparison.summary()
     assert [r["prefix_reused"] for r in run.layout["requests"]] == [0, 4]
 
 
-def test_a_missing_softcap_is_named_at_the_logits(monkeypatch):
+def test_a_missing_softcap_is_named_at_the_logits(monkeypatch, device):
     import optimized.fused_ops
 
     monkeypatch.setattr(optimized.fused_ops, "softcap", lambda logits, cap: logits)
     with pytest.raises(ParityError) as err:
-        assert_parity(scenario("tiny-moe", lengths=[6], new_tokens=1, page_size=4, chunk_size=6))
+        assert_parity(scenario("tiny-moe", lengths=[6], new_tokens=1, page_size=4, chunk_size=6, device=str(device)))
     assert err.value.run.comparison.first_divergence.tap == "logits"
 
 
-def test_a_perturbed_layer_is_named_as_the_first_divergence(monkeypatch):
+def test_a_perturbed_layer_is_named_as_the_first_divergence(monkeypatch, device):
     _perturb_full_attention(monkeypatch)
     with pytest.raises(ParityError) as err:
-        assert_parity(scenario("tiny", lengths=[9], new_tokens=2, page_size=4, chunk_size=4))
+        assert_parity(scenario("tiny", lengths=[9], new_tokens=2, page_size=4, chunk_size=4, device=str(device)))
     div = err.value.run.comparison.first_divergence
     assert (div.layer, div.kind) == (4, "o")  # tiny's first full-attention layer
     assert "layers.4.o" in str(err.value)
 
 
-def test_a_stale_pool_slot_is_caught_as_k_cache(monkeypatch):
+def test_a_stale_pool_slot_is_caught_as_k_cache(monkeypatch, device):
     # Corrupt what the last sliding layer stored for position 2 after the run: only the pool tap
     # can see it, and it must say which layer and which position.
     real = optimized.runner.Runner._emit_cache
@@ -74,14 +74,15 @@ def test_a_stale_pool_slot_is_caught_as_k_cache(monkeypatch):
         real(self, cache, r, taps)
 
     monkeypatch.setattr(optimized.runner.Runner, "_emit_cache", corrupt)
-    run = run_scenario(scenario("tiny", lengths=[6], new_tokens=0, page_size=2, chunk_size=6))
+    run = run_scenario(scenario("tiny", lengths=[6], new_tokens=0, page_size=2, chunk_size=6, device=str(device)))
     div = run.comparison.first_divergence
     assert div.tap == "layers.3.k_cache"
     assert div.to_dict()["positions"][0]["position"] == 2
 
 
-def test_pytest_helper_passes_on_clean_runs():
-    run = assert_parity(scenario("tiny-kv-eq-v", lengths=[7, 4], new_tokens=2, page_size=2, chunk_size=3))
+def test_pytest_helper_passes_on_clean_runs(device):
+    run = assert_parity(scenario("tiny-kv-eq-v", lengths=[7, 4], new_tokens=2, page_size=2, chunk_size=3,
+                                 device=str(device)))
     assert run.passed
 
 
@@ -109,9 +110,9 @@ def test_scenario_json_round_trip_and_errors(tmp_path):
         load(path)
 
 
-def test_cli_check_writes_a_report_and_exits_zero_on_parity(tmp_path, capsys):
+def test_cli_check_writes_a_report_and_exits_zero_on_parity(tmp_path, capsys, device):
     out = tmp_path / "report"
-    code = cli.main(["check", "tiny", "--device", "cpu", "--scenario", "one-shot-prefill",
+    code = cli.main(["check", "tiny", "--device", str(device), "--scenario", "one-shot-prefill",
                      "--scenario", "decode-past-window", "--out", str(out)])
     assert code == 0, capsys.readouterr()
     facts = json.loads((out / "report.json").read_text())
@@ -120,9 +121,10 @@ def test_cli_check_writes_a_report_and_exits_zero_on_parity(tmp_path, capsys):
     assert (out / "report.html").read_text().count("parity") > 0
 
 
-def test_cli_check_exits_one_on_divergence(tmp_path, monkeypatch, capsys):
+def test_cli_check_exits_one_on_divergence(tmp_path, monkeypatch, capsys, device):
     _perturb_full_attention(monkeypatch)
-    code = cli.main(["check", "tiny", "--device", "cpu", "--scenario", "one-shot-prefill", "--out", str(tmp_path)])
+    code = cli.main(["check", "tiny", "--device", str(device), "--scenario", "one-shot-prefill",
+                     "--out", str(tmp_path)])
     assert code == 1
     assert "layers.4.o" in capsys.readouterr().out
 
@@ -137,8 +139,8 @@ def test_cli_bad_input_exits_two(tmp_path, capsys):
     assert cli.main(["diff", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
 
 
-def test_cli_capture_and_diff(tmp_path, capsys):
-    sc = builtin("tiny")[0]
+def test_cli_capture_and_diff(tmp_path, capsys, device):
+    sc = builtin("tiny", device=str(device))[0]
     path = tmp_path / "s.json"
     path.write_text(json.dumps(sc.to_dict()))
     for side in ("truth", "reference", "optimized"):
@@ -153,9 +155,12 @@ def test_cli_capture_and_diff(tmp_path, capsys):
     assert cli.main(["capture", "--scenario", str(path), "--path", "optimized", "--out", opt]) == 2  # exists
 
 
-def test_cli_kernels_table_and_exit_codes(tmp_path, monkeypatch, capsys):
+def test_cli_kernels_table_and_exit_codes(tmp_path, monkeypatch, capsys, device):
     out = tmp_path / "k.json"
-    assert cli.main(["kernels", "--device", "cpu", "--dtype", "float32", "--repeats", "1", "--out", str(out)]) == 0
+    # The small sizes on every device (a GPU's default is e2b's): the table row below names them.
+    kernels = ["kernels", "--device", str(device), "--size", "small", "--dtype", "float32", "--repeats", "1",
+               "--out", str(out)]
+    assert cli.main(kernels) == 0
     rows = json.loads(out.read_text())["results"]
     assert {r["name"] for r in rows} >= {"rms_norm", "qkv_norm", "rope_and_store_kv", "decode_attention (full)"}
     assert all(r["passed"] for r in rows)
@@ -164,14 +169,14 @@ def test_cli_kernels_table_and_exit_codes(tmp_path, monkeypatch, capsys):
 
     real = norms.rms_norm
     monkeypatch.setattr(norms, "rms_norm", lambda x, w, eps: real(x, w, eps) * (1 + 2e-6))
-    assert cli.main(["kernels", "--device", "cpu", "--dtype", "float32", "--repeats", "1", "--out", str(out)]) == 1
+    assert cli.main(kernels) == 1
     assert "| rms_norm | [24, 64] | float32 |" in capsys.readouterr().out
     assert not next(r for r in json.loads(out.read_text())["results"] if r["name"] == "rms_norm")["passed"]
 
 
-def test_cli_check_puts_the_kernel_table_in_the_report(tmp_path, monkeypatch):
+def test_cli_check_puts_the_kernel_table_in_the_report(tmp_path, monkeypatch, device):
     out = tmp_path / "r"
-    args = ["check", "tiny", "--device", "cpu", "--scenario", "one-shot-prefill", "--kernels", "--out", str(out)]
+    args = ["check", "tiny", "--device", str(device), "--scenario", "one-shot-prefill", "--kernels", "--out", str(out)]
     assert cli.main(args) == 0
     facts = json.loads((out / "report.json").read_text())
     assert {"rms_norm", "experts", "decode_attention (full)"} <= {k["name"] for k in facts["kernels"]}
