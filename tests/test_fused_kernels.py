@@ -420,7 +420,9 @@ def test_empty_and_single_row_inputs():
     x = torch.randn(0, 32, device=DEVICE)
     assert norms.rms_norm(x, None, EPS).shape == (0, 32)
     assert activation.softcap(x, 30.0).shape == (0, 32)
-    one = torch.randn(32).to(DEVICE, torch.bfloat16)
-    assert torch.equal(norms.rms_norm(one, None, EPS), norms.rms_norm_eager(one, None, EPS))
+    one = torch.randn(32, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.bfloat16)
+    # Not bitwise: the kernel's and torch's sums of squares differ in order on every backend (and
+    # compiled code may contract them into FMAs), which flips a bf16 rounding now and then.
+    assert_matches(norms.rms_norm(one, None, EPS), norms.rms_norm_eager(one, None, EPS))
     empty = torch.randn(0, 2, 32, device=DEVICE)
     rope.store_kv(empty, empty, _pool, _pool.clone(), _slots[:0])
