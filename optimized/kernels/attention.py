@@ -43,10 +43,12 @@ from .norms import segment_tile, store_rounded
 
 if INTERPRETING and type(tl.zeros).__name__ != "InterpretedFunction":
     # Triton's own library (tl.zeros, tl.cdiv, ...) is made of @jit functions defined when triton
-    # is first imported; if that happened before TRITON_INTERPRET was set, every kernel that
-    # calls them fails at launch with "Cannot call @triton.jit'd outside of the scope of a kernel".
-    raise ImportError("triton was imported before optimized.kernels switched on its interpreter: "
-                      "import optimized.kernels (or set TRITON_INTERPRET=1) before importing triton")
+    # is first imported; optimized.kernels rewraps them for the interpreter when triton came first.
+    # If a future triton hides them where that does not reach, every kernel calling them would fail
+    # at launch with "Cannot call @triton.jit'd outside of the scope of a kernel": say so here.
+    raise ImportError("triton's library is not in interpreter mode although optimized.kernels switched the "
+                      "interpreter on (this triton version is not supported when imported first): import "
+                      "optimized.kernels (or set TRITON_INTERPRET=1) before importing triton")
 
 __all__ = [
     "extend_attention", "extend_attention_eager",
