@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -275,11 +276,7 @@ def _short(t: torch.Tensor, limit: int = 10) -> str:
 def save_capture(capture: Capture, directory: str | Path, overwrite: bool = False) -> Path:
     """Write `capture` to `directory` atomically; refuses an existing target unless overwrite."""
     target = Path(directory)
-    if target.exists() and not overwrite:
-        raise CaptureError(f"{target}: already exists (pass overwrite=True to replace it)")
-    if target.exists() and not _is_capture_dir(target):
-        # overwrite=True pointed at the wrong path must not delete someone's directory.
-        raise CaptureError(f"{target}: exists and is not a capture directory; refusing to replace it")
+    check_capture_target(target, overwrite)
     try:
         metadata_json = json.dumps(capture.metadata, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -287,7 +284,7 @@ def save_capture(capture: Capture, directory: str | Path, overwrite: bool = Fals
     for request_id, req in capture.requests.items():
         _check_request(request_id, req)  # never write what load_capture would refuse
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.writing-", dir=target.parent))
+    staging = _fresh_dir(target.parent, f".{target.name}.writing-")
     try:
         entries = [_write_request(staging, i, rid, req) for i, (rid, req) in enumerate(capture.requests.items())]
         manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION,
@@ -300,6 +297,35 @@ def save_capture(capture: Capture, directory: str | Path, overwrite: bool = Fals
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def check_capture_target(directory: str | Path, overwrite: bool = False, how: str = "pass overwrite=True") -> None:
+    """Raise CaptureError unless save_capture(directory, overwrite) may write there: callers check
+    before the work that produces a capture (the CLI, with how="pass --overwrite")."""
+    target = Path(directory)
+    if target.exists() and not overwrite:
+        raise CaptureError(f"{target}: already exists ({how} to replace it)")
+    if target.exists() and not _is_capture_dir(target):
+        # overwrite pointed at the wrong path must not delete someone's directory.
+        raise CaptureError(f"{target}: exists and is not a capture directory; refusing to replace it")
+    for parent in target.parents:  # the first existing ancestor must be a directory to create it in
+        if parent.exists():
+            if not parent.is_dir():
+                raise CaptureError(f"{target}: cannot be created, {parent} is not a directory")
+            break
+
+
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new directory under parent with mode 0777 less the umask (0755 under the usual 022).
+    Not tempfile.mkdtemp: its 0700 would become the capture's own mode when it is renamed into
+    place, and a capture is for sharing."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir(mode=0o777)
+            return path
+        except FileExistsError:  # another writer's staging directory: draw another name
+            continue
 
 
 def _check_request(request_id: str, req: RequestCapture) -> None:
@@ -538,5 +564,6 @@ def _load_positions(tensors: dict[str, torch.Tensor], key: Any, name: str) -> to
 
 __all__ = [
     "SCHEMA_VERSION", "Capture", "RequestCapture", "CaptureBuilder", "CaptureError", "capture_metadata",
-    "save_capture", "load_capture", "package_versions", "git_revision", "dtype_name", "dtype_from_name",
+    "save_capture", "check_capture_target", "load_capture", "package_versions", "git_revision", "dtype_name",
+    "dtype_from_name",
 ]

@@ -56,3 +56,31 @@ def _installed(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+# -- what lands on disk ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_reports_and_captures_are_written_with_the_umask_modes(tmp_path, umask_022):
+    import torch
+
+    from oracle.capture import CaptureBuilder, save_capture
+    from oracle.report import write_report
+
+    facts = {"title": "t", "verdict": "parity", "summary": "s", "scenarios": [], "command": "c",
+             "environment": {"versions": {}, "device": "cpu", "dtype": "float32", "git": None, "host": ""}}
+    html, data = write_report(facts, tmp_path / "report")
+    assert [p.stat().st_mode & 0o777 for p in (html, data)] == [0o644, 0o644]  # were 0600 (mkstemp)
+    builder = CaptureBuilder({"path": "truth"})
+    builder.add("r0", "embed", torch.arange(2), torch.zeros(2, 4))
+    where = save_capture(builder.build(), tmp_path / "capture")
+    assert where.stat().st_mode & 0o777 == 0o755  # was 0700 (mkdtemp)
+    assert {p.stat().st_mode & 0o777 for p in where.iterdir()} == {0o644}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["capture", "report"]  # no temporaries left
