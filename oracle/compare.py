@@ -131,7 +131,7 @@ class TapRow:
 
 def _verdict_dict(v: Verdict) -> dict:
     return {"ratio": v.ratio, "max_abs_ratio": v.max_abs_ratio, "error": v.error.to_dict(),
-            "noise": v.noise.to_dict(), "budget": v.budget.to_dict()}
+            "noise": v.noise.to_dict(), "budget": v.budget.to_dict(), "precision": v.precision.to_dict()}
 
 
 @dataclass
@@ -404,7 +404,7 @@ def _local_row(tap: str, replayer: Replayer, ref: RequestCapture | None, cand: R
     if c.shape != c_truth.shape or r.shape != c.shape or r_truth.shape != c.shape:
         return LocalRow(inputs, SKIPPED, [f"shapes do not line up: candidate {list(c.shape)}, replay "
                                           f"{list(c_truth.shape)}, reference {list(r.shape)}"]), None
-    verdict = judge(c, r, c_truth, dtype or c.dtype, tolerance, ref_truth=r_truth)
+    verdict = judge(c, r, c_truth, dtype or c.dtype, tolerance, ref_truth=r_truth, kind=parse_tap(tap).kind)
     row = LocalRow(inputs, PASS if verdict.passed else FAIL, list(verdict.reasons), verdict, int(keep.sum()), note)
     return row, (None if verdict.passed else (c, r, c_truth, positions[keep], r_truth))
 
@@ -420,7 +420,7 @@ def _compare_tap(tap: str, truth_tap: str, truth: RequestCapture, ref: RequestCa
     if isinstance(aligned, str):
         return TapRow(tap, truth_tap, MISALIGNED, [aligned])
     c, r, t, positions = aligned
-    verdict = judge(c, r, t, dtype or c.dtype, tolerance)
+    verdict = judge(c, r, t, dtype or c.dtype, tolerance, kind=parse_tap(tap).kind)
     worst = None
     if verdict.error.max_abs_index is not None:
         worst = _element(tap, verdict.error.max_abs_index, positions, c, r, t)

@@ -12,6 +12,25 @@ The primary metric is relative L2 error; max abs error is checked too, with its 
 multiple and a floor scaled by the truth's largest magnitude. A tap diverges when either error
 exceeds its budget, or when the candidate has NaN/Inf where the truth does not.
 
+Two sharper checks ride on the same verdict (`Precision`, reported in `to_dict()["precision"]`),
+for precision bugs that an L2 budget of a multiple of the reference's noise cannot see in bfloat16
+(docs/design_notes.md note 16; measured on `tiny`, bf16, a 256-token prompt):
+
+* Paired drift (`embed`, `ple`: the taps both paths compute from the token ids alone, so the
+  reference and the candidate round the very same numbers). Random rounding differences go up and
+  down; a scale rounded differently (sqrt(P) = 2.8284 unrounded vs 2.828125 as transformers rounds
+  it in bf16) moves every changed element the same way. The statistic is a sign test on the
+  elements where the two differ: z = (away - toward) / sqrt(away + toward), "away" meaning
+  |cand| > |ref|. A clean path is bit-identical here (z = 0); the unrounded PLE scale flips 2.7% of
+  the token-part products, all upwards (z ~ 20) while its L2 error is 1/100 of the noise. Fails at
+  |z| > drift_z (6: a one-sided tail of 1e-9 for independent rounding).
+* Rounding resolution of the attention output (`o`, local judgement, 16-bit dtypes). The reference
+  rounds scores and probabilities to the dtype (transformers' eager path), so its local noise at `o`
+  is 1.9x (sliding) to 4.7x (full layers) the error of the correctly rounded output, and a kernel
+  whose accumulator is kept in bf16 (one extra rounding per key block) hides under it: 1.4x-2.0x.
+  A flash kernel with a float32 accumulator rounds once: its error measured 1.00x that of the
+  correctly rounded replay. So `o` is also budgeted by rounding_multiple x ||round(replay) - replay||.
+
 The constants below are PROVISIONAL: they are reasoned starting points, to be replaced by
 values calibrated over many clean fuzzed scenarios (no false alarm) and injected faults (every
 one caught). Pass a `Tolerance` to override them.
@@ -25,7 +44,7 @@ from typing import Mapping
 
 import torch
 
-from .metrics import ErrorMetrics, as_float_dtype, error_metrics
+from .metrics import ErrorMetrics, as_float_dtype, error_metrics, ulp
 
 # A clean candidate rounds at different points than the reference (fused kernels, other
 # accumulation orders), so its error is a second draw of noise of about the reference's size.
@@ -91,6 +110,56 @@ class Tolerance:
 
 DEFAULT_TOLERANCE = Tolerance()
 
+# The sharp checks (see the module docstring). Paired drift: the taps both paths derive from the
+# token ids alone, and the sign-test threshold. Rounding resolution: the tap kinds held to it in
+# the local judgement, and the multiple of the correctly rounded output's error they may reach.
+PAIRED_TAPS = ("embed", "ple")
+DRIFT_Z = 6.0
+ROUNDING_KINDS = ("o",)
+ROUNDING_MULTIPLE = 1.3
+ROUNDING_DTYPES = ("bfloat16", "float16")
+# `diff` without a truth: the baseline is the truth and has no noise of its own. Its budget is then
+# a count of ULPs of the compared dtype at the truth's scale (the L2 of the ULP spacing for relative
+# L2; the ULP at max|truth| for max abs) instead of the floor alone: a float32 capture pair that
+# holds parity differs by reordered sums amplified through the stack, measured up to 109 ULPs
+# (max abs, layers.8.o of the one-shot-prefill scenario; 1.05x the 1e-5 floor), while a 1%
+# perturbation of one tap is ~1e5 ULPs.
+NO_NOISE_ULPS = 1024.0
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The sharp checks of one tap; None where a check does not apply."""
+
+    drift_z: float | None = None  # paired sign test, candidate vs reference (input taps)
+    drift_changed: int | None = None  # elements where candidate and reference differ
+    rounding_ratio: float | None = None  # error / error of the correctly rounded output
+    no_noise_ulps: float | None = None  # set when the budget came from ULPs (no noise to measure)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def paired_drift(candidate: torch.Tensor, ref: torch.Tensor) -> tuple[float, int]:
+    """(z, changed): a sign test on |candidate| vs |ref| over the elements where they differ.
+    Rounding the same numbers differently moves elements both ways (z ~ N(0, 1)); a value scaled
+    or rounded in another precision moves them one way."""
+    c, r = candidate.detach().double().reshape(-1), ref.detach().double().reshape(-1)
+    ok = torch.isfinite(c) & torch.isfinite(r)
+    c, r = c[ok], r[ok]
+    away = int((c.abs() > r.abs()).sum())
+    toward = int((c.abs() < r.abs()).sum())
+    n = away + toward
+    return (0.0 if n == 0 else (away - toward) / math.sqrt(n)), n
+
+
+def rounding_error(truth: torch.Tensor, dtype: torch.dtype | str) -> float:
+    """||round_dtype(truth) - truth||: the error of the correctly rounded value, the least any
+    implementation storing its result in `dtype` can have."""
+    t = truth.detach().double()
+    t = torch.where(torch.isfinite(t), t, 0.0)
+    return float((t.to(as_float_dtype(dtype)).double() - t).norm())
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -98,6 +167,7 @@ class Verdict:
     noise: ErrorMetrics  # reference in the compared dtype vs truth
     budget: Budget
     reasons: tuple[str, ...]  # why it fails; empty when it passes
+    precision: Precision = field(default_factory=Precision)
 
     @property
     def passed(self) -> bool:
@@ -115,22 +185,63 @@ class Verdict:
     def to_dict(self) -> dict:
         return {"passed": self.passed, "reasons": list(self.reasons), "ratio": self.ratio,
                 "max_abs_ratio": self.max_abs_ratio, "error": self.error.to_dict(),
-                "noise": self.noise.to_dict(), "budget": self.budget.to_dict()}
+                "noise": self.noise.to_dict(), "budget": self.budget.to_dict(),
+                "precision": self.precision.to_dict()}
 
 
 def judge(candidate: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype | str,
-          tolerance: Tolerance = DEFAULT_TOLERANCE, *, ref_truth: torch.Tensor | None = None) -> Verdict:
+          tolerance: Tolerance = DEFAULT_TOLERANCE, *, ref_truth: torch.Tensor | None = None,
+          kind: str | None = None) -> Verdict:
     """Verdict on one tap; the tensors are aligned row for row and of the same shape.
 
     `ref_truth` is what the reference is measured against when that is not the candidate's
     truth: a layer-local judgement (oracle/replay.py) measures each path against a replay of its
-    own inputs."""
+    own inputs. `kind` (the tap's kind: "ple", "o", ...) turns on the sharp checks that apply to it
+    (module docstring)."""
+    local = ref_truth is not None
     noise = error_metrics(ref, truth if ref_truth is None else ref_truth, ulp_dtype=dtype)
     budget = tolerance.budget(noise, dtype)
+    no_noise = None
+    if not local and _no_noise(noise, ref, truth, dtype):
+        budget, no_noise = _ulp_budget(budget, truth, dtype), NO_NOISE_ULPS
     # Mismatch fraction: the share of elements beyond the max-abs budget (how widespread a
     # failure is).
     error = error_metrics(candidate, truth, ulp_dtype=dtype, mismatch_threshold=budget.max_abs)
-    return Verdict(error, noise, budget, _reasons(error, budget))
+    reasons = list(_reasons(error, budget))
+    drift_z = changed = ratio = None
+    if not local and kind in PAIRED_TAPS and no_noise is None:
+        drift_z, changed = paired_drift(candidate, ref)
+        if abs(drift_z) > DRIFT_Z:
+            reasons.append(f"the candidate drifts {'away from' if drift_z > 0 else 'toward'} zero against the "
+                           f"reference on {changed} differing elements (sign test z = {drift_z:.3g}, limit {DRIFT_Z:g}): "
+                           f"a value scaled or rounded in another precision")
+    name = str(as_float_dtype(dtype)).removeprefix("torch.")
+    if local and kind in ROUNDING_KINDS and name in ROUNDING_DTYPES:
+        floor = rounding_error(truth, dtype)
+        ratio = _ratio(float((candidate.detach().double() - truth.detach().double()).nan_to_num().norm()), floor)
+        if ratio > ROUNDING_MULTIPLE:
+            reasons.append(f"error {ratio:.3g}x that of the correctly rounded output exceeds {ROUNDING_MULTIPLE:g}x "
+                           f"(an accumulator or intermediate kept in {name}?)")
+    precision = Precision(drift_z, changed, ratio, no_noise)
+    return Verdict(error, noise, budget, tuple(reasons), precision)
+
+
+def _no_noise(noise: ErrorMetrics, ref: torch.Tensor, truth: torch.Tensor, dtype) -> bool:
+    """The reference IS the truth (`diff` without --truth): no noise can be measured."""
+    return (noise.rel_l2 == 0 and noise.max_abs == 0 and ref.dtype == truth.dtype
+            and truth.dtype == as_float_dtype(dtype))
+
+
+def _ulp_budget(budget: Budget, truth: torch.Tensor, dtype) -> Budget:
+    """Without a noise estimate: NO_NOISE_ULPS ULPs of the compared dtype at the truth's scale,
+    never below the floors."""
+    t = truth.detach().double()
+    t = torch.where(torch.isfinite(t), t, 0.0)
+    norm = float(t.norm())
+    rel = NO_NOISE_ULPS * float(ulp(t, dtype).norm()) / norm if norm > 0 else 0.0
+    top = float(t.abs().max()) if t.numel() else 0.0
+    max_abs = NO_NOISE_ULPS * float(ulp(torch.tensor(top, dtype=torch.float64), dtype)) if top > 0 else 0.0
+    return Budget(rel_l2=max(budget.rel_l2, rel), max_abs=max(budget.max_abs, max_abs), floor=budget.floor)
 
 
 def _reasons(error: ErrorMetrics, budget: Budget) -> tuple[str, ...]:
