@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import reference
 from optimized.engine import Engine, SamplingParams, sample
+from optimized.kernels import default_device
 
 _MODELS: dict = {}
 
@@ -32,7 +33,8 @@ def _engine(preset="tiny", fused=False, **kw):
     interpreter makes the fused kernels ~3x slower on CPU, and they have their own tests; the
     paged attention kernels run either way."""
     cfg, w, _ = _model(preset)
-    return Engine(cfg, weights=w, dtype=torch.float32, device="cpu", fused=fused, **kw)
+    kw.setdefault("device", default_device())
+    return Engine(cfg, weights=w, dtype=torch.float32, fused=fused, **kw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,7 +130,8 @@ def test_stop_tokens_and_eos_end_a_request():
     assert (out.tokens, out.finish_reason) == ([first], "stop")
     # the model's own eos ids stop it unless ignore_eos
     cfg = _model("tiny")[0]
-    eos_engine = Engine(dataclasses.replace(cfg, eos_token_id=(first,)), weights=_model("tiny")[1], device="cpu")
+    eos_engine = Engine(dataclasses.replace(cfg, eos_token_id=(first,)), weights=_model("tiny")[1],
+                        device=default_device())
     assert eos_engine.generate([prompt], SamplingParams(max_new_tokens=5))[0].tokens == [first]
     assert len(eos_engine.generate([prompt], SamplingParams(max_new_tokens=5, ignore_eos=True))[0].tokens) == 5
 
@@ -238,10 +241,11 @@ def test_padded_static_decode_gives_the_reference_tokens():
         assert o.tokens == reference_greedy("tiny", p, len(o.tokens))
 
 
-def test_graphs_need_a_capable_device():
+def test_graphs_need_a_capable_device():  # about the CPU: it cannot capture
     with pytest.raises(ValueError, match="graphs"):
-        _engine(graphs=True)
-    assert _engine().decode_graphs is None  # auto: off on the CPU
+        _engine(graphs=True, device="cpu")
+    assert _engine(device="cpu").decode_graphs is None  # auto: off on the CPU
+    assert _engine(graphs="static", device="cpu").decode_graphs.capture is False
 
 
 def test_a_shared_prompt_prefix_is_reused_and_gives_the_reference_tokens():
@@ -290,3 +294,75 @@ def test_prefix_sharing_can_be_turned_off():
     p = _prompts([9], seed=1)[0]
     outs = engine.generate([p, p + [4]], SamplingParams(max_new_tokens=2, ignore_eos=True))
     assert [o.reused_tokens for o in outs] == [0, 0]
+
+
+# -- the engine under the oracle ---------------------------------------------------------------
+
+
+def _oracle_scenario(device, **engine):
+    """Two requests decoding side by side (and a third queued behind the budget when one is set)."""
+    from oracle.scenario import from_dict
+
+    return from_dict({
+        "name": "engine-under-oracle", "model": {"source": "tiny", "device": str(device)},
+        "engine": {"page_size": 2, "chunk_size": 4, "page_order_seed": 1, **engine},
+        "requests": [{"id": "a", "length": 6, "seed": 1, "new_tokens": 3},
+                     {"id": "b", "length": 3, "seed": 2, "new_tokens": 3},
+                     {"id": "c", "length": 5, "seed": 3, "new_tokens": 2, "chunks": [2, 3]}]})
+
+
+def test_a_wrong_sampling_row_is_caught_at_the_logits_tap(monkeypatch, device):
+    """Teacher forcing decides the tokens, so a wrong row would leave them right; the `logits` tap
+    is the row the sampler was handed, so the oracle still names it."""
+    from oracle.run import run_scenario
+
+    def previous_requests_row(self, batch):  # request i gets request i-1's last row
+        return torch.roll(batch.cu_seqlens_q[1:].long() - 1, 1)
+
+    monkeypatch.setattr(Engine, "_sample_rows", previous_requests_row)
+    run = run_scenario(_oracle_scenario(device))
+    assert not run.passed
+    assert run.comparison.first_divergence.tap == "logits"
+
+
+def test_the_oracle_judges_continuous_batching_and_the_static_decode_path(device):
+    """A token budget lets the scheduler cut the unscripted prompts (steps mix prefill chunks and
+    decodes); decode steps run the decode graphs' padded static batch (captured graphs replay it
+    on a GPU, each replay checked bitwise against it). Everything holds parity."""
+    from oracle.run import run_scenario
+
+    run = run_scenario(_oracle_scenario(device, token_budget=3, max_requests=2), decode_graphs="static")
+    assert run.passed, run.comparison.summary()
+    assert run.layout["decode"] == "static"
+    chunks = {r["id"]: r["chunks"] for r in run.layout["requests"]}
+    assert chunks["c"][:2] == [[0, 2], [2, 3]]  # explicit splits still hold under a budget
+    assert all(n <= 3 for steps in chunks.values() for _, n in steps)
+    assert max(len(steps) for steps in chunks.values()) > 3  # the budget made prompts take several steps
+
+
+def test_a_replayed_graph_that_disagrees_with_its_eager_twin_is_an_error(device):
+    """Stand a stale graph in for a captured one (a CPU cannot capture): with taps on, the replay
+    is checked against the same static step run eagerly, and a difference raises."""
+    from optimized.engine.graphs import DecodeGraphs, GraphMismatch
+
+    taps = []
+    engine = _engine(max_requests=2, page_size=2, max_context=12, taps=lambda *a: taps.append(a[1]))
+    graphs = engine.decode_graphs = DecodeGraphs(engine.model, 2, 6, capture=False)
+
+    class StaleGraph:
+        def __init__(self, size):
+            self.size, self.out = size, None
+
+        def replay(self):
+            self.out.copy_(graphs.forward(self.size) + 1e-3)
+
+    for size in graphs.sizes:
+        g = StaleGraph(size)
+        g.out = graphs.forward(size).clone()
+        graphs._graphs[size] = (g, g.out)
+    graphs.capture = True
+    engine.add_request(_prompts([3])[0], GREEDY)
+    with pytest.raises(GraphMismatch, match="disagree"):
+        while engine.has_work():
+            engine.step()
+    assert "logits" in taps

@@ -130,8 +130,10 @@ class DecodeGraphs:
 
 
 def _real_rows(taps: TapSink) -> TapSink:
+    """The sink without padding rows. Positions are cloned: they are views of the static buffer,
+    which the next step overwrites."""
     def sink(rid, name, positions, tensor):
         if rid is not _PAD:
-            taps(rid, name, positions, tensor)
+            taps(rid, name, positions.clone(), tensor)
 
     return sink
