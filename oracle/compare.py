@@ -20,6 +20,10 @@ own upstream taps, budgeted by the reference against a replay of ITS upstream ta
 carries error inherited from earlier stages. A row then fails when its global OR its local
 judgement fails, and the first divergence says which one did. A local judgement whose inputs a
 capture lacks is "skipped", with the reason. Without weights (the `diff` CLI) nothing changes.
+
+The `logits` row also gets a distribution judgement (oracle/distribution.py: KL, argmax, top-k
+overlap and top-k logprobs against the truth, budgeted by the reference's own), which fails the
+row like the others; the first divergence then names `logits` and says "distribution".
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .capture import Capture, RequestCapture
+from .distribution import DEFAULT_DISTRIBUTION_TOLERANCE, DistributionVerdict, judge_distribution
 from .metrics import as_float_dtype, axis_profile, unravel
 from .replay import Replayer, Skipped
 from .taps import LAYER_KINDS, order_key, parse_tap, truth_counterpart
@@ -41,6 +46,7 @@ from .tolerance import DEFAULT_TOLERANCE, Tolerance, Verdict, judge
 PASS, FAIL, MISALIGNED, MISSING, SKIPPED = "pass", "fail", "misaligned", "missing", "skipped"
 FAILING = (FAIL, MISALIGNED)
 GLOBAL, LOCAL, BOTH = "global", "local", "global and local"  # which judgement a divergence failed
+DISTRIBUTION = "distribution"  # the logits row's distribution judgement (oracle/distribution.py)
 TOP_ELEMENTS = 5  # worst elements listed for a divergent tap
 TOP_POSITIONS = 32  # positions listed, worst first, for a divergent tap
 
@@ -103,6 +109,11 @@ class TapRow:
     positions: int = 0  # rows compared
     worst: Element | None = None  # the max-abs element
     local: LocalRow | None = None  # None: no local judgement (no weights given, or no replay for this tap)
+    distribution: DistributionVerdict | None = None  # the logits row only
+
+    @property
+    def distribution_failed(self) -> bool:
+        return self.distribution is not None and not self.distribution.passed
 
     @property
     def layer(self) -> int | None:
@@ -114,16 +125,22 @@ class TapRow:
 
     @property
     def failed_by(self) -> str | None:
-        """GLOBAL, LOCAL or BOTH: which judgements fail; None when neither does."""
+        """GLOBAL, LOCAL or BOTH (or DISTRIBUTION, alone or joined with " and "): which judgements
+        fail; None when none does."""
         g = self.status in FAILING
         loc = self.local is not None and self.local.status == FAIL
-        return BOTH if g and loc else GLOBAL if g else LOCAL if loc else None
+        which = BOTH if g and loc else GLOBAL if g else LOCAL if loc else None
+        if self.distribution_failed:
+            return DISTRIBUTION if which is None else f"{which} and {DISTRIBUTION}"
+        return which
 
     def to_dict(self) -> dict:
         d = {"tap": self.tap, "truth_tap": self.truth_tap, "layer": self.layer, "kind": self.kind,
              "status": self.status, "reasons": list(self.reasons), "positions": self.positions,
              "worst": self.worst.to_dict() if self.worst else None, "failed_by": self.failed_by,
              "local": self.local.to_dict() if self.local else None}
+        if self.distribution is not None:
+            d["distribution"] = self.distribution.to_dict()
         if self.verdict is not None:
             d.update(_verdict_dict(self.verdict))
         return d
@@ -152,12 +169,25 @@ class Divergence:
         return self.row.failed_by or GLOBAL
 
     @property
+    def led_by_local(self) -> bool:
+        """The local judgement fails and the global one does not (the distribution one may): the
+        location and numbers are of the error against the replay."""
+        return self.judgement in (LOCAL, f"{LOCAL} and {DISTRIBUTION}")
+
+    @property
     def verdict(self) -> Verdict | None:
-        return self.row.local.verdict if self.judgement == LOCAL else self.row.verdict
+        return self.row.local.verdict if self.led_by_local else self.row.verdict
 
     @property
     def reasons(self) -> list[str]:
-        return self.row.local.reasons if self.judgement == LOCAL else self.row.reasons
+        if self.judgement == LOCAL:
+            return self.row.local.reasons
+        out = list(self.row.reasons) if self.row.status in FAILING else []
+        if not out and self.row.local is not None and self.row.local.status == FAIL:
+            out = list(self.row.local.reasons)
+        if self.row.distribution_failed:
+            out += [f"distribution: {r}" for r in self.row.distribution.reasons]
+        return out
 
     @property
     def tap(self) -> str:
@@ -174,12 +204,12 @@ class Divergence:
     def describe(self) -> str:
         where = "model level" if self.layer is None else f"layer {self.layer}"
         how = f"{self.judgement} judgement"
-        if self.judgement == LOCAL:
+        if self.led_by_local:
             how += f", replayed from {', '.join(self.row.local.inputs)}"
         text = f"{where}, tensor {self.kind} ({self.tap}), request {self.request!r} [{how}]: {'; '.join(self.reasons)}"
         if self.worst_elements:
             e = self.worst_elements[0]
-            against = "replay" if self.judgement == LOCAL else "truth"
+            against = "replay" if self.led_by_local else "truth"
             text += f"; worst at {e.where()}: candidate {e.candidate:.6g} vs {against} {e.truth:.6g}"
         return text
 
@@ -187,7 +217,7 @@ class Divergence:
         v = self.verdict
         return {"request": self.request, "tap": self.tap, "truth_tap": self.row.truth_tap, "layer": self.layer,
                 "kind": self.kind, "judgement": self.judgement,
-                "status": FAIL if self.judgement == LOCAL else self.row.status, "reasons": list(self.reasons),
+                "status": self.row.status if self.row.status in FAILING else FAIL, "reasons": list(self.reasons),
                 "ratio": v.ratio if v else None, "max_abs_ratio": v.max_abs_ratio if v else None,
                 "worst_elements": [e.to_dict() for e in self.worst_elements],
                 "positions": self.positions, "chunks": self.chunks, "heads": self.heads}
@@ -299,6 +329,8 @@ class Comparison:
         rows = [(row.verdict.ratio, row.tap, r.request, "") for r in self.requests for row in r.rows if row.verdict]
         rows += [(row.local.verdict.ratio, row.tap, r.request, " (local)") for r in self.requests for row in r.rows
                  if row.local is not None and row.local.verdict]
+        rows += [(row.distribution.ratio, row.tap, r.request, " (distribution)") for r in self.requests
+                 for row in r.rows if row.distribution is not None]
         if not rows:
             return ""
         ratio, tap, request, how = max(rows)
@@ -355,16 +387,31 @@ def _compare_request(request_id: str, truth: RequestCapture, ref: RequestCapture
                 row.local, tensors = _local_row(row.tap, replayer, ref, cand, dtype, tolerance)
                 if row.local is not None and row.local.status == FAIL:
                     failing_local[row.tap] = tensors
+    for row in rows:
+        if row.kind == "logits" and row.status in (PASS, FAIL):
+            row.distribution = _distribution_verdict(row, truth, ref, cand, dtype)
 
     first_row = next((r for r in rows if r.failed_by is not None), None)
     first = None
     if first_row is not None:
-        if first_row.failed_by == LOCAL:
+        if first_row.status not in FAILING and first_row.tap in failing_local:
             first = _locate(request_id, first_row, failing_local[first_row.tap], starts)
-        else:
-            aligned = _align(first_row.tap, first_row.truth_tap, truth, ref, cand) if first_row.status == FAIL else None
+        else:  # global (or the distribution judgement alone: located against the truth)
+            aligned = (_align(first_row.tap, first_row.truth_tap, truth, ref, cand)
+                       if first_row.status != MISALIGNED else None)
             first = _locate(request_id, first_row, aligned, starts)
     return RequestComparison(request_id, rows, first, _layer_growth(rows, config), starts)
+
+
+def _distribution_verdict(row: TapRow, truth: RequestCapture, ref: RequestCapture, cand: RequestCapture,
+                          dtype: str | None) -> DistributionVerdict | None:
+    """The logits row's distribution judgement (None where its rows do not line up)."""
+    aligned = _align(row.tap, row.truth_tap, truth, ref, cand)
+    if isinstance(aligned, str):
+        return None
+    c, r, t, positions = aligned
+    return judge_distribution(c, r, t, dtype or str(c.dtype).removeprefix("torch."), DEFAULT_DISTRIBUTION_TOLERANCE,
+                              positions=positions)
 
 
 def _local_row(tap: str, replayer: Replayer, ref: RequestCapture | None, cand: RequestCapture, dtype: str | None,

@@ -567,7 +567,7 @@ def local_heatmap(request: Mapping[str, Any], n_layers: int | None = None) -> di
     if not rows:
         return None
     fd = request.get("first_divergence") or {}
-    local_first = fd if fd.get("judgement") in ("local", "global and local") else {}
+    local_first = fd if "local" in str(fd.get("judgement") or "") else {}
     grid = heatmap({"rows": rows, "first_divergence": local_first}, n_layers)
     for cells in [grid["head"], grid["tail"], *(row["cells"] for row in grid["grid"])]:
         for c in cells:
@@ -674,6 +674,7 @@ def _scenario_view(index: int, s: Mapping[str, Any]) -> dict:
             "first_tap": fd.get("tap"),
             "heatmap": heatmap(req, len(growth.get("layers") or []) or None),
             "local_heatmap": local_heatmap(req, len(growth.get("layers") or []) or None),
+            "distribution": distribution_view(req),
             "growth": growth_drawings(growth, mark),
             "missing": req.get("missing") or [],
         })
@@ -727,7 +728,8 @@ def _first_divergence_view(raw: list, views: list[dict]) -> dict | None:
     row = next((r for r in req.get("rows") or [] if r.get("tap") == fd.get("tap")), {})
     judgement = fd.get("judgement") or "global"
     local = row.get("local") or {}
-    if judgement == "local":  # the numbers of the judgement that failed: error against the replay
+    led_by_local = judgement in ("local", "local and distribution")  # compare.Divergence.led_by_local
+    if led_by_local:  # the numbers of the judgement that failed: error against the replay
         row = local
     layout_req = next((r for r in (s.get("layout") or {}).get("requests") or [] if str(r.get("id")) == rid), None)
     spans = chunk_spans(layout_req)
@@ -760,7 +762,7 @@ def _first_divergence_view(raw: list, views: list[dict]) -> dict | None:
                          "ref": fmt(e.get("ref"), 7), "abs_error": fmt(e.get("abs_error")),
                          # A local failure's "truth" is the replay of the CANDIDATE's inputs; the
                          # reference's own replay differs, so |ref - it| would mean nothing.
-                         "ref_error": fmt(abs(r - t)) if r is not None and t is not None and judgement != "local"
+                         "ref_error": fmt(abs(r - t)) if r is not None and t is not None and not led_by_local
                          else "–"})
 
     positions = []
@@ -815,8 +817,34 @@ def _first_divergence_view(raw: list, views: list[dict]) -> dict | None:
         "chunk_sentence": chunk_sentence, "chunks": chunks, "heads": heads,
         "ulp": _ulp_view(err.get("ulp"), noise.get("ulp")), "others": others,
         "judgement": judgement, "local_inputs": [str(t) for t in local.get("inputs") or []],
-        "against": "replay" if judgement == "local" else "truth",
+        "distribution": distribution_view(req) if "distribution" in judgement else None,
+        "against": "replay" if led_by_local else "truth", "led_by_local": led_by_local,
     }
+
+
+def distribution_view(request: Mapping[str, Any]) -> dict | None:
+    """The logits row's distribution judgement (oracle/distribution.py) as a small table: one row
+    per budgeted metric (candidate, reference, budget, ratio), plus the shares a reader expects
+    (argmax agreement, top-k overlap) and the worst positions by KL. None without one."""
+    row = next((r for r in request.get("rows") or [] if r.get("kind") == "logits" and r.get("distribution")), None)
+    if row is None:
+        return None
+    d = row["distribution"]
+    cand, ref = d.get("candidate") or {}, d.get("reference") or {}
+    checks = []
+    for c in d.get("checks") or []:
+        ratio = c.get("ratio")
+        checks.append({"metric": str(c.get("metric")), "candidate": fmt(c.get("candidate")),
+                       "reference": fmt(c.get("reference")), "budget": fmt(c.get("budget")),
+                       "ratio": fmt_ratio(ratio), "ratio_bg": ratio_colour(ratio)[0], "ratio_fg": ratio_colour(ratio)[1],
+                       "passed": bool(c.get("passed")), "rule": str(c.get("rule", ""))})
+    k = cand.get("k")
+    shares = [("argmax agreement", fmt(cand.get("argmax_agreement")), fmt(ref.get("argmax_agreement"))),
+              (f"top-{k} overlap", fmt(cand.get("topk_overlap")), fmt(ref.get("topk_overlap")))]
+    worst = [{"position": p.get("position"), "kl": fmt(p.get("kl")), "ref_kl": fmt(p.get("ref_kl"))}
+             for p in d.get("worst_positions") or []]
+    return {"passed": bool(d.get("passed")), "positions": cand.get("positions"), "k": k, "checks": checks,
+            "shares": shares, "worst": worst, "ratio": fmt_ratio(d.get("ratio"))}
 
 
 def _bar(x: float | None, scale: float) -> float:

@@ -20,7 +20,7 @@ import optimized.model
 import reference
 from optimized.kernels import default_device
 from oracle.capture import RequestCapture
-from oracle.compare import BOTH, LOCAL, PASS, SKIPPED, compare
+from oracle.compare import BOTH, DISTRIBUTION, LOCAL, PASS, SKIPPED, compare
 from oracle.faults import FAULTS
 from oracle.replay import STAGES, Replayed, Replayer, Skipped
 from oracle.report import render_report
@@ -161,18 +161,23 @@ def test_missing_softcap_in_bfloat16_is_caught_at_the_logits_by_the_local_judgem
 
     run = run_scenario(sc, faults=[fault.name])
     first = run.comparison.first_divergence
-    assert first is not None and first.tap == "logits" and first.judgement == LOCAL, run.comparison.summary()
+    # Among the tap judgements the local one alone sees it; the logits' distribution judgement
+    # (oracle/distribution.py, tests/test_distribution.py) sees it too.
+    local_and_distribution = f"{LOCAL} and {DISTRIBUTION}"
+    assert first is not None and first.tap == "logits" and first.judgement == local_and_distribution, \
+        run.comparison.summary()
     row = first.row
     assert row.status == PASS and row.verdict.ratio < 1  # the global budget (inherited noise) hides it
     assert row.local.inputs == ["final_norm"] and min(row.local.verdict.ratio, row.local.verdict.max_abs_ratio) > 2
     summary = run.comparison.summary()
     assert "DIVERGENCE at model level, tensor logits (logits)" in summary
-    assert "[local judgement, replayed from final_norm]" in summary and "vs replay" in summary
+    assert "[local and distribution judgement, replayed from final_norm]" in summary and "vs replay" in summary
 
     facts = report_facts([run], "gemma4-testbed check tiny --dtype bfloat16", "softcap")
-    assert facts["scenarios"][0]["comparison"]["first_divergence"]["judgement"] == LOCAL
+    assert facts["scenarios"][0]["comparison"]["first_divergence"]["judgement"] == local_and_distribution
     html = render_report(facts)
-    assert re.search(r'class="fd-judgement" data-judgement="local">Failed the <b>local</b> judgement', html)
+    assert re.search(r'class="fd-judgement" data-judgement="local and distribution">Failed the '
+                     r'<b>local and distribution</b> judgement: the candidate against a float64 replay', html)
     local_grid = html[html.index('class="local-heatmaps"'):]
     assert re.search(r'<td class="hc first" data-tap="logits" data-kind="logits" data-status="fail" '
                      r'data-first="true" title="logits: fail - replayed from final_norm', local_grid)
@@ -219,7 +224,7 @@ def test_every_fault_is_caught_in_bfloat16(name, device):
     first = run.comparison.first_divergence
     assert first is not None, f"{name} was not caught in bfloat16: {run.comparison.summary()}"
     assert first.tap == fault.expect, run.comparison.summary()
-    assert first.judgement in (LOCAL, BOTH) or name in (
+    assert first.judgement in (LOCAL, BOTH, f"{LOCAL} and {DISTRIBUTION}") or name in (
         # Pool taps have no replay; a reused prefix leaves the affected rows out of the replay.
         "swa-write-untranslated", "swa-evicted-one-page-early", "prefix-reuse-after-eviction")
 
