@@ -212,3 +212,27 @@ def test_clean_scenarios_pass_the_distribution_judgement(dtype):
         assert row.distribution.error.positions == row.positions == {"r0": 11, "r1": 7}[req.request]
     html = render_report(report_facts([run], "gemma4-testbed check tiny", "clean"))
     assert html.count('class="distribution" data-request=') == 2 and 'data-passed="false"' not in html
+
+
+# --------------------------------------------------------------------------------------
+# The random init whose logits make the distribution judgement meaningful at real shapes
+# --------------------------------------------------------------------------------------
+
+
+def test_real_shapes_default_to_the_checkpoint_init_and_tiny_presets_to_unit():
+    from reference.presets import PRESETS
+    from reference.weights import CHECKPOINT, UNIT, default_init, init_gain, random_weights
+    assert [default_init(PRESETS[p]) for p in ("tiny", "tiny-kv-eq-v", "tiny-moe")] == [UNIT] * 3
+    assert [default_init(PRESETS[p]) for p in ("e2b", "e4b", "31b", "26b-a4b")] == [CHECKPOINT] * 4
+    cfg = PRESETS["tiny"]
+    unit, ckpt = random_weights(cfg, 0, init=UNIT), random_weights(cfg, 0, init=CHECKPOINT)
+    for name in unit:  # the same draws, times one constant per tensor
+        g = init_gain(cfg, name, CHECKPOINT) / init_gain(cfg, name, UNIT)
+        assert torch.allclose(ckpt[name], unit[name] * g, rtol=1e-6), name
+    # Attention scores of unit-RMS q and k: std ~ ATTENTION_SCORE_STD (2), whatever the head size.
+    gen = torch.Generator().manual_seed(0)
+    for layer in (0, 4):  # head sizes 16 and 32
+        d = cfg.layers[layer].head_dim
+        q, k = (torch.nn.functional.normalize(torch.randn(4000, d, generator=gen), dim=-1) * d ** 0.5
+                * ckpt[f"layers.{layer}.self_attn.{n}_norm.weight"] for n in ("q", "k"))
+        assert 1.5 < float((q * k).sum(-1).std()) < 2.6
