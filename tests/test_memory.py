@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from optimized.batch import BatchItem, build_batch
-from optimized.memory import KVCache, OutOfPages, PageAllocator, plan_kv_bytes
+from optimized.memory import KVCache, OutOfPages, PageAllocator, plan_kv_bytes, swa_pages_per_request
 from reference.presets import PRESETS
 from reference.window import first_visible_key
 
@@ -67,6 +67,7 @@ def test_sliding_pages_leave_with_the_window_and_translation_follows():
     c.add_request("r")
     c.reserve("r", 30)
     for seq_len in range(1, 31):
+        c.map_window("r", seq_len)  # the engine's allocation step; build_batch only reads tables
         b = build_batch(c, [BatchItem("r", seq_len - 1, 1)])
         # The new token's SWA slot is the translation of its full slot.
         full_slot = int(b.out_slots[0])
@@ -75,7 +76,7 @@ def test_sliding_pages_leave_with_the_window_and_translation_follows():
         lo = first_visible_key(seq_len - 1, cfg.sliding_window)
         assert (b.swa_page_table[0, lo // 2: -(-seq_len // 2)] > 0).all()
         c.release_window("r", seq_len)
-        assert c.swa.num_pages - 1 - c.swa.num_free <= -(-(cfg.sliding_window - 1) // 2) + 1
+        assert c.swa.num_pages - 1 - c.swa.num_free <= swa_pages_per_request(cfg.sliding_window, 2, 30)
     assert int((c.full_to_swa_page > 0).sum()) == c.swa.num_pages - 1 - c.swa.num_free
     c.free_request("r")
     assert c.full.num_free == 19 and c.swa.num_free == 5 and not c.full_to_swa_page.any()
@@ -117,12 +118,25 @@ def test_batch_metadata_for_a_mixed_batch():
     for rid, n in (("x", 9), ("y", 6)):
         c.add_request(rid)
         c.reserve(rid, n)
+    free = c.full.num_free, c.swa.num_free
     b = build_batch(c, [BatchItem("x", 5, 4), BatchItem("y", 5, 1)])
+    assert (c.full.num_free, c.swa.num_free) == free  # metadata only: nothing allocated
     assert b.seq_lens.tolist() == [9, 6] and b.cu_seqlens_q.tolist() == [0, 4, 5]
     assert b.positions.tolist() == [5, 6, 7, 8, 5] and not b.is_decode
     assert b.page_table.shape == (2, 3)
     with pytest.raises(ValueError, match="reserved"):
         build_batch(c, [BatchItem("y", 6, 1)])
+
+
+@given(window=st.integers(1, 9), page_size=st.sampled_from([1, 2, 3, 4]), chunk=st.integers(1, 7),
+       length=st.integers(1, 40), start=st.integers(0, 40))
+def test_one_swa_sizing_rule_bounds_what_a_step_holds(window, page_size, chunk, length, start):
+    """Pages a step at positions start .. start+chunk-1 holds on a sliding layer (those from its
+    first visible key's page on, released behind it) never exceed the one sizing rule."""
+    end = min(start + chunk, length)
+    start = min(start, end - 1)
+    held = -(-end // page_size) - first_visible_key(start, window) // page_size
+    assert held <= swa_pages_per_request(window, page_size, length, chunk)
 
 
 def test_kv_plan_e2b_32k_is_about_6_8x_smaller():
