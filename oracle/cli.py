@@ -11,6 +11,97 @@ from importlib.metadata import PackageNotFoundError, version
 EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT = 0, 1, 2
 
 
+class BadInput(Exception):
+    """Input the CLI itself refuses (a flag's value, a path, a device): main() prints the message,
+    which names the flag or field, as one line and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line naming the argument, exit 2 (not usage + error)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum; argparse's error names the flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    port = _int_at_least(0)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535 (0: any free port), got {port}")
+    return port
+
+
+def resolve_device(name: str, where: str = "--device") -> str:
+    """The device a command runs on: "auto" is the machine's (an accelerator where there is
+    one, else the CPU); a named one must exist here, or BadInput names it and `where`."""
+    import torch
+
+    from optimized.kernels import default_device
+
+    if name == "auto":
+        return str(default_device())
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise BadInput(f"{where}: {name!r} is not a device (cpu, cuda, cuda:N, xpu or auto)") from None
+    if device.type == "cpu":
+        return "cpu"
+    if device.type not in ("cuda", "xpu"):
+        raise BadInput(f"{where}: {name!r}: the kernels run on cpu, cuda or xpu")
+    module = getattr(torch, device.type, None)
+    count = module.device_count() if module is not None and module.is_available() else 0
+    if count == 0:
+        raise BadInput(f"{where}: {name!r}: this machine has no {device.type} device "
+                       f"(torch.{device.type}.is_available() is False); use --device cpu or auto")
+    if device.index is not None and device.index >= count:
+        raise BadInput(f"{where}: {name!r}: this machine has {count} {device.type} device(s)")
+    return str(device)
+
+
+def _check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output directory that cannot be created or written: an existing
+    file, a file among its parents, a read-only parent. Creates nothing."""
+    import os
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"{flag} {path}: exists and is not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        raise BadInput(f"{flag} {path}: cannot be created, {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"{flag} {path}: {existing} is not writable")
+    return path
+
+
+def _message(e: BaseException) -> str:
+    """An error's one line. A checkpoint error that was re-raised with its file as prefix can
+    carry that prefix twice ("d/config.json: d/config.json: no config.json"): said once."""
+    text = " ".join(str(e).split())  # one line, whatever the message held
+    head, sep, rest = text.partition(": ")
+    while sep and rest.startswith(head + ": "):
+        rest = rest[len(head) + 2:]
+    return f"{head}{sep}{rest}"
+
+
+def _refuse(e: BaseException, context: str = "") -> int:
+    print(f"error: {context}{_message(e)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def _version() -> str:
     try:
         return version("gemma4-testbed")
@@ -22,18 +113,37 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB"
 
 
+def _config(source: str):
+    """A preset's or checkpoint directory's config. An unreadable config.json (a directory, no
+    permission) raises CheckpointError like a missing one, not an OSError traceback."""
+    from reference import PRESETS, CheckpointError, load_config
+
+    if source in PRESETS:
+        return PRESETS[source]
+    if not Path(source).exists():
+        raise CheckpointError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint "
+                              "directory")
+    try:
+        return load_config(source)
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{source}: cannot read config.json ({e})") from None
+
+
 def cmd_info(args) -> int:
     import torch
 
     from optimized.memory import plan_kv_bytes
-    from reference import CheckpointError, ConfigError, PRESETS, load_config
+    from reference import CheckpointError, ConfigError
     from reference.weights import expected_shapes, parameter_bytes, parameter_count
 
     try:
-        cfg = PRESETS[args.model] if args.model in PRESETS else load_config(args.model)
+        cfg = _config(args.model)
     except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _refuse(e)
+    too_long = [c for c in args.context if c > cfg.max_position_embeddings]
+    if too_long:
+        return _refuse(BadInput(f"--context: {too_long[0]} is past the model's max_position_embeddings "
+                                f"{cfg.max_position_embeddings}"))
     print(f"model {args.model}")
     fields = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads",
@@ -57,32 +167,98 @@ def cmd_info(args) -> int:
     return EXIT_OK
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    from optimized.kernels import default_device
-
-    return str(default_device())
-
-
-def _scenarios(args):
+def _scenarios(args) -> list:
+    """The scenarios a check or capture runs. Built-in and fault scenarios take the model from the
+    command line; a scenario file keeps its own model fields except those given explicitly (MODEL,
+    --dtype, --seed, a --device other than auto), which override it, said on stderr."""
     from .faults import FAULTS, get
-    from .scenario import builtin, load
+    from .scenario import builtin
 
-    model = (args.model, args.dtype, _device(args.device), args.seed)
+    device = resolve_device(args.device)
+    model = (args.model or "tiny", args.dtype or "float32", device, 0 if args.seed is None else args.seed)
     injected = getattr(args, "inject", [])
     if not args.scenario and injected:  # each injected fault's own scenario, once
         return list({s.name: s for s in (get(n).scenario(*model) for n in injected)}.values())
     if not args.scenario:
         return builtin(*model)
     names = {s.name: s for s in [*builtin(*model), *(f.scenario(*model) for f in FAULTS.values())]}
-    out = []
-    for item in args.scenario:
-        if item in names:
-            out.append(names[item])
-        else:
-            out.append(load(item))
-    return out
+    return [names[item] if item in names else _from_file(item, args) for item in args.scenario]
+
+
+def _from_file(path: str, args):
+    from .scenario import load
+
+    scenario = load(path)
+    explicit = [("source", args.model, "MODEL"), ("dtype", args.dtype, "--dtype"), ("seed", args.seed, "--seed")]
+    if args.device != "auto":  # a scenario saved on one machine runs on the device asked for
+        explicit.append(("device", resolve_device(args.device), "--device"))
+    else:  # the file's own device, which must exist here
+        resolve_device(scenario.model.device, f"scenario {path}: model.device")
+    changes = {}
+    for field, value, flag in explicit:
+        if value is not None and value != getattr(scenario.model, field):
+            print(f"scenario {path}: model.{field} {getattr(scenario.model, field)} -> {value} (from {flag})",
+                  file=sys.stderr)
+            changes[field] = value
+    return scenario.with_model(**changes) if changes else scenario
+
+
+def _check_before_work(scenarios) -> None:
+    """Everything about the scenarios' models that can be known without running them: the model
+    resolves (config and checkpoint layout, on the meta device: nothing is loaded), the optimized
+    path supports it, each scenario fits it. Raises the input error that names the field."""
+    from optimized.kernels import check_supported
+    from reference import CheckpointError, resolve
+
+    from .scenario import ScenarioError, check_fits
+
+    for sc in scenarios:
+        try:
+            cfg, _ = resolve(sc.model.source, dtype=sc.dtype, device="meta", seed=sc.model.seed)
+        except OSError as e:  # a config.json that is a directory, a file without permission
+            raise CheckpointError(f"{sc.model.source}: cannot read the checkpoint ({e})") from None
+        check_supported(cfg)
+        try:
+            check_fits(sc, cfg)
+            _check_memory(sc, cfg)
+        except ScenarioError as e:
+            raise ScenarioError(f"scenario {sc.name!r}: {e}") from None
+
+
+def _check_memory(sc, cfg) -> None:
+    """Refuse a request that cannot fit in this machine's memory at all, rather than fail minutes
+    in. A lower bound: the float64 truth forward holds one layer's dense [T, T] mask and its
+    [Hq, T, T] attention scores at once (reference/model.py), on the scenario's device."""
+    import os
+
+    import torch
+
+    from .scenario import ScenarioError
+
+    device = torch.device(sc.model.device)
+    if device.type == "cpu":
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # no sysconf: no check
+            return
+    else:
+        total = torch.get_device_module(device).get_device_properties(device).total_memory
+    for i, r in enumerate(sc.requests):
+        positions = (len(r.tokens) if r.tokens is not None else r.length) + r.new_tokens
+        if r.prefix_from:
+            positions += r.prefix_from["length"]
+        need = (1 + cfg.num_attention_heads) * 8 * positions**2
+        if need > total:
+            raise ScenarioError(f"requests[{i}].length: {positions} positions need at least {need / 2**30:.0f} GiB "
+                                f"for the float64 truth's attention ([T, T] mask and {cfg.num_attention_heads} heads "
+                                f"of scores); this machine's {device.type} memory is {total / 2**30:.0f} GiB")
+
+
+def _ran(scenarios) -> tuple[str, str]:
+    """(models, dtypes) the scenarios ran on, for the report's title and default directory."""
+    models = list(dict.fromkeys(Path(s.model.source).name for s in scenarios))
+    dtypes = list(dict.fromkeys(s.model.dtype for s in scenarios))
+    return "+".join(models), "+".join(dtypes)
 
 
 def _progress(i: int, n: int, name: str, status: str, seconds: float | None = None) -> None:
@@ -101,22 +277,22 @@ def _command_line(argv) -> str:
 def cmd_check(args) -> int:
     import time
 
-    from reference import CheckpointError, ConfigError, resolve
+    from reference import CheckpointError, ConfigError
 
-    from .capture import CaptureError
-    from .faults import get
+    from .faults import FaultScenarioError, UnknownFault, get
     from .report import write_report
     from .run import report_facts, run_scenario
     from .scenario import ScenarioError
 
-    try:
+    try:  # every input is checked here, before any work: a mistake costs no minutes
         faults = [get(n) for n in args.inject]
         scenarios = _scenarios(args)
-        for sc in scenarios:  # resolve every model up front: bad input fails before any work
-            resolve(sc.model.source, dtype=sc.dtype, device="meta", seed=sc.model.seed)
-    except (ScenarioError, CheckpointError, ConfigError, CaptureError, ValueError) as e:  # UnknownFault too
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        _check_before_work(scenarios)
+        models, dtypes = _ran(scenarios)
+        inject = f"-inject-{'+'.join(f.name for f in faults)}" if faults else ""  # never over the clean report
+        out = _check_out_dir(args.out or Path("reports") / f"check-{models}-{dtypes}{inject}")
+    except (ScenarioError, CheckpointError, ConfigError, UnknownFault, BadInput) as e:
+        return _refuse(e)
     for f in faults:
         print(f"injected fault {f.name}: {f.summary} (alone, on tiny, its scenario {f.scenario_spec['name']} "
               f"must diverge first at {f.expect})")
@@ -126,17 +302,17 @@ def cmd_check(args) -> int:
         t0 = time.perf_counter()
         try:
             run = run_scenario(sc, faults=args.inject)
-        except (ScenarioError, CheckpointError, ConfigError, ValueError) as e:
-            print(f"error: scenario {sc.name!r}: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+        # Input errors only: a ValueError from inside a kernel is a bug, and its traceback says where.
+        except (ScenarioError, CheckpointError, ConfigError, FaultScenarioError) as e:
+            return _refuse(e, f"scenario {sc.name!r}: ")
         runs.append(run)
         _progress(i, len(scenarios), sc.name, "parity" if run.passed else "DIVERGENCE", time.perf_counter() - t0)
-    title = f"Gemma 4 parity: {args.model} ({args.dtype})"
+    title = f"Gemma 4 parity: {models} ({dtypes})"
     if faults:
         title += f", injected: {', '.join(f.name for f in faults)}"
-    kernels = _kernel_rows(args) if args.kernels else None
+    # The kernel testbed on the device and in the dtype the scenarios ran in.
+    kernels = _kernel_rows(scenarios[0].model.device, scenarios[0].model.dtype) if args.kernels else None
     facts = report_facts(runs, _command_line(args.argv), title, kernels=kernels)
-    out = Path(args.out) if args.out else Path("reports") / f"check-{Path(args.model).name}-{args.dtype}"
     html, _ = write_report(facts, out)
     print(facts["summary"])
     for run in runs:
@@ -144,20 +320,20 @@ def cmd_check(args) -> int:
             print(run.comparison.summary())
             break
     if len(faults) == 1:  # with several, the first divergence is the earliest of their taps
-        _say_whether_the_fault_was_named(faults[0], args.model, runs)
+        _say_whether_the_fault_was_named(faults[0], runs)
     print(f"report: {html}")
     kernels_ok = kernels is None or all(k["passed"] for k in kernels)
     return EXIT_OK if all(r.passed for r in runs) and kernels_ok else EXIT_DIVERGED
 
 
-def _kernel_rows(args) -> list[dict]:
+def _kernel_rows(device: str, dtype: str) -> list[dict]:
     """The kernel testbed on the check's device and dtype, as rows of the report's kernels table."""
     import torch
 
     from .kernel_check import run_kernel_check
 
-    device = torch.device(_device(args.device))
-    results = run_kernel_check(device, (getattr(torch, args.dtype),), "small" if device.type == "cpu" else "e2b",
+    device = torch.device(device)
+    results = run_kernel_check(device, (getattr(torch, dtype),), "small" if device.type == "cpu" else "e2b",
                                repeats=3, progress=lambda what: print(f"kernel {what}", file=sys.stderr))
     if not all(r.passed for r in results):
         print("kernel testbed: " + ", ".join(r.name for r in results if not r.passed) + " FAILED")
@@ -166,10 +342,10 @@ def _kernel_rows(args) -> list[dict]:
             for r in results]
 
 
-def _say_whether_the_fault_was_named(fault, model: str, runs) -> None:
+def _say_whether_the_fault_was_named(fault, runs) -> None:
     """After `check --inject`: whether the oracle named the fault's expected tap on its scenario."""
     own = [r for r in runs if r.scenario.name == fault.scenario_spec["name"]]
-    if model != "tiny" or not own:
+    if not own or own[0].scenario.model.source != "tiny":  # the expected taps are tiny's
         return
     first = own[0].comparison.first_divergence
     found = "parity (not caught)" if first is None else first.tap
@@ -196,43 +372,69 @@ def cmd_faults(args) -> int:
 
 
 def cmd_capture(args) -> int:
+    import time
+
     from reference import CheckpointError, ConfigError
 
-    from .capture import CaptureError, save_capture
+    from .capture import CaptureError, check_capture_target, save_capture
     from .run import run_scenario
     from .scenario import ScenarioError
 
-    try:
+    try:  # before any work: the scenario, its model, and where the capture goes
         if len(args.scenario) != 1:
-            raise ScenarioError("capture takes exactly one --scenario (a file or a built-in name)")
+            raise BadInput("--scenario: capture takes exactly one (a file or a built-in name; "
+                           "`gemma4-testbed scenarios` lists those)")
         (scenario,) = _scenarios(args)
+        _check_before_work([scenario])
+        check_capture_target(args.out, args.overwrite, how="pass --overwrite")
+    except (ScenarioError, CheckpointError, ConfigError, CaptureError, BadInput) as e:
+        return _refuse(e)
+    t0 = time.perf_counter()
+    _say(f"capture: running {scenario.name} (truth, reference and optimized paths: the {args.path} one is kept)")
+    try:
         run = run_scenario(scenario)
-        capture = {"truth": run.truth, "reference": run.ref, "optimized": run.cand}[args.path]
+    except (ScenarioError, CheckpointError, ConfigError) as e:  # input errors only, as in check
+        return _refuse(e, f"scenario {scenario.name!r}: ")
+    capture = {"truth": run.truth, "reference": run.ref, "optimized": run.cand}[args.path]
+    _say(f"capture: ran in {time.perf_counter() - t0:.1f}s; writing {args.out}")
+    try:
         where = save_capture(capture, args.out, overwrite=args.overwrite)
-    except (ScenarioError, CheckpointError, ConfigError, CaptureError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except CaptureError as e:  # the target appeared while we worked
+        return _refuse(e)
     print(f"capture ({args.path}, {scenario.name}): {where}")
     return EXIT_OK
 
 
+def _say(line: str) -> None:
+    """A progress line: stderr, so stdout stays the result."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def cmd_diff(args) -> int:
-    from reference import Gemma4Config
+    from reference import ConfigError, Gemma4Config
 
     from .capture import CaptureError, load_capture
     from .compare import CompareError, compare
     from .report import write_report
 
     try:
-        base, cand = load_capture(args.baseline), load_capture(args.candidate)
-        truth = load_capture(args.truth) if args.truth else base
-        config = Gemma4Config.from_hf_dict(cand.metadata["model_config"])
-        comparison = compare(truth, base, cand, config)
-    except (CaptureError, CompareError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        out = _check_out_dir(args.out) if args.out else None
+        loaded = {}
+        for role, path in (("baseline", args.baseline), ("candidate", args.candidate), ("truth", args.truth)):
+            if path:
+                _say(f"diff: loading the {role} capture {path}")
+                loaded[role] = load_capture(path)
+        base, cand = loaded["baseline"], loaded["candidate"]
+        raw_config = cand.metadata.get("model_config")
+        if not isinstance(raw_config, dict):
+            raise CaptureError(f"{args.candidate}: metadata.model_config: missing, so there is no model to judge by")
+        config = Gemma4Config.from_hf_dict(raw_config)
+        _say(f"diff: comparing {len(cand.requests)} request(s)")
+        comparison = compare(loaded.get("truth", base), base, cand, config)
+    except (CaptureError, CompareError, ConfigError, BadInput) as e:
+        return _refuse(e)
     print(comparison.summary())
-    if args.out:
+    if out:
         scenario = cand.metadata.get("scenario") or {}
         facts = {
             "title": f"diff {args.baseline} {args.candidate}",
@@ -244,7 +446,7 @@ def cmd_diff(args) -> int:
                             "dtype": cand.metadata.get("dtype"), "git": cand.metadata.get("git"), "host": ""},
             "command": _command_line(args.argv),
         }
-        html, _ = write_report(facts, args.out)
+        html, _ = write_report(facts, out)
         print(f"report: {html}")
     return EXIT_OK if comparison.passed else EXIT_DIVERGED
 
@@ -256,14 +458,18 @@ def cmd_report(args) -> int:
 
     src = Path(args.directory) / "report.json"
     try:
+        out = _check_out_dir(args.out or args.directory)
         facts = json.loads(src.read_text())
-        html, _ = write_report(facts, args.out or args.directory)
+        html, _ = write_report(facts, out)
+    except BadInput as e:
+        return _refuse(e)
     except FileNotFoundError:
-        print(f"error: {src}: no report.json to render", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        print(f"error: {src}: cannot render ({e})", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _refuse(BadInput(f"{src}: no report.json to render"))
+    except (OSError, UnicodeDecodeError) as e:
+        return _refuse(BadInput(f"{src}: cannot read ({e})"))
+    # Whatever report.json holds is input here: a hand-edited one must not end in a traceback.
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        return _refuse(BadInput(f"{src}: cannot render ({e})"))
     print(f"report: {html}")
     return EXIT_OK if facts.get("verdict") == "parity" else EXIT_DIVERGED
 
@@ -275,7 +481,11 @@ def cmd_kernels(args) -> int:
 
     from .kernel_check import format_table, run_kernel_check
 
-    device = torch.device(_device(args.device))
+    try:
+        device = torch.device(resolve_device(args.device))
+        out = _check_out_dir(args.out)
+    except BadInput as e:
+        return _refuse(e)
     size = args.size or ("small" if device.type == "cpu" else "e2b")
     dtypes = [getattr(torch, d) for d in args.dtype]
     n = [0]
@@ -287,57 +497,120 @@ def cmd_kernels(args) -> int:
     results = run_kernel_check(device, dtypes, size, args.repeats, progress=progress)
     print(f"device {device}, sizes '{size}', median of {args.repeats}")
     print(format_table(results))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": str(device), "size": size, "results": [r.to_dict() for r in results]},
-                              indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "kernels.json"
+    path.write_text(json.dumps({"device": str(device), "size": size, "results": [r.to_dict() for r in results]},
+                               indent=1))
     failed = [r.name for r in results if not r.passed]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
-    print(f"json: {out}")
+    print(f"json: {path}")
     return EXIT_DIVERGED if failed else EXIT_OK
 
 
 def cmd_serve(args) -> int:
+    from optimized.kernels import check_supported
     from optimized.serve import build_server, run_until_interrupted
+    from reference import CheckpointError, ConfigError
 
     try:
-        server = build_server(args.model, host=args.host, port=args.port, dtype=args.dtype,
-                              device=_device(args.device), page_size=args.page_size,
-                              chunk_size=args.chunk_size, num_pages=args.num_pages, max_requests=args.max_requests,
-                              token_budget=args.token_budget, max_context=args.max_context, seed=args.seed)
-    except ValueError as e:  # CheckpointError, ConfigError, TokenizerError, ChatError, bad engine settings
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:  # the address is taken or not ours to bind
-        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        device = resolve_device(args.device)
+        try:
+            config = _config(args.model)
+        except (CheckpointError, ConfigError):
+            config = None  # build_server names what is wrong, in its order (tokenizer first)
+        if config is not None:  # a model the reference runs but the paged path cannot
+            check_supported(config)
+        server = build_server(args.model, host=args.host, port=args.port, dtype=args.dtype, device=device,
+                              page_size=args.page_size, chunk_size=args.chunk_size, num_pages=args.num_pages,
+                              max_requests=args.max_requests, token_budget=args.token_budget,
+                              max_context=args.max_context, seed=args.seed)
+    except (BadInput, CheckpointError, ConfigError) as e:
+        return _refuse(e)
+    # Building a server only reads the model and sizes the engine (no kernel runs yet), so its
+    # ValueErrors are bad settings or files: TokenizerError, ChatError, engine limits.
+    except ValueError as e:
+        return _refuse(e)
+    except OSError as e:  # the address is taken, not ours to bind, or not an address
+        return _refuse(BadInput(f"--host/--port: cannot listen on {args.host}:{args.port}: {e}"))
     run_until_interrupted(server)
     return EXIT_OK
 
 
+def cmd_scenarios(args) -> int:
+    """The built-in scenarios (what `check` runs by default) and the faults' own, one line each."""
+    from .faults import FAULTS
+    from .scenario import builtin
+
+    listed = builtin()
+    width = max(len(s.name) for s in [*listed, *(f.scenario() for f in FAULTS.values())])
+    print("built-in (check runs these by default; --scenario NAME picks one):")
+    for sc in listed:
+        print(f"  {sc.name:{width}s}  {_describe(sc)}")
+    print("fault scenarios (check --inject FAULT runs its own; also usable with --scenario NAME):")
+    for sc in {f.scenario().name: f.scenario() for f in FAULTS.values()}.values():
+        print(f"  {sc.name:{width}s}  {_describe(sc)}")
+    return EXIT_OK
+
+
+def _describe(sc) -> str:
+    """A scenario in one line, from its fields (so the listing cannot drift from what runs)."""
+    reqs = sc.requests
+    prompts = "+".join(str(len(r.tokens) if r.tokens is not None else r.length) for r in reqs)
+    new = "+".join(str(r.new_tokens) for r in reqs)
+    e = sc.engine
+    parts = [f"{len(reqs)} request{'s' if len(reqs) != 1 else ''} ({prompts} prompt + {new} new tokens)",
+             f"pages of {e.page_size}", f"chunks of {e.chunk_size}"]
+    if e.page_order_seed is not None:
+        parts.append("shuffled pages")
+    if any(r.chunks for r in reqs):
+        parts.append("explicit chunk splits")
+    if any(r.arrival for r in reqs):
+        parts.append("staggered arrivals")
+    if any(r.prefix_from for r in reqs):
+        parts.append("prefix reuse")
+    if e.num_pages is not None:
+        parts.append(f"{e.num_pages}-page pool")
+    return ", ".join(parts)
+
+
 def _add_model_args(p, scenarios: bool = True) -> None:
-    p.add_argument("model", nargs="?", default="tiny", help="preset name or checkpoint directory (default: tiny)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="cpu, cuda, xpu or auto (default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
+    # With scenarios, no defaults: a scenario file keeps its own model fields unless a flag is
+    # given explicitly (None = not given); _scenarios fills in tiny / float32 / seed 0.
+    override = " (overrides a scenario file's model.{})" if scenarios else "{}"
+    p.add_argument("model", nargs="?", default=None if scenarios else "tiny",
+                   help="preset name (`tiny`, `tiny-moe`, `e2b`, ...) or checkpoint directory (default: tiny)"
+                        + override.format("source"))
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None if scenarios else "float32",
+                   help="dtype of the weights and activations (default: float32)" + override.format("dtype"))
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N, xpu, or auto: the machine's accelerator where it has one (default)"
+                        + ("; anything but auto overrides a scenario file's model.device" if scenarios else ""))
+    p.add_argument("--seed", type=_int_at_least(0), default=None if scenarios else 0,
+                   help="seed of a preset's random weights (default: 0)" + override.format("seed"))
     if scenarios:
-        p.add_argument("--scenario", action="append", default=[],
-                       help="a scenario JSON file or a built-in scenario name (repeatable; default: the built-in set)")
+        p.add_argument("--scenario", action="append", default=[], metavar="FILE_OR_NAME",
+                       help="a scenario JSON file or a built-in scenario name (`gemma4-testbed scenarios` lists "
+                            "them; repeatable; default: the built-in set)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemma4-testbed", description=__doc__)
+    positive = _int_at_least(1)
+    parser = _Parser(prog="gemma4-testbed", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = sub.add_parser("info", help="print a preset's or checkpoint's config and memory plan")
-    info.add_argument("model", nargs="?", default="tiny", help="preset name or checkpoint directory")
-    info.add_argument("--page-size", type=int, default=16)
-    info.add_argument("--context", type=int, nargs="+", default=[4096, 32768, 131072])
+    info.add_argument("model", nargs="?", default="tiny", help="preset name or checkpoint directory (default: tiny)")
+    info.add_argument("--page-size", type=positive, default=16,
+                      help="KV page size in tokens for the memory plan (default: 16)")
+    info.add_argument("--context", type=positive, nargs="+", default=[4096, 32768, 131072], metavar="TOKENS",
+                      help="sequence lengths to plan KV memory for, each at most the model's "
+                           "max_position_embeddings (default: 4096 32768 131072)")
     info.set_defaults(func=cmd_info)
 
     check = sub.add_parser("check", help="run scenarios on both paths, judge parity, write the HTML report")
     _add_model_args(check)
-    check.add_argument("--out", help="report directory (default: reports/check-<model>-<dtype>)")
+    check.add_argument("--out", metavar="DIR", help="report directory (default: reports/check-<model>-<dtype>, "
+                                                    "with -inject-<fault> when --inject is given)")
     check.add_argument("--kernels", action="store_true",
                        help="also run the kernel testbed (see `kernels`) and put its table in the report")
     check.add_argument("--inject", action="append", default=[], metavar="FAULT",
@@ -345,52 +618,64 @@ def build_parser() -> argparse.ArgumentParser:
                             "--scenario, runs each fault's own scenario")
     check.set_defaults(func=cmd_check)
 
+    scenarios = sub.add_parser("scenarios", help="list the built-in scenarios, one line each")
+    scenarios.set_defaults(func=cmd_scenarios)
+
     faults = sub.add_parser("faults", help="list the known bug classes `check --inject` can inject")
     faults.add_argument("names", nargs="*", metavar="FAULT", help="show these in full")
     faults.set_defaults(func=cmd_faults)
 
     capture = sub.add_parser("capture", help="capture one path's taps for a scenario into a directory")
     _add_model_args(capture)
-    capture.add_argument("--path", required=True, choices=["truth", "reference", "optimized"])
-    capture.add_argument("--out", required=True, help="capture directory to create")
-    capture.add_argument("--overwrite", action="store_true")
+    capture.add_argument("--path", required=True, choices=["truth", "reference", "optimized"],
+                         help="which path's taps to keep: truth (the reference in float64), reference (the "
+                              "reference in the compared dtype) or optimized (the paged path)")
+    capture.add_argument("--out", required=True, metavar="DIR", help="capture directory to create")
+    capture.add_argument("--overwrite", action="store_true",
+                         help="replace DIR if it holds a capture (never a directory that is not one)")
     capture.set_defaults(func=cmd_capture)
 
     diff = sub.add_parser("diff", help="judge a candidate capture against a baseline capture")
-    diff.add_argument("baseline")
-    diff.add_argument("candidate")
-    diff.add_argument("--truth", help="a float64 truth capture; without it the baseline is the truth and "
-                                      "budgets are the per-dtype floors alone")
-    diff.add_argument("--out", help="write an HTML report into this directory")
+    diff.add_argument("baseline", help="capture directory taken as correct (e.g. --path reference)")
+    diff.add_argument("candidate", help="capture directory to judge (e.g. --path optimized)")
+    diff.add_argument("--truth", metavar="DIR", help="a float64 truth capture; without it the baseline is the truth "
+                                                     "and budgets are the per-dtype floors alone")
+    diff.add_argument("--out", metavar="DIR", help="write an HTML report into this directory")
     diff.set_defaults(func=cmd_diff)
 
     kernels = sub.add_parser("kernels", help="every Triton kernel against its eager twin on this device")
-    kernels.add_argument("--device", default="auto")
+    kernels.add_argument("--device", default="auto",
+                         help="cpu, cuda, cuda:N, xpu, or auto: the machine's accelerator where it has one (default)")
     kernels.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
-                         choices=["float32", "bfloat16", "float16"])
+                         choices=["float32", "bfloat16", "float16"], help="dtypes to test (default: float32 bfloat16)")
     kernels.add_argument("--size", choices=["small", "e2b", "e4b", "31b", "26b-a4b"],
                          help="input sizes: small, or a preset's shapes at 2048 tokens (default: small on CPU, e2b on GPU)")
-    kernels.add_argument("--repeats", type=int, default=5)
-    kernels.add_argument("--out", default="reports/kernels.json")
+    kernels.add_argument("--repeats", type=positive, default=5,
+                         help="timed runs per kernel; the table shows the median (default: 5)")
+    kernels.add_argument("--out", default="reports/kernels", metavar="DIR",
+                         help="directory to write DIR/kernels.json into (default: reports/kernels)")
     kernels.set_defaults(func=cmd_kernels)
 
     serve = sub.add_parser("serve", help="serve the optimized path over HTTP (/generate, OpenAI-compatible "
                                          "/v1/completions and /v1/chat/completions) until Ctrl-C; a checkpoint "
                                          "directory's tokenizer.json and chat template are used where present")
     _add_model_args(serve, scenarios=False)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="0: any free port")
-    serve.add_argument("--page-size", type=int, default=16)
-    serve.add_argument("--chunk-size", type=int, default=512, help="most prompt tokens per request per step")
-    serve.add_argument("--num-pages", type=int, help="KV pool size in pages (default: max-requests full contexts)")
-    serve.add_argument("--max-requests", type=int, default=16, help="most requests running at once")
-    serve.add_argument("--max-context", type=int, help="most positions per request (default: the model's, <= 4096)")
-    serve.add_argument("--token-budget", type=int, help="most tokens per step (default: no limit)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port, 0..65535; 0: any free port (default: 8000)")
+    serve.add_argument("--page-size", type=positive, default=16, help="KV page size in tokens (default: 16)")
+    serve.add_argument("--chunk-size", type=positive, default=512,
+                       help="most prompt tokens per request per step (default: 512)")
+    serve.add_argument("--num-pages", type=_int_at_least(2),
+                       help="KV pool size in pages (default: max-requests full contexts)")
+    serve.add_argument("--max-requests", type=positive, default=16, help="most requests running at once (default: 16)")
+    serve.add_argument("--max-context", type=positive,
+                       help="most positions per request (default: the model's, <= 4096)")
+    serve.add_argument("--token-budget", type=positive, help="most tokens per step (default: no limit)")
     serve.set_defaults(func=cmd_serve)
 
     report = sub.add_parser("report", help="re-render report.html from a report directory's report.json")
-    report.add_argument("directory")
-    report.add_argument("--out", help="write into another directory")
+    report.add_argument("directory", help="a report directory (holding report.json)")
+    report.add_argument("--out", metavar="DIR", help="write into another directory")
     report.set_defaults(func=cmd_report)
     return parser
 
@@ -403,7 +688,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help/--version
         return int(e.code or 0)
     args.argv = argv
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BadInput as e:  # raised by a helper outside a command's own input checks
+        return _refuse(e)
 
 
 if __name__ == "__main__":

@@ -198,9 +198,30 @@ def from_dict(d: Any) -> Scenario:
     return Scenario(name, model, engine, tuple(parsed))
 
 
-def _prompt_len(r: RequestSpec, parsed: list[RequestSpec], seen: dict[str, int]) -> int:
+def _prompt_len(r: RequestSpec, parsed: list[RequestSpec] | None = None, seen: dict[str, int] | None = None) -> int:
     own = len(r.tokens) if r.tokens is not None else r.length
     return own + (r.prefix_from["length"] if r.prefix_from else 0)
+
+
+def check_fits(scenario: Scenario, config) -> None:
+    """Raise ScenarioError, naming the field, where a parsed scenario asks more than the model
+    (a Gemma4Config) or its own engine settings allow: what from_dict cannot know without the
+    model. Cheap, so callers run it before any work (a request past the model's positions would
+    otherwise run for minutes, or fail allocating its masks)."""
+    limit = config.max_position_embeddings
+    e = scenario.engine
+    for i, r in enumerate(scenario.requests):
+        prompt = _prompt_len(r)  # lengths before any prompt is drawn: a huge one is refused unbuilt
+        total = prompt + r.new_tokens
+        where = f"requests[{i}]"
+        if total > limit:
+            field = "length" if prompt > limit else "new_tokens"
+            raise ScenarioError(f"{where}.{field}: a prompt of {prompt} plus {r.new_tokens} new tokens is {total} "
+                                f"positions, past the model's max_position_embeddings {limit}")
+        if e.num_pages is not None and -(-total // e.page_size) > e.num_pages - 1:
+            raise ScenarioError(f"engine.num_pages: {e.num_pages} pages of {e.page_size} (page 0 reserved) hold "
+                                f"{(e.num_pages - 1) * e.page_size} positions; {where} ({r.id!r}) needs {total}")
+    scenario.prompts(config.vocab_size)  # token ids outside the vocabulary
 
 
 def load(path: str | Path) -> Scenario:
@@ -211,6 +232,9 @@ def load(path: str | Path) -> Scenario:
         raise ScenarioError(f"{path}: no such scenario file") from None
     except json.JSONDecodeError as e:
         raise ScenarioError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+        raise ScenarioError(f"{path}: cannot read the scenario file ({e.strerror if isinstance(e, OSError) else e})") \
+            from None
     try:
         return from_dict(raw)
     except ScenarioError as e:

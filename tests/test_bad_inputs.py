@@ -84,3 +84,272 @@ def test_reports_and_captures_are_written_with_the_umask_modes(tmp_path, umask_0
     assert where.stat().st_mode & 0o777 == 0o755  # was 0700 (mkdtemp)
     assert {p.stat().st_mode & 0o777 for p in where.iterdir()} == {0o644}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["capture", "report"]  # no temporaries left
+
+
+# -- the CLI: every malformed input is one line, exit 2, before any work ----------------------
+
+CUDA = "torch.cuda.is_available()"  # a marker: the case needs a machine without CUDA
+
+# (id, argv with {d} for the case directory, words the one error line must hold[, needs])
+CLI_CASES = [
+    # flags
+    ("device-cuda-check", ["check", "--device", "cuda", "--out", "{out}"], "--device", CUDA),
+    ("device-tpu-check", ["check", "--device", "tpu", "--out", "{out}"], "--device"),
+    ("device-index-past-count", ["check", "--device", "cuda:99", "--out", "{out}"], "--device"),
+    ("device-cuda-kernels", ["kernels", "--device", "cuda", "--out", "{out}"], "--device", CUDA),
+    ("device-tpu-kernels", ["kernels", "--device", "tpu", "--out", "{out}"], "--device"),
+    ("device-cuda-capture", ["capture", "--device", "cuda", "--scenario", "one-shot-prefill", "--path", "truth",
+                             "--out", "{out}"], "--device", CUDA),
+    ("device-cuda-serve", ["serve", "--device", "cuda", "--port", "0"], "--device", CUDA),
+    ("device-meta", ["check", "--device", "meta", "--out", "{out}"], "--device"),
+    ("info-page-size-0", ["info", "--page-size", "0"], "--page-size"),
+    ("info-context-0", ["info", "--context", "0"], "--context"),
+    ("info-context-negative", ["info", "--context", "-5"], "--context"),
+    ("info-context-past-max", ["info", "--context", "10000000"], "--context"),
+    ("info-context-not-a-number", ["info", "--context", "lots"], "--context"),
+    ("serve-port-too-big", ["serve", "--port", "99999"], "--port"),
+    ("serve-port-negative", ["serve", "--port", "-1"], "--port"),
+    ("serve-max-requests-0", ["serve", "--max-requests", "0", "--port", "0"], "--max-requests"),
+    ("serve-num-pages-1", ["serve", "--num-pages", "1", "--port", "0"], "--num-pages"),
+    ("check-seed-negative", ["check", "--seed", "-1", "--out", "{out}"], "--seed"),
+    ("check-dtype-unknown", ["check", "--dtype", "float8", "--out", "{out}"], "--dtype"),
+    ("kernels-repeats-0", ["kernels", "--repeats", "0", "--out", "{out}"], "--repeats"),
+    ("check-unknown-fault", ["check", "--inject", "no-such-fault", "--out", "{out}"], "no-such-fault"),
+    ("no-such-command", ["frobnicate"], "frobnicate"),
+    ("check-out-is-a-file", ["check", "--scenario", "one-shot-prefill", "--out", "{d}/a-file"], "--out"),
+    ("check-out-under-a-file", ["check", "--scenario", "one-shot-prefill", "--out", "{d}/a-file/report"], "--out"),
+    ("kernels-out-is-a-file", ["kernels", "--out", "{d}/a-file"], "--out"),
+    ("diff-out-is-a-file", ["diff", "{d}/capture", "{d}/capture", "--out", "{d}/a-file"], "--out"),
+    ("report-out-is-a-file", ["report", "{d}", "--out", "{d}/a-file"], "--out"),
+    ("capture-into-a-capture", ["capture", "--scenario", "one-shot-prefill", "--path", "truth", "--out", "{d}/capture"],
+     "--overwrite"),
+    ("capture-over-a-non-capture", ["capture", "--scenario", "one-shot-prefill", "--path", "truth", "--overwrite",
+                                    "--out", "{d}"], "not a capture directory"),
+    ("capture-two-scenarios", ["capture", "--scenario", "one-shot-prefill", "--scenario", "decode-past-window",
+                               "--path", "truth", "--out", "{out}"], "--scenario"),
+    ("capture-no-path", ["capture", "--scenario", "one-shot-prefill", "--out", "{out}"], "--path"),
+    # scenario files
+    ("scenario-missing", ["check", "--scenario", "{d}/nope.json", "--out", "{out}"], "no such scenario file"),
+    ("scenario-is-a-directory", ["check", "--scenario", "{d}", "--out", "{out}"], "cannot read"),
+    ("scenario-not-json", ["check", "--scenario", "{d}/not-json.json", "--out", "{out}"], "not valid JSON"),
+    ("scenario-negative-length", ["check", "--scenario", "{d}/negative-length.json", "--out", "{out}"],
+     "requests[0].length"),
+    ("scenario-unknown-field", ["check", "--scenario", "{d}/unknown-field.json", "--out", "{out}"], "colour"),
+    ("scenario-past-max-positions", ["check", "--scenario", "{d}/past-max-positions.json", "--out", "{out}"],
+     "requests[0].length"),
+    ("scenario-new-tokens-300000", ["check", "--scenario", "{d}/many-new-tokens.json", "--out", "{out}"],
+     "requests[0].new_tokens"),
+    ("scenario-too-big-for-memory", ["check", "--scenario", "{d}/too-big-for-memory.json", "--out", "{out}"],
+     "GiB"),
+    ("scenario-token-outside-vocab", ["check", "--scenario", "{d}/outside-vocab.json", "--out", "{out}"],
+     "tokens"),
+    ("scenario-pool-too-small", ["check", "--scenario", "{d}/small-pool.json", "--out", "{out}"],
+     "engine.num_pages"),
+    ("scenario-dtype", ["check", "--scenario", "{d}/bad-dtype.json", "--out", "{out}"], "model.dtype"),
+    ("scenario-device-not-here", ["check", "--scenario", "{d}/on-cuda.json", "--out", "{out}"], "model.device", CUDA),
+    ("scenario-capture-past-max", ["capture", "--scenario", "{d}/past-max-positions.json", "--path", "truth",
+                                   "--out", "{out}"], "requests[0].length"),
+    # checkpoints
+    ("model-unknown", ["check", "no-such-model", "--out", "{out}"], "no-such-model"),
+    ("checkpoint-no-config", ["check", "{d}/empty-checkpoint", "--out", "{out}"], "config.json"),
+    ("checkpoint-config-not-json", ["info", "{d}/config-not-json"], "not valid JSON"),
+    ("checkpoint-config-field-missing", ["check", "{d}/config-field-missing", "--out", "{out}"], "vocab_size"),
+    ("checkpoint-config-is-a-directory", ["info", "{d}/config-is-a-directory"], "config.json"),
+    ("checkpoint-no-weights", ["check", "{d}/no-weights", "--out", "{out}"], "safetensors"),
+    ("checkpoint-head-dim-24", ["check", "{d}/head-dim-24", "--out", "{out}"], "head_dim"),
+    ("checkpoint-head-dim-24-serve", ["serve", "{d}/head-dim-24", "--port", "0"], "head_dim"),
+    # captures and reports
+    ("diff-no-such-capture", ["diff", "{d}/nope", "{d}/capture", "--out", "{out}"], "no capture directory"),
+    ("diff-manifest-not-json", ["diff", "{d}/capture", "{d}/capture-bad-manifest", "--out", "{out}"],
+     "not valid JSON"),
+    ("diff-corrupt-tensor-file", ["diff", "{d}/capture", "{d}/capture-corrupt", "--out", "{out}"], "sha256"),
+    ("diff-no-model-config", ["diff", "{d}/capture", "{d}/capture-no-config", "--out", "{out}"], "model_config"),
+    ("report-no-report-json", ["report", "{d}/empty-checkpoint", "--out", "{out}"], "no report.json"),
+    ("report-json-not-an-object", ["report", "{d}/bad-report", "--out", "{out}"], "cannot render"),
+]
+
+
+PROGRESS = ("diff: ", "capture: ")
+
+
+def _scenario(**request) -> dict:
+    return {"name": "bad", "model": {"source": "tiny", "device": "cpu"}, "requests": [{"length": 4, **request}]}
+
+
+@pytest.fixture(scope="module")
+def bad_dir(tmp_path_factory):
+    """Every malformed file the cases name, made once."""
+    import json
+
+    import torch
+
+    import reference
+    from oracle.capture import CaptureBuilder, capture_metadata, save_capture
+
+    d = tmp_path_factory.mktemp("bad-inputs")
+    (d / "a-file").write_text("not a directory\n")
+    (d / "not-json.json").write_text("{oops")
+    files = {
+        "negative-length": _scenario(length=-1),
+        "unknown-field": _scenario(colour="red"),
+        "past-max-positions": _scenario(length=200_000),
+        "many-new-tokens": _scenario(new_tokens=300_000),
+        # Within max positions (131072) but more than any machine's memory for the dense truth.
+        "too-big-for-memory": _scenario(length=131_072),
+        "outside-vocab": {"name": "bad", "requests": [{"tokens": [5, 999]}]},
+        "small-pool": {**_scenario(length=20), "engine": {"page_size": 4, "num_pages": 3}},
+        "bad-dtype": {**_scenario(), "model": {"dtype": "fp8"}},
+        "on-cuda": {**_scenario(), "model": {"device": "cuda"}},
+    }
+    for name, raw in files.items():
+        (d / f"{name}.json").write_text(json.dumps(raw))
+    (d / "empty-checkpoint").mkdir()
+    (d / "config-not-json").mkdir()
+    (d / "config-not-json" / "config.json").write_text("{oops")
+    (d / "config-field-missing").mkdir()
+    (d / "config-field-missing" / "config.json").write_text(json.dumps({"model_type": "gemma4_text"}))
+    (d / "config-is-a-directory" / "config.json").mkdir(parents=True)
+    tiny = reference.PRESETS["tiny"]
+    (d / "no-weights").mkdir()
+    (d / "no-weights" / "config.json").write_text(json.dumps(tiny.to_hf_dict()))
+    odd = tiny.replace(head_dim=24)  # the reference runs it; the optimized path cannot
+    reference.save_checkpoint(d / "head-dim-24", odd, reference.random_weights(odd, 0, torch.float32, "cpu"))
+
+    builder = CaptureBuilder(capture_metadata(tiny, path="reference", dtype=torch.float32))
+    builder.add("r0", "embed", torch.arange(3), torch.randn(3, tiny.hidden_size))
+    save_capture(builder.build(), d / "capture")
+    for name in ("capture-bad-manifest", "capture-corrupt", "capture-no-config"):
+        save_capture(builder.build(), d / name)
+    (d / "capture-bad-manifest" / "manifest.json").write_text("{oops")
+    tensors = d / "capture-corrupt" / "request-00000.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    manifest = json.loads((d / "capture-no-config" / "manifest.json").read_text())
+    del manifest["metadata"]["model_config"]
+    (d / "capture-no-config" / "manifest.json").write_text(json.dumps(manifest))
+    (d / "bad-report").mkdir()
+    (d / "bad-report" / "report.json").write_text("[1, 2]")
+    return d
+
+
+def _params(cases):
+    out = []
+    for case_id, argv, words, *needs in cases:
+        marks = [pytest.mark.skipif(bool(needs) and _has_cuda(), reason="this machine has the CUDA device")]
+        out.append(pytest.param(argv, words, id=case_id, marks=marks))
+    return out
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("argv,words", _params(CLI_CASES))
+def test_cli_refuses_bad_input_in_one_line(bad_dir, tmp_path, capsys, argv, words):
+    from oracle.cli import main
+
+    out = tmp_path / "out"
+    before = sorted(p.name for p in bad_dir.rglob("*"))
+    code = main([a.format(d=bad_dir, out=out) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    # One error line, last; before it at most progress lines (diff says what it is loading).
+    assert "Traceback" not in err and all(line.startswith(PROGRESS) for line in lines[:-1]), err
+    assert words in lines[-1] and "error" in lines[-1], lines[-1]
+    assert not out.exists()  # nothing half-written
+    assert sorted(p.name for p in bad_dir.rglob("*")) == before
+
+
+def test_cli_bad_input_in_a_real_process(bad_dir):
+    # The installed entry point's process: exit code and stderr as a shell (or git bisect) sees them.
+    for argv, words in ((["check", "--device", "tpu"], "--device"),
+                        (["check", "--scenario", str(bad_dir / "many-new-tokens.json")], "new_tokens")):
+        proc = run_python(f"import sys; from oracle.cli import main; sys.exit(main({argv!r}))")
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr, proc.stderr
+
+
+# -- the HTTP server: a 4xx naming the field, and it keeps answering ---------------------------
+
+# (id, path, raw body, status, words the error message must hold). Complements
+# tests/test_serve.py's BAD_REQUESTS with bounds and types at their edges.
+HTTP_CASES = [
+    ("negative-token-id", "/generate", b'{"input_ids": [-1]}', 400, "input_ids"),
+    ("huge-token-id", "/generate", b'{"input_ids": [100000000000000000000000000000]}', 400, "input_ids"),
+    ("float-token-id", "/generate", b'{"input_ids": [1.5]}', 400, "input_ids"),
+    ("prompt-past-max-context", "/generate", b'{"input_ids": [' + b"1, " * 4999 + b'1]}', 400, "input_ids"),
+    ("max-new-tokens-huge", "/generate", b'{"input_ids": [1], "sampling": {"max_new_tokens": 1000000000000000000000}}',
+     400, "max_new_tokens"),
+    ("max-new-tokens-bool", "/generate", b'{"input_ids": [1], "sampling": {"max_new_tokens": true}}', 400,
+     "max_new_tokens"),
+    ("temperature-infinite", "/generate", b'{"input_ids": [1], "sampling": {"temperature": 1e999}}', 400,
+     "temperature"),
+    ("seed-negative", "/generate", b'{"input_ids": [1], "sampling": {"seed": -1}}', 400, "seed"),
+    ("seed-past-int64", "/generate", b'{"input_ids": [1], "sampling": {"seed": 100000000000000000000000}}', 400,
+     "seed"),
+    ("top-k-negative", "/generate", b'{"input_ids": [1], "sampling": {"top_k": -5}}', 400, "top_k"),
+    ("top-p-zero", "/generate", b'{"input_ids": [1], "sampling": {"top_p": 0}}', 400, "top_p"),
+    ("stop-ids-not-a-list", "/generate", b'{"input_ids": [1], "sampling": {"stop_token_ids": "x"}}', 400,
+     "stop_token_ids"),
+    ("add-special-tokens-not-bool", "/generate", b'{"input_ids": [1], "add_special_tokens": 3}', 400,
+     "add_special_tokens"),
+    ("body-null", "/generate", b"null", 400, "body"),
+    ("max-tokens-string", "/v1/completions", b'{"prompt": [1], "max_tokens": "x"}', 400, "max_tokens"),
+    ("max-tokens-past-context", "/v1/completions", b'{"prompt": [1], "max_tokens": 100000}', 400, "max_tokens"),
+    ("prompt-id-outside-vocab", "/v1/completions", b'{"prompt": [256]}', 400, "prompt"),
+    ("model-not-a-string", "/v1/completions", b'{"prompt": [1], "model": 7}', 400, "model"),
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    import threading
+
+    import torch
+
+    from optimized.engine import Engine
+    from optimized.kernels import default_device
+    from optimized.serve import make_server
+
+    srv = make_server(Engine("tiny", dtype=torch.float32, device=default_device()), model_name="tiny")
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    thread.join(10)
+
+
+def _post(server, path: str, raw: bytes | None, method: str = "POST") -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(server.url + path, data=raw, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("path,raw,status,words", [pytest.param(*c[1:], id=c[0]) for c in HTTP_CASES])
+def test_server_refuses_bad_bodies_and_keeps_answering(server, path, raw, status, words):
+    got, reply = _post(server, path, raw)
+    assert got == status, reply
+    message = reply["error"]["message"]
+    assert words in message and "\n" not in message and "Traceback" not in message, message
+    assert _post(server, "/health", None, "GET") == (200, {"status": "ok"})
+
+
+def test_server_refuses_a_port_out_of_range():
+    from optimized.serve import make_server
+
+    class NoEngine:  # the port is refused before the engine is looked at
+        max_context = 1
+
+    with pytest.raises(ValueError, match="port: .* 0..65535"):
+        make_server(NoEngine(), port=99999)

@@ -156,10 +156,10 @@ def test_cli_capture_and_diff(tmp_path, capsys, device):
 
 
 def test_cli_kernels_table_and_exit_codes(tmp_path, monkeypatch, capsys, device):
-    out = tmp_path / "k.json"
+    out = tmp_path / "k" / "kernels.json"  # --out names a directory, as check's does
     # The small sizes on every device (a GPU's default is e2b's): the table row below names them.
     kernels = ["kernels", "--device", str(device), "--size", "small", "--dtype", "float32", "--repeats", "1",
-               "--out", str(out)]
+               "--out", str(out.parent)]
     assert cli.main(kernels) == 0
     rows = json.loads(out.read_text())["results"]
     assert {r["name"] for r in rows} >= {"rms_norm", "qkv_norm", "rope_and_store_kv", "decode_attention (full)"}
@@ -190,3 +190,98 @@ def test_cli_check_puts_the_kernel_table_in_the_report(tmp_path, monkeypatch, de
     assert cli.main(args) == 1
     facts = json.loads((out / "report.json").read_text())
     assert facts["verdict"] == "divergence" and "rms_norm" in facts["summary"]
+
+
+# -- the CLI's own logic, without model work (run_scenario and report_facts stand in) ---------
+
+
+def _capture_of(sc):
+    import torch
+
+    from oracle.capture import CaptureBuilder, capture_metadata
+    from reference import PRESETS
+
+    builder = CaptureBuilder(capture_metadata(PRESETS["tiny"], path="reference", dtype=torch.float32,
+                                              scenario=sc.to_dict()))
+    builder.add("r0", "embed", torch.arange(3), torch.ones(3, PRESETS["tiny"].hidden_size))
+    return builder.build()
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """The scenarios check/capture ran, in order; report titles land in ran.titles."""
+    from types import SimpleNamespace
+
+    import oracle.run
+
+    scenarios: list = []
+    titles: list = []
+
+    def run_scenario(sc, **_):
+        scenarios.append(sc)
+        capture = _capture_of(sc)
+        return SimpleNamespace(scenario=sc, passed=True, truth=capture, ref=capture, cand=capture,
+                               comparison=SimpleNamespace(first_divergence=None))
+
+    def report_facts(runs, command, title, kernels=None):
+        titles.append(title)
+        return {"title": title, "verdict": "parity", "summary": "ok", "scenarios": [], "command": command,
+                "environment": {"versions": {}, "device": "cpu", "dtype": "float32", "git": None, "host": ""}}
+
+    monkeypatch.setattr(oracle.run, "run_scenario", run_scenario)
+    monkeypatch.setattr(oracle.run, "report_facts", report_facts)
+    return SimpleNamespace(scenarios=scenarios, titles=titles)
+
+
+def test_cli_flags_override_a_scenario_file_and_say_so(tmp_path, capsys, ran):
+    path = tmp_path / "f.json"
+    # Saved on a GPU box: run here with an explicit --device.
+    path.write_text(json.dumps(builtin("tiny", device="cuda")[0].to_dict()))
+    assert cli.main(["check", "tiny-moe", "--dtype", "bfloat16", "--seed", "3", "--device", "cpu",
+                     "--scenario", str(path), "--out", str(tmp_path / "r")]) == 0
+    m = ran.scenarios[-1].model
+    assert (m.source, m.dtype, m.seed, m.device) == ("tiny-moe", "bfloat16", 3, "cpu")
+    err = capsys.readouterr().err
+    for line in ("model.source tiny -> tiny-moe (from MODEL)", "model.dtype float32 -> bfloat16 (from --dtype)",
+                 "model.seed 0 -> 3 (from --seed)", "model.device cuda -> cpu (from --device)"):
+        assert f"scenario {path}: {line}" in err
+    assert ran.titles[-1] == "Gemma 4 parity: tiny-moe (bfloat16)"  # what ran, not what the flags default to
+    # Without flags the file's model runs as it says (device auto keeps a file's cpu).
+    path.write_text(json.dumps(builtin("tiny-kv-eq-v", dtype="float16", device="cpu", seed=2)[0].to_dict()))
+    assert cli.main(["check", "--scenario", str(path), "--out", str(tmp_path / "r")]) == 0
+    m = ran.scenarios[-1].model
+    assert (m.source, m.dtype, m.seed, m.device) == ("tiny-kv-eq-v", "float16", 2, "cpu")
+    assert "(from" not in capsys.readouterr().err
+    assert ran.titles[-1] == "Gemma 4 parity: tiny-kv-eq-v (float16)"
+
+
+def test_cli_inject_without_out_keeps_the_clean_report(tmp_path, monkeypatch, capsys, ran):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["check", "--scenario", "one-shot-prefill"]) == 0
+    assert cli.main(["check", "--inject", "missing-softcap"]) == 0  # the fake runs find nothing
+    reports = sorted(p.name for p in (tmp_path / "reports").iterdir())
+    assert reports == ["check-tiny-float32", "check-tiny-float32-inject-missing-softcap"]
+
+
+def test_cli_capture_and_diff_say_what_they_do(tmp_path, capsys, ran):
+    out = tmp_path / "c"
+    assert cli.main(["capture", "--scenario", "one-shot-prefill", "--path", "optimized", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "capture: running one-shot-prefill" in err and f"writing {out}" in err
+    assert cli.main(["diff", str(out), str(out)]) in (0, 1)
+    err = capsys.readouterr().err
+    assert f"diff: loading the baseline capture {out}" in err and "diff: comparing 1 request" in err
+
+
+def test_cli_help_documents_every_option_and_lists_scenarios(capsys):
+    import argparse
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.dest}: no --help text"
+    assert cli.main(["scenarios"]) == 0
+    listed = capsys.readouterr().out
+    for sc in builtin():
+        assert f"  {sc.name}  " in listed or f"  {sc.name} " in listed

@@ -73,6 +73,28 @@ if INTERPRETING:
 DOT_IN_STORAGE_DTYPE = not INTERPRETING
 
 
+MIN_HEAD_DIM = 16  # attention's tl.dot tiles span the whole head: a power of two, at least 16
+
+
+def check_supported(config) -> None:
+    """Raise ConfigError naming the field when the optimized path cannot run `config` (a
+    Gemma4Config) though the reference can: head sizes that are not a power of two >= 16, more
+    experts than the router kernel takes. Call it where a model is chosen, before any work."""
+    from reference.config import ConfigError
+
+    from .moe import _MAX_EXPERTS
+
+    for s in config.layers:
+        d = s.head_dim
+        if d < MIN_HEAD_DIM or d & (d - 1):
+            field = "head_dim" if s.is_sliding or d == config.head_dim else "global_head_dim"
+            raise ConfigError(f"{field}: {d} (layer {s.index}) is not supported by the optimized path, whose attention "
+                              f"kernels need a power of two >= {MIN_HEAD_DIM}; the reference alone can run this model")
+    if config.enable_moe_block and config.num_experts > _MAX_EXPERTS:
+        raise ConfigError(f"num_experts: {config.num_experts} is more than the optimized path's router kernel "
+                          f"takes ({_MAX_EXPERTS})")
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")

@@ -50,6 +50,7 @@ class Context:
     max_context: int
     tokenizer: Tokenizer | None = None
     chat_template: ChatTemplate | None = None
+    vocab_size: int | None = None  # token ids are checked here, so the error names the client's field
 
 
 @dataclass
@@ -80,12 +81,25 @@ def _bool(body: dict, key: str, default: bool = False) -> bool:
     return v
 
 
-def _token_ids(v, key: str) -> list[int]:
+def _token_ids(v, key: str, ctx: Context) -> list[int]:
     if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
         raise bad(f"{key}: must be a list of integer token ids", key)
     if not v:
         raise bad(f"{key}: must not be empty", key)
+    outside = [t for t in v if ctx.vocab_size is not None and not 0 <= t < ctx.vocab_size]
+    if outside:
+        raise bad(f"{key}: token ids must lie in [0, {ctx.vocab_size}), got {outside[:3]}", key)
     return v
+
+
+def _fits(job: Job, ctx: Context, prompt_key: str, new_key: str) -> Job:
+    """The request's positions within max_context, said of the field the client can change."""
+    total = len(job.prompt) + job.params.max_new_tokens
+    if total > ctx.max_context:
+        key = prompt_key if len(job.prompt) >= ctx.max_context else new_key
+        raise bad(f"{key}: a prompt of {len(job.prompt)} tokens + max_new_tokens {job.params.max_new_tokens} = "
+                  f"{total} positions exceeds max_context {ctx.max_context}", key)
+    return job
 
 
 def _need_tokenizer(ctx: Context, key: str) -> Tokenizer:
@@ -107,16 +121,18 @@ def parse_generate(body: dict, ctx: Context) -> Job:
     _only(body, {"input_ids", "text", "sampling", "add_special_tokens"})
     if ("input_ids" in body) == ("text" in body):
         raise bad("give exactly one of input_ids (token ids) and text", "input_ids")
+    add_special_tokens = _bool(body, "add_special_tokens", True)  # checked even where unused
     if "input_ids" in body:
-        prompt = _token_ids(body["input_ids"], "input_ids")
+        prompt = _token_ids(body["input_ids"], "input_ids", ctx)
     else:
-        prompt = _encode(ctx, body["text"], "text", _bool(body, "add_special_tokens", True))
+        prompt = _encode(ctx, body["text"], "text", add_special_tokens)
     sampling = body.get("sampling", {})
     try:
         params = SamplingParams.from_dict(sampling)
     except ValueError as e:
         raise bad(f"sampling: {e}", "sampling") from None
-    return Job("generate", prompt, params)
+    prompt_key = "input_ids" if "input_ids" in body else "text"
+    return _fits(Job("generate", prompt, params), ctx, prompt_key, "sampling.max_new_tokens")
 
 
 # -- OpenAI-compatible -----------------------------------------------------------------------
@@ -161,7 +177,8 @@ def _openai_common(body: dict, ctx: Context, kind: str, prompt: list[int], defau
     chosen.setdefault("max_new_tokens", default_max)
     params = SamplingParams.from_dict(chosen)
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
-    return Job(kind, prompt, params, stream, include_usage, f"{prefix}-{uuid.uuid4().hex}")
+    job = Job(kind, prompt, params, stream, include_usage, f"{prefix}-{uuid.uuid4().hex}")
+    return _fits(job, ctx, "messages" if kind == "chat" else "prompt", "max_tokens")
 
 
 def parse_completion(body: dict, ctx: Context) -> Job:
@@ -174,7 +191,7 @@ def parse_completion(body: dict, ctx: Context) -> Job:
     if isinstance(p, str):
         prompt = _encode(ctx, p, "prompt")
     elif isinstance(p, list):
-        prompt = _token_ids(p, "prompt")
+        prompt = _token_ids(p, "prompt", ctx)
     else:
         raise bad("prompt: must be a string or a list of token ids", "prompt")
     return _openai_common(body, ctx, "completion", prompt, default_max=16)

@@ -328,7 +328,11 @@ def make_server(engine, tokenizer: Tokenizer | None = None, chat_template: ChatT
     if isinstance(chat_template, str):
         chat_template = ChatTemplate(chat_template, getattr(tokenizer, "bos_token", None),
                                      getattr(tokenizer, "eos_token", None))
-    ctx = api.Context(model_name, engine.max_context, tokenizer, chat_template)
+    # Checked here, not by bind(): its OverflowError for 99999 is no OSError and would escape callers.
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port: a TCP port is an integer in 0..65535 (0: any free port), got {port!r}")
+    vocab_size = getattr(getattr(engine, "config", None), "vocab_size", None)
+    ctx = api.Context(model_name, engine.max_context, tokenizer, chat_template, vocab_size)
     server = Server((host, port), ctx, max_body_bytes, log_requests)
     server.created = int(time.time())
     server.worker = EngineWorker(engine)
