@@ -285,3 +285,18 @@ def test_cli_help_documents_every_option_and_lists_scenarios(capsys):
     listed = capsys.readouterr().out
     for sc in builtin():
         assert f"  {sc.name}  " in listed or f"  {sc.name} " in listed
+
+
+def test_cli_a_kernel_valueerror_is_a_crash_not_bad_input(tmp_path, monkeypatch):
+    # Exit 2 tells `git bisect run` and CI "bad input"; a ValueError raised from inside the paged
+    # path is a bug, so it must surface as one (a traceback), not as exit 2.
+    import oracle.run
+
+    def broken(sc, **_):
+        raise ValueError("head dim of q (16) and of the pools (32) differ")  # as a kernel's check would
+
+    monkeypatch.setattr(oracle.run, "run_scenario", broken)
+    with pytest.raises(ValueError, match="pools"):
+        cli.main(["check", "--scenario", "one-shot-prefill", "--out", str(tmp_path / "r")])
+    with pytest.raises(ValueError, match="pools"):
+        cli.main(["capture", "--scenario", "one-shot-prefill", "--path", "truth", "--out", str(tmp_path / "c")])
