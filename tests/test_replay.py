@@ -18,7 +18,7 @@ from hypothesis import given, settings
 
 import optimized.model
 import reference
-from optimized.kernels import default_device
+from optimized.kernels import INTERPRETING, default_device
 from oracle.capture import RequestCapture
 from oracle.compare import BOTH, DISTRIBUTION, LOCAL, PASS, SKIPPED, compare
 from oracle.faults import FAULTS
@@ -161,23 +161,27 @@ def test_missing_softcap_in_bfloat16_is_caught_at_the_logits_by_the_local_judgem
 
     run = run_scenario(sc, faults=[fault.name])
     first = run.comparison.first_divergence
-    # Among the tap judgements the local one alone sees it; the logits' distribution judgement
-    # (oracle/distribution.py, tests/test_distribution.py) sees it too.
+    # Among the tap judgements the local one alone sees it: the point of this test, on every device.
+    # The logits' distribution judgement (oracle/distribution.py) sees it too under the interpreter,
+    # but not on an H200 (compiled kernels, cuBLAS): the bf16 reference's own KL there reaches 0.06
+    # at a position, and 8x of it covers the fault's 0.07-0.11 (tests/test_distribution.py's bf16
+    # case fails there likewise; the distribution budget's margin is its owner's to settle).
     local_and_distribution = f"{LOCAL} and {DISTRIBUTION}"
-    assert first is not None and first.tap == "logits" and first.judgement == local_and_distribution, \
-        run.comparison.summary()
+    expected = (local_and_distribution,) if INTERPRETING else (LOCAL, local_and_distribution)
+    assert first is not None and first.tap == "logits" and first.judgement in expected, run.comparison.summary()
+    judgement = first.judgement
     row = first.row
     assert row.status == PASS and row.verdict.ratio < 1  # the global budget (inherited noise) hides it
     assert row.local.inputs == ["final_norm"] and min(row.local.verdict.ratio, row.local.verdict.max_abs_ratio) > 2
     summary = run.comparison.summary()
     assert "DIVERGENCE at model level, tensor logits (logits)" in summary
-    assert "[local and distribution judgement, replayed from final_norm]" in summary and "vs replay" in summary
+    assert f"[{judgement} judgement, replayed from final_norm]" in summary and "vs replay" in summary
 
     facts = report_facts([run], "gemma4-testbed check tiny --dtype bfloat16", "softcap")
-    assert facts["scenarios"][0]["comparison"]["first_divergence"]["judgement"] == local_and_distribution
+    assert facts["scenarios"][0]["comparison"]["first_divergence"]["judgement"] == judgement
     html = render_report(facts)
-    assert re.search(r'class="fd-judgement" data-judgement="local and distribution">Failed the '
-                     r'<b>local and distribution</b> judgement: the candidate against a float64 replay', html)
+    assert re.search(f'class="fd-judgement" data-judgement="{judgement}">Failed the '
+                     f'<b>{judgement}</b> judgement: the candidate against a float64 replay', html)
     local_grid = html[html.index('class="local-heatmaps"'):]
     assert re.search(r'<td class="hc first" data-tap="logits" data-kind="logits" data-status="fail" '
                      r'data-first="true" title="logits: fail - replayed from final_norm', local_grid)
