@@ -353,3 +353,13 @@ def test_server_refuses_a_port_out_of_range():
 
     with pytest.raises(ValueError, match="port: .* 0..65535"):
         make_server(NoEngine(), port=99999)
+
+
+def test_a_checkpoint_error_names_its_path_once(bad_dir, capsys):
+    from oracle.cli import main
+
+    for command in ("info", "check", "serve"):
+        assert main([command, str(bad_dir / "empty-checkpoint")]) == 2
+        err = capsys.readouterr().err
+        # Was "d/config.json: d/config.json: no config.json".
+        assert err.count(str(bad_dir / "empty-checkpoint" / "config.json")) == 1, err
