@@ -299,16 +299,16 @@ def test_prefix_sharing_can_be_turned_off():
 # -- the engine under the oracle ---------------------------------------------------------------
 
 
-def _oracle_scenario(device, **engine):
-    """Two requests decoding side by side (and a third queued behind the budget when one is set)."""
+def _oracle_scenario(device, n=3, **engine):
+    """Requests decoding side by side; the third has explicit chunks."""
     from oracle.scenario import from_dict
 
     return from_dict({
         "name": "engine-under-oracle", "model": {"source": "tiny", "device": str(device)},
         "engine": {"page_size": 2, "chunk_size": 4, "page_order_seed": 1, **engine},
-        "requests": [{"id": "a", "length": 6, "seed": 1, "new_tokens": 3},
-                     {"id": "b", "length": 3, "seed": 2, "new_tokens": 3},
-                     {"id": "c", "length": 5, "seed": 3, "new_tokens": 2, "chunks": [2, 3]}]})
+        "requests": [{"id": "a", "length": 6, "seed": 1, "new_tokens": 2},
+                     {"id": "b", "length": 3, "seed": 2, "new_tokens": 2},
+                     {"id": "c", "length": 4, "seed": 3, "new_tokens": 1, "chunks": [1, 3]}][:n]})
 
 
 def test_a_wrong_sampling_row_is_caught_at_the_logits_tap(monkeypatch, device):
@@ -320,7 +320,7 @@ def test_a_wrong_sampling_row_is_caught_at_the_logits_tap(monkeypatch, device):
         return torch.roll(batch.cu_seqlens_q[1:].long() - 1, 1)
 
     monkeypatch.setattr(Engine, "_sample_rows", previous_requests_row)
-    run = run_scenario(_oracle_scenario(device))
+    run = run_scenario(_oracle_scenario(device, n=2))
     assert not run.passed
     assert run.comparison.first_divergence.tap == "logits"
 
@@ -335,9 +335,9 @@ def test_the_oracle_judges_continuous_batching_and_the_static_decode_path(device
     assert run.passed, run.comparison.summary()
     assert run.layout["decode"] == "static"
     chunks = {r["id"]: r["chunks"] for r in run.layout["requests"]}
-    assert chunks["c"][:2] == [[0, 2], [2, 3]]  # explicit splits still hold under a budget
+    assert chunks["c"][:2] == [[0, 1], [1, 3]]  # explicit splits still hold under a budget
     assert all(n <= 3 for steps in chunks.values() for _, n in steps)
-    assert max(len(steps) for steps in chunks.values()) > 3  # the budget made prompts take several steps
+    assert chunks["a"][:2] == [[0, 3], [3, 3]]  # the budget cut a's prompt
 
 
 def test_a_replayed_graph_that_disagrees_with_its_eager_twin_is_an_error(device):
