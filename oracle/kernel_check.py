@@ -97,7 +97,20 @@ class Timer:
     and the graph's replay is timed: the device time of its kernels without the host's launch cost
     (which at decode sizes is larger than the kernels, and which an engine removes the same way).
     A callable that cannot be captured (it syncs with the host) is timed as it is; `last_graphed`
-    says which happened."""
+    says which happened.
+
+    Semantics are triton.testing.do_bench's (warm-up runs, then per-run device events with the L2
+    flushed by zeroing a 256 MB buffer before each run, the same flush do_bench does;
+    return_mode="median"), plus the per-run graph replay. Why not call triton.testing itself
+    (checked against Triton 3.9):
+    - do_bench times plain launches, host launch cost included, and repeats for a time budget
+      (`rep` ms), not a count: `--repeats 1` could not mean one run.
+    - do_bench_cudagraph unrolls n calls into one graph and times the whole replay without
+      flushing L2 between them, so a decode-sized kernel re-reads its inputs from L2 and looks
+      faster than memory allows; it is CUDA-only (torch.cuda streams) and raises on a callable
+      that syncs with the host, where this falls back to plain launches.
+    - Both go through triton's active driver, which has no CPU backend: under the interpreter
+      (`gemma4-testbed kernels` on a CPU box) they cannot run, so the host clock is used here."""
 
     def __init__(self, device: torch.device, repeats: int, warmup: int = 1, flush_mb: int = 256,
                  graphs: bool = False):

@@ -86,6 +86,43 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return torch.matmul(probs, v)
 
 
+def moe_router_input(r: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """The router's input z = rms_norm(r) * scale * H**-0.5 for the residual stream r [N, H]."""
+    return rms_norm(r, None, eps) * scale * r.shape[-1] ** -0.5
+
+
+def moe_route(r: torch.Tensor, scale: torch.Tensor, proj_w: torch.Tensor, per_expert_scale: torch.Tensor,
+              top_k: int, eps: float):
+    """MoE router (GEMMA4_SPEC.md 3.5): top-k expert weights [N, k] and ids [N, k] for the
+    residual stream r [N, H]; scale [H], proj_w [E, H] and per_expert_scale [E] are the router's
+    weights. The MoE functions are pure functions of tensors (Gemma4Reference.route/.experts
+    look the weights up and call them), so kernels' twins and tests need no model."""
+    z = moe_router_input(r, scale, eps)
+    # Softmax in float32 (transformers >= 5.13; GEMMA4_SPEC.md section 9).
+    probs = torch.softmax(F.linear(z, proj_w), dim=-1, dtype=compute_dtype(r.dtype))
+    top_w, top_i = torch.topk(probs, k=top_k, dim=-1)
+    top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    return top_w * per_expert_scale[top_i], top_i
+
+
+def moe_experts(xe: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """Routed experts for tokens xe [N, H] routed by (top_w, top_i) [N, k]: gate_up [E, 2I, H],
+    down [E, H, I]. Each expert runs over all of its tokens in one matmul, in ascending expert
+    order; an id outside [0, E) contributes nothing."""
+    Im = down.shape[2]
+    out = torch.zeros_like(xe)
+    for e in range(gate_up.shape[0]):
+        slot, tok = torch.where(top_i.T == e)
+        if tok.numel() == 0:
+            continue
+        gu = F.linear(xe[tok], gate_up[e])
+        y = F.linear(gelu_tanh(gu[:, :Im]) * gu[:, Im:], down[e])
+        y = y * top_w[tok, slot, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    return out
+
+
 class Gemma4Reference:
     """The eager model. Call it on token ids [T] or [B, T]; get logits [T, V] or [B, T, V]."""
 
@@ -164,18 +201,18 @@ class Gemma4Reference:
         a = self.attention(spec, h, cos_sin, mask, shared_kv, record)
         x = x + rms_norm(a, w[p + "post_attention_layernorm.weight"], eps)
         record(p + "attn_out", x)
-        m = self.feed_forward(spec, x)
+        m = self.feed_forward(spec, x, record)
         record(p + "mlp_out", m)
         x = self.layer_out(spec, x, m, None if ple is None else ple[..., spec.index, :])
         record(p + "out", x)
         return x
 
-    def feed_forward(self, spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, spec: LayerSpec, x: torch.Tensor, record=None) -> torch.Tensor:
         """The post-feed-forward-normed branch (tap mlp_out) from the stream after attention:
         dense MLP, plus the routed experts and their branch norms on MoE models."""
         cfg, w, eps = self.config, self.w, self.config.rms_norm_eps
         p = f"layers.{spec.index}."
-        m = self.mlp(rms_norm(x, w[p + "pre_feedforward_layernorm.weight"], eps), p)
+        m = self.mlp(rms_norm(x, w[p + "pre_feedforward_layernorm.weight"], eps), p, record)
         if cfg.enable_moe_block:
             m1 = rms_norm(m, w[p + "post_feedforward_layernorm_1.weight"], eps)
             flat = x.reshape(-1, x.shape[-1])
@@ -228,36 +265,26 @@ class Gemma4Reference:
         k = apply_rope(rms_norm(k_raw, w[p + "k_norm.weight"], eps), cos, sin)
         return q, k, rms_norm(v_raw, None, eps)
 
-    def mlp(self, y: torch.Tensor, p: str) -> torch.Tensor:
+    def mlp(self, y: torch.Tensor, p: str, record=None) -> torch.Tensor:
+        """Dense MLP; taps mlp_gate_up (the two projections side by side) and mlp_act."""
         w = self.w
-        gate = gelu_tanh(F.linear(y, w[p + "mlp.gate_proj.weight"]))
-        return F.linear(gate * F.linear(y, w[p + "mlp.up_proj.weight"]), w[p + "mlp.down_proj.weight"])
+        gate = F.linear(y, w[p + "mlp.gate_proj.weight"])
+        up = F.linear(y, w[p + "mlp.up_proj.weight"])
+        act = gelu_tanh(gate) * up
+        if record is not None:
+            record(p + "mlp_gate_up", torch.cat([gate, up], dim=-1))
+            record(p + "mlp_act", act)
+        return F.linear(act, w[p + "mlp.down_proj.weight"])
 
     def route(self, r: torch.Tensor, p: str):
         """Router: top-k expert weights [N, k] and ids [N, k] for the residual stream r [N, H]."""
         cfg, w = self.config, self.w
-        z = rms_norm(r, None, cfg.rms_norm_eps) * w[p + "router.scale"] * cfg.hidden_size ** -0.5
-        # Softmax in float32 (transformers >= 5.13; GEMMA4_SPEC.md section 9).
-        probs = torch.softmax(F.linear(z, w[p + "router.proj.weight"]), dim=-1, dtype=compute_dtype(r.dtype))
-        top_w, top_i = torch.topk(probs, k=cfg.top_k_experts, dim=-1)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        return top_w * w[p + "router.per_expert_scale"][top_i], top_i
+        return moe_route(r, w[p + "router.scale"], w[p + "router.proj.weight"], w[p + "router.per_expert_scale"],
+                         cfg.top_k_experts, cfg.rms_norm_eps)
 
     def experts(self, xe: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, p: str) -> torch.Tensor:
         """Routed experts, each over all of its tokens in one matmul, in ascending expert order."""
-        cfg, w = self.config, self.w
-        gate_up, down = w[p + "experts.gate_up_proj"], w[p + "experts.down_proj"]
-        Im = cfg.moe_intermediate_size
-        out = torch.zeros_like(xe)
-        for e in range(cfg.num_experts):
-            slot, tok = torch.where(top_i.T == e)
-            if tok.numel() == 0:
-                continue
-            gu = F.linear(xe[tok], gate_up[e])
-            y = F.linear(gelu_tanh(gu[:, :Im]) * gu[:, Im:], down[e])
-            y = y * top_w[tok, slot, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-        return out
+        return moe_experts(xe, top_w, top_i, self.w[p + "experts.gate_up_proj"], self.w[p + "experts.down_proj"])
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.w["embed_tokens.weight"])  # tied, unscaled, in dtype

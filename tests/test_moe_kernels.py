@@ -1,5 +1,6 @@
 """Property tests: the MoE kernels (optimized/kernels/moe.py) against their eager twins, and the
-twins against the reference's own router and experts (Gemma4Reference.route / .experts).
+twins against the reference's own router and experts (reference.model.moe_route / moe_experts,
+which Gemma4Reference.route / .experts call).
 
 Tolerances, derived. u = 2^-24 is float32's unit roundoff; ulp(t) is one ULP of t's dtype at |t|.
 Kernel and twin run the same ops in the same order and round to the dtype at the same points, so
@@ -32,7 +33,6 @@ Sizes stay small: under Triton's interpreter every program costs milliseconds.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 from optimized.kernels import default_device, moe
-from reference.model import Gemma4Reference, gelu_tanh, rms_norm as reference_rms_norm
+from reference.model import gelu_tanh, moe_experts, moe_route, rms_norm as reference_rms_norm
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DEVICE = default_device()
@@ -181,20 +181,13 @@ def test_route(dtype, seed, rows, width, E, k, strided):
     assert_router_matches([t[same] for t in got], [t[same] for t in want], logits[same], k)
 
 
-def _reference_router(scale, proj_w, pes, top_k):
-    """A stand-in `self` for Gemma4Reference.route."""
-    config = SimpleNamespace(rms_norm_eps=EPS, hidden_size=scale.shape[0], top_k_experts=top_k)
-    weights = {"router.scale": scale, "router.proj.weight": proj_w, "router.per_expert_scale": pes}
-    return SimpleNamespace(config=config, w=weights)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_route_twin_is_the_reference_up_to_ties(dtype):
     gen = torch.Generator().manual_seed(0)
     N, H, E, k = 1024, 32, 16, 4
     r = randn(gen, N, H, dtype=dtype, scale=3.0)
     scale, pes, proj_w = uniform(gen, H, dtype), uniform(gen, E, dtype), randn(gen, E, H, dtype=dtype, scale=0.5)
-    ref_w, ref_i = Gemma4Reference.route(_reference_router(scale, proj_w, pes, k), r, "")
+    ref_w, ref_i = moe_route(r, scale, proj_w, pes, k, EPS)
     twin_w, twin_i = moe.route_eager(r, scale, proj_w, pes, k, EPS)
     probs = torch.softmax(F.linear(moe.router_input_eager(r, scale, EPS), proj_w), dim=-1, dtype=torch.float32)
     # The two pick equally probable experts in the same order, and where they pick the same
@@ -313,10 +306,7 @@ def test_experts_twin_is_the_reference(dtype):
     xe = randn(gen, N, H, dtype=dtype)
     top_w, top_i = draw_routing(gen, N, E, k, "skewed", strided=False)
     gate_up, down = expert_weights(gen, E, H, I, dtype)
-    config = SimpleNamespace(num_experts=E, moe_intermediate_size=I)
-    ref = SimpleNamespace(config=config, w={"layers.0.experts.gate_up_proj": gate_up,
-                                            "layers.0.experts.down_proj": down})
-    want = Gemma4Reference.experts(ref, xe, top_w, top_i, "layers.0.")
+    want = moe_experts(xe, top_w, top_i, gate_up, down)
     assert torch.equal(moe.experts_eager(xe, top_w, top_i, gate_up, down), want)
 
 

@@ -13,42 +13,14 @@ import triton
 import triton.language as tl
 
 from reference.model import gelu_tanh
-from .norms import check_float, check_same, launch_options, round_to, rows_per_program, store_rounded
+from .common import (check_float, check_same, gelu_tanh_f32, launch_options, round_to, rows_per_program,
+                     store_rounded, tanh_f32)
 
 # Launch shape, read at each launch (bench/kernel_bench.py sweeps them): columns per program at
 # most, elements per program at most, elements per warp.
 MAX_BLOCK = 1024
 TILE = 2048  # with 256 elements a warp: 84% -> 93% of copy bandwidth for gelu_tanh_mul on an H100
 WARP_ELEMS = 256
-
-
-@triton.jit
-def _tanh(z):
-    """float32 tanh from tl.exp, the one transcendental every backend and the interpreter share
-    (Triton's interpreter has no libdevice). 1 - 2 / (exp(2|z|) + 1) loses its relative accuracy
-    near 0, so |z| < 0.55 (where tanh reaches 0.5) takes the Taylor series instead, truncated
-    after z^17 (relative error < 6e-9). Within 2 float32 ULP of the correctly rounded tanh."""
-    a = tl.abs(z)
-    large = 1.0 - tl.div_rn(2.0, tl.exp(2.0 * a) + 1.0)
-    a2 = a * a
-    p = 6404582.0 / 10854718875.0
-    p = p * a2 - 929569.0 / 638512875.0
-    p = p * a2 + 21844.0 / 6081075.0
-    p = p * a2 - 1382.0 / 155925.0
-    p = p * a2 + 62.0 / 2835.0
-    p = p * a2 - 17.0 / 315.0
-    p = p * a2 + 2.0 / 15.0
-    p = p * a2 - 1.0 / 3.0
-    small = a + a * a2 * p
-    t = tl.where(a < 0.55, small, large)
-    return tl.where(z < 0, -t, t)
-
-
-@triton.jit
-def _gelu_tanh(x):
-    # torch's tanh-approximate GELU, in its op order: 0.5 * x * (1 + tanh(beta * (x + kappa * x^3))).
-    inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
-    return 0.5 * x * (1.0 + _tanh(inner))
 
 
 @triton.jit
@@ -64,7 +36,7 @@ def _gelu_tanh_mul_kernel(gate, up, out, n_rows, N, stride_gate, stride_up,
     rows, cols, mask = _tile(n_rows, N, ROWS, BLOCK)
     g = tl.load(gate + rows[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up + rows[:, None] * stride_up + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = round_to(_gelu_tanh(g), out.dtype.element_ty)  # F.gelu's result is a dtype tensor
+    g = round_to(gelu_tanh_f32(g), out.dtype.element_ty)  # F.gelu's result is a dtype tensor
     store_rounded(out + rows[:, None] * N + cols[None, :], g * u, mask)
 
 
@@ -74,7 +46,7 @@ def _softcap_kernel(x, out, n_rows, N, stride_x, stride_out, cap,
     rows, cols, mask = _tile(n_rows, N, ROWS, BLOCK)
     dtype = out.dtype.element_ty
     v = tl.load(x + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    t = round_to(_tanh(round_to(tl.div_rn(v, cap), dtype)), dtype)  # tanh(logits / c) * c, op by op
+    t = round_to(tanh_f32(round_to(tl.div_rn(v, cap), dtype)), dtype)  # tanh(logits / c) * c, op by op
     store_rounded(out + rows[:, None] * stride_out + cols[None, :], t * cap, mask)
 
 

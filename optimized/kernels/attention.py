@@ -38,8 +38,8 @@ import triton.language as tl
 
 from reference.window import first_visible_key, visible
 
-from . import DOT_IN_STORAGE_DTYPE, INTERPRETING
-from .norms import segment_tile, store_rounded
+from . import INTERPRETING
+from .common import dot_args, segment_tile, store_rounded
 
 if INTERPRETING and type(tl.zeros).__name__ != "InterpretedFunction":
     # Triton's own library (tl.zeros, tl.cdiv, ...) is made of @jit functions defined when triton
@@ -87,22 +87,12 @@ _MAX_SPLITS = 64
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EAGER_DTYPES = _KERNEL_DTYPES + (torch.float64,)
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _blocks(tables: dict, head_dim: int, itemsize: int) -> tuple:
     """The entry for the smallest tabled head dim >= head_dim (the largest one past the end)."""
     table = tables[4 if itemsize >= 4 else 2]
     return next((cfg for limit, cfg in sorted(table.items()) if head_dim <= limit), table[max(table)])
-
-
-def _dot_args(dtype: torch.dtype) -> dict:
-    """tl.dot operands: in the storage dtype where compiled (tensor cores), in float32 under the
-    interpreter, whose bf16/fp16 dots are wrong (optimized/kernels/__init__.py). Float32 operands
-    ask for "ieee" precision: a GPU's default (tf32) would drop float32 models to ~1e-3 accuracy.
-    Other operands keep the backend's default (the flag only concerns float32)."""
-    dot_dtype = _TL_DTYPE[dtype] if DOT_IN_STORAGE_DTYPE else tl.float32
-    return dict(DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +237,7 @@ def extend_attention(q, k_pool, v_pool, page_table, page_size, cu_seqlens_q, seq
         batch, page_size, window or 0, float(softcap or 0.0),
         G=g, D=d, TOKENS=tokens, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_B=triton.next_power_of_2(batch), HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, **_dot_args(q.dtype),
+        HAS_SOFTCAP=softcap is not None, **dot_args(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -376,7 +366,7 @@ def decode_attention(q, k_pool, v_pool, page_table, page_size, seq_lens, window=
     block_n, num_warps, num_stages = _blocks(_DECODE_BLOCKS, d, q.element_size())
     block_h = max(16, triton.next_power_of_2(g))  # tl.dot wants at least 16 rows
     common = dict(G=g, D=d, BLOCK_H=block_h, BLOCK_N=block_n, HAS_WINDOW=window is not None,
-                  HAS_SOFTCAP=softcap is not None, **_dot_args(q.dtype),
+                  HAS_SOFTCAP=softcap is not None, **dot_args(q.dtype),
                   num_warps=num_warps, num_stages=num_stages)
     args = (page_table, seq_lens)
     q_strides = (q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),

@@ -11,7 +11,7 @@ only where no kernel can follow torch:
 - Sums run in another order: the sum of squares of router_input's norm, the softmax denominator,
   the float32 accumulation of the expert GEMMs (bf16/fp16 products are exact in float32, so only
   the order differs). tests/test_moe_kernels.py bounds each of these.
-- exp and tanh are Triton's (tl.exp, activation._tanh), within a few float32 ULP of torch's.
+- exp and tanh are Triton's (tl.exp, common.tanh_f32), within a few float32 ULP of torch's.
 - Ties in the top-k. torch.topk's choice among equal probabilities is implementation-defined and
   differs by device: topk([1, 2, 2, 1, 2, 0], 2) picks ids [2, 4] on the CPU (libstdc++'s
   nth_element) and [2, 1] on an H100. softmax_topk takes the lowest expert id among equal
@@ -31,18 +31,14 @@ tl.dot operands (optimized/kernels/__init__.py: DOT_IN_STORAGE_DTYPE).
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from reference.model import Gemma4Reference, compute_dtype, rms_norm as _reference_rms_norm
-from . import DOT_IN_STORAGE_DTYPE
-from .activation import _gelu_tanh
-from .norms import (_rms, check_eps, check_float, check_same, check_weight, launch_options, round_to, segment_tile,
-                    rows_per_program, store_rounded)
+from reference.model import compute_dtype, moe_experts, moe_router_input
+from .common import (check_eps, check_float, check_same, check_weight, dot_args, gelu_tanh_f32, launch_options,
+                     rms_rows, round_to, rows_per_program, segment_tile, store_rounded)
 
 __all__ = [
     "route", "route_eager", "router_input", "router_input_eager", "softmax_topk", "softmax_topk_eager",
@@ -50,7 +46,6 @@ __all__ = [
 ]
 
 _MAX_EXPERTS = 1024  # one row of logits per program row: BLOCK_E = next_power_of_2(E) lanes
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 # Grouped GEMM tiles by storage bytes per element: (BLOCK_N, BLOCK_K, num_warps, num_stages).
 # BLOCK_M follows the expected rows per expert (_block_m). Chosen, not tuned: 2-byte tiles are the
@@ -73,7 +68,7 @@ def _router_input_kernel(r, scale, z, n_rows, stride_r, eps, factor,
     mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
     dtype = z.dtype.element_ty
     x = tl.load(r + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x = round_to(_rms(x, scale, cols, N, eps, False), dtype)
+    x = round_to(rms_rows(x, scale, cols, N, eps, False), dtype)
     x = round_to(x * tl.load(scale + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :], dtype)
     store_rounded(z + rows[:, None] * N + cols[None, :], x * factor, mask)
 
@@ -136,7 +131,7 @@ def router_input(r: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tens
 
 
 def router_input_eager(r: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    return _reference_rms_norm(r, None, eps) * scale * r.shape[-1] ** -0.5
+    return moe_router_input(r, scale, eps)
 
 
 def softmax_topk(logits: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int):
@@ -196,7 +191,7 @@ def route(r: torch.Tensor, scale: torch.Tensor, proj_w: torch.Tensor, per_expert
 
 def route_eager(r: torch.Tensor, scale: torch.Tensor, proj_w: torch.Tensor, per_expert_scale: torch.Tensor,
                 top_k: int, eps: float):
-    """Gemma4Reference.route's math with the lowest-id tie rule (softmax_topk_eager)."""
+    """reference.model.moe_route's math with the lowest-id tie rule (softmax_topk_eager)."""
     logits = F.linear(router_input_eager(r, scale, eps), proj_w)
     return softmax_topk_eager(logits, per_expert_scale, top_k)
 
@@ -250,7 +245,7 @@ def _gate_up_kernel(x, stride_x, w, stride_we, stride_wn, entries, offsets, act,
         u_ptrs += BLOCK_K
     # The reference's gate_up projection is a dtype tensor, and so is F.gelu's result.
     dtype = act.dtype.element_ty
-    h = round_to(_gelu_tanh(round_to(gate, dtype)), dtype) * round_to(up, dtype)
+    h = round_to(gelu_tanh_f32(round_to(gate, dtype)), dtype) * round_to(up, dtype)
     store_rounded(act + rows[:, None].to(tl.int64) * I + n[None, :], h, row_ok[:, None] & n_ok[None, :])
 
 
@@ -327,13 +322,6 @@ def _gemm_blocks(width: int, depth: int, itemsize: int) -> tuple[int, int, int, 
             min(block_k, max(16, triton.next_power_of_2(depth))), num_warps, num_stages)
 
 
-def _dot_args(dtype: torch.dtype) -> dict:
-    """tl.dot operands in the storage dtype where compiled (tensor cores), in float32 with "ieee"
-    precision under the interpreter and for float32 models (as optimized/kernels/attention.py)."""
-    dot_dtype = _TL_DTYPE[dtype] if DOT_IN_STORAGE_DTYPE else tl.float32
-    return dict(DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else None)
-
-
 def _check_experts(xe, top_w, top_i, gate_up, down) -> None:
     check_float("xe", xe, dim=2)
     check_float("gate_up", gate_up, dim=3)
@@ -382,7 +370,7 @@ def experts(xe: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, gate_up:
     # Each expert with rows takes ceil(rows / block_m) tiles: at most N*k/block_m + min(E, N*k) in
     # all, and at most N*k (a tile has a row). The spare programs of this bound exit at once.
     tiles = min(triton.cdiv(n * top_k, block_m) + min(num_experts, n * top_k), n * top_k)
-    common = dict(BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts), **_dot_args(xe.dtype))
+    common = dict(BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts), **dot_args(xe.dtype))
 
     bn, bk, warps, stages = _gemm_blocks(inter, h, xe.element_size())
     _gate_up_kernel[(tiles, triton.cdiv(inter, bn))](
@@ -403,11 +391,5 @@ def experts(xe: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, gate_up:
 
 def experts_eager(xe: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, gate_up: torch.Tensor,
                   down: torch.Tensor) -> torch.Tensor:
-    """Gemma4Reference.experts itself, run on these tensors."""
-    return Gemma4Reference.experts(_reference_moe(gate_up, down), xe, top_w, top_i, "")
-
-
-def _reference_moe(gate_up: torch.Tensor, down: torch.Tensor) -> SimpleNamespace:
-    """A stand-in `self` for Gemma4Reference's MoE methods: only the fields they read."""
-    config = SimpleNamespace(num_experts=gate_up.shape[0], moe_intermediate_size=down.shape[2])
-    return SimpleNamespace(config=config, w={"experts.gate_up_proj": gate_up, "experts.down_proj": down})
+    """The reference's experts (reference.model.moe_experts) themselves."""
+    return moe_experts(xe, top_w, top_i, gate_up, down)

@@ -11,8 +11,8 @@ Kernels work on tiles of ROWS rows x BLOCK columns, BLOCK = next_power_of_2(widt
 program at hidden widths, several at head widths (fewer programs; also what keeps Triton's
 interpreter, which pays per program and per helper call, fast enough for CI).
 
-This module also holds what the other kernel modules share: `round_to`, `store_rounded`,
-`segment_tile`, the tiling rule and the input checks.
+The helpers the kernel modules share (rounding, tiling, launch options, input checks, the RMS of
+a tile) live in common.py.
 """
 
 from __future__ import annotations
@@ -22,125 +22,16 @@ import triton
 import triton.language as tl
 
 from reference.model import rms_norm as _reference_rms_norm
-from . import INTERPRETING
+from .common import (check_eps, check_float, check_same, check_weight, launch_options, rms_rows, round_to,
+                     rows_per_program, store_rounded)
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Launch shape, read at each launch (bench/kernel_bench.py sweeps them): elements per program at
 # most (unless one row is wider), and elements per warp.
 TILE = 4096
 WARP_ELEMS = 1024  # H100 sweep (docs/measurements.md): 512 left 31B's add_rms_norm at 83% of copy bandwidth, 1024 reaches 100%
 
 
-# -- shared by the kernel modules --------------------------------------------------------------
-
-@triton.jit
-def round_to(x, DTYPE: tl.constexpr):
-    """Round float32 `x` to DTYPE, to nearest even, and return it as float32.
-
-    Triton 3.9's interpreter truncates float32 -> bfloat16 casts (about half of random values
-    come out one ULP toward zero, stores included), so bfloat16 is rounded here with integer
-    ops, which are exact on every backend; casting the rounded value is then exact everywhere.
-    (The interpreter also mangles bfloat16 subnormals, below 1.2e-38; they do not occur here.)
-    """
-    if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        y = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-    elif DTYPE == tl.float16:
-        y = x.to(tl.float16).to(tl.float32)
-    else:
-        y = x
-    return y
-
-
-@triton.jit
-def store_rounded(ptrs, x, mask):
-    """Store float32 `x` into `ptrs`, rounded to nearest even in the pointee dtype."""
-    dtype = ptrs.dtype.element_ty
-    tl.store(ptrs, round_to(x, dtype).to(dtype), mask=mask)
-
-
-@triton.jit
-def segment_tile(bounds, n, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """(segment, tile within it, segment start, segment end) of this program (axis 0), for rows
-    cut into n segments at bounds[0..n] (cu_seqlens of requests, offsets of experts) and tiles
-    of ROWS rows numbered segment by segment. Found on the device, so the host never reads the
-    bounds back and launches an upper bound of tiles; a spare program gets segment == n.
-    BLOCK >= n (a power of two)."""
-    tile = tl.program_id(0)
-    i = tl.arange(0, BLOCK)
-    start = tl.load(bounds + i, mask=i < n, other=0)
-    end = tl.load(bounds + i + 1, mask=i < n, other=0)
-    n_tiles = (end - start + ROWS - 1) // ROWS
-    tiles_end = tl.cumsum(n_tiles, 0)
-    seg = tl.sum((tiles_end <= tile).to(tl.int32), 0)
-    mine = i == seg
-    first_tile = tl.sum(tl.where(mine, tiles_end - n_tiles, 0), 0)
-    return seg, tile - first_tile, tl.sum(tl.where(mine, start, 0), 0), tl.sum(tl.where(mine, end, 0), 0)
-
-
-def rows_per_program(n_rows: int, block: int, tile: int | None = None) -> int:
-    return max(1, min(triton.next_power_of_2(max(n_rows, 1)), (tile or TILE) // block))
-
-
-def launch_options(tile: int, warp_elems: int | None = None) -> dict:
-    """Launch options for a program of `tile` elements. No FMA contraction: the kernels reproduce
-    torch's eager op sequence, which rounds every product, and a fused a * b + c skips that
-    rounding (seen on an H100: a float16 RoPE compiled to fma.rn.f16, 5 of 32 outputs 1 ULP off)."""
-    return dict(num_warps=min(max(tile // (warp_elems or WARP_ELEMS), 1), 16), enable_fp_fusion=False)
-
-
-def check_float(name: str, t, *, dim: int | tuple[int, ...] | None = None) -> None:
-    """A float16/bfloat16/float32 tensor of the given rank(s) whose last dimension is contiguous."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    dims = (dim,) if isinstance(dim, int) else dim
-    if dims is not None and t.dim() not in dims:
-        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {list(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if t.device.type == "cpu" and not INTERPRETING:
-        raise ValueError(f"{name} is on the CPU, where Triton kernels run only under TRITON_INTERPRET=1")
-    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dimension, got strides {t.stride()}")
-
-
-def check_same(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
-    """Every tensor in `others` shares `ref`'s dtype and device (None entries are skipped)."""
-    for name, t in others.items():
-        if t is None:
-            continue
-        if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-        if t.dtype != ref.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
-
-
-def check_weight(name: str, w, width: int, device: torch.device) -> None:
-    check_float(name, w, dim=1)
-    if w.shape[0] != width:
-        raise ValueError(f"{name} must have shape [{width}], got {list(w.shape)}")
-    if w.device != device:
-        raise ValueError(f"{name} is on {w.device}, the activations on {device}")
-
-
-def check_eps(eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-
-
 # -- kernels -----------------------------------------------------------------------------------
-
-@triton.jit
-def _rms(x, w, cols, N: tl.constexpr, eps, HAS_WEIGHT: tl.constexpr):
-    """RMSNorm of the float32 rows of tile `x` (zero past N), in reference.model.rms_norm's op
-    order. div_rn/sqrt_rn round correctly everywhere; `/` and tl.sqrt may compile to approximations."""
-    mean_sq = tl.div_rn(tl.sum(x * x, axis=1), N)
-    y = x * tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))[:, None]
-    if HAS_WEIGHT:
-        y = y * tl.load(w + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    return y
-
 
 @triton.jit
 def _norm_rows(src, stride_t, stride_h, w, dst, first_row, n_rows, eps,
@@ -152,7 +43,7 @@ def _norm_rows(src, stride_t, stride_h, w, dst, first_row, n_rows, eps,
     mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
     offsets = (rows // H) * stride_t + (rows % H) * stride_h
     x = tl.load(src + offsets[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    store_rounded(dst + rows[:, None] * N + cols[None, :], _rms(x, w, cols, N, eps, HAS_WEIGHT), mask)
+    store_rounded(dst + rows[:, None] * N + cols[None, :], rms_rows(x, w, cols, N, eps, HAS_WEIGHT), mask)
 
 
 @triton.jit
@@ -192,11 +83,11 @@ def _add_rms_norm_kernel(x, res, x_w, w, res_out, out, n_rows, stride_x, stride_
     dtype = out.dtype.element_ty
     xv = tl.load(x + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if NORM_X:
-        xv = round_to(_rms(xv, x_w, cols, N, eps, True), dtype)
+        xv = round_to(rms_rows(xv, x_w, cols, N, eps, True), dtype)
     h = xv + tl.load(res + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     h = round_to(h, dtype)  # the next norm reads the stored residual, as in the unfused ops
     store_rounded(res_out + rows[:, None] * N + cols[None, :], h, mask)
-    store_rounded(out + rows[:, None] * N + cols[None, :], _rms(h, w, cols, N, eps, True), mask)
+    store_rounded(out + rows[:, None] * N + cols[None, :], rms_rows(h, w, cols, N, eps, True), mask)
 
 
 @triton.jit
@@ -210,9 +101,9 @@ def _post_ffn_kernel(m, m2, res, w1, w2, w, scalar, out, normed, n_rows, stride_
     x = tl.load(m + rows[:, None] * stride_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if MOE:  # x = post_feedforward_layernorm_1(dense) + post_feedforward_layernorm_2(experts), in dtype
         x2 = tl.load(m2 + rows[:, None] * stride_m2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = round_to(_rms(x, w1, cols, N, eps, True), dtype)
-        x = round_to(x + round_to(_rms(x2, w2, cols, N, eps, True), dtype), dtype)
-    y = round_to(_rms(x, w, cols, N, eps, True), dtype)
+        x = round_to(rms_rows(x, w1, cols, N, eps, True), dtype)
+        x = round_to(x + round_to(rms_rows(x2, w2, cols, N, eps, True), dtype), dtype)
+    y = round_to(rms_rows(x, w, cols, N, eps, True), dtype)
     if STORE_NORMED:
         store_rounded(normed + rows[:, None] * N + cols[None, :], y, mask)
     h = y + tl.load(res + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -236,11 +127,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     n_rows = x3.shape[0] * x3.shape[1]
     if n_rows:
         block = triton.next_power_of_2(n)
-        rows = rows_per_program(n_rows, block)
+        rows = rows_per_program(n_rows, block, TILE)
         _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
             x3, x if weight is None else weight, out, n_rows, x3.stride(0), x3.stride(1), eps,
             H=x3.shape[1], N=n, BLOCK=block, ROWS=rows, HAS_WEIGHT=weight is not None,
-            **launch_options(rows * block))
+            **launch_options(rows * block, WARP_ELEMS))
     return out
 
 
@@ -283,13 +174,13 @@ def qkv_norm(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
     if T:
         kk, vv = (k, v) if hkv else (q, q)  # stand-ins, never read, in the q-only launch
         block = triton.next_power_of_2(d)
-        rows = rows_per_program(T * hq, block)
+        rows = rows_per_program(T * hq, block, TILE)
         programs = triton.cdiv(T * hq, rows) + 2 * triton.cdiv(T * hkv, rows)
         _qkv_norm_kernel[(programs,)](
             q, kk, vv, q_weight, q_weight if k_weight is None else k_weight,
             q_out, q_out if k_out is None else k_out, q_out if v_out is None else v_out, T,
             q.stride(0), q.stride(1), kk.stride(0), kk.stride(1), vv.stride(0), vv.stride(1), eps,
-            HQ=hq, HKV=hkv, D=d, BLOCK=block, ROWS=rows, **launch_options(rows * block))
+            HQ=hq, HKV=hkv, D=d, BLOCK=block, ROWS=rows, **launch_options(rows * block, WARP_ELEMS))
     return q_out, k_out, v_out
 
 
@@ -331,11 +222,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     out = torch.empty_like(new_residual)
     if x.shape[0]:
         block = triton.next_power_of_2(n)
-        rows = rows_per_program(x.shape[0], block)
+        rows = rows_per_program(x.shape[0], block, TILE)
         _add_rms_norm_kernel[(triton.cdiv(x.shape[0], rows),)](
             x, residual, weight if x_weight is None else x_weight, weight, new_residual, out,
             x.shape[0], x.stride(0), residual.stride(0), eps,
-            N=n, BLOCK=block, ROWS=rows, NORM_X=x_weight is not None, **launch_options(rows * block))
+            N=n, BLOCK=block, ROWS=rows, NORM_X=x_weight is not None, **launch_options(rows * block, WARP_ELEMS))
     return new_residual, out
 
 
@@ -368,13 +259,13 @@ def _post_ffn(branches, residual, w_dense, w_moe, weight, eps, scalar, return_no
     normed = torch.empty_like(out) if return_normed else None
     if residual.shape[0]:
         block = triton.next_power_of_2(n)
-        rows = rows_per_program(residual.shape[0], block)
+        rows = rows_per_program(residual.shape[0], block, TILE)
         _post_ffn_kernel[(triton.cdiv(residual.shape[0], rows),)](
             m, m2, residual, w_dense if moe else weight, w_moe if moe else weight, weight,
             residual if scalar is None else scalar, out, out if normed is None else normed,
             residual.shape[0], m.stride(0), m2.stride(0), residual.stride(0), eps,
             N=n, BLOCK=block, ROWS=rows, MOE=moe, HAS_SCALAR=scalar is not None, STORE_NORMED=return_normed,
-            **launch_options(rows * block))
+            **launch_options(rows * block, WARP_ELEMS))
     return (out, normed) if return_normed else out
 
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from reference.model import apply_rope as _reference_apply_rope
-from .norms import check_float, check_same, launch_options, round_to, rows_per_program, store_rounded
+from .common import check_float, check_same, launch_options, round_to, rows_per_program, store_rounded
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
