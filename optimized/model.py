@@ -95,8 +95,11 @@ class PagedGemma4:
         emit(p + "attn_out", x)
 
         gate_up = F.linear(h, self.fw[p + "gate_up"])
+        emit(p + "mlp_gate_up", gate_up)
         inter = spec.mlp_width
-        m = F.linear(o.gelu_tanh_mul(gate_up[:, :inter], gate_up[:, inter:]), w[p + "mlp.down_proj.weight"])
+        act = o.gelu_tanh_mul(gate_up[:, :inter], gate_up[:, inter:])
+        emit(p + "mlp_act", act)
+        m = F.linear(act, w[p + "mlp.down_proj.weight"])
         # layer_scalar joins the post-FFN pass unless the PLE block sits between the add and the scale.
         scalar = None if ple is not None else w[p + "layer_scalar"]
         if cfg.enable_moe_block:

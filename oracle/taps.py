@@ -17,7 +17,10 @@ import re
 from typing import Iterable, NamedTuple
 
 HEAD_KINDS = ("embed", "ple")
-LAYER_KINDS = ("q", "k", "v", "k_cache", "v_cache", "o", "attn_out", "mlp_out", "out")
+# mlp_gate_up / mlp_act (not in DESIGN.md's table, which allows more): the dense MLP's fused
+# gate|up projection [T, 2I] and its activation gelu_tanh(gate) * up [T, I], so that the activation
+# is judged on its own (docs/design_notes.md, "mlp_act").
+LAYER_KINDS = ("q", "k", "v", "k_cache", "v_cache", "o", "attn_out", "mlp_gate_up", "mlp_act", "mlp_out", "out")
 TAIL_KINDS = ("final_norm", "logits")
 CACHE_KINDS = {"k_cache": "k", "v_cache": "v"}  # pool tap -> the activation tap it must equal
 
@@ -33,6 +36,8 @@ _AXES = {
     "v_cache": ("head", "dim"),
     "o": ("head", "dim"),
     "attn_out": ("dim",),
+    "mlp_gate_up": ("dim",),
+    "mlp_act": ("dim",),
     "mlp_out": ("dim",),
     "out": ("dim",),
     "final_norm": ("dim",),
@@ -146,4 +151,8 @@ def tap_trailing_shape(config, name: str) -> tuple[int, ...]:
         return (config.num_attention_heads, spec.head_dim)
     if tap.kind in ("k", "v", "k_cache", "v_cache"):
         return (spec.num_kv_heads, spec.head_dim)
+    if tap.kind == "mlp_gate_up":
+        return (2 * spec.mlp_width,)
+    if tap.kind == "mlp_act":
+        return (spec.mlp_width,)
     return (H,)  # attn_out, mlp_out, out
