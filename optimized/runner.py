@@ -160,17 +160,8 @@ class Runner:
                         arrivals=dict(enumerate(arrivals or [])),
                         donors={i: d for i, d in enumerate(share_prefix_with or []) if d is not None})
         sampler = None if teacher_tokens is None else TeacherSampler(dict(enumerate(teacher_tokens)))
-        # Every row's logits when they are returned or captured (taps `final_norm`, `logits`): the
-        # engine computes them only with a tap sink, so returning logits alone means a sink too.
-        logits: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]
-        sink = None
-        if return_logits or taps is not None:
-            def sink(i, name, positions, tensor):
-                if return_logits and name == "logits":
-                    logits[i].update(zip(positions.tolist(), tensor.cpu()))
-                if taps is not None:
-                    taps(i, name, positions, tensor)
-
+        logits: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]  # per request: position -> row
+        sink = _collecting(logits, taps) if return_logits else taps
         engine = self.engine = self._engine(splits, totals, num_pages, script, sampler, sink)
         self.cache = engine.cache
         seqs = [engine.sequence(engine.add_request(list(p), _NO_STOP, max_new_tokens=k))
@@ -195,6 +186,18 @@ class Runner:
     def _emit_cache(self, cache: KVCache, r: _Finished, taps: TapSink) -> None:
         """The pool taps of a finishing request (a hook tests use to corrupt the pool first)."""
         emit_pool_taps(cache, self.config, r.index, r.length, taps)
+
+
+def _collecting(logits: list[dict[int, torch.Tensor]], taps: TapSink | None) -> TapSink:
+    """A sink that keeps every `logits` row and passes every tap on to `taps`. The engine computes
+    every row's logits only with a sink, so returning logits alone needs one too."""
+    def sink(i, name, positions, tensor):
+        if name == "logits":
+            logits[i].update(zip(positions.tolist(), tensor.cpu()))
+        if taps is not None:
+            taps(i, name, positions, tensor)
+
+    return sink
 
 
 # Scripted runs stop on length only: teacher-forced tokens may be anything, eos included.

@@ -80,8 +80,8 @@ class DecodeGraphs:
         # rows, prefix_lens and extend_lens are bookkeeping the forward does not read; items name
         # the requests taps are reported for (padding rows by default).
         return ForwardBatch(
-            items=items or [BatchItem(_PAD, 0, 1) for _ in range(b)], rows=self.positions[:b], prefix_lens=self.seq_lens[:b],
-            extend_lens=self.seq_lens[:b], seq_lens=self.seq_lens[:b], cu_seqlens_q=self.cu[:b + 1],
+            items=items or [BatchItem(_PAD, 0, 1) for _ in range(b)], rows=self.positions[:b],
+            prefix_lens=self.seq_lens[:b], extend_lens=self.seq_lens[:b], seq_lens=self.seq_lens[:b], cu_seqlens_q=self.cu[:b + 1],
             positions=self.positions[:b], out_slots=self.out_slots[:b], swa_out_slots=self.swa_out_slots[:b],
             page_table=self.page_table[:b], swa_page_table=self.swa_page_table[:b], page_size=self.page_size)
 
