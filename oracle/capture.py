@@ -16,8 +16,9 @@ On disk a capture is a directory (shared/DESIGN.md "Storage"):
                                "positions" and "positions/<name>" for pool taps
 
 Request ids live only in the manifest (files are numbered), so any string is a valid id.
-Writes go to a temporary directory beside the target that is renamed into place, so a crash
-never leaves a partial capture under the target name. Loading verifies everything and raises
+Writes go to a staging directory beside the target (every file fsynced, modes 0666/0777 less the
+umask: reference/fileio.py's conventions) that is renamed into place, so a crash never leaves a
+partial capture under the target name. Loading verifies everything and raises
 CaptureError naming the file and the problem. No pickle anywhere.
 """
 
@@ -31,10 +32,8 @@ import json
 import os
 import platform
 import re
-import secrets
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,6 +41,8 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load as tensors_from_bytes
 from safetensors.torch import save as tensors_to_bytes
+
+from reference.fileio import fresh_dir, fsync_dir, write_durably
 
 from .taps import TapNameError, parse_tap
 
@@ -284,15 +285,15 @@ def save_capture(capture: Capture, directory: str | Path, overwrite: bool = Fals
     for request_id, req in capture.requests.items():
         _check_request(request_id, req)  # never write what load_capture would refuse
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = _fresh_dir(target.parent, f".{target.name}.writing-")
+    staging = fresh_dir(target.parent, f".{target.name}.writing-")
     try:
         entries = [_write_request(staging, i, rid, req) for i, (rid, req) in enumerate(capture.requests.items())]
         manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION,
                     "metadata": json.loads(metadata_json), "requests": entries}
-        _write_durably(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(staging)
+        write_durably(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
+        fsync_dir(staging)
         _move_into_place(staging, target, overwrite)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -313,19 +314,6 @@ def check_capture_target(directory: str | Path, overwrite: bool = False, how: st
             if not parent.is_dir():
                 raise CaptureError(f"{target}: cannot be created, {parent} is not a directory")
             break
-
-
-def _fresh_dir(parent: Path, prefix: str) -> Path:
-    """A new directory under parent with mode 0777 less the umask (0755 under the usual 022).
-    Not tempfile.mkdtemp: its 0700 would become the capture's own mode when it is renamed into
-    place, and a capture is for sharing."""
-    while True:
-        path = parent / f"{prefix}{secrets.token_hex(6)}"
-        try:
-            path.mkdir(mode=0o777)
-            return path
-        except FileExistsError:  # another writer's staging directory: draw another name
-            continue
 
 
 def _check_request(request_id: str, req: RequestCapture) -> None:
@@ -379,27 +367,9 @@ def _write_request(staging: Path, index: int, request_id: str, req: RequestCaptu
         taps.append(entry)
     # Serialized in memory and hashed there: the checksum is of exactly the bytes written.
     data = tensors_to_bytes(tensors)
-    _write_durably(staging / file, data)
+    write_durably(staging / file, data)
     return {"id": request_id, "file": file, "bytes": len(data), "sha256": _sha256(data),
             "positions": list(req.positions.shape), "taps": taps}
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory fds: rename is still atomic, only less durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
@@ -415,7 +385,7 @@ def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
     if _exchange(staging, target):
         shutil.rmtree(staging, ignore_errors=True)  # now holds the old capture
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    aside = fresh_dir(target.parent, f".{target.name}.old-")
     os.rename(target, aside / "old")
     try:
         os.rename(staging, target)

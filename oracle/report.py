@@ -32,11 +32,12 @@ import colorsys
 import json
 import math
 import os
-import secrets
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import jinja2
+
+from reference.fileio import write_atomic
 
 from .taps import HEAD_KINDS, LAYER_KINDS, TAIL_KINDS
 
@@ -66,14 +67,15 @@ def render_report(facts: Mapping[str, Any]) -> str:
 
 def write_report(facts: Mapping[str, Any], directory: str | os.PathLike) -> tuple[Path, Path]:
     """Write `<directory>/report.html` and `<directory>/report.json` (the same facts, non-finite
-    floats spelled "inf"/"-inf"/"nan"), each through a temporary file renamed into place.
+    floats spelled "inf"/"-inf"/"nan"), each atomically (reference/fileio.py: a temporary file
+    beside it, fsynced and renamed into place, mode 0666 less the umask).
     Both are rendered before either is written."""
     html = render_report(facts)
     data = json.dumps(jsonable(facts), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    json_path = _write_atomic(directory / "report.json", data)
-    html_path = _write_atomic(directory / "report.html", html)
+    json_path = write_atomic(directory / "report.json", data)
+    html_path = write_atomic(directory / "report.html", html)
     return html_path, json_path
 
 
@@ -86,31 +88,6 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [jsonable(v) for v in obj]
     return obj
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    # Not tempfile.mkstemp: its files are 0600, and a report is for sharing. os.open's mode is
-    # filtered by the umask, as for any file a program writes (0644 under the usual 022).
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:  # another writer's temporary file: draw another name
-            continue
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 def _check(facts: Mapping[str, Any]) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, Gemma4Config
+from .fileio import write_atomic
 from .presets import PRESETS
 
 Weights = dict[str, torch.Tensor]
@@ -293,7 +292,7 @@ def load_config(path: str | Path) -> Gemma4Config:
 
 def save_checkpoint(path: str | Path, cfg: Gemma4Config, weights: Weights) -> None:
     """Write config.json and model.safetensors in the layout transformers' Gemma4ForCausalLM
-    reads (`model.` prefix). Files are written under temporary names and renamed."""
+    reads (`model.` prefix). Each file is written atomically (reference/fileio.py)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     want = expected_shapes(cfg)
@@ -301,21 +300,10 @@ def save_checkpoint(path: str | Path, cfg: Gemma4Config, weights: Weights) -> No
         raise CheckpointError(f"weights do not match the config: missing {sorted(set(want) - set(weights))[:5]}, "
                               f"unexpected {sorted(set(weights) - set(want))[:5]}")
     tensors = {"model." + k: v.detach().contiguous().cpu() for k, v in weights.items()}
-    _atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomic(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     cfg_dict = cfg.to_hf_dict()
     cfg_dict["dtype"] = str(next(iter(weights.values())).dtype).removeprefix("torch.")
-    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg_dict, indent=2)))
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path / "config.json", json.dumps(cfg_dict, indent=2))
 
 
 def resolve(path_or_preset, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0):

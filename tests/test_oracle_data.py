@@ -364,7 +364,7 @@ class Crash(Exception):
 
 
 def crash_on_second_file(monkeypatch):
-    real, calls = capture_mod._write_durably, []
+    real, calls = capture_mod.write_durably, []
 
     def writer(path, data):
         calls.append(path)
@@ -373,7 +373,7 @@ def crash_on_second_file(monkeypatch):
             raise Crash("disk full, say")
         real(path, data)
 
-    monkeypatch.setattr(capture_mod, "_write_durably", writer)
+    monkeypatch.setattr(capture_mod, "write_durably", writer)
 
 
 def test_crash_mid_write_leaves_no_capture(small_capture, tmp_path, monkeypatch):
