@@ -451,7 +451,9 @@ def _local_row(tap: str, replayer: Replayer, ref: RequestCapture | None, cand: R
     if c.shape != c_truth.shape or r.shape != c.shape or r_truth.shape != c.shape:
         return LocalRow(inputs, SKIPPED, [f"shapes do not line up: candidate {list(c.shape)}, replay "
                                           f"{list(c_truth.shape)}, reference {list(r.shape)}"]), None
-    verdict = judge(c, r, c_truth, dtype or c.dtype, tolerance, ref_truth=r_truth, kind=parse_tap(tap).kind)
+    sharp = {name: getattr(c_rep, name)[keep] for name in ("same_dtype", "documented")  # tolerance.py's sharp checks
+             if getattr(c_rep, name) is not None and getattr(c_rep, name).shape == c_rep.values.shape}
+    verdict = judge(c, r, c_truth, dtype or c.dtype, tolerance, ref_truth=r_truth, kind=parse_tap(tap).kind, **sharp)
     row = LocalRow(inputs, PASS if verdict.passed else FAIL, list(verdict.reasons), verdict, int(keep.sum()), note)
     return row, (None if verdict.passed else (c, r, c_truth, positions[keep], r_truth))
 

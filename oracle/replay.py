@@ -24,6 +24,8 @@ Stages and their inputs (STAGES below; `prev` is the previous layer's `out`, `em
                                           at the same positions (an identity, exact by definition)
     o           q, k, v of the layer      causal (+ sliding window) attention, GQA, scale 1.0
     attn_out    prev, o                   o_proj, post-attention norm, residual add
+    mlp_gate_up attn_out                  pre-feed-forward norm, gate and up projections
+    mlp_act     mlp_gate_up               gelu_tanh(gate) * up
     mlp_out     attn_out                  dense MLP (+ router, top-k experts, branch norms on MoE)
     out         attn_out, mlp_out, (ple)  residual add, PLE block, layer_scalar
     final_norm  last layer's out
@@ -32,6 +34,13 @@ Stages and their inputs (STAGES below; `prev` is the previous layer's `out`, `em
 Not replayed: `embed` and `ple` (their input is the token ids, which a capture does not hold) and
 the pool taps `k_cache` / `v_cache` (optimized path only, so there is no reference noise for them;
 the global judgement against the truth's k / v covers them).
+
+Two stages also return what the sharp checks of oracle/tolerance.py measure against (16-bit
+compared dtypes only): `mlp_act` the reference's op sequence run in the compared dtype on the
+capture's own gate/up (`Replayed.same_dtype`: a correct activation kernel reproduces it to within
+a ULP), and `o` the output of the optimized kernels' documented rounding points before their final
+store (`Replayed.documented`: where compiled, tl.dot takes the probabilities in the storage dtype,
+optimized.kernels.DOT_IN_STORAGE_DTYPE; under the interpreter it takes float32 and this is None).
 
 Rows a replay cannot define are left out, never guessed: attention rows whose visible keys are not
 all in the capture (a request that reused a cached prefix has no taps for the prefix), and MoE rows
@@ -47,8 +56,10 @@ import torch
 import torch.nn.functional as F
 
 from reference.config import Gemma4Config, LayerSpec
-from reference.model import Gemma4Reference, attend, attention_mask, rms_norm, rope_cos_sin
+from reference.model import Gemma4Reference, attend, attention_mask, gelu_tanh, rms_norm, rope_cos_sin
 from reference.window import first_visible_key, visible
+
+import optimized.kernels
 
 from .capture import RequestCapture
 from .taps import TapNameError, parse_tap
@@ -71,6 +82,8 @@ class Replayed:
     values: torch.Tensor
     rows: torch.Tensor | None = None
     note: str | None = None
+    same_dtype: torch.Tensor | None = None  # the reference's op sequence in the compared dtype (mlp_act)
+    documented: torch.Tensor | None = None  # float64, with the kernels' documented roundings (o)
 
 
 @dataclass(frozen=True)
@@ -112,25 +125,64 @@ def replay_v(m: Gemma4Reference, spec: LayerSpec, prev: torch.Tensor, *, positio
 
 
 def replay_o(m: Gemma4Reference, spec: LayerSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-             positions: torch.Tensor) -> Replayed:
+             positions: torch.Tensor, compared_dtype: torch.dtype | None = None) -> Replayed:
     # The mask is built from position values, so a capture that starts past 0 (a reused prefix)
     # still lines up; rows missing some visible key are computed but left out.
     mask = attention_mask(positions, spec.window, F64)
     o = attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask)[0].transpose(0, 1)
+    documented = None
+    if compared_dtype in LOW_PRECISION and optimized.kernels.DOT_IN_STORAGE_DTYPE:
+        documented = attend_probs_rounded(q, k, v, mask, compared_dtype)
     needed = torch.tensor([p - first_visible_key(p, spec.window) + 1 for p in positions.tolist()],
                           device=positions.device)
     present = visible(positions[:, None], positions[None, :], spec.window).sum(dim=1)
     rows = present == needed
     if bool(rows.all()):
-        return Replayed(o)
+        return Replayed(o, documented=documented)
     return Replayed(o, rows, f"{int((~rows).sum())} query rows left out: some of their visible keys are "
-                             f"not in the capture (e.g. a reused prefix)")
+                             f"not in the capture (e.g. a reused prefix)", documented=documented)
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def attend_probs_rounded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """Attention in float64 with the compiled kernels' one extra rounding: the unnormalised
+    probabilities exp(s - max) rounded to `dtype` before P @ V, the denominator summed from the
+    unrounded ones (optimized/kernels/attention.py `_attend_block`). The row max is the final one,
+    not the kernel's running max per key block: the relative rounding error is the same in
+    distribution. q [T, Hq, D], k/v [S, Hkv, D] -> [T, Hq, D]."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1).transpose(0, 1), v.repeat_interleave(g, 1).transpose(0, 1)
+    s = torch.matmul(q.transpose(0, 1), k.transpose(1, 2)) + mask
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    return (torch.matmul(p.to(dtype).to(F64), v) / p.sum(-1, keepdim=True)).transpose(0, 1)
 
 
 def replay_attn_out(m: Gemma4Reference, spec: LayerSpec, prev: torch.Tensor, o: torch.Tensor, *,
                     positions: torch.Tensor) -> torch.Tensor:
     a = F.linear(o.reshape(o.shape[0], -1), m.w[_attn(spec) + "o_proj.weight"])
     return prev + rms_norm(a, m.w[_layer(spec) + "post_attention_layernorm.weight"], m.config.rms_norm_eps)
+
+
+def replay_mlp_gate_up(m: Gemma4Reference, spec: LayerSpec, attn_out: torch.Tensor, *,
+                       positions: torch.Tensor) -> torch.Tensor:
+    p = _layer(spec)
+    h = rms_norm(attn_out, m.w[p + "pre_feedforward_layernorm.weight"], m.config.rms_norm_eps)
+    return torch.cat([F.linear(h, m.w[p + "mlp.gate_proj.weight"]), F.linear(h, m.w[p + "mlp.up_proj.weight"])], -1)
+
+
+def replay_mlp_act(m: Gemma4Reference, spec: LayerSpec, gate_up: torch.Tensor, *, positions: torch.Tensor,
+                   compared_dtype: torch.dtype | None = None) -> Replayed:
+    """gelu_tanh(gate) * up in float64 and, in a 16-bit compared dtype, the reference's op sequence in
+    that dtype on the same (capture's) gate and up: what a correct activation kernel reproduces."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    same = None
+    if compared_dtype in LOW_PRECISION:
+        g, u = gate.to(compared_dtype).cpu(), up.to(compared_dtype).cpu()  # exact: the capture's own values
+        same = gelu_tanh(g) * u
+    return Replayed(gelu_tanh(gate) * up, same_dtype=same)
 
 
 def replay_mlp_out(m: Gemma4Reference, spec: LayerSpec, attn_out: torch.Tensor, *, positions: torch.Tensor,
@@ -217,8 +269,10 @@ STAGES: dict[str, Stage] = {
     "q": Stage(lambda cfg, layer: (_prev(layer),), replay_q),
     "k": Stage(_kv_inputs("k"), replay_k),
     "v": Stage(_kv_inputs("v"), replay_v),
-    "o": Stage(_own("q", "k", "v"), replay_o),
+    "o": Stage(_own("q", "k", "v"), replay_o, wants_dtype=True),
     "attn_out": Stage(lambda cfg, layer: (_prev(layer), f"layers.{layer}.o"), replay_attn_out),
+    "mlp_gate_up": Stage(_own("attn_out"), replay_mlp_gate_up),
+    "mlp_act": Stage(_own("mlp_gate_up"), replay_mlp_act, wants_dtype=True),
     "mlp_out": Stage(_own("attn_out"), replay_mlp_out, wants_dtype=True),
     "out": Stage(lambda cfg, layer: (f"layers.{layer}.attn_out", f"layers.{layer}.mlp_out")
                  + (("ple",) if cfg.has_ple else ()), replay_out),
@@ -275,4 +329,8 @@ class Replayer:
         if not isinstance(result, Replayed):
             result = Replayed(result)
         rows = None if result.rows is None else result.rows.cpu()
-        return Replayed(result.values.cpu(), rows, result.note)
+        return Replayed(result.values.cpu(), rows, result.note, _cpu(result.same_dtype), _cpu(result.documented))
+
+
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.cpu()
