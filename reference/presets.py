@@ -14,9 +14,11 @@ def _pattern(sliding_per_full: int, repeats: int) -> tuple[str, ...]:
 
 PRESETS: dict[str, Gemma4Config] = {
     # E2B-like: sliding + full layers (full has twice the head size), PLE, KV sharing with a
-    # double-wide MLP on shared layers, final softcap, GQA on sliding layers.
+    # double-wide MLP on shared layers, final softcap, GQA on sliding layers. Hidden size 72, not 64:
+    # like every real model's (1536, 2560, 5376, 2816) its square root, the embedding scale, is
+    # inexact and rounds in bf16 (8.485 -> 8.5), and it is not a power of two (masked kernel tiles).
     "tiny": Gemma4Config(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=10,
+        vocab_size=256, hidden_size=72, intermediate_size=96, num_hidden_layers=10,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
         layer_types=_pattern(4, 2), sliding_window=5,
         hidden_size_per_layer_input=8, vocab_size_per_layer_input=256,

@@ -219,4 +219,4 @@ def test_expected_shapes_follow_the_spec():
     assert "layers.2.self_attn.v_proj.weight" not in s
     tiny = expected_shapes(PRESETS["tiny"])
     assert "layers.6.self_attn.k_proj.weight" not in tiny  # KV-shared
-    assert tiny["layers.6.mlp.gate_proj.weight"] == (192, 64)  # double-wide on shared layers
+    assert tiny["layers.6.mlp.gate_proj.weight"] == (192, 72)  # double-wide on shared layers
