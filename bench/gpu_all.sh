@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the testbed, in named stages; one device call runs the stages it names:
+#
+#     bash bench/gpu_all.sh STAGE [STAGE ...]      e.g. bash bench/gpu_all.sh suite check
+#     bash bench/gpu_all.sh all                    every stage in the order below (longer than one
+#                                                  device call's 10 minutes: pick stages instead)
+#
+# Stages (each under its own `timeout`, seconds in brackets, overridable as TIMEOUT_<STAGE>, e.g.
+# TIMEOUT_SUITE=400; a stage that fails or times out is reported and the next one still runs):
+#   suite            the test suite on the GPU, 12 workers [540]            -> suite.log
+#   check            gemma4-testbed check, bf16 then float32, timed [280]   -> check-{bfloat16,float32}/, check.log
+#   calibrate        bf16 calibration of the sharp checks [300]             -> calibration_bf16.json, calibrate.log
+#   real-shapes      random-init statistics at full real shapes [540]       -> real_shape_stats.jsonl, real_shapes.log
+#   kernels          kernel testbed at E2B sizes + bench/kernel_bench.py [560] -> kernels/kernels.json, kernel_bench.*
+#   kernels-nographs kernel_bench with plain launches (host cost in) [150]  -> kernel_bench_nographs.*
+#   launch-sweep     launch shapes of the memory-bound kernels [560]        -> launch_sweep.*
+#   engine           bench/engine_bench.py at E2B [400]                     -> engine_bench.json, engine.log
+#   attention        paged attention vs SDPA, bench/attention_bench.py [560] -> attention.json, attention.log
+#   parity           bf16 parity of the paged path, bench/gpu_parity.py [300] -> parity.json, parity.log
+#   taps             cost of disabled taps on a real-shape forward [120]    -> tap_overhead.log
+#
+# Output goes to $OUT (the device tool's output folder), default reports/gpu; gpu.txt names the
+# card and the versions. Exit status: 0 when every stage passed, else 1. docs/measurements.md says
+# which stage produced which table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-reports/gpu}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs a stage here, for a smoke test of the script
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+
+STAGES=(suite check calibrate real-shapes kernels kernels-nographs launch-sweep engine attention parity taps)
+
+usage() {
+  sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+}
+
+if [ $# -eq 0 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
+  usage
+  [ $# -eq 0 ] && exit 2 || exit 0
+fi
+if [ "$1" = "all" ]; then
+  set -- "${STAGES[@]}"
+fi
+for s in "$@"; do  # refuse a typo before any work
+  [[ " ${STAGES[*]} " == *" $s "* ]] || { echo "unknown stage: $s (stages: ${STAGES[*]})" >&2; exit 2; }
+done
+mkdir -p "$OUT"
+
+# limit STAGE: the stage's timeout, TIMEOUT_<STAGE> if set.
+limit() {
+  local var="TIMEOUT_$(echo "$1" | tr 'a-z-' 'A-Z_')"
+  echo "${!var:-$2}"
+}
+
+# run LIMIT CMD...: CMD under `timeout LIMIT`, saying so when it ran out of time.
+run() {
+  local secs=$1; shift
+  timeout "$secs" "$@"
+  local rc=$?
+  [ $rc -eq 124 ] && echo "!! timed out after ${secs}s: $*"
+  return $rc
+}
+
+stage_suite() {
+  run "$(limit suite 540)" python3 -m pytest -n 12 -q -p no:cacheprovider 2>&1 | tee "$OUT/suite.log"
+  local rc=$?
+  echo "suite: $(grep -E '(passed|failed|error)' "$OUT/suite.log" | tail -n 1)"
+  return $rc
+}
+
+stage_check() {
+  local rc=0 t
+  t=$(limit check 280)
+  for dtype in bfloat16 float32; do
+    echo "-- check $dtype"
+    { time run $((t / 2)) python3 -m oracle.cli check --device "$DEVICE" --dtype $dtype --out "$OUT/check-$dtype"; } \
+        2>&1 | tee -a "$OUT/check.log" || rc=1
+  done
+  return $rc
+}
+
+stage_calibrate() {
+  local t extra=()
+  t=$(limit calibrate 300)
+  # --time-limit stops drawing scenarios in time to write the JSON before the stage's timeout.
+  if python3 bench/calibrate_bf16.py --help 2>/dev/null | grep -q -- --time-limit; then
+    extra=(--scenarios 200 --time-limit $((t - 60)))
+  else
+    extra=(--scenarios 40)
+  fi
+  run "$t" python3 bench/calibrate_bf16.py --device "$DEVICE" "${extra[@]}" --out "$OUT/calibration_bf16.json" \
+      2>&1 | tee "$OUT/calibrate.log"
+}
+
+stage_real_shapes() {
+  # Full depth where it fits one H200 (141 GB): e2b with a float64 truth, 26b-a4b with a float32
+  # truth, 31b with a float32 truth over half its layers (all 60 would need ~190 GB).
+  local rc=0 t json="$OUT/real_shape_stats.jsonl"
+  t=$(limit real-shapes 540)
+  for args in "--preset e2b" "--preset 26b-a4b --truth-dtype float32" "--preset 31b --layers 30 --truth-dtype float32"; do
+    echo "-- real_shape_stats $args"
+    # shellcheck disable=SC2086  # $args is a list of words
+    run $((t / 3)) python3 bench/real_shape_stats.py $args --device "$DEVICE" --tokens 256 --max-gb 120 \
+        --json "$json" 2>&1 | tee -a "$OUT/real_shapes.log" || rc=1
+  done
+  return $rc
+}
+
+stage_kernels() {
+  local rc=0 t
+  t=$(limit kernels 560)
+  run $((t / 4)) python3 -m oracle.cli kernels --device "$DEVICE" --size e2b --dtype bfloat16 float32 --repeats 20 \
+      --out "$OUT/kernels" 2>&1 | tee "$OUT/kernels.log" || rc=1
+  run $((t * 3 / 4)) python3 bench/kernel_bench.py --out "$OUT/kernel_bench.json" > "$OUT/kernel_bench.log" 2>&1 || rc=1
+  tail -n 3 "$OUT/kernel_bench.log"
+  echo "kernel_bench FAIL rows: $(grep -c FAIL "$OUT/kernel_bench.log")"
+  return $rc
+}
+
+stage_kernels_nographs() {
+  run "$(limit kernels-nographs 150)" python3 bench/kernel_bench.py --no-graphs --tokens 1 64 8192 --models e2b \
+      --repeats 20 --out "$OUT/kernel_bench_nographs.json" > "$OUT/kernel_bench_nographs.log" 2>&1
+  local rc=$?
+  tail -n 2 "$OUT/kernel_bench_nographs.log"
+  return $rc
+}
+
+stage_launch_sweep() {
+  run "$(limit launch-sweep 560)" python3 bench/launch_sweep.py --tokens 8192 --repeats 20 \
+      --out "$OUT/launch_sweep.json" --groups \
+      "norms.WARP_ELEMS=1024" "norms.WARP_ELEMS=256" "norms.TILE=2048" "norms.TILE=8192 norms.WARP_ELEMS=1024" \
+      "norms.TILE=2048 norms.WARP_ELEMS=256" \
+      "activation.TILE=2048" "activation.TILE=2048 activation.WARP_ELEMS=256" \
+      "activation.MAX_BLOCK=2048 activation.WARP_ELEMS=1024" "activation.TILE=1024 activation.WARP_ELEMS=128" \
+      "activation.TILE=8192 activation.MAX_BLOCK=4096 activation.WARP_ELEMS=1024" \
+      "rope.TOKEN_TILE=256" "rope.TOKEN_TILE=512 rope.WARP_ELEMS=256" "rope.WARP_ELEMS=128" \
+      "rope.TOKEN_TILE=2048 rope.WARP_ELEMS=256" "rope.TOKEN_TILE=4096 rope.WARP_ELEMS=1024" \
+      2>&1 | tee "$OUT/launch_sweep.log"
+}
+
+stage_engine() {
+  run "$(limit engine 400)" python3 bench/engine_bench.py --model e2b --out "$OUT/engine_bench.json" \
+      2>&1 | tee "$OUT/engine.log"
+}
+
+stage_attention() {
+  run "$(limit attention 560)" python3 bench/attention_bench.py --repeats 10 --out "$OUT/attention.json" \
+      2>&1 | tee "$OUT/attention.log"
+}
+
+stage_parity() {
+  run "$(limit parity 300)" python3 bench/gpu_parity.py --models tiny e2b --out "$OUT/parity.json" \
+      2>&1 | tee "$OUT/parity.log"
+}
+
+stage_taps() {
+  run "$(limit taps 120)" python3 bench/tap_overhead.py --model e2b --tokens 512 --dtype bfloat16 --repeats 10 \
+      2>&1 | tee "$OUT/tap_overhead.log"
+}
+
+{
+  if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  fi
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  echo "stages: $*; device: $DEVICE; git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+} 2>&1 | tee "$OUT/gpu.txt"
+
+failed=()
+for s in "$@"; do
+  echo
+  echo "== $s ($(date -u +%H:%M:%S))"
+  start=$SECONDS
+  if "stage_${s//-/_}"; then
+    echo "== $s: ok in $((SECONDS - start))s"
+  else
+    echo "== $s: FAILED (exit $?) after $((SECONDS - start))s"
+    failed+=("$s")
+  fi
+done
+echo
+if [ ${#failed[@]} -eq 0 ]; then
+  echo "all stages ok: $*"
+else
+  echo "failed stages: ${failed[*]}"
+  exit 1
+fi
