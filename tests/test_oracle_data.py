@@ -66,8 +66,9 @@ def test_tap_order_matches_the_reference_dataflow(tiny):
     config = tiny[0]
     order = tap_order(config)
     assert order[:2] == ["embed", "ple"] and order[-2:] == ["final_norm", "logits"]
-    assert order[2:9] == [f"layers.0.{k}" for k in ("q", "k", "v", "o", "attn_out", "mlp_out", "out")]
-    assert len(order) == 2 + 7 * config.num_hidden_layers + 2
+    kinds = ("q", "k", "v", "o", "attn_out", "mlp_gate_up", "mlp_act", "mlp_out", "out")
+    assert order[2:2 + len(kinds)] == [f"layers.0.{k}" for k in kinds]
+    assert len(order) == 2 + len(kinds) * config.num_hidden_layers + 2
     # The reference records taps as it computes them: its dict order is the dataflow order.
     assert list(reference_taps(tiny, torch.float64)) == order
     assert sort_taps(reversed(order)) == order
