@@ -572,10 +572,13 @@ def test_candidate_equal_to_the_reference_passes(tiny, truth, ref_taps):
 
 def test_candidate_with_reference_sized_noise_passes(tiny, truth, ref_taps):
     # Same error size as the reference, different error pattern: what a correct kernel with
-    # another rounding order looks like.
+    # another rounding order looks like. Not at embed/ple: they are one rounding of the token ids'
+    # rows (no other order), so a correct path matches the reference there bit for bit, and an
+    # error pattern without the reference's rounded scale is what the paired drift check flags.
     dtype, taps = ref_taps
     truth_taps = truth.requests["r0"].taps
-    shuffled = {n: (truth_taps[n] + (t.double() - truth_taps[n]).flip(0)).to(dtype) for n, t in taps.items()}
+    shuffled = {n: t if n in ("embed", "ple") else (truth_taps[n] + (t.double() - truth_taps[n]).flip(0)).to(dtype)
+                for n, t in taps.items()}
     result = compare(truth, capture_of(tiny, taps, dtype, "reference"),
                      capture_of(tiny, shuffled, dtype, "optimized"), tiny[0])
     assert result.passed, result.summary()
