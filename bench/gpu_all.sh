@@ -15,6 +15,7 @@
 #   kernels-nographs kernel_bench with plain launches (host cost in) [150]  -> kernel_bench_nographs.*
 #   launch-sweep     launch shapes of the memory-bound kernels [560]        -> launch_sweep.*
 #   engine           bench/engine_bench.py at E2B [400]                     -> engine_bench.json, engine.log
+#   graphs           decode graphs against eager decode, bench/graph_check.py [300] -> graphs.log
 #   attention        paged attention vs SDPA, bench/attention_bench.py [560] -> attention.json, attention.log
 #   parity           bf16 parity of the paged path, bench/gpu_parity.py [300] -> parity.json, parity.log
 #   taps             cost of disabled taps on a real-shape forward [120]    -> tap_overhead.log
@@ -28,7 +29,7 @@ OUT=${OUT:-reports/gpu}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs a stage here, for a smoke test of the script
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 
-STAGES=(suite check calibrate real-shapes kernels kernels-nographs launch-sweep engine attention parity taps)
+STAGES=(suite check calibrate real-shapes kernels kernels-nographs launch-sweep engine graphs attention parity taps)
 
 usage() {
   sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -141,6 +142,10 @@ stage_launch_sweep() {
 stage_engine() {
   run "$(limit engine 400)" python3 bench/engine_bench.py --model e2b --out "$OUT/engine_bench.json" \
       2>&1 | tee "$OUT/engine.log"
+}
+
+stage_graphs() {
+  run "$(limit graphs 300)" python3 bench/graph_check.py 2>&1 | tee "$OUT/graphs.log"
 }
 
 stage_attention() {
