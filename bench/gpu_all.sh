@@ -10,7 +10,7 @@
 #   suite            the test suite on the GPU, 12 workers [540]            -> suite.log
 #   check            gemma4-testbed check, bf16 then float32, timed [280]   -> check-{bfloat16,float32}/, check.log
 #   calibrate        bf16 calibration of the sharp checks [300]             -> calibration_bf16.json, calibrate.log
-#   real-shapes      random-init statistics at full real shapes [540]       -> real_shape_stats.jsonl, real_shapes.log
+#   real-shapes      random-init statistics at real shapes [540]            -> real_shape_stats.jsonl, real_shapes.log
 #   kernels          kernel testbed at E2B sizes + bench/kernel_bench.py [560] -> kernels/kernels.json, kernel_bench.*
 #   kernels-nographs kernel_bench with plain launches (host cost in) [150]  -> kernel_bench_nographs.*
 #   launch-sweep     launch shapes of the memory-bound kernels [560]        -> launch_sweep.*
@@ -94,11 +94,13 @@ stage_calibrate() {
 }
 
 stage_real_shapes() {
-  # Full depth where it fits one H200 (141 GB): e2b with a float64 truth, 26b-a4b with a float32
-  # truth, 31b with a float32 truth over half its layers (all 60 would need ~190 GB).
+  # What fits one H200 (139 GiB usable; estimates from the script's own estimate_gb at 256 tokens):
+  # e2b at full depth with a float64 truth (54 GB); 26b-a4b (146 GB in full) and 31b (~190 GB)
+  # with a float32 truth over 20 of 30 and 30 of 60 layers (100 and 97 GB).
   local rc=0 t json="$OUT/real_shape_stats.jsonl"
   t=$(limit real-shapes 540)
-  for args in "--preset e2b" "--preset 26b-a4b --truth-dtype float32" "--preset 31b --layers 30 --truth-dtype float32"; do
+  for args in "--preset e2b" "--preset 26b-a4b --layers 20 --truth-dtype float32" \
+              "--preset 31b --layers 30 --truth-dtype float32"; do
     echo "-- real_shape_stats $args"
     # shellcheck disable=SC2086  # $args is a list of words
     run $((t / 3)) python3 bench/real_shape_stats.py $args --device "$DEVICE" --tokens 256 --max-gb 120 \

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from oracle.distribution import distribution_metrics  # noqa: E402
 from reference import Gemma4Reference  # noqa: E402
 from reference.config import ConfigError, Gemma4Config  # noqa: E402
-from reference.model import attention_mask, compute_dtype  # noqa: E402
+from reference.model import attention_mask, compute_dtype, moe_router_input  # noqa: E402
 from reference.presets import get_preset  # noqa: E402
 from reference.weights import default_init, parameter_count, random_weights  # noqa: E402
 
@@ -110,8 +110,7 @@ def router_stats(ref: Gemma4Reference, truth: Gemma4Reference, layer: int, x: to
     """Router logits std (truth) and the share of tokens whose top-k expert set differs."""
     p = f"layers.{layer}."
     cfg = truth.config
-    from reference.model import rms_norm
-    z = rms_norm(xt, None, cfg.rms_norm_eps) * truth.w[p + "router.scale"] * cfg.hidden_size ** -0.5
+    z = moe_router_input(xt, truth.w[p + "router.scale"], cfg.rms_norm_eps)
     logits = torch.nn.functional.linear(z, truth.w[p + "router.proj.weight"])
     _, ids_c = ref.route(x.reshape(-1, x.shape[-1]), p)
     _, ids_t = truth.route(xt.reshape(-1, xt.shape[-1]), p)
