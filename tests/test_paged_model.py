@@ -14,7 +14,11 @@ import pytest
 import torch
 
 import reference
+from optimized.kernels import default_device
 from optimized.runner import Runner
+
+# The machine's device: on a GPU the kernels run compiled (the reference stays on the CPU).
+DEVICE = default_device()
 
 LOGIT_RTOL = 5e-5  # of max|logit|: random init puts logits at std ~6 (reference/weights.py)
 TAP_RTOL = 1e-4
@@ -30,7 +34,7 @@ class TapCollector:
         slot = self.rows.setdefault((rid, name), {})
         for p, row in zip(positions.tolist(), tensor):
             assert p not in slot, f"{name}: position {p} of request {rid} reported twice"
-            slot[p] = row
+            slot[p] = row.cpu()
 
     def get(self, rid, name):
         slot = self.rows[(rid, name)]
@@ -54,7 +58,7 @@ def check_parity(preset, lengths, new=3, seed=0, taps=True, **runner_kw):
               if k in runner_kw}
     cfg, w = reference.resolve(preset, dtype=torch.float32, seed=seed)
     ref = reference.Gemma4Reference(cfg, w)
-    runner = Runner(cfg, weights=w, dtype=torch.float32, device="cpu", **runner_kw)
+    runner = Runner(cfg, weights=w, dtype=torch.float32, device=DEVICE, **runner_kw)
     prompts = run_kw.pop("prompts", None) or _prompts(cfg, lengths, seed)
     sink = TapCollector() if taps else None
     results = runner.run(prompts, max_new_tokens=new, return_logits=True, taps=sink, **run_kw)
@@ -148,7 +152,7 @@ def test_out_of_pages_queues_requests():
 def test_same_inputs_same_outputs():
     cfg, w = reference.resolve("tiny", seed=9)
     prompts = _prompts(cfg, [9, 4], seed=9)
-    runs = [Runner(cfg, weights=w, device="cpu", page_size=4, chunk_size=3, page_order_seed=1)
+    runs = [Runner(cfg, weights=w, device=DEVICE, page_size=4, chunk_size=3, page_order_seed=1)
             .run(prompts, max_new_tokens=3, return_logits=True) for _ in range(2)]
     for a, b in zip(*runs):
         assert a.tokens == b.tokens and torch.equal(a.logits, b.logits)
@@ -158,7 +162,7 @@ def test_teacher_forcing_overrides_greedy():
     cfg, w = reference.resolve("tiny", seed=10)
     prompt = _prompts(cfg, [6], seed=10)[0]
     teacher = [[5, 6, 7]]
-    res = Runner(cfg, weights=w, device="cpu", page_size=4).run([prompt], max_new_tokens=3, teacher_tokens=teacher,
+    res = Runner(cfg, weights=w, device=DEVICE, page_size=4).run([prompt], max_new_tokens=3, teacher_tokens=teacher,
                                                                  return_logits=True)[0]
     assert res.tokens == [5, 6, 7]
     ref = reference.Gemma4Reference(cfg, w)(torch.tensor(prompt + [5, 6, 7]))
@@ -181,5 +185,5 @@ def test_teacher_forcing_overrides_greedy():
 def test_bad_arguments_fail_before_any_work(kwargs, args, match):
     cfg, w = reference.resolve("tiny", seed=0)
     with pytest.raises(ValueError, match=match):
-        runner = Runner(cfg, weights=w, device="cpu", **kwargs)
+        runner = Runner(cfg, weights=w, device=DEVICE, **kwargs)
         runner.run(**args)

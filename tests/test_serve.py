@@ -26,10 +26,12 @@ except ImportError:  # optional: without it the server takes token ids only
 import reference
 from oracle.cli import build_parser, main
 from optimized.engine import Engine, SamplingParams
+from optimized.kernels import default_device
 from optimized.serve import (ChatError, ChatTemplate, Tokenizer, build_server, load_chat_template, load_tokenizer,
                              make_server)
 
 P1 = [5, 9, 2, 77, 31, 140]
+DEVICE = default_device()  # the machine's: on a GPU the engine serves with compiled kernels
 needs_tokenizers = pytest.mark.skipif(tokenizers is None, reason="text input needs the optional `tokenizers` package")
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -94,7 +96,7 @@ def engine_stats(server):
 
 @pytest.fixture(scope="module")
 def server():
-    srv = make_server(Engine("tiny", dtype=torch.float32, device="cpu"), model_name="tiny")
+    srv = make_server(Engine("tiny", dtype=torch.float32, device=DEVICE), model_name="tiny")
     thread = run_server(srv)
     yield srv
     srv.shutdown()
@@ -128,7 +130,7 @@ def test_health_and_models(server):
 def test_generate_matches_engine_and_reference(p1_alone, ref_model):
     assert p1_alone["finish_reason"] == "length" and p1_alone["prompt_tokens"] == len(P1)
     assert "text" not in p1_alone  # no tokenizer
-    second = Engine("tiny", dtype=torch.float32, device="cpu")
+    second = Engine("tiny", dtype=torch.float32, device=DEVICE)
     (out,) = second.generate([P1], SamplingParams(max_new_tokens=4, ignore_eos=True))
     assert p1_alone["output_ids"] == out.tokens
     assert out.tokens == reference_greedy(ref_model, P1, 4)
@@ -331,7 +333,7 @@ def text_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_server(text_dir):
-    srv = build_server(str(text_dir), port=0, device="cpu", log_requests=False)
+    srv = build_server(str(text_dir), port=0, device=str(DEVICE), log_requests=False)
     thread = run_server(srv)
     yield srv
     srv.shutdown()

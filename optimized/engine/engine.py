@@ -214,16 +214,21 @@ class Engine:
         """(every row's logits [N, V], or None without taps; the selected rows [B, V])."""
         select = self._sample_rows(batch)
         if self.taps is None:
-            if self.decode_graphs is not None and batch.is_decode:
+            if self._replays(batch):
                 return None, self.decode_graphs.run(ids, batch)[select]
             return None, self.model.forward(ids, batch, logit_rows=select)
         # The model's own `logits` tap is dropped: postprocess reports the rows it selected.
         model_taps = _without_logits(self.taps)
-        if self.decode_graphs is not None and batch.is_decode:
+        if self._replays(batch):
             logits = self.decode_graphs.run(ids, batch, taps=model_taps)
         else:
             logits = self.model.forward(ids, batch, taps=model_taps)
         return logits, logits[select]
+
+    def _replays(self, batch: ForwardBatch) -> bool:
+        """Whether this step runs on the decode graphs' static buffers: decode-only steps that fit
+        them (an injected fault's wider page table does not, and runs eagerly)."""
+        return self.decode_graphs is not None and batch.is_decode and self.decode_graphs.fits(batch)
 
     def _postprocess(self, plan, batch: ForwardBatch, logits: torch.Tensor | None, rows: torch.Tensor) -> list[Event]:
         if self.taps is not None:

@@ -68,7 +68,15 @@ class DecodeGraphs:
             module = torch.get_device_module(dev)
             pool = module.graph_pool_handle()
             for b in reversed(self.sizes):  # largest first: the smaller ones reuse its memory
-                self.forward(b)  # warm-up: compile every kernel for this shape outside the capture
+                # Warm-up outside the capture, on a side stream as the device's graph docs ask:
+                # compiles every kernel for this shape and lets lazy library state (cuBLAS
+                # workspaces) initialise. Warmed on the default stream, the first capture in a
+                # fresh process failed on an H200 now and then.
+                side = module.Stream()
+                side.wait_stream(module.current_stream())
+                with module.stream(side):
+                    self.forward(b)
+                module.current_stream().wait_stream(side)
                 module.synchronize()
                 graph = module.CUDAGraph()
                 with module.graph(graph, pool=pool):
@@ -93,6 +101,11 @@ class DecodeGraphs:
         for t in (self.ids, self.positions, self.out_slots, self.swa_out_slots, self.page_table, self.swa_page_table):
             t[start:] = 0
         self.seq_lens[start:] = 1
+
+    def fits(self, batch: ForwardBatch) -> bool:
+        """Whether a decode batch fits the static buffers (requests and page-table width)."""
+        width = max(batch.page_table.shape[1], batch.swa_page_table.shape[1])
+        return len(batch.items) <= self.sizes[-1] and width <= self.page_table.shape[1]
 
     def run(self, ids: torch.Tensor, batch: ForwardBatch, taps: TapSink | None = None) -> torch.Tensor:
         """Logits [b, V] of a decode batch of b <= max_requests requests; with taps, the step's
