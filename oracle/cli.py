@@ -172,16 +172,18 @@ def _scenarios(args) -> list:
     command line; a scenario file keeps its own model fields except those given explicitly (MODEL,
     --dtype, --seed, a --device other than auto), which override it, said on stderr."""
     from .faults import FAULTS, get
-    from .scenario import builtin
+    from .scenario import builtin, default_suite
 
     device = resolve_device(args.device)
     model = (args.model or "tiny", args.dtype or "float32", device, 0 if args.seed is None else args.seed)
     injected = getattr(args, "inject", [])
     if not args.scenario and injected:  # each injected fault's own scenario, once
         return list({s.name: s for s in (get(n).scenario(*model) for n in injected)}.values())
+    # No MODEL: the main job, every test architecture (scenario.default_suite).
+    suite = default_suite(*model[1:]) if args.model is None else builtin(*model)
     if not args.scenario:
-        return builtin(*model)
-    names = {s.name: s for s in [*builtin(*model), *(f.scenario(*model) for f in FAULTS.values())]}
+        return suite
+    names = {s.name: s for s in [*suite, *builtin(*model), *(f.scenario(*model) for f in FAULTS.values())]}
     return [names[item] if item in names else _from_file(item, args) for item in args.scenario]
 
 
@@ -539,11 +541,11 @@ def cmd_serve(args) -> int:
 def cmd_scenarios(args) -> int:
     """The built-in scenarios (what `check` runs by default) and the faults' own, one line each."""
     from .faults import FAULTS
-    from .scenario import builtin
+    from .scenario import default_suite
 
-    listed = builtin()
+    listed = default_suite()
     width = max(len(s.name) for s in [*listed, *(f.scenario() for f in FAULTS.values())])
-    print("built-in (check runs these by default; --scenario NAME picks one):")
+    print("built-in (check with no MODEL runs these; with a MODEL, the tiny ones on it; --scenario NAME picks one):")
     for sc in listed:
         print(f"  {sc.name:{width}s}  {_describe(sc)}")
     print("fault scenarios (check --inject FAULT runs its own; also usable with --scenario NAME):")
@@ -570,6 +572,10 @@ def _describe(sc) -> str:
         parts.append("prefix reuse")
     if e.num_pages is not None:
         parts.append(f"{e.num_pages}-page pool")
+    if e.token_budget is not None or e.max_requests is not None:
+        parts.append(f"scheduler decides (budget {e.token_budget}, {e.max_requests} running)")
+    if e.decode != "auto":
+        parts.append(f"decode: {e.decode}")
     return ", ".join(parts)
 
 
@@ -578,8 +584,9 @@ def _add_model_args(p, scenarios: bool = True) -> None:
     # given explicitly (None = not given); _scenarios fills in tiny / float32 / seed 0.
     override = " (overrides a scenario file's model.{})" if scenarios else "{}"
     p.add_argument("model", nargs="?", default=None if scenarios else "tiny",
-                   help="preset name (`tiny`, `tiny-moe`, `e2b`, ...) or checkpoint directory (default: tiny)"
-                        + override.format("source"))
+                   help="preset name (`tiny`, `tiny-moe`, `e2b`, ...) or checkpoint directory (default: "
+                        + ("the main job: the three test architectures tiny, tiny-kv-eq-v, tiny-moe; a fault's "
+                           "own scenario on tiny)" if scenarios else "tiny)") + override.format("source"))
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None if scenarios else "float32",
                    help="dtype of the weights and activations (default: float32)" + override.format("dtype"))
     p.add_argument("--device", default="auto",

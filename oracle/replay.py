@@ -227,6 +227,24 @@ def _attn(spec: LayerSpec) -> str:
     return f"layers.{spec.index}.self_attn."
 
 
+# A router logit gap within this many times the reference's own movement of that row's router
+# logits (both against the truth) is one a second draw of the same noise may close.
+GLOBAL_TIE = 3.0
+
+
+def _router_logits(m: Gemma4Reference, r: torch.Tensor, p: str) -> torch.Tensor:
+    cfg = m.config
+    z = rms_norm(r, None, cfg.rms_norm_eps) * m.w[p + "router.scale"] * cfg.hidden_size ** -0.5
+    return F.linear(z, m.w[p + "router.proj.weight"])
+
+
+def _rows_at_positions(have: torch.Tensor, want: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Indices of `want`'s positions in `have`, and whether any is absent."""
+    index = {int(p): i for i, p in enumerate(have.tolist())}
+    at = [index.get(int(p)) for p in want.tolist()]
+    return torch.tensor([i or 0 for i in at], dtype=torch.long), any(i is None for i in at)
+
+
 def _near_tie(m: Gemma4Reference, r: torch.Tensor, p: str, compared_dtype: torch.dtype | None) -> torch.Tensor:
     """Rows whose k-th and (k+1)-th router logits are closer than rounding in the compared dtype
     can separate. A logit l_i = sum_j W_ij z_j picks up rounding from z (normed and scaled in
@@ -281,8 +299,38 @@ STAGES: dict[str, Stage] = {
 }
 
 
+NO_TIE = 2 ** 40  # Replayer.routing_ties of a row whose expert choices are all clear
+
+
 class Replayer:
     """Replays taps of captures taken with one model (`config` and its weights)."""
+
+    def routing_ties(self, truth: RequestCapture, ref: RequestCapture | None,
+                     compared_dtype: torch.dtype | None) -> torch.Tensor | None:
+        """Per truth row, the first layer whose top-k expert choice a correct path in the compared
+        dtype may flip (NO_TIE where none), or None on models without experts. Past such a layer
+        the row of a correct path may carry a whole other expert's output. Globally (against the
+        truth) a choice is close when its k-th/(k+1)-th router logit gap is within rounding of this
+        stage (_near_tie) or within GLOBAL_TIE times how far the reference's own input, carrying
+        what earlier layers passed on, moves the router logits of that row."""
+        cfg = self.config
+        if not cfg.enable_moe_block or compared_dtype is None or ref is None:
+            return None
+        first = torch.full((truth.positions.numel(),), NO_TIE, dtype=torch.long)
+        at, absent = _rows_at_positions(ref.positions, truth.positions)
+        for spec in cfg.layers:
+            name = f"layers.{spec.index}.attn_out"
+            if name not in truth.taps or name not in ref.taps or absent:
+                return None
+            p = _layer(spec)
+            x = truth.taps[name].to(device=self.model.device, dtype=F64)
+            y = ref.taps[name][at].to(device=self.model.device, dtype=F64)
+            lt, lr = _router_logits(self.model, x, p), _router_logits(self.model, y, p)
+            top = lt.topk(cfg.top_k_experts + 1, dim=-1).values
+            moved = (lr - lt).abs().max(dim=-1).values
+            tie = _near_tie(self.model, x, p, compared_dtype) | (top[:, -2] - top[:, -1] < GLOBAL_TIE * moved)
+            first = torch.where(tie.cpu() & (first == NO_TIE), spec.index, first)
+        return first
 
     def __init__(self, config: Gemma4Config, weights: Mapping[str, torch.Tensor]):
         # Weights stay on their device (the truth model's float64 weights are reused as they are);

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from optimized.kernels import graphs_supported
 from optimized.runner import Runner
 from reference import Gemma4Reference, resolve
 
@@ -73,11 +74,13 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
     """Capture truth, reference and optimized path for a scenario and compare them.
     `runner_factory` lets a test substitute the optimized path; `faults` names known bugs
     (oracle/faults.py) injected into the optimized path while it runs; `decode_graphs` is the
-    engine's `graphs` (None: replay where the device can capture, "static": the padded static
-    decode batch without capture, False: plain eager decode)."""
+    engine's `graphs` (None: the scenario's `engine.decode`; "static": the padded static decode
+    batch without capture; False: plain eager decode; True: graphs or an error)."""
     for name in faults:
         get_fault(name)  # an unknown name fails before any work
     m = scenario.model
+    if decode_graphs is None:
+        decode_graphs = engine_graphs(scenario.engine.decode, m.device)
     if weights is None:
         cfg, weights = resolve(m.source, dtype=scenario.dtype, device=m.device, seed=m.seed)
     else:
@@ -121,6 +124,13 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
                      for rid, p, r, res in zip(ids, prompts, scenario.requests, results)],
     }
     return ScenarioRun(scenario, truth, ref, cand, comparison, layout)
+
+
+def engine_graphs(decode: str, device: str) -> bool | str | None:
+    """The engine's `graphs` setting for a scenario's `engine.decode` (oracle/scenario.py)."""
+    if decode == "graphs":
+        return None if graphs_supported(torch.device(device)) else "static"
+    return {"auto": None, "static": "static", "eager": False}[decode]
 
 
 def _decode_path(engine) -> str:

@@ -20,7 +20,7 @@ Running a scenario is deterministic: the same JSON gives the same tokens, pages 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,14 @@ class EngineSpec:
     # by continuous batching under this per-step token budget / running-request limit.
     token_budget: int | None = None
     max_requests: int | None = None
+    # How decode steps run (DECODE_MODES): "auto" replays device graphs where the device can
+    # capture them and runs eagerly elsewhere; "graphs" is the path that serves as closely as the
+    # device allows: captured graphs, or on a device without them the same padded static batches
+    # run eagerly; "static" always the padded static batches; "eager" never.
+    decode: str = "auto"
+
+
+DECODE_MODES = ("auto", "graphs", "static", "eager")
 
 
 @dataclass(frozen=True)
@@ -139,14 +147,17 @@ def from_dict(d: Any) -> Scenario:
     if model.dtype not in DTYPES:
         raise ScenarioError(f"model.dtype: {model.dtype!r} is not one of {sorted(DTYPES)}")
     e = _only("engine", d.get("engine", {}), {"page_size", "chunk_size", "num_pages", "page_order_seed",
-                                              "token_budget", "max_requests"})
+                                              "token_budget", "max_requests", "decode"})
     engine = EngineSpec(
         page_size=_int("engine.page_size", e.get("page_size", 16), 1),
         chunk_size=_int("engine.chunk_size", e.get("chunk_size", 512), 1),
         num_pages=_int("engine.num_pages", e.get("num_pages"), 2, optional=True),
         page_order_seed=_int("engine.page_order_seed", e.get("page_order_seed"), 0, optional=True),
         token_budget=_int("engine.token_budget", e.get("token_budget"), 1, optional=True),
-        max_requests=_int("engine.max_requests", e.get("max_requests"), 1, optional=True))
+        max_requests=_int("engine.max_requests", e.get("max_requests"), 1, optional=True),
+        decode=e.get("decode", "auto"))
+    if engine.decode not in DECODE_MODES:
+        raise ScenarioError(f"engine.decode: {engine.decode!r} is not one of {list(DECODE_MODES)}")
     reqs = d.get("requests")
     if not isinstance(reqs, list) or not reqs:
         raise ScenarioError("requests: expected a non-empty list")
@@ -250,10 +261,17 @@ def save(scenario: Scenario, path: str | Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
+# The test architectures the main job covers: E2B-like (PLE, KV sharing), 31B-like (K=V) and
+# 26B-A4B-like (MoE); see reference/presets.py.
+TEST_MODELS = ("tiny", "tiny-kv-eq-v", "tiny-moe")
+
+
 def builtin(source: str = "tiny", dtype: str = "float32", device: str = "cpu", seed: int = 0) -> list[Scenario]:
     """Small scenarios that together cover one-shot and chunked prefill, decode past the sliding
-    window, page sizes 1 to 16, shuffled pages, mixed extend/decode batches and prefix reuse.
-    Lengths are in units of the tiny models' windows (4 to 6 tokens)."""
+    window, page sizes 1 to 16, shuffled pages, mixed extend/decode batches, prefix reuse (whole
+    pages and mid-page), attention over several key tiles, deep positions and the engine's own
+    continuous batching with the decode path that serves. Lengths are in units of the tiny
+    models' windows (4 to 6 tokens) and their kernels' 16-key tiles."""
     model = {"source": source, "seed": seed, "dtype": dtype, "device": device}
     raw = [
         {"name": "one-shot-prefill", "model": model, "engine": {"page_size": 16, "chunk_size": 64},
@@ -263,11 +281,53 @@ def builtin(source: str = "tiny", dtype: str = "float32", device: str = "cpu", s
          "requests": [{"id": "r0", "length": 13, "seed": 2, "new_tokens": 1},
                       {"id": "r1", "length": 6, "seed": 3, "new_tokens": 1, "chunks": [1, 2, 3]}]},
         {"name": "decode-past-window", "model": model, "engine": {"page_size": 2, "chunk_size": 4, "page_order_seed": 5},
-         "requests": [{"id": "r0", "length": 3, "seed": 4, "new_tokens": 12}]},
+         "requests": [{"id": "r0", "length": 3, "seed": 4, "new_tokens": 9}]},
         {"name": "mixed-batch-prefix-reuse", "model": model,
          "engine": {"page_size": 1, "chunk_size": 4, "page_order_seed": 3},
          "requests": [{"id": "r0", "length": 9, "seed": 5, "new_tokens": 4},
                       {"id": "r1", "length": 3, "seed": 6, "new_tokens": 2, "arrival": 1,
                        "prefix_from": {"request": "r0", "length": 6}}]},
+        # r0's 40 keys span three 16-key tiles on full layers. r1 arrives when r0 has written 10
+        # tokens: the shared opening ends mid-page (page 4), so r1 reuses the 8 tokens of whole
+        # pages and recomputes the rest of the page, in the same step as r0's second chunk.
+        {"name": "prefix-mid-page-over-key-tiles", "model": model,
+         "engine": {"page_size": 4, "chunk_size": 64, "page_order_seed": 13},
+         "requests": [{"id": "r0", "length": 40, "seed": 7, "new_tokens": 3, "chunks": [10, 30]},
+                      {"id": "r1", "length": 5, "seed": 8, "new_tokens": 2, "arrival": 1,
+                       "prefix_from": {"request": "r0", "length": 22}}]},
+        # The scheduler decides: a 16-token budget and 3 running requests cut prompts into chunks
+        # beside other requests' decodes, the 4th request waits for a slot, and decode runs as it
+        # serves (device graphs; on a CPU the same padded static batches, eagerly).
+        {"name": "engine-continuous-batching", "model": model,
+         "engine": {"page_size": 2, "chunk_size": 8, "page_order_seed": 17, "token_budget": 16,
+                    "max_requests": 3, "decode": "graphs"},
+         "requests": [{"id": "r0", "length": 12, "seed": 9, "new_tokens": 4},
+                      {"id": "r1", "length": 19, "seed": 10, "new_tokens": 3},
+                      {"id": "r2", "length": 5, "seed": 11, "new_tokens": 4, "arrival": 1},
+                      {"id": "r3", "length": 9, "seed": 12, "new_tokens": 3, "arrival": 2}]},
+        # Positions deep enough that RoPE angles rounded to a low precision show (an angle error
+        # grows with the position): thousands on a GPU, what 2 CPU cores run in seconds here.
+        {"name": "deep-positions", "model": model,
+         "engine": {"page_size": 16, "chunk_size": 1024 if device != "cpu" else 100, "page_order_seed": 19},
+         "requests": [{"id": "r0", "length": DEEP_POSITIONS[device != "cpu"], "seed": 13, "new_tokens": 2}]},
     ]
     return [from_dict(r) for r in raw]
+
+
+# Prompt length of `deep-positions` (on a CPU, on an accelerator).
+DEEP_POSITIONS = (200, 4096)
+
+# What the main job runs on the architectures other than `tiny`: the scenarios where their
+# differences (K=V full layers, MoE routing, no PLE or KV sharing) meet paging, chunking, prefix
+# reuse and the engine. `tiny` runs the whole built-in set.
+OTHER_MODEL_SCENARIOS = ("prefix-mid-page-over-key-tiles", "engine-continuous-batching")
+
+
+def default_suite(dtype: str = "float32", device: str = "cpu", seed: int = 0) -> list[Scenario]:
+    """The main job (`gemma4-testbed check` with no MODEL): every built-in scenario on `tiny`, and
+    OTHER_MODEL_SCENARIOS on the other test architectures, named "<model>/<scenario>"."""
+    out = builtin(TEST_MODELS[0], dtype, device, seed)
+    for source in TEST_MODELS[1:]:
+        out += [replace(s, name=f"{source}/{s.name}") for s in builtin(source, dtype, device, seed)
+                if s.name in OTHER_MODEL_SCENARIOS]
+    return out

@@ -187,10 +187,11 @@ def test_a_missing_softcap_shows_in_the_distribution_metrics(dtype):
     assert first is not None and first.tap == "logits", run.comparison.summary()
     dist = _logits_row(run).distribution
     assert dist is not None and dist.error.kl_mean > dist.noise.kl_mean and dist.error.kl_max > dist.noise.kl_max
-    if dtype == "bfloat16" and not INTERPRETING:
-        # On tiny in bf16 the reference's own noise is large (logits 16% off the truth): on an H200
-        # its KL reaches 0.06 at a position and the budget covers the fault's 0.07-0.11; the local
-        # judgement catches it there (tests/test_replay.py). Under the interpreter both do.
+    if dtype == "bfloat16":
+        # On tiny in bf16 the reference's own noise is large (logits 16% off the truth): its KL
+        # reaches 0.01-0.06 at a position, and a KL budget of 16x that (KL is quadratic in the
+        # logit error) covers the fault's 0.05-0.11. The local judgement catches it (the first
+        # divergence above; tests/test_replay.py).
         return
     assert not dist.passed, run.comparison.summary()
     assert dist.error.kl_mean > 10 * dist.noise.kl_mean
