@@ -9,6 +9,7 @@
 # TIMEOUT_SUITE=400; a stage that fails or times out is reported and the next one still runs):
 #   suite            the test suite on the GPU, 12 workers [540]            -> suite.log
 #   check            gemma4-testbed check, bf16 then float32, timed [280]   -> check-{bfloat16,float32}/, check.log
+#   check-real       check e2b in bf16 (seeded checkpoint-like weights) on two scenarios [200] -> check-e2b/, check_real.log
 #   calibrate        bf16 calibration of the sharp checks [300]             -> calibration_bf16.json, calibrate.log
 #   real-shapes      random-init statistics at real shapes [540]            -> real_shape_stats.jsonl, real_shapes.log
 #   kernels          kernel testbed at E2B sizes + bench/kernel_bench.py [560] -> kernels/kernels.json, kernel_bench.*
@@ -29,7 +30,7 @@ OUT=${OUT:-reports/gpu}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs a stage here, for a smoke test of the script
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 
-STAGES=(suite check calibrate real-shapes kernels kernels-nographs launch-sweep engine graphs attention parity taps)
+STAGES=(suite check check-real calibrate real-shapes kernels kernels-nographs launch-sweep engine graphs attention parity taps)
 
 usage() {
   sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -78,6 +79,14 @@ stage_check() {
         2>&1 | tee -a "$OUT/check.log" || rc=1
   done
   return $rc
+}
+
+stage_check_real() {
+  # e2b fits one H200 beside its float64 truth; 31b and 26b-a4b do not (real-shapes measures them
+  # at reduced depth).
+  { time run "$(limit check-real 200)" python3 -m oracle.cli check e2b --device "$DEVICE" --dtype bfloat16 \
+      --scenario one-shot-prefill --scenario engine-continuous-batching --out "$OUT/check-e2b"; } \
+      2>&1 | tee "$OUT/check_real.log"
 }
 
 stage_calibrate() {

@@ -76,7 +76,7 @@ def error_of(reply) -> str:
 def reference_greedy(model, prompt, n):
     ids = list(prompt)
     for _ in range(n):
-        ids.append(int(model(torch.tensor(ids))[-1].argmax()))
+        ids.append(int(model(torch.tensor(ids, device=model.device))[-1].argmax()))
     return ids[len(prompt):]
 
 
@@ -106,7 +106,9 @@ def server():
 
 @pytest.fixture(scope="module")
 def ref_model():
-    return reference.load_model("tiny", dtype=torch.float32)
+    # On the server's device: a preset's seeded random weights are drawn by that device's
+    # generator (reference/weights.py), so a CPU copy would be another model on a GPU machine.
+    return reference.load_model("tiny", dtype=torch.float32, device=DEVICE)
 
 
 @pytest.fixture(scope="module")
