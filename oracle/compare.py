@@ -492,10 +492,11 @@ def _compare_tap(tap: str, truth_tap: str, truth: RequestCapture, ref: RequestCa
 def _clear_routing(tap: str, aligned: tuple, truth: RequestCapture, ties: torch.Tensor | None
                    ) -> tuple[tuple | None, int]:
     """The aligned rows without those past a near-tie expert choice (Replayer.routing_ties; None
-    when no row is left), and how many were left out. Such a row is a coin flip for any correct path in the compared dtype:
-    one more or one less ULP in the router input picks a whole other expert, whose output then
-    flows on (a clean bf16 tiny-moe check failed layers.1.mlp_out at 3x its budget on one such
-    row). The local judgement still judges every stage whose own choice is clear."""
+    when no row is left), and how many were left out. Such a row is a coin flip for any correct
+    path in the compared dtype: a little more or less in the router input picks a whole other
+    expert, whose output then flows on (a clean bf16 tiny-moe check failed layers.1.mlp_out at 3x
+    its budget on one such row). The local judgement still judges every stage whose own choice
+    is clear."""
     if ties is None:
         return aligned, 0
     c, r, t, positions = aligned
