@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 
 from optimized.kernels import default_device
@@ -23,6 +24,7 @@ from oracle.testing import assert_parity, scenario
 DEVICE = str(default_device())  # the machine's (conftest's `device`), at import for the strategy
 
 
+@pytest.mark.slow  # a property sweep (README: the second test command)
 @settings(max_examples=max(1, settings.default.max_examples // 5))
 @given(sc=scenarios(device=DEVICE))
 def test_generated_scenarios_hold_parity(sc):

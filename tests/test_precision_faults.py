@@ -29,6 +29,7 @@ def test_precision_fault_is_caught_at_its_tap(name, dtype):
     assert first.tap == fault.expect, run.comparison.summary()
 
 
+@pytest.mark.slow  # clean generated scenarios (README: the second test command)
 def test_clean_bf16_scenarios_pass_the_sharp_checks():
     for i, (model, length) in enumerate([("tiny", 24), ("tiny-kv-eq-v", 17)]):
         sc = from_dict({"name": f"clean-{i}", "model": {"source": model, "seed": i, "dtype": "bfloat16", "device": DEVICE},
