@@ -437,17 +437,27 @@ def cmd_diff(args) -> int:
         return _refuse(e)
     print(comparison.summary())
     if out:
+        from .facts import Comparison as FactsComparison
+        from .facts import Environment, Facts, FactsError, ScenarioFacts
+
         scenario = cand.metadata.get("scenario") or {}
-        facts = {
-            "title": f"diff {args.baseline} {args.candidate}",
-            "verdict": "parity" if comparison.passed else "divergence",
-            "summary": comparison.summary().splitlines()[0],
-            "scenarios": [{"name": scenario.get("name", "capture"), "passed": comparison.passed,
-                           "scenario": scenario, "layout": None, "comparison": comparison.to_dict()}],
-            "environment": {"versions": cand.metadata.get("versions", {}), "device": cand.metadata.get("device"),
-                            "dtype": cand.metadata.get("dtype"), "git": cand.metadata.get("git"), "host": ""},
-            "command": _command_line(args.argv),
-        }
+        try:
+            facts = Facts(
+                title=f"diff {args.baseline} {args.candidate}",
+                verdict="parity" if comparison.passed else "divergence",
+                summary=comparison.summary().splitlines()[0],
+                scenarios=[ScenarioFacts(name=str(scenario.get("name", "capture")), passed=comparison.passed,
+                                         scenario=scenario, layout=None,
+                                         comparison=FactsComparison.load(comparison.to_dict(),
+                                                                         "facts.scenarios[0].comparison"))],
+                environment=Environment.load({"versions": cand.metadata.get("versions", {}),
+                                              "device": cand.metadata.get("device"),
+                                              "dtype": cand.metadata.get("dtype"), "git": cand.metadata.get("git"),
+                                              "host": ""}, "facts.environment"),
+                command=_command_line(args.argv),
+            )
+        except FactsError as e:
+            return _refuse(BadInput(f"{args.candidate}: metadata does not fit the report: {e}"))
         html, _ = write_report(facts, out)
         print(f"report: {html}")
     return EXIT_OK if comparison.passed else EXIT_DIVERGED
@@ -456,7 +466,7 @@ def cmd_diff(args) -> int:
 def cmd_report(args) -> int:
     import json
 
-    from .report import write_report
+    from .report import ReportError, write_report
 
     src = Path(args.directory) / "report.json"
     try:
@@ -470,6 +480,8 @@ def cmd_report(args) -> int:
     except (OSError, UnicodeDecodeError) as e:
         return _refuse(BadInput(f"{src}: cannot read ({e})"))
     # Whatever report.json holds is input here: a hand-edited one must not end in a traceback.
+    except ReportError as e:  # the facts do not fit the schema (oracle/facts.py): the field's path
+        return _refuse(BadInput(f"{src}: cannot render ({e})"))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         return _refuse(BadInput(f"{src}: cannot render ({e})"))
     print(f"report: {html}")

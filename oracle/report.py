@@ -3,22 +3,10 @@
     html = render_report(facts)
     html_path, json_path = write_report(facts, "reports/run-1")
 
-`facts` is a plain JSON-able dict (the schema is below); the report shows, top to bottom: the
-verdict, the first divergence, each scenario (its settings, a drawing of its page layout and
-chunks, a layer x tap-kind heatmap of error/budget, a second one for the layer-local judgements
-when the comparison has them, error growth across layers), the kernels table when given, the
-environment, and last the command that reproduces it.
-
-    {"title": str, "verdict": "parity" | "divergence" | "no verdict", "summary": str,
-     "scenarios": [{"name": str, "passed": bool, "scenario": {...scenario JSON...},
-                    "layout": {"page_size", "num_pages", "requests": [{"id", "prompt_len",
-                               "new_tokens", "pages", "chunks", "prefix_reused"}]},
-                    "comparison": Comparison.to_dict()}],
-     "kernels": [{"name", "shape", "dtype", "max_ulp", "max_rel", "passed", "time_us",
-                  "eager_us", "unfused_us"}]  (optional),
-     "environment": {"versions": {...}, "device", "dtype", "git": {"revision", "dirty"} | None,
-                     "host"},
-     "command": str}
+`facts` is a plain JSON-able dict or an oracle.facts.Facts; its schema is declared once, in
+oracle/facts.py (Facts > ScenarioFacts > Layout / Comparison > RequestComparison > TapRow ...),
+and checked on the way in: a missing or unknown field is a ReportError naming its path. The
+view below reads the checked facts as Records, which refuse a name the schema does not declare.
 
 Numbers may be floats, ints, None, or the strings "inf" / "-inf" / "nan" that
 Comparison.to_dict() uses for non-finite values. Everything from the facts reaches the HTML
@@ -39,9 +27,9 @@ import jinja2
 
 from reference.fileio import write_atomic
 
+from .facts import VERDICTS, Facts, FactsError, load_facts
 from .taps import HEAD_KINDS, LAYER_KINDS, TAIL_KINDS
 
-VERDICTS = ("parity", "divergence", "no verdict")
 REQUIRED = ("title", "verdict", "summary", "scenarios", "environment", "command")
 TEMPLATE = "report.html.j2"
 
@@ -51,7 +39,8 @@ POSITIONS_FOR_CHUNK_SENTENCE = 5  # "the 5 worst positions sit in ..."
 
 
 class ReportError(ValueError):
-    """The facts cannot make a report (a required key missing, an unknown verdict)."""
+    """The facts cannot make a report (a required key missing, an unknown verdict, a field the
+    schema in oracle/facts.py does not know)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -59,19 +48,36 @@ class ReportError(ValueError):
 # --------------------------------------------------------------------------------------
 
 
-def render_report(facts: Mapping[str, Any]) -> str:
-    """The report as one self-contained HTML document."""
+def load(facts: Mapping[str, Any] | Facts) -> Facts:
+    """The facts checked against the schema (oracle/facts.py); ReportError naming the field's
+    path when they do not fit it."""
+    if isinstance(facts, Facts):
+        return facts
     _check(facts)
-    return _environment().get_template(TEMPLATE).render(**_view(facts))
+    try:
+        return load_facts(jsonable(facts))
+    except FactsError as e:
+        raise ReportError(str(e)) from None
 
 
-def write_report(facts: Mapping[str, Any], directory: str | os.PathLike) -> tuple[Path, Path]:
+def render_report(facts: Mapping[str, Any] | Facts) -> str:
+    """The report as one self-contained HTML document."""
+    return _render(load(facts))
+
+
+def _render(facts: Facts) -> str:
+    # The view reads Records: a read of a name the schema does not declare raises.
+    return _environment().get_template(TEMPLATE).render(**_view(facts.to_dict(strict=True)))
+
+
+def write_report(facts: Mapping[str, Any] | Facts, directory: str | os.PathLike) -> tuple[Path, Path]:
     """Write `<directory>/report.html` and `<directory>/report.json` (the same facts, non-finite
     floats spelled "inf"/"-inf"/"nan"), each atomically (reference/fileio.py: a temporary file
     beside it, fsynced and renamed into place, mode 0666 less the umask).
     Both are rendered before either is written."""
-    html = render_report(facts)
-    data = json.dumps(jsonable(facts), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+    checked = load(facts)
+    html = _render(checked)
+    data = json.dumps(checked.to_dict(), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path = write_atomic(directory / "report.json", data)
@@ -95,7 +101,12 @@ def _check(facts: Mapping[str, Any]) -> None:
         raise ReportError(f"facts must be a dict, got {type(facts).__name__}")
     missing = [k for k in REQUIRED if k not in facts]
     if missing:
-        raise ReportError(f"facts lack {', '.join(missing)}")
+        try:
+            load_facts(jsonable(facts))
+            detail = ""
+        except FactsError as e:
+            detail = f" ({e})"
+        raise ReportError(f"facts lack {', '.join(missing)}{detail}")
     if facts["verdict"] not in VERDICTS:
         raise ReportError(f"verdict must be one of {VERDICTS}, got {facts['verdict']!r}")
     if not isinstance(facts["scenarios"], list):
@@ -502,7 +513,7 @@ def _cell(row: Mapping[str, Any] | None, first_tap: str | None, layer: int | Non
         text, (bg, fg) = fmt_ratio(ratio), ratio_colour(ratio)
     err, noise, budget = (row.get(k) or {} for k in ("error", "noise", "budget"))
     parts = [f"{row.get('tap', tap)}: {status}"]
-    if row.get("inputs"):
+    if "inputs" in row and row["inputs"]:  # a local row's (a TapRow has none)
         parts.append(f"replayed from {', '.join(str(t) for t in row['inputs'])}")
     if ratio is not None:
         parts.append(f"error/budget {fmt(ratio)} (rel L2 {fmt(err.get('rel_l2'))}, budget {fmt(budget.get('rel_l2'))}, "

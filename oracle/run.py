@@ -29,6 +29,8 @@ from reference import Gemma4Reference, resolve
 
 from .capture import Capture, CaptureBuilder, capture_metadata, git_revision, package_versions
 from .compare import Comparison, compare
+from .facts import ABSENT, Environment, Facts, Git, Kernel, Layout, ScenarioFacts
+from .facts import Comparison as FactsComparison
 from .faults import get as get_fault, inject_all
 from .scenario import Scenario
 from .tolerance import DEFAULT_TOLERANCE, Tolerance
@@ -144,7 +146,8 @@ def _decode_path(engine) -> str:
 
 
 def report_facts(runs: list[ScenarioRun], command: str, title: str, kernels: list | None = None) -> dict:
-    """Everything the HTML report and its JSON twin show (oracle/report.py renders it)."""
+    """Everything the HTML report and its JSON twin show (oracle/report.py renders it), built
+    through the schema of oracle/facts.py."""
     failed = [r for r in runs if not r.passed]
     failed_kernels = [k["name"] for k in kernels or [] if not k["passed"]]
     if failed_kernels and not failed:
@@ -158,21 +161,24 @@ def report_facts(runs: list[ScenarioRun], command: str, title: str, kernels: lis
         verdict = "parity"
         summary = f"All {len(runs)} scenarios hold parity with the reference within the noise budget."
     first = runs[0].scenario if runs else None
-    facts = {
-        "title": title,
-        "verdict": verdict,
-        "summary": summary,
-        "scenarios": [{"name": r.scenario.name, "passed": r.passed, "scenario": r.scenario.to_dict(),
-                       "layout": r.layout, "comparison": r.comparison.to_dict()} for r in runs],
-        "environment": {
-            "versions": package_versions(),
-            "device": first.model.device if first else "",
-            "dtype": first.model.dtype if first else "",
-            "git": git_revision(Path(__file__).resolve().parent.parent),
-            "host": f"{platform.node()} ({platform.machine()}, {platform.python_version()})",
-        },
-        "command": command,
-    }
-    if kernels is not None:
-        facts["kernels"] = kernels
-    return facts
+    git = git_revision(Path(__file__).resolve().parent.parent)
+    facts = Facts(
+        title=title,
+        verdict=verdict,
+        summary=summary,
+        scenarios=[ScenarioFacts(name=r.scenario.name, passed=r.passed, scenario=r.scenario.to_dict(),
+                                 layout=Layout.load(r.layout, f"facts.scenarios[{i}].layout"),
+                                 comparison=FactsComparison.load(r.comparison.to_dict(),
+                                                                 f"facts.scenarios[{i}].comparison"))
+                   for i, r in enumerate(runs)],
+        environment=Environment(
+            versions=package_versions(),
+            device=first.model.device if first else "",
+            dtype=first.model.dtype if first else "",
+            git=None if git is None else Git.load(git, "facts.environment.git"),
+            host=f"{platform.node()} ({platform.machine()}, {platform.python_version()})",
+        ),
+        command=command,
+        kernels=ABSENT if kernels is None else [Kernel.load(k, f"facts.kernels[{i}]") for i, k in enumerate(kernels)],
+    )
+    return facts.to_dict()

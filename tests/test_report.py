@@ -16,6 +16,7 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import jinja2
 import pytest
 import torch
 
@@ -530,3 +531,98 @@ def test_chromium_renders_the_report(divergent, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     if os.environ.get("REPORT_SCREENSHOT"):  # keep a copy to look at
         shutil.copyfile(shot, os.environ["REPORT_SCREENSHOT"])
+
+
+# --------------------------------------------------------------------------------------
+# The facts schema (oracle/facts.py): declared once, checked on the way in
+# --------------------------------------------------------------------------------------
+
+
+def test_facts_round_trip_json_schema_json_unchanged(built, tmp_path):
+    from oracle.facts import load_facts
+    from oracle.report import jsonable
+
+    for facts in built.values():
+        data = json.loads(json.dumps(jsonable(facts), allow_nan=False))
+        assert load_facts(data).to_dict() == data
+        _, json_path = write_report(facts, tmp_path)
+        text = json_path.read_text(encoding="utf-8")
+        assert json.dumps(load_facts(json.loads(text)).to_dict(), indent=1, ensure_ascii=False) + "\n" == text
+
+
+# (path of a dict in report.json, a field of it): renaming the field must fail, naming the path
+RENAMED = [
+    ((), "summary"),
+    (("environment",), "host"),
+    (("kernels", 0), "eager_us"),
+    (("scenarios", 0), "layout"),
+    (("scenarios", 0, "layout"), "page_size"),
+    (("scenarios", 0, "layout", "requests", 1), "prefix_reused"),
+    (("scenarios", 0, "comparison"), "first_divergence"),
+    (("scenarios", 0, "comparison", "counts"), "taps_failed"),
+    (("scenarios", 0, "comparison", "first_divergence"), "judgement"),
+    (("scenarios", 0, "comparison", "first_divergence", "positions", 0), "ref_rel_error"),
+    (("scenarios", 0, "comparison", "requests", 0, "rows", 3), "ratio"),
+    (("scenarios", 0, "comparison", "requests", 0, "rows", 3, "error"), "rel_l2"),
+    (("scenarios", 0, "comparison", "requests", 0, "rows", 3, "error", "ulp"), "histogram"),
+    (("scenarios", 0, "comparison", "requests", 0, "rows", 3, "budget"), "max_abs"),
+    (("scenarios", 0, "comparison", "requests", 0, "layer_growth", "kinds", "out"), "budget"),
+]
+
+
+def _path_text(path) -> str:
+    return "facts" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+
+
+@pytest.mark.parametrize("path,name", RENAMED, ids=[_path_text(p) + "." + n for p, n in RENAMED])
+def test_a_renamed_field_fails_with_its_path(divergent, tmp_path, path, name):
+    from oracle import cli
+
+    facts = copy.deepcopy(divergent)
+    node = facts
+    for p in path:
+        node = node[p]
+    assert name in node, f"{_path_text(path)} has no field {name}"
+    node[name + "_renamed"] = node.pop(name)
+    where = f"{_path_text(path)}.{name}"
+    with pytest.raises(ReportError) as e:
+        render_report(facts)
+    assert where in str(e.value) and f"{where}_renamed: unknown field" in str(e.value)
+    # `gemma4-testbed report` on such a report.json: one line naming the field, exit 2.
+    (tmp_path / "report.json").write_text(json.dumps(jsonable_facts(facts)))
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert not (tmp_path / "report.html").exists()
+
+
+def jsonable_facts(facts):
+    from oracle.report import jsonable
+
+    return jsonable(facts)
+
+
+def test_the_report_reads_only_fields_of_the_schema(built):
+    # The view reads the facts as Records (oracle/facts.py), which raise for a name the schema
+    # does not declare; the template reads the view under jinja2.StrictUndefined. A real report
+    # rendered both ways (divergence with the local and distribution judgements, and parity)
+    # therefore touches no field that does not exist.
+    from oracle.facts import FactsError, load_facts
+    from oracle.report import _environment
+
+    assert _environment().undefined is jinja2.StrictUndefined
+    for facts in built.values():
+        render_report(facts)
+    record = load_facts(jsonable_facts(built["divergence"])).to_dict(strict=True)
+    with pytest.raises(FactsError, match="ScenarioFacts.layuot: read, but not a field"):
+        record["scenarios"][0].get("layuot")
+    with pytest.raises(FactsError, match="TapRow.inputs"):
+        record["scenarios"][0]["comparison"]["requests"][0]["rows"][0]["inputs"]
+    assert record["scenarios"][0]["comparison"]["requests"][0]["rows"][0].get("distribution") is None  # declared
+
+
+def test_unknown_top_level_field_and_wrong_type_are_refused(divergent):
+    with pytest.raises(ReportError, match=r"facts\.extra: unknown field"):
+        render_report(dict(divergent, extra=1))
+    facts = copy.deepcopy(divergent)
+    facts["scenarios"][0]["comparison"]["counts"]["taps_failed"] = "three"
+    with pytest.raises(ReportError, match=r"facts\.scenarios\[0\]\.comparison\.counts\.taps_failed: expected int"):
+        render_report(facts)
