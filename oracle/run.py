@@ -155,11 +155,13 @@ def report_facts(runs: list[ScenarioRun], command: str, title: str, kernels: lis
         summary = f"Kernel testbed: {', '.join(failed_kernels)} disagree with their eager twins."
     elif failed:
         verdict = "divergence"
-        summary = f"{len(failed)} of {len(runs)} scenarios diverge. First: {failed[0].scenario.name}: " \
+        what = "The scenario diverges" if len(runs) == 1 else f"{len(failed)} of {len(runs)} scenarios diverge"
+        summary = f"{what}. First: {failed[0].scenario.name}: " \
                   f"{failed[0].comparison.summary().splitlines()[0]}"
     else:
         verdict = "parity"
-        summary = f"All {len(runs)} scenarios hold parity with the reference within the noise budget."
+        what = "The scenario holds" if len(runs) == 1 else f"All {len(runs)} scenarios hold"
+        summary = f"{what} parity with the reference within the noise budget."
     first = runs[0].scenario if runs else None
     git = git_revision(Path(__file__).resolve().parent.parent)
     facts = Facts(
