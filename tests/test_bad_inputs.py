@@ -363,3 +363,17 @@ def test_a_checkpoint_error_names_its_path_once(bad_dir, capsys):
         err = capsys.readouterr().err
         # Was "d/config.json: d/config.json: no config.json".
         assert err.count(str(bad_dir / "empty-checkpoint" / "config.json")) == 1, err
+
+
+def test_the_python_api_refuses_a_head_size_the_kernels_cannot_run():
+    """Issue 11 point 6 for Python users: Runner and Engine say which field, before any kernel runs."""
+    import dataclasses
+
+    from optimized import Runner
+    from optimized.engine import Engine
+    from reference import PRESETS, ConfigError
+
+    cfg = dataclasses.replace(PRESETS["tiny"], head_dim=24)
+    for build in (lambda: Engine(cfg), lambda: Runner(cfg).run([[1, 2, 3]])):
+        with pytest.raises(ConfigError, match="head_dim: 24"):
+            build()

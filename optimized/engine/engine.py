@@ -23,7 +23,7 @@ from reference.config import Gemma4Config
 from reference.weights import resolve
 
 from ..batch import ForwardBatch, build_batch
-from ..kernels import default_device, graphs_supported
+from ..kernels import check_supported, default_device, graphs_supported
 from ..memory import KVCache, ceil_div, swa_pages_per_request
 from ..model import PagedGemma4, TapSink, fuse_projections
 from .graphs import DecodeGraphs
@@ -94,6 +94,7 @@ class Engine:
         else:
             self.config, weights = resolve(path_or_preset, dtype, self.device, seed)
         cfg = self.config
+        check_supported(cfg)  # a head size the kernels cannot run: ConfigError naming the field, not a kernel's
         self.max_context = max_context or min(cfg.max_position_embeddings, 4096)
         if self.max_context > cfg.max_position_embeddings:
             raise ValueError(f"max_context {self.max_context} exceeds the model's max_position_embeddings "
