@@ -522,6 +522,12 @@ def cmd_kernels(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import importlib.util
+
+    # The server's packages are an optional extra: the oracle and the engine run without them.
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        return _refuse(BadInput(f"serve needs {' and '.join(missing)}: pip install -e '.[serve]'"))
     from optimized.kernels import check_supported
     from optimized.serve import build_server, run_until_interrupted
     from reference import CheckpointError, ConfigError

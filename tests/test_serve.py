@@ -25,7 +25,7 @@ except ImportError:  # optional: without it the server takes token ids only
 
 import reference
 from oracle.cli import build_parser, main
-from optimized.engine import Engine, SamplingParams
+from optimized.engine import Engine, Event, SamplingParams
 from optimized.kernels import default_device
 from optimized.serve import (ChatError, ChatTemplate, Tokenizer, build_server, load_chat_template, load_tokenizer,
                              make_server)
@@ -232,7 +232,11 @@ BAD_REQUESTS = [
     ("POST", "/v1/completions", {"prompt": [1], "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("POST", "/v1/completions", {"prompt": [1], "n": 2}, 400, "n: only n = 1"),
     ("POST", "/v1/completions", {"prompt": [1], "stop": ["x"]}, 400, "stop strings"),
-    ("POST", "/v1/completions", {"prompt": [1], "presence_penalty": 1}, 400, "presence_penalty: unknown field"),
+    ("POST", "/v1/completions", {"prompt": [1], "presence_penalty": 1}, 400, "presence_penalty: not supported"),
+    ("POST", "/v1/completions", {"prompt": [1], "echo": True}, 400, "echo: not supported"),
+    ("POST", "/v1/completions", {"prompt": [1], "logprobs": 0}, 400, "logprobs: not supported"),
+    ("POST", "/v1/completions", {"prompt": [1], "colour": 1}, 400, "colour: unknown field"),
+    ("POST", "/v1/chat/completions", {"messages": [], "tools": [{"type": "function"}]}, 400, "tools: not supported"),
     ("POST", "/v1/completions", {"prompt": [1], "model": "other"}, 404, "'other' is not served"),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400, "no chat template"),
     ("GET", "/nope", None, 404, "/nope: no such endpoint"),
@@ -258,10 +262,115 @@ def test_transport_errors(server):
     status, reply = raw_request(server, b"POST /generate HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 411 and "Content-Length" in error_of(reply)
     status, reply = raw_request(server, b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 1_0\r\n\r\n")
-    assert status == 400 and "Content-Length" in error_of(reply)
+    assert status == 400 and "Content-Length" in error_of(reply)  # uvicorn's refusal, as our JSON
     status, reply = raw_request(server, b"BREW /generate HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 501 and "error" in reply
     assert call(server, "/health") == (200, {"status": "ok"})  # none of it hurt the server
+
+
+def test_openai_fields_at_their_defaults_are_accepted(server):
+    """Clients (the openai package among them) send fields we do not implement at the value that
+    means "not used": those pass, and the answer is the same as without them."""
+    plain = {"prompt": P1, "max_tokens": 2, "ignore_eos": True}
+    status, want = call(server, "/v1/completions", plain)
+    assert status == 200, want
+    defaults = {"frequency_penalty": 0, "presence_penalty": 0.0, "logprobs": None, "n": 1, "echo": False,
+                "best_of": 1, "logit_bias": {}, "suffix": None, "user": "u", "stop": None, "model": "tiny"}
+    status, got = call(server, "/v1/completions", {**plain, **defaults})
+    assert status == 200, got
+    assert got["choices"][0]["token_ids"] == want["choices"][0]["token_ids"]
+
+
+def test_models_by_id_and_version(server):
+    status, card = call(server, "/v1/models/tiny")
+    assert status == 200 and card["id"] == "tiny" and card["object"] == "model"
+    status, reply = call(server, "/v1/models/gpt-4")
+    assert status == 404 and "'gpt-4' is not served" in error_of(reply) and reply["error"]["param"] == "model"
+    status, reply = call(server, "/version")
+    assert status == 200 and reply["model"] == "tiny" and isinstance(reply["version"], str)
+
+
+class _EchoEngine:
+    """An engine whose every step answers each running request with its last prompt id, one token
+    per step: instant, so a test of the HTTP layer's concurrency is not a test of the kernels (the
+    tiny model under Triton's interpreter takes ~16 s to prefill 64 prompts on 2 cores)."""
+    max_context = 64
+
+    def __init__(self):
+        self.running, self.next_rid = {}, 0
+
+    def add_request(self, prompt, params):
+        self.next_rid += 1
+        self.running[self.next_rid] = [prompt[-1], params.max_new_tokens]
+        return self.next_rid
+
+    def has_work(self):
+        return bool(self.running)
+
+    def step(self):
+        events = []
+        for rid, state in list(self.running.items()):
+            state[1] -= 1
+            events.append(Event(rid, state[0], state[1] == 0, "length" if state[1] == 0 else None))
+            if state[1] == 0:
+                del self.running[rid]
+        return events
+
+    def abort(self, rid):
+        self.running.pop(rid, None)
+
+
+def test_many_concurrent_connections_are_all_answered():
+    """64 clients at once, each on its own connection and half of them streaming: every one gets
+    its own answer."""
+    n, results = 64, {}
+    srv = make_server(_EchoEngine())
+    thread = run_server(srv)
+    gate = threading.Barrier(n)
+
+    def run(i):
+        gate.wait()
+        body = {"prompt": [i], "max_tokens": 3}
+        if i % 2:
+            results[i] = [t for e in events(srv, "/v1/completions", body) for t in e["choices"][0]["token_ids"]]
+        else:
+            status, reply = call(srv, "/v1/completions", body, timeout=60)
+            results[i] = reply["choices"][0]["token_ids"] if status == 200 else reply
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        srv.shutdown()
+        thread.join(10)
+    assert results == {i: [i] * 3 for i in range(n)}
+
+
+def test_shutdown_ends_a_stream_in_flight_properly():
+    """Shutdown (what SIGTERM/SIGINT do) stops the engine first: a stream in flight gets an error
+    event and [DONE], not a cut connection, and new requests are refused."""
+    srv = make_server(Engine("tiny", dtype=torch.float32, device=DEVICE), model_name="tiny")
+    thread = run_server(srv)
+    data = json.dumps({"prompt": P1, "max_tokens": 200, "ignore_eos": True, "stream": True}).encode()
+    with socket.create_connection(srv.server_address[:2], timeout=60) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                     + data)
+        seen = b""
+        while b"data:" not in seen:
+            seen += sock.recv(4096)
+        stopper = threading.Thread(target=srv.shutdown)
+        stopper.start()
+        while not seen.endswith(b"0\r\n\r\n"):  # the last chunk of the chunked encoding
+            piece = sock.recv(4096)
+            assert piece, f"connection cut: {seen[-300:]!r}"
+            seen += piece
+    stopper.join(60)
+    thread.join(10)
+    assert b"shutting down" in seen and b"data: [DONE]" in seen
+    assert not srv.worker._thread.is_alive()
 
 
 class _BrokenEngine:
@@ -442,3 +551,13 @@ def test_cli_serve_parses_and_refuses_a_bad_model(tmp_path, capsys):
     (tmp_path / "tokenizer.json").write_text("{broken")
     assert main(["serve", str(tmp_path)]) == 2
     assert "tokenizer.json" in capsys.readouterr().err  # unreadable, or `tokenizers` missing: both refused
+
+
+def test_cli_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert main(["serve", "tiny", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "pip install -e '.[serve]'" in err, err

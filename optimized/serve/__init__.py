@@ -1,5 +1,5 @@
 """Serving the optimized path over HTTP: the checkpoint's tokenizer and chat template, an engine
-thread, and a standard-library HTTP server with /generate and an OpenAI-compatible subset."""
+thread, and a FastAPI app under uvicorn with /generate and an OpenAI-compatible subset."""
 
 from .chat import ChatError, ChatTemplate, load_chat_template
 from .http import Server, build_server, make_server, run_until_interrupted, serve

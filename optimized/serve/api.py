@@ -2,9 +2,11 @@
 
 Three request shapes share one job: /generate (token ids or text plus the engine's own sampling
 fields), /v1/completions and /v1/chat/completions (an OpenAI-compatible subset). Every field is
-checked before anything reaches the engine, and an error names the field. Unknown fields are
-refused rather than ignored: a client that asks for something we do not do (stop strings,
-penalties, n > 1) must hear so, not get a silently different answer.
+checked before anything reaches the engine, and an error names the field. The OpenAI shapes accept
+every field name OpenAI's API has (pydantic models below), but one we do not implement only at the
+value that means "not used" (`frequency_penalty: 0`, `logprobs: null`, `n: 1`): a client that asks
+for something we do not do (stop strings, penalties, n > 1) must hear so, not get a silently
+different answer. Names OpenAI does not have are refused as unknown.
 
 Text in responses is the generated text without the stop token that ended it; the token ids
 (`output_ids`, or `token_ids` in the OpenAI shapes) include it.
@@ -12,9 +14,13 @@ Text in responses is the generated text without the stop token that ended it; th
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from optimized.engine import SamplingParams
 
@@ -141,7 +147,93 @@ def parse_generate(body: dict, ctx: Context) -> Job:
 # vLLM and SGLang also take.
 SAMPLING_FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
                    "top_k": "top_k", "seed": "seed", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos"}
-COMMON_FIELDS = {"model", "stream", "stream_options", "n", "user", "stop", *SAMPLING_FIELDS}
+
+
+def _off(*values):
+    """A field we do not implement, accepted only at the values that mean "not used" (null always)."""
+    return Field(default=None, json_schema_extra={"off": list(values)})
+
+
+class _OpenAIRequest(BaseModel):
+    """The fields both OpenAI shapes take. Supported ones are typed Any on purpose: the parse_*
+    functions check them, so an error names the field and the engine's own bound."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: Any = None
+    stream: Any = None
+    stream_options: Any = None
+    n: Any = None
+    user: Any = None
+    stop: Any = None
+    max_tokens: Any = None
+    temperature: Any = None
+    top_p: Any = None
+    top_k: Any = None
+    seed: Any = None
+    stop_token_ids: Any = None
+    ignore_eos: Any = None
+    frequency_penalty: Any = _off(0)
+    presence_penalty: Any = _off(0)
+    logit_bias: Any = _off({})
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: Any = None
+    best_of: Any = _off(1)
+    echo: Any = _off(False)
+    suffix: Any = _off("")
+    logprobs: Any = _off()
+
+
+class ChatRequest(_OpenAIRequest):
+    messages: Any = None
+    max_completion_tokens: Any = None
+    logprobs: Any = _off(False)
+    top_logprobs: Any = _off(0)
+    tools: Any = _off([])
+    tool_choice: Any = _off("none", "auto")  # "auto" with no tools is "none"
+    parallel_tool_calls: Any = _off(True, False)
+    functions: Any = _off([])
+    function_call: Any = _off("none", "auto")
+    response_format: Any = _off({"type": "text"})
+    metadata: Any = _off({})
+    store: Any = _off(False)
+    service_tier: Any = _off("auto", "default")
+    reasoning_effort: Any = _off()
+    modalities: Any = _off(["text"])
+    audio: Any = _off()
+    prediction: Any = _off()
+    web_search_options: Any = _off()
+
+
+def _same(a, b) -> bool:
+    """JSON equality: 0 == 0.0, but false is no 0."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    numbers = (int, float)
+    return (type(a) in numbers and type(b) in numbers or type(a) is type(b)) and a == b
+
+
+def _openai_fields(body: dict, shape: type[_OpenAIRequest]) -> None:
+    try:
+        req = shape.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(map(str, err["loc"]))
+        if err["type"] == "extra_forbidden":
+            names = ", ".join(sorted(shape.model_fields))
+            raise bad(f"{key}: unknown field; this endpoint takes {names}", key) from None
+        raise bad(f"{key}: {err['msg']}", key) from None
+    for key in req.model_fields_set:
+        off = (shape.model_fields[key].json_schema_extra or {}).get("off")
+        value = getattr(req, key)
+        if off is not None and value is not None and not any(_same(value, o) for o in off):
+            allowed = " or ".join(["null", *(json.dumps(o) for o in off)])
+            raise bad(f"{key}: not supported here; leave it out or send {allowed}, got {json.dumps(value)}", key)
 
 
 def _openai_common(body: dict, ctx: Context, kind: str, prompt: list[int], default_max: int) -> Job:
@@ -182,7 +274,7 @@ def _openai_common(body: dict, ctx: Context, kind: str, prompt: list[int], defau
 
 
 def parse_completion(body: dict, ctx: Context) -> Job:
-    _only(body, COMMON_FIELDS | {"prompt"})
+    _openai_fields(body, CompletionRequest)
     if "prompt" not in body:
         raise bad("prompt: missing (a string, or a list of token ids)", "prompt")
     p = body["prompt"]
@@ -198,7 +290,7 @@ def parse_completion(body: dict, ctx: Context) -> Job:
 
 
 def parse_chat(body: dict, ctx: Context) -> Job:
-    _only(body, COMMON_FIELDS | {"messages", "max_completion_tokens"})
+    _openai_fields(body, ChatRequest)
     if ctx.chat_template is None:
         raise bad("this checkpoint has no chat template (chat_template.jinja, or chat_template in "
                   "tokenizer_config.json); use /v1/completions", "messages")

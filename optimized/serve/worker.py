@@ -1,10 +1,10 @@
 """The engine thread: the one thread that touches the Engine (it is not thread-safe).
 
-HTTP handler threads talk to it through queues only. A handler `submit`s a request and reads its
-`Ticket`: first ("accepted", rid) or ("rejected", message), then Events until one is finished. A
-handler whose client went away calls `abort`. The loop drains its inbox before every step, so a new
-request joins the running batch at the next step (continuous batching); with nothing to do it
-blocks on the inbox instead of spinning.
+The HTTP handlers are coroutines on the server's event loop; they talk to this thread through queues
+only. A handler `submit`s a request and awaits its `Ticket`: first ("accepted", rid) or ("rejected",
+message), then Events until one is finished. A handler whose client went away calls `abort`. The
+loop drains its inbox before every step, so a new request joins the running batch at the next step
+(continuous batching); with nothing to do it blocks on the inbox instead of spinning.
 
 If the engine raises, the thread records the error, tells every waiting ticket, and stops; later
 submissions fail at once with that error (the server answers 503). Engine state after an
@@ -13,6 +13,7 @@ unexpected exception is unknown, so it is not touched again.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import traceback
@@ -25,20 +26,20 @@ class EngineDead(RuntimeError):
 
 
 class Ticket:
-    """One request's mailbox. The engine thread puts, the handler thread gets."""
+    """One request's mailbox. The engine thread puts, a handler on the event loop awaits."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams):
+    def __init__(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
         self.prompt, self.params = prompt, params
         self.rid: int | None = None
-        self.box: queue.Queue = queue.Queue()
+        self._loop = loop
+        self.box: asyncio.Queue = asyncio.Queue()  # touched on the loop only
 
-    def get(self, timeout: float | None = None):
-        """The next message, or None after `timeout` seconds: ("accepted", rid), ("rejected", msg),
-        ("event", Event) or ("dead", msg)."""
+    def put(self, msg) -> None:
+        """Engine thread: hand msg to the loop (asyncio.Queue is not thread-safe)."""
         try:
-            return self.box.get(timeout=timeout)
-        except queue.Empty:
-            return None
+            self._loop.call_soon_threadsafe(self.box.put_nowait, msg)
+        except RuntimeError:  # the loop has closed: nobody is left to read it
+            pass
 
 
 _STOP = object()
@@ -60,19 +61,25 @@ class EngineWorker:
         return self._thread.is_alive() and self.error is None and not self._stopping
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Ticket:
+        """Called on the event loop, whose tickets it makes."""
         if not self.alive:
             raise EngineDead(self.error or "the engine is shutting down")
-        ticket = Ticket(prompt, params)
+        ticket = Ticket(prompt, params, asyncio.get_running_loop())
         self._inbox.put(("add", ticket))
         return ticket
 
-    def next(self, ticket: Ticket, timeout: float) -> tuple | None:
+    async def next(self, ticket: Ticket, timeout: float) -> tuple | None:
         """The ticket's next message, None after `timeout` seconds; ("dead", why) once the thread has
         ended (also for a submission that raced with its end and was never read)."""
-        msg = ticket.get(timeout)
-        if msg is None and not self._thread.is_alive():
-            msg = ticket.get(0) or ("dead", self.error or "the engine is shutting down")
-        return msg
+        try:
+            return await asyncio.wait_for(ticket.box.get(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        if not self._thread.is_alive():
+            await asyncio.sleep(0)  # let a last call_soon_threadsafe delivery land
+            return ticket.box.get_nowait() if not ticket.box.empty() else (
+                "dead", self.error or "the engine is shutting down")
+        return None
 
     def abort(self, ticket: Ticket) -> None:
         """Drop the request if it is still running; harmless if it finished or was rejected."""
@@ -117,7 +124,7 @@ class EngineWorker:
                         ticket = self._live.get(event.rid)
                         if ticket is None:
                             continue
-                        ticket.box.put(("event", event))
+                        ticket.put(("event", event))
                         if event.finished:
                             del self._live[event.rid]
         except BaseException as e:  # noqa: BLE001 (recorded and reported to every client)
@@ -138,10 +145,10 @@ class EngineWorker:
             try:
                 arg.rid = self.engine.add_request(arg.prompt, arg.params)
             except ValueError as e:  # bad input: the engine is unchanged, the client gets a 400
-                arg.box.put(("rejected", str(e)))
+                arg.put(("rejected", str(e)))
                 return True
             self._live[arg.rid] = arg
-            arg.box.put(("accepted", arg.rid))
+            arg.put(("accepted", arg.rid))
         elif kind == "abort":
             if arg.rid is not None and self._live.pop(arg.rid, None) is not None:
                 self.engine.abort(arg.rid)
@@ -155,7 +162,7 @@ class EngineWorker:
 
     def _fail_everyone(self, why: str) -> None:
         for ticket in self._live.values():
-            ticket.box.put(("dead", why))
+            ticket.put(("dead", why))
         self._live.clear()
         while True:  # submissions that raced with the end
             try:
@@ -163,6 +170,6 @@ class EngineWorker:
             except queue.Empty:
                 return
             if kind == "add":
-                arg.box.put(("dead", why))
+                arg.put(("dead", why))
             elif kind == "call":
                 arg[1].put((False, EngineDead(why)))
