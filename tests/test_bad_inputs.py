@@ -233,10 +233,17 @@ def bad_dir(tmp_path_factory):
     return d
 
 
+# The HTTP server needs the optional `serve` extra (FastAPI, uvicorn); CI installs it.
+HAS_SERVE = _installed("fastapi") and _installed("uvicorn")
+needs_serve = pytest.mark.skipif(not HAS_SERVE, reason="the server needs the serve extra: pip install -e '.[serve]'")
+
+
 def _params(cases):
     out = []
     for case_id, argv, words, *needs in cases:
         marks = [pytest.mark.skipif(bool(needs) and _has_cuda(), reason="this machine has the CUDA device")]
+        if argv[0] == "serve":
+            marks.append(needs_serve)
         out.append(pytest.param(argv, words, id=case_id, marks=marks))
     return out
 
@@ -309,6 +316,9 @@ HTTP_CASES = [
 def server():
     import threading
 
+    if not HAS_SERVE:
+        pytest.skip("the server needs the serve extra: pip install -e '.[serve]'")
+
     import torch
 
     from optimized.engine import Engine
@@ -345,6 +355,7 @@ def test_server_refuses_bad_bodies_and_keeps_answering(server, path, raw, status
     assert _post(server, "/health", None, "GET") == (200, {"status": "ok"})
 
 
+@needs_serve
 def test_server_refuses_a_port_out_of_range():
     from optimized.serve import make_server
 
