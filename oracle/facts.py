@@ -149,14 +149,23 @@ class _Schema:
 
     def to_dict(self, strict: bool = False) -> dict:
         out = Record() if strict else {}
-        for f in dataclasses.fields(self):
+        order = _json_order(type(self))
+        for f in order:
             v = getattr(self, f.name)
             if v is not ABSENT:
                 out[f.name] = _dump(v, strict)
         if strict:
             out.schema = type(self).__name__
-            out.fields = tuple(f.name for f in dataclasses.fields(self))
+            out.fields = tuple(f.name for f in order)
         return out
+
+
+def _json_order(cls: type) -> tuple[dataclasses.Field, ...]:
+    """A class's fields in JSON order: its own as declared, then those of the bases it shares
+    (dataclasses list a base's first; here, as in compare's to_dict, the shared verdict trails)."""
+    own = cls.__dict__.get("__annotations__", {})
+    fields = dataclasses.fields(cls)
+    return tuple(f for f in fields if f.name in own) + tuple(f for f in fields if f.name not in own)
 
 
 def schema(cls):
@@ -230,7 +239,20 @@ class Element(_Schema):
 
 
 @schema
-class LocalRow(_Schema):
+class _Judged(_Schema):
+    """A verdict's fields (compare._verdict_dict), present where a row was judged. Keyword-only,
+    so the rows that share them declare their required fields after them."""
+
+    ratio: Num = field(default=ABSENT, kw_only=True)
+    max_abs_ratio: Num = field(default=ABSENT, kw_only=True)
+    error: Metrics = field(default=ABSENT, kw_only=True)
+    noise: Metrics = field(default=ABSENT, kw_only=True)
+    budget: Budget = field(default=ABSENT, kw_only=True)
+    precision: Precision = field(default=ABSENT, kw_only=True)
+
+
+@schema
+class LocalRow(_Judged):
     """compare.LocalRow.to_dict(); the verdict's fields when it was judged."""
 
     inputs: list[str]
@@ -238,12 +260,6 @@ class LocalRow(_Schema):
     reasons: list[str]
     positions: int
     note: Optional[str]
-    ratio: Num = ABSENT
-    max_abs_ratio: Num = ABSENT
-    error: Metrics = ABSENT
-    noise: Metrics = ABSENT
-    budget: Budget = ABSENT
-    precision: Precision = ABSENT
 
 
 @schema
@@ -292,7 +308,7 @@ class Distribution(_Schema):
 
 
 @schema
-class TapRow(_Schema):
+class TapRow(_Judged):
     """compare.TapRow.to_dict()."""
 
     tap: str
@@ -307,12 +323,6 @@ class TapRow(_Schema):
     left_out: int
     local: Optional[LocalRow]
     distribution: Distribution = ABSENT  # the logits row only
-    ratio: Num = ABSENT  # these with a verdict
-    max_abs_ratio: Num = ABSENT
-    error: Metrics = ABSENT
-    noise: Metrics = ABSENT
-    budget: Budget = ABSENT
-    precision: Precision = ABSENT
 
 
 @schema
