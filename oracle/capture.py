@@ -92,6 +92,17 @@ class RequestCapture:
         return self.tap_positions.get(tap, self.positions)
 
 
+def rows_at(have: torch.Tensor, want: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Row indices of the positions `want` in the ascending `have`, and the wanted positions
+    that are absent (at most 10 listed)."""
+    if have.numel() == 0:
+        return torch.zeros_like(want), want.tolist()[:10]
+    idx = torch.searchsorted(have, want).clamp(max=have.numel() - 1)
+    found = have[idx] == want
+    absent = want[~found].tolist()
+    return idx, absent[:10] + (["..."] if len(absent) > 10 else [])
+
+
 @dataclass
 class Capture:
     requests: dict[str, RequestCapture]

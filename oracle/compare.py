@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .capture import Capture, RequestCapture
+from .capture import Capture, RequestCapture, rows_at
 from .distribution import DEFAULT_DISTRIBUTION_TOLERANCE, DistributionVerdict, judge_distribution
 from .metrics import as_float_dtype, axis_profile, unravel
 from .replay import NO_TIE, Replayer, Skipped
@@ -443,7 +443,7 @@ def _local_row(tap: str, replayer: Replayer, ref: RequestCapture | None, cand: R
     c_rep, r_rep = replays["candidate"], replays["reference"]
 
     positions = cand.positions_of(tap)
-    r_idx, absent = _rows_at(ref.positions_of(tap), positions)
+    r_idx, absent = rows_at(ref.positions_of(tap), positions)
     if absent:
         return LocalRow(inputs, SKIPPED, [f"candidate positions {absent} are not in the reference's {tap}"]), None
     keep = torch.ones(positions.numel(), dtype=torch.bool)
@@ -478,8 +478,8 @@ def _compare_tap(tap: str, truth_tap: str, truth: RequestCapture, ref: RequestCa
         return TapRow(tap, truth_tap, MISALIGNED, [aligned])
     aligned, left_out = _clear_routing(tap, aligned, truth, ties)
     if aligned is None:
-        return TapRow(tap, truth_tap, SKIPPED, [f"every row is past a near-tie expert choice (the local judgement "
-                                                f"still applies)"], left_out=left_out)
+        return TapRow(tap, truth_tap, SKIPPED, ["every row is past a near-tie expert choice (the local judgement "
+                                                "still applies)"], left_out=left_out)
     c, r, t, positions = aligned
     verdict = judge(c, r, t, dtype or c.dtype, tolerance, kind=parse_tap(tap).kind)
     worst = None
@@ -503,7 +503,7 @@ def _clear_routing(tap: str, aligned: tuple, truth: RequestCapture, ties: torch.
     parsed = parse_tap(tap)
     if parsed.kind in ("embed", "ple"):
         return aligned, 0
-    at, absent = _rows_at(truth.positions, positions)
+    at, absent = rows_at(truth.positions, positions)
     if absent:
         return aligned, 0
     # Attention is causal: a flip at position p reaches every later position one layer on, as
@@ -527,10 +527,10 @@ def _align(tap: str, truth_tap: str, truth: RequestCapture, ref: RequestCapture,
     """(cand rows, ref rows, truth rows, positions) lined up by position value, or a reason why not."""
     positions = cand.positions_of(tap)
     c = cand.taps[tap]
-    t_idx, t_absent = _rows_at(truth.positions_of(truth_tap), positions)
+    t_idx, t_absent = rows_at(truth.positions_of(truth_tap), positions)
     if t_absent:
         return f"candidate positions {t_absent} are not in the truth's {truth_tap}"
-    r_idx, r_absent = _rows_at(ref.positions_of(truth_tap), positions)
+    r_idx, r_absent = rows_at(ref.positions_of(truth_tap), positions)
     if r_absent:
         return f"candidate positions {r_absent} are not in the reference's {truth_tap}"
     t, r = truth.taps[truth_tap][t_idx], ref.taps[truth_tap][r_idx]
@@ -538,17 +538,6 @@ def _align(tap: str, truth_tap: str, truth: RequestCapture, ref: RequestCapture,
         return (f"shapes do not line up: candidate {list(c.shape)}, reference {list(r.shape)}, "
                 f"truth {list(t.shape)} at the same positions")
     return c, r, t, positions
-
-
-def _rows_at(have: torch.Tensor, want: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """Row indices of the positions `want` in the ascending `have`, and the wanted positions
-    that are absent (at most 10 listed)."""
-    if have.numel() == 0:
-        return torch.zeros_like(want), want.tolist()[:10]
-    idx = torch.searchsorted(have, want).clamp(max=have.numel() - 1)
-    found = have[idx] == want
-    absent = want[~found].tolist()
-    return idx, absent[:10] + (["..."] if len(absent) > 10 else [])
 
 
 def _element(tap: str, index: tuple[int, ...], positions: torch.Tensor, c: torch.Tensor, r: torch.Tensor,

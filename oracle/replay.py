@@ -56,12 +56,13 @@ import torch
 import torch.nn.functional as F
 
 from reference.config import Gemma4Config, LayerSpec
-from reference.model import Gemma4Reference, attend, attention_mask, gelu_tanh, rms_norm, rope_cos_sin
+from reference.model import (Gemma4Reference, attend, attention_mask, gelu_tanh, moe_router_input, rms_norm,
+                             rope_cos_sin)
 from reference.window import first_visible_key, visible
 
 import optimized.kernels
 
-from .capture import RequestCapture
+from .capture import RequestCapture, rows_at
 from .taps import TapNameError, parse_tap
 
 F64 = torch.float64
@@ -232,29 +233,23 @@ def _attn(spec: LayerSpec) -> str:
 GLOBAL_TIE = 3.0
 
 
-def _router_logits(m: Gemma4Reference, r: torch.Tensor, p: str) -> torch.Tensor:
-    cfg = m.config
-    z = rms_norm(r, None, cfg.rms_norm_eps) * m.w[p + "router.scale"] * cfg.hidden_size ** -0.5
-    return F.linear(z, m.w[p + "router.proj.weight"])
+def _router(m: Gemma4Reference, r: torch.Tensor, p: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the router's scaled input z, its logits) for residual rows r at layer prefix p."""
+    z = moe_router_input(r, m.w[p + "router.scale"], m.config.rms_norm_eps)
+    return z, F.linear(z, m.w[p + "router.proj.weight"])
 
 
-def _rows_at_positions(have: torch.Tensor, want: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Indices of `want`'s positions in `have`, and whether any is absent."""
-    index = {int(p): i for i, p in enumerate(have.tolist())}
-    at = [index.get(int(p)) for p in want.tolist()]
-    return torch.tensor([i or 0 for i in at], dtype=torch.long), any(i is None for i in at)
-
-
-def _near_tie(m: Gemma4Reference, r: torch.Tensor, p: str, compared_dtype: torch.dtype | None) -> torch.Tensor:
+def _near_tie(m: Gemma4Reference, r: torch.Tensor, p: str, compared_dtype: torch.dtype | None,
+              router: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Rows whose k-th and (k+1)-th router logits are closer than rounding in the compared dtype
     can separate. A logit l_i = sum_j W_ij z_j picks up rounding from z (normed and scaled in
-    that dtype) and from its own store: its scale is eps * (||W_i * z||_2 + |l_i|)."""
+    that dtype) and from its own store: its scale is eps * (||W_i * z||_2 + |l_i|). `router`:
+    _router(m, r, p) where the caller has it."""
     cfg = m.config
     if compared_dtype is None or cfg.top_k_experts >= cfg.num_experts:
         return torch.zeros(r.shape[0], dtype=torch.bool, device=r.device)
-    z = rms_norm(r, None, cfg.rms_norm_eps) * m.w[p + "router.scale"] * cfg.hidden_size ** -0.5
+    z, logits = router if router is not None else _router(m, r, p)
     proj = m.w[p + "router.proj.weight"]
-    logits = F.linear(z, proj)
     scale = torch.finfo(compared_dtype).eps * (torch.sqrt((z * z) @ (proj * proj).T) + logits.abs())
     top = logits.topk(cfg.top_k_experts + 1, dim=-1)
     gap = top.values[:, -2] - top.values[:, -1]
@@ -314,10 +309,10 @@ class Replayer:
         stage (_near_tie) or within GLOBAL_TIE times how far the reference's own input, carrying
         what earlier layers passed on, moves the router logits of that row."""
         cfg = self.config
-        if not cfg.enable_moe_block or compared_dtype is None or ref is None:
+        if not cfg.enable_moe_block or compared_dtype is None or ref is None or cfg.top_k_experts >= cfg.num_experts:
             return None
         first = torch.full((truth.positions.numel(),), NO_TIE, dtype=torch.long)
-        at, absent = _rows_at_positions(ref.positions, truth.positions)
+        at, absent = rows_at(ref.positions, truth.positions)
         for spec in cfg.layers:
             name = f"layers.{spec.index}.attn_out"
             if name not in truth.taps or name not in ref.taps or absent:
@@ -325,10 +320,11 @@ class Replayer:
             p = _layer(spec)
             x = truth.taps[name].to(device=self.model.device, dtype=F64)
             y = ref.taps[name][at].to(device=self.model.device, dtype=F64)
-            lt, lr = _router_logits(self.model, x, p), _router_logits(self.model, y, p)
+            router = _router(self.model, x, p)
+            lt, lr = router[1], _router(self.model, y, p)[1]
             top = lt.topk(cfg.top_k_experts + 1, dim=-1).values
             moved = (lr - lt).abs().max(dim=-1).values
-            tie = _near_tie(self.model, x, p, compared_dtype) | (top[:, -2] - top[:, -1] < GLOBAL_TIE * moved)
+            tie = _near_tie(self.model, x, p, compared_dtype, router) | (top[:, -2] - top[:, -1] < GLOBAL_TIE * moved)
             first = torch.where(tie.cpu() & (first == NO_TIE), spec.index, first)
         return first
 

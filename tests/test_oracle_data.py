@@ -748,3 +748,30 @@ def test_first_divergence_is_the_earliest_over_all_requests(tiny, truth):
     assert [r.first_divergence.tap for r in result.requests] == ["layers.7.mlp_out", "layers.2.k"]
     assert (result.first_divergence.request, result.first_divergence.tap) == ("b", "layers.2.k")
     assert "2 of 2 requests diverge" in result.summary()
+
+
+def test_rows_past_a_near_tie_expert_choice_leave_the_global_judgement_causally():
+    """compare._clear_routing: a near tie at layer 1 of position 1 takes that row out of its own
+    layer-1 MoE output and everything after, and every later position from layer 2 on (attention
+    carries the flip as keys and values); earlier positions and earlier stages stay judged."""
+    from oracle.capture import RequestCapture
+    from oracle.compare import _clear_routing
+    from oracle.replay import NO_TIE
+
+    positions = torch.arange(4)
+    truth = RequestCapture(positions)
+    ties = torch.tensor([NO_TIE, 1, NO_TIE, NO_TIE])
+    rows = torch.randn(4, 3)
+    aligned = (rows, rows.clone(), rows.clone(), positions)
+
+    def kept(tap):
+        out, left_out = _clear_routing(tap, aligned, truth, ties)
+        return [] if out is None else out[3].tolist(), left_out
+
+    assert kept("embed") == ([0, 1, 2, 3], 0)
+    assert kept("layers.1.q") == ([0, 1, 2, 3], 0)  # before the layer's experts
+    assert kept("layers.1.out") == ([0, 2, 3], 1)  # after row 1's own expert choice
+    assert kept("layers.2.k_cache") == ([0], 3)  # rows 1-3 read row 1's flipped keys
+    assert kept("logits") == ([0], 3)
+    assert _clear_routing("layers.2.q", aligned, truth, torch.tensor([0, NO_TIE, NO_TIE, NO_TIE]))[0] is None
+    assert _clear_routing("logits", aligned, truth, None) == (aligned, 0)  # models without experts
