@@ -28,7 +28,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-reports/gpu}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs a stage here, for a smoke test of the script
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+# Appended to, not replaced: a device call may put carried wheels (the serve extra) on PYTHONPATH.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 STAGES=(suite check check-real calibrate real-shapes kernels kernels-nographs launch-sweep engine graphs attention parity taps)
 

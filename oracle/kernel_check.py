@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from optimized import ops
-from optimized.kernels import activation, attention, graphs_supported, moe, norms, rope
+from optimized.kernels import activation, attention, capture_graph, graphs_supported, moe, norms, rope
 from reference.config import RopeSpec
 
 from .metrics import rel_l2, ulp, ulp_distance
@@ -117,16 +117,13 @@ class Timer:
         self.device, self.repeats, self.warmup = device, repeats, warmup
         self.accel = device.type != "cpu"
         self.flush = torch.empty(flush_mb << 18, dtype=torch.int32, device=device) if self.accel and flush_mb else None
-        self.graph_api = torch.get_device_module(device) if graphs and graphs_supported(device) else None
+        self.graphs = graphs and graphs_supported(device)
         self.last_graphed = False
 
     def _capture(self, fn: Callable) -> Callable | None:
-        api = self.graph_api
-        graph = api.CUDAGraph()
         try:
-            with api.graph(graph):
-                fn()
-        except Exception:  # a host sync inside fn; the capture is abandoned
+            graph, _ = capture_graph(self.device, fn)
+        except RuntimeError:  # a host sync inside fn; the capture is abandoned
             torch.accelerator.synchronize()
             return None
         return graph.replay
@@ -136,7 +133,7 @@ class Timer:
             fn()
         if self.accel:
             torch.accelerator.synchronize()
-        run = self._capture(fn) if self.graph_api is not None else None
+        run = self._capture(fn) if self.graphs else None
         self.last_graphed = run is not None
         run = run or fn
         times = []

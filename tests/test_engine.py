@@ -248,6 +248,27 @@ def test_graphs_need_a_capable_device():  # about the CPU: it cannot capture
     assert _engine(graphs="static", device="cpu").decode_graphs.capture is False
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a device that captures graphs; CPU cannot")
+def test_a_failed_capture_leaves_the_device_usable(device):
+    """An H200 regression: the torch-ops MoE step syncs with the host, so capturing it fails and
+    the engine falls back to eager decode. That failure once left the thread on a stream still in
+    capture, and every later random op on the worker failed."""
+    from optimized.kernels import capture_graph
+
+    x = torch.randn(4, device=device)
+    with pytest.raises(RuntimeError):
+        capture_graph(device, lambda: (x * 2).sum().item())  # .item() syncs: not capturable
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.randn(4, device=device)  # raised "Offset increment outside graph capture" before the fix
+    engine = _engine("tiny-moe", fused=False)
+    assert engine.decode_graphs is None and "capture failed" in engine.graphs_off_because
+    torch.randn(4, device=device)
+    graph, out = capture_graph(device, lambda: x * 2)  # and a good capture still works after
+    x.add_(1)
+    graph.replay()
+    assert torch.equal(out, x * 2)
+
+
 def test_a_shared_prompt_prefix_is_reused_and_gives_the_reference_tokens():
     """Requests that arrive while another with the same opening runs reuse its K/V pages: whole
     written pages, and only while the sliding keys their first query needs are resident (tiny's

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..batch import BatchItem, ForwardBatch
+from ..kernels import capture_graph
 from ..model import PagedGemma4, TapSink
 
 
@@ -78,10 +79,7 @@ class DecodeGraphs:
                     self.forward(b)
                 module.current_stream().wait_stream(side)
                 module.synchronize()
-                graph = module.CUDAGraph()
-                with module.graph(graph, pool=pool):
-                    logits = self.forward(b)
-                self._graphs[b] = (graph, logits)
+                self._graphs[b] = capture_graph(dev, lambda: self.forward(b), pool)
             self._reset_padding(max_requests)
 
     def _static_batch(self, b: int, items: list[BatchItem] | None = None) -> ForwardBatch:

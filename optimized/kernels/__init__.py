@@ -112,6 +112,31 @@ def graphs_supported(device: torch.device) -> bool:
     return hasattr(module, "CUDAGraph") and hasattr(module, "graph")
 
 
+def capture_graph(device: torch.device, fn, pool=None):
+    """Record fn() into a device graph on a side stream; returns (graph, what fn returned).
+
+    A capture that fails (fn syncs with the host, say) raises RuntimeError and leaves the device
+    as it was. torch's own `graph` context does not: when ending a broken capture raises, it skips
+    restoring the current stream, so the thread stays on a stream still in capture and every later
+    random op there fails ("Offset increment outside graph capture encountered unexpectedly"). On
+    an H200 one engine that fell back to eager decode broke the tests after it on its worker."""
+    module = torch.get_device_module(device)
+    module.synchronize()
+    graph = module.CUDAGraph()
+    with module.stream(module.Stream()):  # exits, restoring the stream, however the capture ends
+        graph.capture_begin(pool) if pool is not None else graph.capture_begin()
+        try:
+            out = fn()
+        except BaseException:
+            try:
+                graph.capture_end()  # ends stream capture; it raises again for a broken one
+            except RuntimeError:
+                pass
+            raise
+        graph.capture_end()
+    return graph, out
+
+
 def device_name(device: torch.device) -> str:
     """The card's name for benchmark records ("NVIDIA H100 80GB HBM3"), or the CPU's."""
     if device.type == "cpu":
