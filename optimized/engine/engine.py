@@ -22,12 +22,14 @@ import torch
 from reference.config import Gemma4Config
 from reference.weights import resolve
 
+from .. import parallel
 from ..batch import ForwardBatch, build_batch
 from ..kernels import check_supported, default_device, graphs_supported
 from ..memory import KVCache, ceil_div, swa_pages_per_request
 from ..model import PagedGemma4, TapSink, fuse_projections
+from ..parallel import TensorParallel
 from .graphs import DecodeGraphs
-from .sampler import SamplingParams, sample
+from .sampler import SamplingParams, sample_batch, token_logprobs
 from .scheduler import Scheduler, Script, Sequence
 
 # sampler(sequence, logits row [V]) -> the next token. None: the engine's own (params-driven).
@@ -41,6 +43,13 @@ class Event:
     finished: bool
     finish_reason: str | None  # "stop" (an eos or stop id, kept as the last token) or "length"
     reused_tokens: int = 0  # prompt tokens whose K/V came from another request (prefix sharing)
+    # With params.logprobs: the token's logprob and the n most likely (id, logprob), float32
+    # log_softmax of the logits after penalties and logit_bias (sampler.py).
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+    # With params.prompt_logprobs, on a request's first event: per prompt token (logprob, top n),
+    # (None, None) for the first token and for any whose logits were not computed (a reused prefix).
+    prompt_logprobs: tuple[tuple[float | None, tuple | None], ...] | None = None
 
 
 @dataclass
@@ -60,7 +69,7 @@ class Engine:
                  graphs: bool | str | None = None, share_prefixes: bool = True,
                  num_swa_pages: int | None = None, page_order_seed: int | None = None,
                  script: Script | None = None, sampler: Sampler | None = None, taps: TapSink | None = None,
-                 feed_last: bool | None = None):
+                 feed_last: bool | None = None, tp: TensorParallel | int | None = None):
         """max_context: the most positions one request may use (default: the model's limit, at
         most 4096). num_pages: the full pool's size in pages (default: max_requests requests of
         max_context each); num_swa_pages likewise for the sliding pool (default: the sizing rule
@@ -70,14 +79,20 @@ class Engine:
         (tests share them with the reference). graphs: replay decode steps from device graphs
         (True insists, None where the device can, False never, "static": the graphs' padded
         static batch run eagerly, which is how a CPU exercises that path). share_prefixes: a new
-        request reuses the K/V of a running request's identical prefix.
+        request reuses the K/V of an identical prefix, from a running request or from the prefix
+        cache of finished ones (optimized/engine/radix.py); False turns both off.
 
         Policy for the oracle: page_order_seed shuffles the order pages are handed out in;
         script fixes chunks, arrivals and prefix donors; sampler replaces sampling (a
         TeacherSampler forces tokens); taps receives every tap (model taps, `logits` from the
         rows postprocess selects, `layers.{l}.k_cache/.v_cache` from the pools when a request
         finishes); feed_last (default: on with taps) feeds each request's last token too, so
-        taps and pools cover every position."""
+        taps and pools cover every position.
+
+        tp: tensor parallelism (optimized/parallel.py), a TensorParallel or a world size to join
+        (under torchrun): every rank builds an engine with the same arguments, holding its shard
+        of the weights and KV pools on the rank's device (tp's, not `device`); taps come out
+        in the unsharded layout on every rank. Decode graphs stay off unless graphs=True."""
         for name, v, low in (("page_size", page_size, 1), ("chunk_size", chunk_size, 1),
                              ("max_requests", max_requests, 1), ("num_pages", num_pages, 2),
                              ("num_swa_pages", num_swa_pages, 2), ("max_context", max_context, 1),
@@ -87,14 +102,20 @@ class Engine:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if graphs not in (True, False, None, "static"):
             raise ValueError(f"graphs must be True, False, None or 'static', got {graphs!r}")
-        self.device = torch.device(device) if device is not None else default_device()
+        self.tp = parallel.resolve(tp, device)
+        if self.tp is not None:
+            self.device = self.tp.device
+        else:
+            self.device = torch.device(device) if device is not None else default_device()
         if weights is not None:
             self.config = path_or_preset
-            weights = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
         else:
             self.config, weights = resolve(path_or_preset, dtype, self.device, seed)
         cfg = self.config
         check_supported(cfg)  # a head size the kernels cannot run: ConfigError naming the field, not a kernel's
+        # This rank's shard (the whole model without tp), moved to the device after it is cut.
+        shard_cfg, weights = parallel.shard(cfg, weights, self.tp)
+        weights = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
         self.max_context = max_context or min(cfg.max_position_embeddings, 4096)
         if self.max_context > cfg.max_position_embeddings:
             raise ValueError(f"max_context {self.max_context} exceeds the model's max_position_embeddings "
@@ -102,19 +123,25 @@ class Engine:
         pages_per_request = ceil_div(self.max_context, page_size)
         num_pages = num_pages or max_requests * pages_per_request + 1
         swa = swa_pages_per_request(cfg.sliding_window, page_size, self.max_context, chunk_size)
-        self.cache = KVCache(cfg, page_size=page_size, num_pages=num_pages,
+        self.cache = KVCache(shard_cfg, page_size=page_size, num_pages=num_pages,
                              num_swa_pages=num_swa_pages or max_requests * swa + 1, max_requests=max_requests,
                              max_context=self.max_context, dtype=dtype, device=self.device, order_seed=page_order_seed)
-        self.model = PagedGemma4(cfg, weights, self.cache, fused, fuse_projections(cfg, weights))
+        self.model = PagedGemma4(shard_cfg, weights, self.cache, fused, fuse_projections(shard_cfg, weights), self.tp)
         self.scheduler = Scheduler(self.cache, chunk_size, token_budget, share_prefixes, script)
-        self.sampler, self.taps = sampler, taps
+        self.sampler = sampler
+        self.taps = taps if taps is None or self.tp is None else parallel.gathering_sink(taps, cfg, self.tp)
         self.feed_last = taps is not None if feed_last is None else feed_last
         # Called with each finishing sequence while its pages are still held (taps only).
         self.pool_taps: Callable[[Sequence], None] = self._emit_pool_taps
-        self.decode_graphs, self.graphs_off_because = self._decode_graphs(graphs, max_requests, pages_per_request)
+        if self.tp is not None and graphs is None:  # an all-reduce inside a captured step is untried
+            self.decode_graphs, self.graphs_off_because = None, "tensor parallel: no decode graphs unless graphs=True"
+        else:
+            self.decode_graphs, self.graphs_off_because = self._decode_graphs(graphs, max_requests, pages_per_request)
         self._seeds = torch.Generator().manual_seed(seed)  # seeds for requests that give none
         self._next_rid = 0
         self._sequences: dict[int, Sequence] = {}
+        self._prompt_lps: dict[int, list] = {}  # rid -> prompt logprobs so far (params.prompt_logprobs)
+        self._prompt_rows: list = []  # this step's prompt logit rows, from _run to _postprocess
 
     def _decode_graphs(self, graphs: bool | str | None, max_requests: int, max_pages: int
                        ) -> tuple[DecodeGraphs | None, str | None]:
@@ -153,8 +180,7 @@ class Engine:
         bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {V}), got {bad[:3]}")
-        if any(t >= V for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must lie in [0, {V}), got {list(params.stop_token_ids)}")
+        params.check_vocab(V)  # stop_token_ids, logit_bias
         length = len(prompt) + new
         if length > self.max_context:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({new}) = {length} "
@@ -175,7 +201,7 @@ class Engine:
         """Drop a waiting or running request and free its pages. Unknown ids raise KeyError."""
         seq = self._sequences.pop(rid)
         if seq in self.scheduler.running:
-            self.scheduler.finish(seq)
+            self.scheduler.drop(seq)  # freed, not kept in the prefix cache
         else:
             self.scheduler.waiting.remove(seq)
 
@@ -188,10 +214,13 @@ class Engine:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
     def stats(self) -> dict:
-        """Queue and pool occupancy: what a server reports and what a leak check compares."""
-        c = self.cache
+        """Queue and pool occupancy: what a server reports and what a leak check compares. Free
+        pages include those only the prefix cache holds (it gives them up on demand);
+        cached_pages is how many full-pool pages it holds."""
+        c, tree = self.cache, self.scheduler.prefix_cache
         return dict(waiting=len(self.scheduler.waiting), running=len(self.scheduler.running),
-                    free_pages=c.full.num_free, free_swa_pages=c.swa.num_free, requests_in_cache=len(c.requests))
+                    free_pages=c.full.num_free, free_swa_pages=c.swa.num_free, requests_in_cache=len(c.requests),
+                    cached_pages=0 if tree is None else tree.num_pages)
 
     # -- the loop: schedule -> run -> postprocess --------------------------------------------
     @torch.no_grad()
@@ -212,11 +241,18 @@ class Engine:
         return batch.cu_seqlens_q[1:].long() - 1
 
     def _run(self, ids: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(every row's logits [N, V], or None without taps; the selected rows [B, V])."""
+        """(every row's logits [N, V], or None without taps; the selected rows [B, V]). Prompt rows
+        that requests with prompt_logprobs need are left in self._prompt_rows for postprocess."""
         select = self._sample_rows(batch)
+        spans, extra = self._prompt_spans(batch)
+        self._prompt_rows = []
         if self.taps is None:
             if self._replays(batch):
                 return None, self.decode_graphs.run(ids, batch)[select]
+            if spans:  # the prompt rows ride along after the sampled ones
+                out = self.model.forward(ids, batch, logit_rows=torch.cat([select, extra]))
+                self._prompt_rows = list(zip(spans, out[len(select):].split([n for _, _, n in spans])))
+                return None, out[:len(select)]
             return None, self.model.forward(ids, batch, logit_rows=select)
         # The model's own `logits` tap is dropped: postprocess reports the rows it selected.
         model_taps = _without_logits(self.taps)
@@ -224,7 +260,23 @@ class Engine:
             logits = self.decode_graphs.run(ids, batch, taps=model_taps)
         else:
             logits = self.model.forward(ids, batch, taps=model_taps)
+        if spans:
+            self._prompt_rows = list(zip(spans, logits[extra].split([n for _, _, n in spans])))
         return logits, logits[select]
+
+    def _prompt_spans(self, batch: ForwardBatch) -> tuple[list[tuple[int, int, int]], torch.Tensor | None]:
+        """Prompt rows whose logits requests with prompt_logprobs need this step: [(rid, first
+        position, rows)] and their packed row indices. A row at position p scores prompt token p + 1."""
+        spans, idx = [], []
+        for item, start, end in batch.token_ranges():
+            seq = self._sequences.get(item.rid)
+            if seq is None or seq.params.prompt_logprobs is None:
+                continue
+            n = min(end - start, len(seq.prompt) - 1 - item.prefix_len)  # the last prompt row samples
+            if n > 0:
+                spans.append((item.rid, item.prefix_len, n))
+                idx.extend(range(start, start + n))
+        return spans, (torch.tensor(idx, dtype=torch.long, device=self.device) if idx else None)
 
     def _replays(self, batch: ForwardBatch) -> bool:
         """Whether this step runs on the decode graphs' static buffers: decode-only steps that fit
@@ -237,7 +289,8 @@ class Engine:
                 if end - 1 > start:
                     self.taps(item.rid, "logits", batch.positions[start:end - 1], logits[start:end - 1].clone())
                 self.taps(item.rid, "logits", batch.positions[end - 1:end], row[None].clone())
-        greedy = None
+        self._score_prompts()
+        drawn = self._choose(plan, rows)
         events = []
         for i, s in enumerate(plan):
             seq, item = s.seq, s.item
@@ -252,23 +305,61 @@ class Engine:
                 seq.finish_reason = seq.finish_reason or "length"
                 self._finish(seq)
                 continue
-            if self.sampler is not None:
-                token = self.sampler(seq, rows[i])
-            elif seq.params.greedy:
-                if greedy is None:
-                    greedy = rows.argmax(dim=-1).tolist()  # one sync for every greedy request
-                token = greedy[i]
-            else:
-                token = sample(rows[i], seq.params, seq.generator)
+            token, logprob, top = drawn[i]
             seq.tokens.append(token)
             reason = self._finish_reason(seq, token)
-            events.append(Event(seq.rid, token, reason is not None, reason, seq.reused))
+            events.append(Event(seq.rid, token, reason is not None, reason, seq.reused, logprob, top,
+                                self._pop_prompt_logprobs(seq)))
             seq.finish_reason = reason
             if reason is None or self.feed_last:
                 self.cache.release_window(seq.rid, item.seq_len)
             else:
                 self._finish(seq)
         return events
+
+    def _choose(self, plan, rows: torch.Tensor) -> dict[int, tuple[int, float | None, tuple | None]]:
+        """Plan index -> (token, logprob, top logprobs) for every request that produces a token
+        this step (its prompt done, not finished, tokens wanted): the whole batch at once
+        (sampler.sample_batch), or the given sampler's tokens with their logprobs."""
+        which = [i for i, s in enumerate(plan)
+                 if not (s.seq.prefilling and s.seq.done_prompt + s.item.extend_len < len(s.seq.prompt))
+                 and s.seq.finish_reason is None and s.seq.max_new_tokens != 0]
+        if not which:
+            return {}
+        seqs = [plan[i].seq for i in which]
+        forced = None if self.sampler is None else [self.sampler(seq, rows[i]) for i, seq in zip(which, seqs)]
+        if forced is not None and all(seq.params.logprobs is None for seq in seqs):
+            return {i: (t, None, None) for i, t in zip(which, forced)}
+        sub = rows if len(which) == rows.shape[0] else rows[torch.tensor(which, device=rows.device)]
+        d = sample_batch(sub, [seq.params for seq in seqs],
+                         [seq.generator.initial_seed() if seq.generator is not None else 0 for seq in seqs],
+                         [len(seq.tokens) for seq in seqs],
+                         [seq.tokens if seq.params.penalized else [] for seq in seqs], forced)
+        return {i: v for i, v in zip(which, zip(d.tokens, d.logprobs, d.top_logprobs))}
+
+    def _score_prompts(self) -> None:
+        """Logprobs of the prompt tokens the rows _run kept score, added to each request's list."""
+        spans, self._prompt_rows = self._prompt_rows, []
+        if not spans:
+            return
+        targets = torch.tensor([t for (rid, lo, n), _ in spans for t in self._sequences[rid].prompt[lo + 1:lo + 1 + n]],
+                               dtype=torch.long, device=self.device)
+        n_top = max(self._sequences[rid].params.prompt_logprobs for (rid, _, _), _ in spans)
+        scored = iter(token_logprobs(torch.cat([r for _, r in spans]), targets, n_top))
+        for (rid, lo, n), _ in spans:
+            k = self._sequences[rid].params.prompt_logprobs
+            got = self._prompt_lps.setdefault(rid, [])
+            got.extend([(None, None)] * (lo + 1 - len(got)))  # the first token; a reused prefix
+            got.extend((lp, top[:k]) for lp, top in (next(scored) for _ in range(n)))
+
+    def _pop_prompt_logprobs(self, seq: Sequence) -> tuple | None:
+        """A request's prompt logprobs, handed out with its first token (None without them)."""
+        if seq.params.prompt_logprobs is None or len(seq.tokens) != 1:
+            return None
+        got = self._prompt_lps.pop(seq.rid, [])
+        if len(self._prompt_lps) > len(self._sequences):  # aborted requests' leftovers
+            self._prompt_lps = {r: v for r, v in self._prompt_lps.items() if r in self._sequences}
+        return tuple(got + [(None, None)] * (len(seq.prompt) - len(got)))
 
     def _finish(self, seq: Sequence) -> None:
         if self.taps is not None:

@@ -1,14 +1,27 @@
-"""Sampling: per-request parameters and the choice of the next token from one row of logits.
+"""Sampling: per-request parameters, and the next token of a whole batch of rows at once.
 
-Each request that samples gets its own torch.Generator seeded from its `seed`, so its tokens do
-not depend on which other requests share its batches: a served request replays exactly.
+`sample_batch` works on the device over every row of a step: penalties and logit_bias, then
+greedy rows take the argmax, sampled rows go through temperature, top_k, top_p and min_p and
+draw with the Gumbel-max trick. No per-request loop of tensor ops runs on the host.
+
+Reproducibility: a sampled row's noise is a hash of (the request's seed, the index of the token
+being drawn, the vocabulary id), computed elementwise on the device. It depends on nothing else,
+and argmax is exact, so a seeded request draws the same tokens alone or in any batch (the seed
+is the one its torch.Generator was seeded with: `Generator.initial_seed()`).
+
+Logprobs are log_softmax, in float32, of the logits after penalties and logit_bias but before
+temperature and the top_k/top_p/min_p cuts: what the model (with the request's own biases) says,
+the same number for a greedy and a sampled request, and what lm-eval sums for a loglikelihood.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
+
+MAX_LOGPROBS = 20  # top-n logprobs a request may ask for (OpenAI's chat limit)
 
 
 @dataclass(frozen=True)
@@ -20,6 +33,14 @@ class SamplingParams:
     seed: int | None = None  # None: a seed drawn from the engine's own generator
     stop_token_ids: tuple[int, ...] = ()  # besides the model's eos ids
     ignore_eos: bool = False  # True: only stop_token_ids and max_new_tokens end the request
+    # OpenAI semantics: subtract presence_penalty once from every id already generated, and
+    # frequency_penalty times the number of times it was generated (the prompt does not count).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); a dict is accepted
+    min_p: float = 0.0  # drop ids less likely than min_p times the most likely one (0: no cut)
+    logprobs: int | None = None  # None: none; n >= 0: the chosen token's logprob and the n most likely
+    prompt_logprobs: int | None = None  # None: none; n >= 0: each prompt token's logprob (after the first) and top n
 
     def __post_init__(self):
         def bad(name, want):
@@ -47,6 +68,16 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", "true or false")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not is_num(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                bad(name, "a number in [-2, 2]")
+        if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
+            bad("min_p", "a number in [0, 1]")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+                bad(name, f"null or an integer in [0, {MAX_LOGPROBS}]")
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
@@ -62,24 +93,174 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids the parameters name must lie in the vocabulary (ValueError naming the field)."""
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", [t for t, _ in self.logit_bias])):
+            if any(t >= vocab_size for t in ids):
+                raise ValueError(f"{name} token ids must lie in [0, {vocab_size}), got {sorted(ids)[-3:]}")
+
+
+def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """{id: bias} or [(id, bias), ...] -> sorted ((id, bias), ...); ids as ints or digit strings
+    (JSON object keys are strings), biases finite numbers in [-100, 100]."""
+    items = value.items() if isinstance(value, dict) else value
+    if not isinstance(items, (list, tuple, type({}.items()))):
+        raise ValueError(f"logit_bias must be an object mapping token ids to biases, got {value!r}")
+    out = {}
+    for pair in items:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"logit_bias must be an object mapping token ids to biases, got {value!r}")
+        key, bias = pair
+        if isinstance(key, str) and key.isdigit():
+            key = int(key)
+        if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {pair[0]!r}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {key}")
+        out[key] = float(bias)
+    return tuple(sorted(out.items()))
+
+
+# -- the batch -------------------------------------------------------------------------------
+
+@dataclass
+class Drawn:
+    """What sample_batch chose for each row, with logprobs where the row's params asked."""
+    tokens: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[tuple[tuple[int, float], ...] | None]
+
+
+def sample_batch(rows: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int],
+                 generated: list[list[int]], forced: list[int] | None = None) -> Drawn:
+    """The next token of every row of `rows` [B, V]. seeds[i], steps[i]: row i's request seed
+    and the index of the token being drawn (they key its noise); generated[i]: the tokens it has
+    generated so far (for penalties). forced: tokens chosen elsewhere (teacher forcing); only
+    their logprobs are computed here."""
+    B = rows.shape[0]
+    want_lp = [p.logprobs is not None for p in params]
+    processed = any(p.penalized or p.logit_bias for p in params)
+    if forced is None and not processed and all(p.greedy for p in params) and not any(want_lp):
+        return Drawn(rows.argmax(dim=-1).tolist(), [None] * B, [None] * B)  # one sync, the oracle's path
+    x = rows.to(torch.float32, copy=True)  # penalties write into it; the caller's rows stay as they are
+    if processed:
+        x = _penalize(x, params, generated)
+    if forced is not None:
+        tokens = torch.tensor(forced, dtype=torch.long, device=x.device)
+    else:
+        tokens = x.argmax(dim=-1)  # greedy rows keep it (ties to the lowest id)
+        drawn = [i for i, p in enumerate(params) if not p.greedy]
+        if drawn:
+            idx = torch.tensor(drawn, device=x.device)
+            tokens[idx] = _draw(x[idx], [params[i] for i in drawn], [seeds[i] for i in drawn],
+                                [steps[i] for i in drawn])
+    chosen = tokens.tolist()
+    lps: list[float | None] = [None] * B
+    tops: list[tuple | None] = [None] * B
+    if any(want_lp):
+        rows_lp = [i for i in range(B) if want_lp[i]]
+        idx = torch.tensor(rows_lp, device=x.device)
+        got = token_logprobs(x[idx], tokens[idx], max(params[i].logprobs for i in rows_lp))
+        for i, (lp, top) in zip(rows_lp, got):
+            lps[i], tops[i] = lp, top[:params[i].logprobs]
+    return Drawn(chosen, lps, tops)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, n_top: int
+                   ) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+    """(logprob of targets[i], its n_top most likely (id, logprob)) for each row of logits [R, V],
+    from a float32 log_softmax. One host sync."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, targets.long()[:, None])[:, 0]
+    if n_top:
+        top_lp, top_id = lp.topk(n_top, dim=-1)
+        top_lp, top_id = top_lp.tolist(), top_id.tolist()
+    else:
+        top_lp = top_id = [[] for _ in range(lp.shape[0])]
+    return [(c, tuple(zip(i, v))) for c, i, v in zip(chosen.tolist(), top_id, top_lp)]
+
+
+def _penalize(x: torch.Tensor, params: list[SamplingParams], generated: list[list[int]]) -> torch.Tensor:
+    """Penalties over each row's generated tokens, then logit_bias, in place on float32 x."""
+    pen = [i for i, p in enumerate(params) if p.penalized and generated[i]]
+    if pen:
+        r = torch.tensor([i for i in pen for _ in generated[i]], device=x.device)
+        t = torch.tensor([t for i in pen for t in generated[i]], device=x.device)
+        counts = torch.zeros_like(x)
+        counts.index_put_((r, t), torch.ones_like(t, dtype=x.dtype), accumulate=True)
+        freq = torch.tensor([p.frequency_penalty for p in params], device=x.device)
+        pres = torch.tensor([p.presence_penalty for p in params], device=x.device)
+        x -= freq[:, None] * counts + pres[:, None] * (counts > 0)
+    biased = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias]
+    if biased:
+        r, t, b = zip(*biased)
+        x.index_put_((torch.tensor(r, device=x.device), torch.tensor(t, device=x.device)),
+                     torch.tensor(b, device=x.device, dtype=x.dtype), accumulate=True)
+    return x
+
+
+def _draw(x: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]) -> torch.Tensor:
+    """Sampled rows [S, V]: temperature, top_k, top_p and min_p cuts, then argmax(x + Gumbel noise),
+    which draws from softmax of what is left."""
+    dev, V = x.device, x.shape[1]
+    x = x / torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    ks = [p.top_k if 0 < p.top_k < V else V for p in params]
+    ps = [p.top_p for p in params]
+    if any(k < V for k in ks) or any(p < 1 for p in ps):
+        sv = x.sort(dim=-1, descending=True).values
+        k = torch.tensor(ks, device=dev)
+        sv = sv.masked_fill(torch.arange(V, device=dev)[None, :] >= k[:, None], float("-inf"))
+        probs = torch.softmax(sv, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely ids
+        top_p = torch.tensor(ps, device=dev)
+        cut = (before >= top_p[:, None]) & (top_p < 1)[:, None]
+        keep = (~cut & (sv > float("-inf"))).sum(dim=-1)  # >= 1: the most likely id always stays
+        floor = sv.gather(1, (keep - 1)[:, None])
+        x = x.masked_fill(x < floor, float("-inf"))
+    if any(p.min_p > 0 for p in params):
+        log_min_p = torch.tensor([math.log(p.min_p) if p.min_p > 0 else float("-inf") for p in params], device=dev)
+        x = x.masked_fill(x < x.max(dim=-1, keepdim=True).values + log_min_p[:, None], float("-inf"))
+    return (x + gumbel_noise(seeds, steps, V, dev)).argmax(dim=-1)
+
+
+# -- keyed noise -----------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), in halves so no product leaves int64."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer mixer (xorshift-multiply, with the "lowbias32" constants)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: list[int], steps: list[int], V: int, device) -> torch.Tensor:
+    """Standard Gumbel noise [S, V], a pure function of (seeds[i], steps[i], vocabulary id): the
+    same request and step get the same noise on any batch (and any device: integer arithmetic)."""
+    s = torch.tensor(seeds, dtype=torch.long, device=device)
+    key = _mix32(_mix32(_mix32(s & _M32) ^ ((s >> 32) & _M32)) ^ (torch.tensor(steps, device=device) & _M32))
+    h = _mix32(_mix32(key[:, None] ^ _mix32(torch.arange(V, device=device)[None, :])) ^ key[:, None])
+    u = ((h >> 8).float() + 0.5) * 2.0 ** -24  # 24 random bits: uniform in (0, 1)
+    return -torch.log(-torch.log(u))
+
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """The next token from one row of logits [V]. Greedy is argmax; otherwise float32
-    softmax(logits / temperature) restricted to the top_k most likely ids and to the smallest set
-    whose probability reaches top_p (the most likely id always stays), drawn with `generator`."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    x = logits.float() / params.temperature
-    if 0 < params.top_k < x.numel():
-        kth = torch.topk(x, params.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if params.top_p < 1:
-        probs, order = torch.sort(torch.softmax(x, dim=-1), descending=True)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely ids
-        cut = order[before >= params.top_p]
-        x[cut] = float("-inf")
-    probs = torch.softmax(x, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    """The next token from one row of logits [V] (no penalties: there is no history here), a
+    fresh draw keyed by `generator` each call. The engine samples whole batches with sample_batch."""
+    key = int(torch.randint(2 ** 62, (1,), generator=generator)) if generator is not None else 0
+    return sample_batch(logits[None], [params], [key], [0], [[]]).tokens[0]
 
 
 class TeacherSampler:

@@ -1,0 +1,155 @@
+"""Batched sampling on the device (optimized/engine/sampler.py): the cuts, penalties, logit_bias,
+keyed noise that makes a seeded request independent of its batch, and logprobs of sampled and
+prompt tokens checked against the eager reference's log_softmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference
+from optimized.engine import Engine, SamplingParams
+from optimized.engine.sampler import TeacherSampler, gumbel_noise, sample_batch
+from optimized.kernels import default_device
+
+PROMPT = [5, 9, 2, 77, 31, 140, 12, 200, 33]
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg, w = reference.resolve("tiny", dtype=torch.float32, seed=0)
+    return cfg, w, reference.Gemma4Reference(cfg, w)
+
+
+def engine(model, **kw):
+    cfg, w, _ = model
+    kw.setdefault("device", default_device())
+    return Engine(cfg, weights=w, dtype=torch.float32, fused=False, **kw)
+
+
+def draws(logits, params, n=600):
+    """n draws from one row, each keyed by its own step (independent noise)."""
+    rows = logits[None].expand(n, -1)
+    return sample_batch(rows, [params] * n, [7] * n, list(range(n)), [[]] * n).tokens
+
+
+# -- the cuts ------------------------------------------------------------------------------
+
+
+def test_cuts_and_the_distribution():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert set(draws(logits, SamplingParams(temperature=1.0, top_k=2))) == {0, 1}
+    assert set(draws(logits, SamplingParams(temperature=1.0, top_p=0.7))) == {0, 1}  # 0.5 + 0.3 reach it
+    assert set(draws(logits, SamplingParams(temperature=1.0, min_p=0.25))) == {0, 1, 2}  # 0.05 < 0.25 * 0.5
+    counts = torch.bincount(torch.tensor(draws(logits, SamplingParams(temperature=1.0), 4000)), minlength=4) / 4000
+    assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    hot = torch.bincount(torch.tensor(draws(logits, SamplingParams(temperature=4.0), 4000)), minlength=4) / 4000
+    assert hot[3] > 0.15  # a high temperature flattens
+
+
+def test_rows_with_different_params_in_one_batch():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_p=0.4)]
+    for step in range(50):
+        assert sample_batch(logits, params, [1, 2, 3], [step] * 3, [[]] * 3).tokens == [0, 0, 0]
+
+
+def test_greedy_is_argmax_with_ties_to_the_lowest_id():
+    logits = torch.tensor([[0.0, 3.0, 3.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    assert sample_batch(logits, [SamplingParams()] * 2, [0, 0], [0, 0], [[], []]).tokens == [1, 0]
+    with_lp = [SamplingParams(logprobs=2)] * 2  # the float32 path, too
+    assert sample_batch(logits, with_lp, [0, 0], [0, 0], [[], []]).tokens == [1, 0]
+
+
+def test_penalties_and_logit_bias():
+    logits = torch.tensor([[0.0, 1.0, 0.5, -5.0]])
+
+    def pick(history=(), **kw):
+        return sample_batch(logits, [SamplingParams(**kw)], [0], [0], [list(history)]).tokens[0]
+
+    assert pick() == 1
+    assert pick([1, 1], frequency_penalty=0.2) == 1  # 1 - 2 * 0.2 = 0.6 > 0.5
+    assert pick([1, 1], frequency_penalty=0.3) == 2  # 1 - 0.6 = 0.4 < 0.5
+    assert pick([1], presence_penalty=0.6) == 2 and pick([1, 1, 1], presence_penalty=0.4) == 1  # once, not per use
+    assert pick([1], presence_penalty=-1.0, logit_bias={2: 1.0}) == 1
+    assert pick(logit_bias={3: 10}) == 3 and pick(logit_bias={"0": 1.5}) == 0  # JSON keys are strings
+    # logprobs see the penalised logits
+    d = sample_batch(logits, [SamplingParams(logprobs=1, logit_bias={3: 10})], [0], [0], [[]])
+    assert d.tokens == [3] and d.logprobs[0] == pytest.approx(float(torch.log_softmax(
+        logits[0] + torch.tensor([0, 0, 0, 10.0]), -1)[3]))
+
+
+def test_gumbel_noise_is_keyed_and_looks_uniform():
+    a = gumbel_noise([1, 2, 1], [0, 0, 5], 5000, "cpu")
+    assert torch.equal(a[0], gumbel_noise([1], [0], 5000, "cpu")[0])  # a row's noise ignores its batch mates
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
+    u = torch.exp(-torch.exp(-a))  # back to uniforms
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+    big = gumbel_noise([2 ** 63 - 1], [10 ** 6], 10, "cpu")
+    assert torch.isfinite(big).all()
+
+
+# -- through the engine ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [{}, dict(top_p=0.9, top_k=40), dict(min_p=0.05), dict(frequency_penalty=1.0,
+                                                                                        presence_penalty=0.5)])
+def test_seeded_tokens_do_not_depend_on_the_batch(model, extra):
+    params = SamplingParams(max_new_tokens=5, temperature=1.3, seed=2024, ignore_eos=True, **extra)
+    alone = engine(model).generate([PROMPT], params)[0].tokens
+    mates = [SamplingParams(max_new_tokens=3, temperature=0.9, seed=5), SamplingParams(max_new_tokens=4)]
+    crowd = engine(model, chunk_size=4, token_budget=7).generate([[3, 4, 5, 6], PROMPT, [8] * 11],
+                                                                  [mates[0], params, mates[1]])
+    assert crowd[1].tokens == alone
+    other = engine(model).generate([PROMPT], SamplingParams(max_new_tokens=5, temperature=1.3, seed=2025,
+                                                            ignore_eos=True, **extra))[0].tokens
+    assert other != alone
+
+
+def test_logprobs_match_the_reference(model):
+    _, _, ref = model
+    eng = engine(model, chunk_size=4)  # a chunked prompt: prompt rows come from three steps
+    rid = eng.add_request(PROMPT, SamplingParams(max_new_tokens=2, ignore_eos=True, logprobs=3, prompt_logprobs=2))
+    events = []
+    while eng.has_work():
+        events += [e for e in eng.step() if e.rid == rid]
+    tokens = [e.token for e in events]
+    with torch.no_grad():
+        lp = torch.log_softmax(ref.forward(torch.tensor(PROMPT + tokens)).float(), dim=-1)
+    first, second = events
+    assert first.prompt_logprobs[0] == (None, None) and second.prompt_logprobs is None
+    assert len(first.prompt_logprobs) == len(PROMPT)
+    for j in range(1, len(PROMPT)):
+        got, top = first.prompt_logprobs[j]
+        assert got == pytest.approx(float(lp[j - 1, PROMPT[j]]), abs=1e-4)
+        assert [t for t, _ in top] == lp[j - 1].topk(2).indices.tolist()
+    for k, e in enumerate(events):
+        row = lp[len(PROMPT) - 1 + k]
+        assert e.logprob == pytest.approx(float(row[e.token]), abs=1e-4)
+        assert e.top_logprobs[0][0] == e.token == int(row.argmax()) and len(e.top_logprobs) == 3
+
+
+def test_teacher_forced_tokens_get_their_logprobs(model):
+    eng = engine(model, sampler=TeacherSampler({0: [7, 8]}))
+    eng.add_request(PROMPT, SamplingParams(max_new_tokens=2, ignore_eos=True, logprobs=0))
+    events = eng.step() + eng.step()
+    assert [e.token for e in events] == [7, 8] and all(e.logprob < 0 and e.top_logprobs == () for e in events)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(presence_penalty=3), "presence_penalty"), (dict(frequency_penalty="x"), "frequency_penalty"),
+    (dict(min_p=1.5), "min_p"), (dict(min_p=True), "min_p"), (dict(logprobs=-1), "logprobs"),
+    (dict(logprobs=21), "logprobs"), (dict(prompt_logprobs=1.5), "prompt_logprobs"),
+    (dict(logit_bias={"a": 1}), "logit_bias"), (dict(logit_bias={1: 200}), "logit_bias"),
+    (dict(logit_bias=[1, 2]), "logit_bias"), (dict(logit_bias="x"), "logit_bias"),
+])
+def test_bad_params_name_the_field(kw, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kw)
+
+
+def test_token_ids_outside_the_vocab_are_refused(model):
+    eng = engine(model)
+    with pytest.raises(ValueError, match="logit_bias"):
+        eng.add_request(PROMPT, SamplingParams(logit_bias={256: 1.0}))
+    assert not eng.has_work()
