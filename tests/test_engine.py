@@ -260,9 +260,8 @@ def test_a_failed_capture_leaves_the_device_usable(device):
         capture_graph(device, lambda: (x * 2).sum().item())  # .item() syncs: not capturable
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     torch.randn(4, device=device)  # raised "Offset increment outside graph capture" before the fix
-    engine = _engine("tiny-moe", fused=False)
-    assert engine.decode_graphs is None and "capture failed" in engine.graphs_off_because
-    torch.randn(4, device=device)
+    engine = _engine("tiny-moe", fused=False)  # not even tried: the torch ops' MoE loop syncs
+    assert engine.decode_graphs is None and "syncs with the host" in engine.graphs_off_because
     graph, out = capture_graph(device, lambda: x * 2)  # and a good capture still works after
     x.add_(1)
     graph.replay()

@@ -22,6 +22,7 @@ import torch
 from reference.config import Gemma4Config
 from reference.weights import resolve
 
+from .. import ops
 from ..batch import ForwardBatch, build_batch
 from ..kernels import check_supported, default_device, graphs_supported
 from ..memory import KVCache, ceil_div, swa_pages_per_request
@@ -137,6 +138,11 @@ class Engine:
             if graphs:
                 raise ValueError(f"graphs=True needs a device that can capture graphs; {self.device} cannot")
             return None, f"{self.device} cannot capture graphs"
+        if self.model.ops is ops and self.config.enable_moe_block:  # not tried: a failed capture costs a reset
+            if graphs:
+                raise ValueError("cannot capture a decode step in a device graph: the torch ops' MoE loop "
+                                 "syncs with the host (fused=True captures)")
+            return None, "the torch ops' MoE loop syncs with the host"
         try:
             return DecodeGraphs(self.model, max_requests, max_pages), None
         except RuntimeError as e:  # an op in the step syncs with the host (the torch ops' MoE loop does)

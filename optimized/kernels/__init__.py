@@ -116,10 +116,12 @@ def capture_graph(device: torch.device, fn, pool=None):
     """Record fn() into a device graph on a side stream; returns (graph, what fn returned).
 
     A capture that fails (fn syncs with the host, say) raises RuntimeError and leaves the device
-    as it was. torch's own `graph` context does not: when ending a broken capture raises, it skips
-    restoring the current stream, so the thread stays on a stream still in capture and every later
-    random op there fails ("Offset increment outside graph capture encountered unexpectedly"). On
-    an H200 one engine that fell back to eager decode broke the tests after it on its worker."""
+    usable. torch's own `graph` context does not: when ending a broken capture raises, (1) it
+    skips restoring the current stream, and (2) the default generator stays in capture mode, so
+    every later random op on the thread fails ("Offset increment outside graph capture
+    encountered unexpectedly"). On an H200, one engine that fell back to eager decode broke the
+    tests after it on its pytest worker. (1) is the `with` below; (2) is an empty capture, whose
+    clean end takes the generator out of capture mode."""
     module = torch.get_device_module(device)
     module.synchronize()
     graph = module.CUDAGraph()
@@ -127,13 +129,17 @@ def capture_graph(device: torch.device, fn, pool=None):
         graph.capture_begin(pool) if pool is not None else graph.capture_begin()
         try:
             out = fn()
+            graph.capture_end()
         except BaseException:
             try:
-                graph.capture_end()  # ends stream capture; it raises again for a broken one
+                graph.capture_end()  # ends the stream's capture; raises again for a broken one
             except RuntimeError:
                 pass
+            module.synchronize()
+            reset = module.CUDAGraph()
+            reset.capture_begin()
+            reset.capture_end()
             raise
-        graph.capture_end()
     return graph, out
 
 
