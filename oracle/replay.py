@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from reference.config import Gemma4Config, LayerSpec
 from reference.model import (Gemma4Reference, attend, attention_mask, gelu_tanh, moe_router_input, rms_norm,
                              rope_cos_sin)
+from reference.weights import CastOnRead
 from reference.window import first_visible_key, visible
 
 import optimized.kernels
@@ -329,10 +330,11 @@ class Replayer:
         return first
 
     def __init__(self, config: Gemma4Config, weights: Mapping[str, torch.Tensor]):
-        # Weights stay on their device (the truth model's float64 weights are reused as they are);
-        # captures live on the CPU, so inputs go to the weights and results come back.
+        # Weights stay on their device and are cast to float64 as each is read (a 31B model's
+        # float64 copy would not fit beside it); captures live on the CPU, so inputs go to the
+        # weights and results come back.
         self.config = config
-        self.model = Gemma4Reference(config, {k: v.detach().to(F64) for k, v in weights.items()})
+        self.model = Gemma4Reference(config, CastOnRead(weights, F64))
 
     def inputs(self, tap: str) -> tuple[str, ...] | None:
         """The taps `tap` is replayed from, or None when it has no replay."""

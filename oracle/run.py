@@ -24,8 +24,10 @@ from typing import Callable, Sequence
 import torch
 
 from optimized.kernels import graphs_supported
+from optimized.model import share_projection_storage
 from optimized.runner import Runner
 from reference import Gemma4Reference, resolve
+from reference.weights import CastOnRead
 
 from .capture import Capture, CaptureBuilder, capture_metadata, git_revision, package_versions
 from .compare import Comparison, compare
@@ -87,8 +89,10 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
         cfg, weights = resolve(m.source, dtype=scenario.dtype, device=m.device, seed=m.seed)
     else:
         cfg, weights = weights
+    # The reference reads q/k/v and gate/up, the paged model their stacks: one copy serves both.
+    weights = share_projection_storage(cfg, weights)
     ref_model = Gemma4Reference(cfg, weights)
-    truth_model = Gemma4Reference(cfg, {k: v.to(TRUTH_DTYPE) for k, v in weights.items()})
+    truth_model = Gemma4Reference(cfg, CastOnRead(weights, TRUTH_DTYPE))  # no float64 copy held
     prompts = scenario.prompts(cfg.vocab_size)
     ids = [r.id for r in scenario.requests]
     teacher = [greedy_continuation(ref_model, p, r.new_tokens) for p, r in zip(prompts, scenario.requests)]

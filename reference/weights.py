@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -28,6 +29,26 @@ NON_TEXT_PREFIXES = ("model.vision_tower.", "model.embed_vision.", "model.audio_
                      "model.multi_modal_projector.")
 SHARED_LAYER_UNUSED = ("self_attn.k_proj.weight", "self_attn.v_proj.weight",
                        "self_attn.k_norm.weight", "self_attn.v_norm.weight")
+
+
+class CastOnRead(Mapping):
+    """Weights read in another dtype, one tensor at a time: `w[name]` is `base[name].to(dtype)`.
+
+    The float64 truth of a 31B model would need 248 GB as a copy; cast on each read, it holds
+    one weight at a time beside the model's own. Reads cost a cast each (the truth runs once per
+    scenario, so this is cheap next to the forward itself)."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], dtype: torch.dtype):
+        self.base, self.dtype = base, dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.base[name].to(self.dtype)
+
+    def __iter__(self):
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
 
 
 class CheckpointError(ValueError):

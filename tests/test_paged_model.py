@@ -187,3 +187,33 @@ def test_bad_arguments_fail_before_any_work(kwargs, args, match):
     with pytest.raises(ValueError, match=match):
         runner = Runner(cfg, weights=w, device=DEVICE, **kwargs)
         runner.run(**args)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-kv-eq-v"])
+def test_shared_projection_storage_stacks_without_a_copy(preset):
+    """The oracle's memory rule at 31B: the reference's q/k/v and gate/up are views of the paged
+    model's stacks, and fuse_projections on them copies nothing."""
+    from optimized.model import fuse_projections, share_projection_storage
+
+    cfg, w = reference.resolve(preset, dtype=torch.float32, seed=3)
+    shared = share_projection_storage(cfg, w)
+    assert shared.keys() == w.keys() and all(torch.equal(shared[k], w[k]) for k in w)
+    copied, stacked = fuse_projections(cfg, w), fuse_projections(cfg, shared)
+    for name, t in stacked.items():
+        assert torch.equal(t, copied[name]), name
+    q = shared["layers.0.self_attn.q_proj.weight"]
+    assert stacked["layers.0.qkv"].data_ptr() == q.data_ptr()  # a view, not a copy
+    assert stacked["layers.0.gate_up"].data_ptr() == shared["layers.0.mlp.gate_proj.weight"].data_ptr()
+    # Parts that are not back to back are copied, as before.
+    assert fuse_projections(cfg, w)["layers.0.qkv"].data_ptr() != w["layers.0.self_attn.q_proj.weight"].data_ptr()
+
+
+def test_cast_on_read_holds_no_copy():
+    from reference.weights import CastOnRead
+
+    cfg, w = reference.resolve("tiny", dtype=torch.bfloat16, seed=1)
+    lazy = CastOnRead(w, torch.float64)
+    assert len(lazy) == len(w) and list(lazy) == list(w)
+    x = torch.randint(0, cfg.vocab_size, (9,))
+    eager = reference.Gemma4Reference(cfg, {k: v.to(torch.float64) for k, v in w.items()})
+    assert torch.equal(reference.Gemma4Reference(cfg, lazy).forward(x), eager.forward(x))
