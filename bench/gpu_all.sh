@@ -9,13 +9,15 @@
 # TIMEOUT_SUITE=400; a stage that fails or times out is reported and the next one still runs):
 #   suite            the test suite on the GPU, 12 workers [540]            -> suite.log
 #   check            gemma4-testbed check, bf16 then float32, timed [280]   -> check-{bfloat16,float32}/, check.log
-#   check-real       check e2b in bf16 (seeded checkpoint-like weights) on two scenarios [200] -> check-e2b/, check_real.log
+#   check-real       check e2b, 31b, 26b-a4b in bf16 (seeded checkpoint-like weights) [420] -> check-<model>/, check_real.log
 #   calibrate        bf16 calibration of the sharp checks [300]             -> calibration_bf16.json, calibrate.log
 #   real-shapes      random-init statistics at real shapes [540]            -> real_shape_stats.jsonl, real_shapes.log
 #   kernels          kernel testbed at E2B sizes + bench/kernel_bench.py [560] -> kernels/kernels.json, kernel_bench.*
 #   kernels-nographs kernel_bench with plain launches (host cost in) [150]  -> kernel_bench_nographs.*
 #   launch-sweep     launch shapes of the memory-bound kernels [560]        -> launch_sweep.*
 #   engine           bench/engine_bench.py at E2B [400]                     -> engine_bench.json, engine.log
+#   serve            bench/serve_bench.py at E2B: TTFT, tok/s at 1-64 streams (needs the serve extra) [300] -> serve_bench.*
+#   profile          bench/decode_profile.py at E2B: floor, engine, kernel table, transformers [300] -> decode_profile.*
 #   graphs           decode graphs against eager decode, bench/graph_check.py [300] -> graphs.log
 #   attention        paged attention vs SDPA, bench/attention_bench.py [560] -> attention.json, attention.log
 #   parity           bf16 parity of the paged path, bench/gpu_parity.py [300] -> parity.json, parity.log
@@ -31,7 +33,7 @@ DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs a stage here, for a smoke test of the 
 # Appended to, not replaced: a device call may put carried wheels (the serve extra) on PYTHONPATH.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
-STAGES=(suite check check-real calibrate real-shapes kernels kernels-nographs launch-sweep engine graphs attention parity taps)
+STAGES=(suite check check-real calibrate real-shapes kernels kernels-nographs launch-sweep engine serve profile graphs attention parity taps)
 
 usage() {
   sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -83,11 +85,18 @@ stage_check() {
 }
 
 stage_check_real() {
-  # e2b fits one H200 beside its float64 truth; 31b and 26b-a4b do not (real-shapes measures them
-  # at reduced depth).
-  { time run "$(limit check-real 200)" python3 -m oracle.cli check e2b --device "$DEVICE" --dtype bfloat16 \
-      --scenario one-shot-prefill --scenario engine-continuous-batching --out "$OUT/check-e2b"; } \
-      2>&1 | tee "$OUT/check_real.log"
+  # Each real shape fits one H200 under the oracle: one copy of the bf16 weights serves both paths
+  # and the float64 truth casts each weight as it reads it (oracle/run.py). 31B: 62 GB.
+  local rc=0 t
+  t=$(limit check-real 420)
+  for model in e2b 31b 26b-a4b; do
+    local scenarios=(--scenario one-shot-prefill)
+    [ "$model" = e2b ] && scenarios+=(--scenario engine-continuous-batching)
+    echo "-- check $model bfloat16"
+    { time run $((t / 3)) python3 -m oracle.cli check "$model" --device "$DEVICE" --dtype bfloat16 \
+        "${scenarios[@]}" --out "$OUT/check-$model"; } 2>&1 | tee -a "$OUT/check_real.log" || rc=1
+  done
+  return $rc
 }
 
 stage_calibrate() {
@@ -154,6 +163,16 @@ stage_launch_sweep() {
 stage_engine() {
   run "$(limit engine 400)" python3 bench/engine_bench.py --model e2b --out "$OUT/engine_bench.json" \
       2>&1 | tee "$OUT/engine.log"
+}
+
+stage_serve() {
+  run "$(limit serve 300)" python3 bench/serve_bench.py --model e2b --dtype bfloat16 --device "$DEVICE" \
+      --out "$OUT/serve_bench.json" 2>&1 | grep -v "INFO:" | tee "$OUT/serve_bench.log"
+}
+
+stage_profile() {
+  run "$(limit profile 300)" python3 bench/decode_profile.py --model e2b --out "$OUT/decode_profile.json" \
+      2>&1 | tee "$OUT/decode_profile.log"
 }
 
 stage_graphs() {
