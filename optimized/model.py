@@ -81,8 +81,12 @@ def share_projection_storage(config: Gemma4Config, w: dict[str, torch.Tensor]) -
 
 class PagedGemma4:
     def __init__(self, config: Gemma4Config, weights: dict[str, torch.Tensor], cache: KVCache,
-                 fused: bool = False, fused_weights: dict[str, torch.Tensor] | None = None):
+                 fused: bool = False, fused_weights: dict[str, torch.Tensor] | None = None, tp=None):
+        """Under tensor parallelism (optimized/parallel.py) `config` and `weights` are one rank's
+        shard and `tp` sums the row-parallel partial outputs (o_proj, the MLP's down projection
+        and the experts) over the ranks: its `all_reduce` is the only rank logic here."""
         self.config, self.w, self.cache = config, weights, cache
+        self.tp = tp
         self.ops = fused_ops if fused else ops
         self.fw = fused_weights if fused_weights is not None else fuse_projections(config, weights)
         self.device = next(iter(weights.values())).device
@@ -135,7 +139,7 @@ class PagedGemma4:
         inter = spec.mlp_width
         act = o.gelu_tanh_mul(gate_up[:, :inter], gate_up[:, inter:])
         emit(p + "mlp_act", act)
-        m = F.linear(act, w[p + "mlp.down_proj.weight"])
+        m = F.linear(act, w[p + "mlp.down_proj.weight"])  # a partial sum under tensor parallelism
         # layer_scalar joins the post-FFN pass unless the PLE block sits between the add and the scale.
         scalar = None if ple is not None else w[p + "layer_scalar"]
         if cfg.enable_moe_block:
@@ -143,12 +147,13 @@ class PagedGemma4:
                                    w[p + "router.per_expert_scale"], cfg.top_k_experts, eps)
             xe = o.rms_norm(x, w[p + "pre_feedforward_layernorm_2.weight"], eps)
             moe = o.experts(xe, top_w, top_i, w[p + "experts.gate_up_proj"], w[p + "experts.down_proj"])
+            m, moe = self._all_reduce_pair(m, moe)
             out = o.post_ffn_moe_residual_scale(
                 m, moe, x, w[p + "post_feedforward_layernorm_1.weight"], w[p + "post_feedforward_layernorm_2.weight"],
                 w[p + "post_feedforward_layernorm.weight"], eps, scalar, return_normed=capturing)
         else:
-            out = o.post_ffn_residual_scale(m, x, w[p + "post_feedforward_layernorm.weight"], eps, scalar,
-                                            return_normed=capturing)
+            out = o.post_ffn_residual_scale(self._all_reduce(m), x, w[p + "post_feedforward_layernorm.weight"],
+                                            eps, scalar, return_normed=capturing)
         if capturing:
             out, normed = out
             emit(p + "mlp_out", normed)
@@ -193,7 +198,19 @@ class PagedGemma4:
             out = extend_attention(q, k_pool, v_pool, pages, batch.page_size, batch.cu_seqlens_q,
                                    batch.seq_lens, window=spec.window)
         emit(p + "o", out)
-        return F.linear(out.reshape(N, -1), w[a + "o_proj.weight"])
+        return self._all_reduce(F.linear(out.reshape(N, -1), w[a + "o_proj.weight"]))
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """A row-parallel projection's output summed over the ranks (itself without tp)."""
+        return x if self.tp is None else self.tp.all_reduce(x)
+
+    def _all_reduce_pair(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two partial sums in one all-reduce: the dense MLP's and the experts' outputs, which are
+        normed apart, so each must be whole before its norm."""
+        if self.tp is None:
+            return a, b
+        both = self.tp.all_reduce(torch.stack([a, b]))  # [2, N, H]: each half stays contiguous
+        return both[0], both[1]
 
 
 def _no_emit(name: str, t: torch.Tensor) -> None:

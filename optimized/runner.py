@@ -21,6 +21,7 @@ import torch
 from reference.config import Gemma4Config
 from reference.weights import resolve
 
+from . import parallel
 from .engine import Engine, SamplingParams
 from .engine.engine import emit_pool_taps
 from .engine.sampler import TeacherSampler
@@ -28,6 +29,7 @@ from .engine.scheduler import Script
 from .kernels import default_device
 from .memory import KVCache, ceil_div, swa_pages_per_request
 from .model import TapSink
+from .parallel import TensorParallel
 
 
 @dataclass
@@ -52,10 +54,14 @@ class Runner:
                  device=None, page_size: int = 16, chunk_size: int = 512, num_pages: int | None = None,
                  seed: int = 0, page_order_seed: int | None = None, weights: dict | None = None,
                  fused: bool = True, token_budget: int | None = None, max_requests: int | None = None,
-                 graphs: bool | str | None = None):
+                 graphs: bool | str | None = None, tp: TensorParallel | int | None = None):
         """token_budget, max_requests: let the scheduler decide (the most tokens per step, the
         most requests running at once). graphs: the engine's decode graphs (None: where the
-        device can capture them; "static": their padded static batch, run eagerly)."""
+        device can capture them; "static": their padded static batch, run eagerly). tp: tensor
+        parallelism (optimized/parallel.py): a TensorParallel or a world size to join; every rank
+        makes the same Runner and the same calls, and each run's engine holds this rank's shard
+        (the Runner keeps the whole weights it builds engines from); results and taps are the
+        same, unsharded, on every rank."""
         for name, v in (("page_size", page_size), ("chunk_size", chunk_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -64,7 +70,11 @@ class Runner:
         for name, v in (("token_budget", token_budget), ("max_requests", max_requests)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        self.device = torch.device(device) if device is not None else default_device()
+        self.tp = parallel.resolve(tp, device)
+        if self.tp is not None:
+            self.device = self.tp.device
+        else:
+            self.device = torch.device(device) if device is not None else default_device()
         if weights is not None:
             self.config = path_or_preset
             self.weights = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
@@ -137,7 +147,7 @@ class Runner:
                       max_requests=self.max_requests or len(totals), max_context=max(totals),
                       token_budget=self.token_budget, fused=self.fused, graphs=self.graphs,
                       page_order_seed=self.page_order_seed, script=script, sampler=sampler, taps=taps,
-                      feed_last=taps is not None)
+                      feed_last=taps is not None, tp=self.tp)
 
     # -- the run ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -185,6 +195,8 @@ class Runner:
 
     def _emit_cache(self, cache: KVCache, r: _Finished, taps: TapSink) -> None:
         """The pool taps of a finishing request (a hook tests use to corrupt the pool first)."""
+        if self.tp is not None:  # the pools hold this rank's KV heads: taps in the unsharded layout
+            taps = parallel.gathering_sink(taps, self.config, self.tp)
         emit_pool_taps(cache, self.config, r.index, r.length, taps)
 
 

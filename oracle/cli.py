@@ -290,11 +290,14 @@ def cmd_check(args) -> int:
         faults = [get(n) for n in args.inject]
         scenarios = _scenarios(args)
         _check_before_work(scenarios)
+        tp = _tensor_parallel(args.tp, scenarios)
         models, dtypes = _ran(scenarios)
         inject = f"-inject-{'+'.join(f.name for f in faults)}" if faults else ""  # never over the clean report
         out = _check_out_dir(args.out or Path("reports") / f"check-{models}-{dtypes}{inject}")
     except (ScenarioError, CheckpointError, ConfigError, UnknownFault, BadInput) as e:
-        return _refuse(e)
+        return _refuse(e) if _launched_rank() == 0 else EXIT_BAD_INPUT  # one message, from rank 0
+    if tp is not None and tp.rank > 0:
+        return _follow(scenarios, args.inject, tp)
     for f in faults:
         print(f"injected fault {f.name}: {f.summary} (alone, on tiny, its scenario {f.scenario_spec['name']} "
               f"must diverge first at {f.expect})")
@@ -303,13 +306,15 @@ def cmd_check(args) -> int:
         _progress(i, len(scenarios), sc.name, "running")
         t0 = time.perf_counter()
         try:
-            run = run_scenario(sc, faults=args.inject)
+            run = run_scenario(sc, faults=args.inject, tp=tp)
         # Input errors only: a ValueError from inside a kernel is a bug, and its traceback says where.
         except (ScenarioError, CheckpointError, ConfigError, FaultScenarioError) as e:
             return _refuse(e, f"scenario {sc.name!r}: ")
         runs.append(run)
         _progress(i, len(scenarios), sc.name, "parity" if run.passed else "DIVERGENCE", time.perf_counter() - t0)
     title = f"Gemma 4 parity: {models} ({dtypes})"
+    if tp is not None:
+        title += f", tensor parallel {tp.world}"
     if faults:
         title += f", injected: {', '.join(f.name for f in faults)}"
     # The kernel testbed on the device and in the dtype the scenarios ran in.
@@ -325,7 +330,65 @@ def cmd_check(args) -> int:
         _say_whether_the_fault_was_named(faults[0], runs)
     print(f"report: {html}")
     kernels_ok = kernels is None or all(k["passed"] for k in kernels)
-    return EXIT_OK if all(r.passed for r in runs) and kernels_ok else EXIT_DIVERGED
+    code = EXIT_OK if all(r.passed for r in runs) and kernels_ok else EXIT_DIVERGED
+    return code if tp is None else _leave(tp, code)
+
+
+def _launched_rank() -> int:
+    from optimized.parallel import launched_rank
+
+    return launched_rank()
+
+
+def _tensor_parallel(size: int | None, scenarios):
+    """`check --tp N`: each scenario's model must split across N ranks, N processes must have been
+    launched (torchrun; N = 1 needs none), and then this process joins the group (gloo on a
+    CPU, NCCL on CUDA). None without --tp."""
+    if size is None:
+        return None
+    from optimized.parallel import TensorParallelError, check_shardable, launched_world, setup
+    from reference import ConfigError, resolve
+
+    for sc in scenarios:
+        cfg, _ = resolve(sc.model.source, dtype=sc.dtype, device="meta", seed=sc.model.seed)
+        try:
+            check_shardable(cfg, size)
+        except ConfigError as e:
+            raise ConfigError(f"--tp {size}: {sc.model.source}: {e}") from None
+    world = launched_world()
+    if world is None and size > 1:
+        raise BadInput(f"--tp {size}: needs {size} processes; launch it as "
+                       f"`torchrun --nproc-per-node {size} -m oracle.cli check --tp {size} ...`")
+    if world is not None and world != size:
+        raise BadInput(f"--tp {size}: torchrun started {world} processes (--nproc-per-node must equal --tp)")
+    devices = {sc.model.device for sc in scenarios}
+    if len(devices) > 1:
+        raise BadInput(f"--tp {size}: every scenario must run on one device, got {', '.join(sorted(devices))}")
+    try:
+        return setup(size, devices.pop())
+    except TensorParallelError as e:
+        raise BadInput(f"--tp {size}: {e}") from None
+
+
+def _follow(scenarios, faults, tp) -> int:
+    """A rank other than 0 under `check --tp`: run its shard of every scenario beside rank 0, print
+    nothing, and exit as rank 0 does."""
+    from .run import run_scenario
+
+    for sc in scenarios:
+        run_scenario(sc, faults=faults, tp=tp)
+    return _leave(tp, None)
+
+
+def _leave(tp, code: int | None) -> int:
+    """Every rank leaves with rank 0's exit code, once all are done (a rank that exits while another
+    still talks to it makes gloo abort that one)."""
+    import torch.distributed as dist
+
+    code = tp.broadcast_object(code)
+    dist.barrier()
+    dist.destroy_process_group()
+    return code
 
 
 def _kernel_rows(device: str, dtype: str) -> list[dict]:
@@ -641,6 +704,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--inject", action="append", default=[], metavar="FAULT",
                        help="inject a known bug into the optimized path (repeatable; see `faults`); without "
                             "--scenario, runs each fault's own scenario")
+    check.add_argument("--tp", type=positive, default=None, metavar="N",
+                       help="run the optimized path tensor-parallel over N ranks, launched as `torchrun "
+                            "--nproc-per-node N -m oracle.cli check --tp N ...` (gloo on a CPU, NCCL on CUDA); "
+                            "rank 0 runs the reference, judges and writes the report, the others print nothing")
     check.set_defaults(func=cmd_check)
 
     scenarios = sub.add_parser("scenarios", help="list the built-in scenarios, one line each")

@@ -41,6 +41,7 @@ import optimized.engine.engine
 import optimized.fused_ops
 import optimized.model
 import optimized.ops
+import optimized.parallel
 from optimized.memory import KVCache, ceil_div
 from optimized.model import PagedGemma4
 
@@ -252,6 +253,25 @@ def _no_softcap(_softcap: Callable) -> Callable:
     return lambda logits, cap: logits
 
 
+def _last_rank_o_proj_one_head_late(shard_weights: Callable) -> Callable:
+    """The last rank's o_proj columns start one query head late (wrapping past the last head)."""
+    def wrapper(config, weights, rank, world):
+        out = dict(shard_weights(config, weights, rank, world))
+        if rank != world - 1:
+            return out
+        Hq = config.num_attention_heads
+        n = Hq // world
+        for spec in config.layers:
+            key = f"layers.{spec.index}.self_attn.o_proj.weight"
+            hd = spec.head_dim
+            heads = [(h + 1) % Hq for h in range(rank * n, rank * n + n)]
+            cols = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads]).to(weights[key].device)
+            out[key] = weights[key][:, cols].contiguous()
+        return out
+
+    return wrapper
+
+
 def _on_op_sets(attr: str, wrap: Callable) -> tuple[Patch, ...]:
     return tuple(Patch(ops, attr, wrap) for ops in _OP_SETS)
 
@@ -447,6 +467,20 @@ FAULTS: dict[str, Fault] = _registry(
         "term (about x^3 / 2700), under one bfloat16 ULP. In bfloat16 the local judgement catches it.",
         "logits",
         _on_op_sets("softcap", _no_softcap),
+        CHUNKED,
+    ),
+    Fault(
+        "tp-o-proj-shard-one-head-late",
+        "the last tensor-parallel rank's o_proj shard starts one head late",
+        "Issue 14: a row-parallel shard is a slice of the input axis at rank x its share; computed "
+        "wrongly (a head count off by one, a replicated KV head's offset used for the query heads) "
+        "the rank multiplies its heads' attention output by another head's columns. Here the last "
+        "rank's o_proj columns start one head late, wrapping past the last head "
+        "(optimized/parallel.shard_weights); the other ranks' shards are right. Each rank's own "
+        "q/k/v/o hold, and the all-reduced attention output is wrong from layer 0 on. Without tensor "
+        "parallelism the one rank is the last: the whole o_proj is one head off, at the same tap.",
+        "layers.0.attn_out",
+        (Patch(optimized.parallel, "shard_weights", _last_rank_o_proj_one_head_late),),
         CHUNKED,
     ),
 )

@@ -25,6 +25,7 @@ import torch
 
 from optimized.kernels import graphs_supported
 from optimized.model import share_projection_storage
+from optimized.parallel import TensorParallel
 from optimized.runner import Runner
 from reference import Gemma4Reference, resolve
 from reference.weights import CastOnRead
@@ -74,15 +75,22 @@ def reference_capture(model: Gemma4Reference, scenario: Scenario, sequences: dic
 
 def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE,
                  runner_factory: Callable[..., Runner] = Runner, weights=None,
-                 faults: Sequence[str] = (), decode_graphs: bool | str | None = None) -> ScenarioRun:
+                 faults: Sequence[str] = (), decode_graphs: bool | str | None = None,
+                 tp: TensorParallel | None = None) -> ScenarioRun | None:
     """Capture truth, reference and optimized path for a scenario and compare them.
     `runner_factory` lets a test substitute the optimized path; `faults` names known bugs
     (oracle/faults.py) injected into the optimized path while it runs; `decode_graphs` is the
     engine's `graphs` (None: the scenario's `engine.decode`; "static": the padded static decode
-    batch without capture; False: plain eager decode; True: graphs or an error)."""
+    batch without capture; False: plain eager decode; True: graphs or an error).
+
+    `tp`: the optimized path runs sharded (optimized/parallel.py); every rank calls this with
+    the same arguments. Rank 0 runs the reference, hands its teacher tokens to the other ranks,
+    receives the taps in the unsharded layout and judges as without tp; the other ranks run
+    their shard only and return None."""
     for name in faults:
         get_fault(name)  # an unknown name fails before any work
     m = scenario.model
+    lead = tp is None or tp.rank == 0  # the rank that runs the reference and judges
     if decode_graphs is None:
         decode_graphs = engine_graphs(scenario.engine.decode, m.device)
     if weights is None:
@@ -91,32 +99,38 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
         cfg, weights = weights
     # The reference reads q/k/v and gate/up, the paged model their stacks: one copy serves both.
     weights = share_projection_storage(cfg, weights)
-    ref_model = Gemma4Reference(cfg, weights)
-    truth_model = Gemma4Reference(cfg, CastOnRead(weights, TRUTH_DTYPE))  # no float64 copy held
     prompts = scenario.prompts(cfg.vocab_size)
     ids = [r.id for r in scenario.requests]
-    teacher = [greedy_continuation(ref_model, p, r.new_tokens) for p, r in zip(prompts, scenario.requests)]
-    sequences = {rid: p + t for rid, p, t in zip(ids, prompts, teacher)}
-
-    truth = reference_capture(truth_model, scenario, sequences, "truth")
-    ref = reference_capture(ref_model, scenario, sequences, "reference")
+    if lead:
+        ref_model = Gemma4Reference(cfg, weights)
+        truth_model = Gemma4Reference(cfg, CastOnRead(weights, TRUTH_DTYPE))  # no float64 copy held
+        teacher = [greedy_continuation(ref_model, p, r.new_tokens) for p, r in zip(prompts, scenario.requests)]
+        sequences = {rid: p + t for rid, p, t in zip(ids, prompts, teacher)}
+        truth = reference_capture(truth_model, scenario, sequences, "truth")
+        ref = reference_capture(ref_model, scenario, sequences, "reference")
+    if tp is not None:  # every rank forces the same tokens: rank 0's reference decides them
+        teacher = tp.broadcast_object(teacher if lead else None)
 
     e = scenario.engine
     builder = CaptureBuilder(capture_metadata(cfg, path="optimized", dtype=scenario.dtype, device=m.device,
                                               scenario=scenario.to_dict()))
     index = {r.id: i for i, r in enumerate(scenario.requests)}
+    sharded = {} if tp is None else {"tp": tp}  # a test's runner_factory need not know tp
     with inject_all(faults):
         runner = runner_factory(cfg, weights=weights, dtype=scenario.dtype, device=m.device,
                                 page_size=e.page_size, chunk_size=e.chunk_size, num_pages=e.num_pages,
                                 page_order_seed=e.page_order_seed, token_budget=e.token_budget,
-                                max_requests=e.max_requests, graphs=decode_graphs)
+                                max_requests=e.max_requests, graphs=decode_graphs, **sharded)
         results = runner.run(
             prompts, max_new_tokens=[r.new_tokens for r in scenario.requests], teacher_tokens=teacher,
             chunk_splits=[None if r.chunks is None else list(r.chunks) for r in scenario.requests],
             arrivals=[r.arrival for r in scenario.requests],
             share_prefix_with=[None if r.prefix_from is None else index[r.prefix_from["request"]]
                                for r in scenario.requests],
-            taps=lambda i, name, pos, t: builder.add(ids[i], name, pos, t))
+            # Every rank's engine gathers the taps (a collective); only rank 0 keeps them.
+            taps=(lambda i, name, pos, t: builder.add(ids[i], name, pos, t)) if lead else _discard)
+    if not lead:
+        return None
     cand = builder.build()
     chunks = {rid: [start for start, _ in res.steps] for rid, res in zip(ids, results)}
     # The truth model's float64 weights let compare() replay each stage locally (oracle/replay.py).
@@ -130,6 +144,10 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
                      for rid, p, r, res in zip(ids, prompts, scenario.requests, results)],
     }
     return ScenarioRun(scenario, truth, ref, cand, comparison, layout)
+
+
+def _discard(*_) -> None:
+    pass
 
 
 def engine_graphs(decode: str, device: str) -> bool | str | None:

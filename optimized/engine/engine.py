@@ -22,11 +22,12 @@ import torch
 from reference.config import Gemma4Config
 from reference.weights import resolve
 
-from .. import ops
+from .. import ops, parallel
 from ..batch import ForwardBatch, build_batch
 from ..kernels import check_supported, default_device, graphs_supported
 from ..memory import KVCache, ceil_div, swa_pages_per_request
 from ..model import PagedGemma4, TapSink, fuse_projections
+from ..parallel import TensorParallel
 from .graphs import DecodeGraphs
 from .sampler import SamplingParams, sample_batch, token_logprobs
 from .scheduler import Scheduler, Script, Sequence
@@ -68,7 +69,7 @@ class Engine:
                  graphs: bool | str | None = None, share_prefixes: bool = True,
                  num_swa_pages: int | None = None, page_order_seed: int | None = None,
                  script: Script | None = None, sampler: Sampler | None = None, taps: TapSink | None = None,
-                 feed_last: bool | None = None):
+                 feed_last: bool | None = None, tp: TensorParallel | int | None = None):
         """max_context: the most positions one request may use (default: the model's limit, at
         most 4096). num_pages: the full pool's size in pages (default: max_requests requests of
         max_context each); num_swa_pages likewise for the sliding pool (default: the sizing rule
@@ -85,7 +86,12 @@ class Engine:
         TeacherSampler forces tokens); taps receives every tap (model taps, `logits` from the
         rows postprocess selects, `layers.{l}.k_cache/.v_cache` from the pools when a request
         finishes); feed_last (default: on with taps) feeds each request's last token too, so
-        taps and pools cover every position."""
+        taps and pools cover every position.
+
+        tp: tensor parallelism (optimized/parallel.py), a TensorParallel or a world size to join
+        (under torchrun): every rank builds an engine with the same arguments, holding its shard
+        of the weights and KV pools on the rank's device (tp's, not `device`); taps come out
+        in the unsharded layout on every rank. Decode graphs stay off unless graphs=True."""
         for name, v, low in (("page_size", page_size, 1), ("chunk_size", chunk_size, 1),
                              ("max_requests", max_requests, 1), ("num_pages", num_pages, 2),
                              ("num_swa_pages", num_swa_pages, 2), ("max_context", max_context, 1),
@@ -95,14 +101,20 @@ class Engine:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if graphs not in (True, False, None, "static"):
             raise ValueError(f"graphs must be True, False, None or 'static', got {graphs!r}")
-        self.device = torch.device(device) if device is not None else default_device()
+        self.tp = parallel.resolve(tp, device)
+        if self.tp is not None:
+            self.device = self.tp.device
+        else:
+            self.device = torch.device(device) if device is not None else default_device()
         if weights is not None:
             self.config = path_or_preset
-            weights = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
         else:
             self.config, weights = resolve(path_or_preset, dtype, self.device, seed)
         cfg = self.config
         check_supported(cfg)  # a head size the kernels cannot run: ConfigError naming the field, not a kernel's
+        # This rank's shard (the whole model without tp), moved to the device after it is cut.
+        shard_cfg, weights = parallel.shard(cfg, weights, self.tp)
+        weights = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
         self.max_context = max_context or min(cfg.max_position_embeddings, 4096)
         if self.max_context > cfg.max_position_embeddings:
             raise ValueError(f"max_context {self.max_context} exceeds the model's max_position_embeddings "
@@ -110,16 +122,20 @@ class Engine:
         pages_per_request = ceil_div(self.max_context, page_size)
         num_pages = num_pages or max_requests * pages_per_request + 1
         swa = swa_pages_per_request(cfg.sliding_window, page_size, self.max_context, chunk_size)
-        self.cache = KVCache(cfg, page_size=page_size, num_pages=num_pages,
+        self.cache = KVCache(shard_cfg, page_size=page_size, num_pages=num_pages,
                              num_swa_pages=num_swa_pages or max_requests * swa + 1, max_requests=max_requests,
                              max_context=self.max_context, dtype=dtype, device=self.device, order_seed=page_order_seed)
-        self.model = PagedGemma4(cfg, weights, self.cache, fused, fuse_projections(cfg, weights))
+        self.model = PagedGemma4(shard_cfg, weights, self.cache, fused, fuse_projections(shard_cfg, weights), self.tp)
         self.scheduler = Scheduler(self.cache, chunk_size, token_budget, share_prefixes, script)
-        self.sampler, self.taps = sampler, taps
+        self.sampler = sampler
+        self.taps = taps if taps is None or self.tp is None else parallel.gathering_sink(taps, cfg, self.tp)
         self.feed_last = taps is not None if feed_last is None else feed_last
         # Called with each finishing sequence while its pages are still held (taps only).
         self.pool_taps: Callable[[Sequence], None] = self._emit_pool_taps
-        self.decode_graphs, self.graphs_off_because = self._decode_graphs(graphs, max_requests, pages_per_request)
+        if self.tp is not None and graphs is None:  # an all-reduce inside a captured step is untried
+            self.decode_graphs, self.graphs_off_because = None, "tensor parallel: no decode graphs unless graphs=True"
+        else:
+            self.decode_graphs, self.graphs_off_because = self._decode_graphs(graphs, max_requests, pages_per_request)
         self._seeds = torch.Generator().manual_seed(seed)  # seeds for requests that give none
         self._next_rid = 0
         self._sequences: dict[int, Sequence] = {}

@@ -1,0 +1,225 @@
+"""Tensor parallelism (optimized/parallel.py, issue 14): the sharding rules in one process, and
+the sharded engine and the oracle over gloo in spawned processes at world sizes 2 and 4.
+
+The three test architectures all have 4 query heads, 2 KV heads on sliding layers and (K=V
+presets) 1 on full layers: world 2 splits the sliding KV heads and replicates the full layers'
+one, world 4 replicates both. World sizes that do not divide 4 are refused (tested below).
+
+A spawned run does all of its work in one group (starting processes costs seconds on two busy
+cores) and rank 0 saves what it saw; the asserts run here, in the test process, against the
+unsharded engine (world size 1) and the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from oracle.cli import main
+from oracle.faults import FAULTS
+from optimized import parallel
+from optimized.runner import Runner
+from reference import Gemma4Reference, resolve
+from reference.config import ConfigError
+from reference.presets import PRESETS
+from reference.weights import expected_shapes
+
+TEST_PRESETS = ("tiny", "tiny-kv-eq-v", "tiny-moe")
+FAULT = "tp-o-proj-shard-one-head-late"
+
+# Chunked prefill over shuffled pages of 2, then greedy decode to position 10: past every test
+# preset's sliding window (4 to 6).
+PROMPTS = [[(7 * i + 3) % 256 for i in range(7)], [5, 9, 200, 17, 3]]
+RUN = dict(max_new_tokens=[4, 2], chunk_splits=[[4, 3], [3, 2]], return_logits=True)
+ENGINE = dict(device="cpu", fused=False, page_size=2, chunk_size=4, page_order_seed=5)
+
+
+# --------------------------------------------------------------------------------------------
+# The sharding rules, in one process
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("preset", TEST_PRESETS)
+def test_shards_have_the_shard_configs_shapes_and_reassemble_the_whole_model(preset, world):
+    cfg, w = resolve(preset, torch.float32, "cpu", 0)
+    shard_cfg = parallel.shard_config(cfg, world)
+    shards = [parallel.shard_weights(cfg, w, r, world) for r in range(world)]
+    for s in shards:
+        assert {k: tuple(v.shape) for k, v in s.items()} == expected_shapes(shard_cfg)
+    for spec in cfg.layers:
+        a = f"layers.{spec.index}.self_attn."
+        m = f"layers.{spec.index}."
+        assert torch.equal(torch.cat([s[a + "q_proj.weight"] for s in shards]), w[a + "q_proj.weight"])
+        assert torch.equal(torch.cat([s[a + "o_proj.weight"] for s in shards], 1), w[a + "o_proj.weight"])
+        assert torch.equal(torch.cat([s[m + "mlp.down_proj.weight"] for s in shards], 1), w[m + "mlp.down_proj.weight"])
+        if not spec.kv_shared:  # each KV head once, from the first rank that holds it
+            step = max(1, world // spec.num_kv_heads)
+            assert torch.equal(torch.cat([s[a + "k_proj.weight"] for s in shards[::step]]), w[a + "k_proj.weight"])
+        if cfg.enable_moe_block:
+            Im = cfg.moe_intermediate_size // world
+            gate = torch.cat([s[m + "experts.gate_up_proj"][:, :Im] for s in shards], 1)
+            up = torch.cat([s[m + "experts.gate_up_proj"][:, Im:] for s in shards], 1)
+            assert torch.equal(torch.cat([gate, up], 1), w[m + "experts.gate_up_proj"])
+            assert torch.equal(torch.cat([s[m + "experts.down_proj"] for s in shards], 2), w[m + "experts.down_proj"])
+    for name in ("embed_tokens.weight", "layers.0.input_layernorm.weight", "layers.0.self_attn.q_norm.weight"):
+        assert all(s[name] is w[name] for s in shards)  # replicated: shared, not copied
+
+
+@pytest.mark.parametrize("Hq,Hkv,world", [(4, 2, 2), (4, 2, 4), (4, 1, 2), (4, 1, 4), (8, 2, 8), (32, 4, 8), (16, 8, 2)])
+def test_each_rank_holds_the_kv_heads_its_query_heads_read(Hq, Hkv, world):
+    per = Hq // world
+    for r in range(world):
+        read = {h // (Hq // Hkv) for h in range(r * per, (r + 1) * per)}
+        assert set(parallel.kv_heads(Hkv, r, world)) == read
+
+
+def test_canonical_taps_undo_the_sharding():
+    cfg = PRESETS["tiny-kv-eq-v"]  # layer 3 is full: 1 KV head, replicated at world 2 and 4
+    for world in (2, 4):
+        n, full = 3, torch.randn(3, 4, 32)
+        assert torch.equal(parallel.canonical_tap(cfg, "layers.3.q", list(full.chunk(world, 1))), full)
+        kv = torch.randn(n, 1, 32)
+        assert torch.equal(parallel.canonical_tap(cfg, "layers.3.k_cache", [kv] * world), kv)
+        kv = torch.randn(n, 2, 16)  # layer 0 is sliding: 2 KV heads
+        shards = [kv[:, list(parallel.kv_heads(2, r, world))] for r in range(world)]
+        assert torch.equal(parallel.canonical_tap(cfg, "layers.0.v", shards), kv)
+        gate, up = torch.randn(n, 96), torch.randn(n, 96)
+        shards = [torch.cat([g, u], 1) for g, u in zip(gate.chunk(world, 1), up.chunk(world, 1))]
+        assert torch.equal(parallel.canonical_tap(cfg, "layers.0.mlp_gate_up", shards), torch.cat([gate, up], 1))
+        out = torch.randn(n, 64)
+        assert parallel.canonical_tap(cfg, "layers.0.attn_out", [out] * world) is out
+
+
+def test_world_sizes_that_do_not_split_the_model_are_refused_naming_the_field():
+    with pytest.raises(ConfigError, match="num_attention_heads: 4 query heads do not split evenly across 3"):
+        parallel.check_shardable(PRESETS["tiny"], 3)
+    with pytest.raises(ConfigError, match="num_key_value_heads: 3 KV heads"):
+        parallel.check_shardable(PRESETS["tiny"].replace(num_attention_heads=6, num_key_value_heads=3), 2)
+    with pytest.raises(ConfigError, match="moe_intermediate_size: 6"):
+        parallel.check_shardable(PRESETS["tiny-moe"].replace(moe_intermediate_size=6), 4)
+    with pytest.raises(parallel.TensorParallelError, match="tp must be an integer >= 1"):
+        parallel.setup(0)
+
+
+def test_cli_check_tp_refuses_without_torchrun_and_names_a_world_size_that_does_not_split(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["check", "tiny", "--device", "cpu", "--tp", "2"]) == 2
+    assert "needs 2 processes; launch it as `torchrun --nproc-per-node 2" in capsys.readouterr().err
+    assert main(["check", "tiny", "--device", "cpu", "--tp", "3"]) == 2
+    assert "--tp 3: tiny: num_attention_heads" in capsys.readouterr().err
+    assert main(["check", "tiny", "--device", "cpu", "--tp", "0"]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded runs over gloo
+# --------------------------------------------------------------------------------------------
+
+
+def _rank_main(rank: int, world: int, rendezvous: str, out: str, presets: tuple[str, ...], oracle: bool,
+               clean: bool) -> None:
+    """One rank: the sharded engine on every preset, then (with `oracle`) the shard fault's scenario
+    under the oracle with the fault injected, and (with `clean`) without it. Rank 0 saves what it
+    saw to `out`."""
+    import torch.distributed as dist
+
+    from oracle.run import run_scenario
+
+    torch.set_num_threads(1)
+    tp = parallel.setup(world, "cpu", init_method=rendezvous, rank=rank)
+    seen = {}
+    for preset in presets:
+        runner = Runner(preset, tp=tp, **ENGINE)
+        results = runner.run(PROMPTS, **RUN)
+        engine = runner.engine
+        cfg = engine.config
+        seen[preset] = {
+            "tokens": [r.tokens for r in results], "logits": [r.logits for r in results],
+            "pool_heads": {s.index: engine.cache.buffers(s)[0].shape[1] for s in cfg.layers},
+            "q_rows": engine.model.w["layers.0.self_attn.q_proj.weight"].shape[0],
+        }
+    if oracle:
+        fault = FAULTS[FAULT]
+        faulty = run_scenario(fault.scenario(), faults=[fault.name], tp=tp)
+        held = run_scenario(fault.scenario(), tp=tp) if clean else None
+        if rank == 0:
+            first = faulty.comparison.first_divergence
+            seen["oracle"] = {"fault_tap": None if first is None else first.tap,
+                              "clean": None if held is None else (held.passed, held.comparison.summary())}
+        else:
+            assert faulty is None and held is None
+    if rank == 0:
+        torch.save(seen, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn(world: int, tmp_path, presets=TEST_PRESETS, oracle: bool = True, clean: bool = False) -> dict:
+    out = str(tmp_path / "rank0.pt")
+    rendezvous = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_rank_main, args=(world, rendezvous, out, presets, oracle, clean), nprocs=world, join=True)
+    return torch.load(out)
+
+
+def _check_against_world_one_and_reference(seen: dict, world: int) -> None:
+    for preset, got in seen.items():
+        if preset == "oracle":
+            continue
+        cfg, weights = resolve(preset, torch.float32, "cpu", 0)
+        single = Runner(preset, **ENGINE).run(PROMPTS, **{**RUN, "return_logits": False})
+        assert got["tokens"] == [r.tokens for r in single], f"{preset}: greedy tokens differ from world size 1"
+        ref = Gemma4Reference(cfg, weights)
+        for p, tokens, logits in zip(PROMPTS, got["tokens"], got["logits"]):
+            truth = ref(torch.tensor(p + tokens))  # every position's logits (the last token is fed too)
+            assert logits.shape == truth.shape
+            # fp32 rounding, all-reduce order included, is ~1e-4 on logits capped at 30; a wrong shard is O(1).
+            err = float((logits - truth).abs().max())
+            assert err < 1e-3, f"{preset}: sharded logits off the reference by {err:.3g}"
+        for spec in cfg.layers:  # each pool holds the rank's KV heads only
+            assert got["pool_heads"][spec.index] == len(parallel.kv_heads(spec.num_kv_heads, 0, world))
+        assert got["q_rows"] == cfg.num_attention_heads // world * cfg.layers[0].head_dim
+
+
+def _check_oracle(seen: dict) -> None:
+    oracle = seen["oracle"]
+    assert oracle["fault_tap"] == FAULTS[FAULT].expect  # every tap before it, gathered, holds parity
+    if oracle["clean"] is not None:
+        passed, summary = oracle["clean"]
+        assert passed, summary
+
+
+def test_world_size_2_matches_world_size_1_and_the_reference_and_the_oracle_localizes_a_shard_fault(tmp_path):
+    seen = _spawn(2, tmp_path)
+    _check_against_world_one_and_reference(seen, 2)
+    _check_oracle(seen)
+
+
+def test_world_size_4_replicates_kv_heads_and_matches(tmp_path):
+    seen = _spawn(4, tmp_path, presets=("tiny-moe",), oracle=False)  # every KV head replicated here
+    _check_against_world_one_and_reference(seen, 4)
+
+
+@pytest.mark.slow
+def test_world_size_4_on_every_test_architecture_under_the_oracle(tmp_path):
+    seen = _spawn(4, tmp_path, clean=True)
+    _check_against_world_one_and_reference(seen, 4)
+    _check_oracle(seen)
+
+
+@pytest.mark.slow
+def test_torchrun_check_tp_2_writes_the_report_on_rank_0(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "oracle.cli", "check",
+           "tiny", "--tp", "2", "--device", "cpu", "--scenario", "decode-past-window", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("holds parity") == 1  # rank 0 alone reports
+    assert (out / "report.html").exists()
