@@ -36,6 +36,7 @@ import dataclasses
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -106,13 +107,16 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def setup(world: int, device=None, *, init_method: str | None = None, rank: int | None = None) -> TensorParallel:
+def setup(world: int, device=None, *, init_method: str | None = None, rank: int | None = None,
+          timeout: timedelta | None = None) -> TensorParallel:
     """Join the default process group (starting it if needed) as one of `world` ranks.
 
     Under torchrun the environment says where to meet; tests pass `init_method` (a file:// or
     tcp:// rendezvous) and `rank`. A world of 1 needs no launcher: it meets itself on a free
     local port. On CUDA the backend is NCCL and the rank's device is cuda:LOCAL_RANK (unless a
-    device index is given); elsewhere gloo on the given device."""
+    device index is given); elsewhere gloo on the given device. `timeout`: how long a collective
+    waits for the other ranks (torch's default otherwise; tests shorten it, so a rank that
+    never arrives fails the run instead of hanging it)."""
     from .kernels import default_device
 
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
@@ -129,6 +133,8 @@ def setup(world: int, device=None, *, init_method: str | None = None, rank: int 
                                           f"`torchrun --nproc-per-node {world} ...`")
             init_method, rank = f"tcp://127.0.0.1:{_free_port()}", 0
         kwargs = {} if init_method is None else {"init_method": init_method, "rank": rank, "world_size": world}
+        if timeout is not None:
+            kwargs["timeout"] = timeout
         dist.init_process_group(backend_for(device), **kwargs)
     if dist.get_world_size() != world:
         raise TensorParallelError(f"tp={world}, but {dist.get_world_size()} processes were launched "
@@ -280,9 +286,9 @@ def _cols(w: torch.Tensor, span: range) -> torch.Tensor:
 def canonical_tap(config: Gemma4Config, name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     """One tap in the unsharded layout from every rank's slice of it (rank order). `config` is
     the unsharded model's; replicated taps come back as rank 0's."""
-    kind = name.rsplit(".", 1)[-1]
-    if not name.startswith("layers.") or kind not in HEAD_TAPS + KV_TAPS + WIDTH_TAPS + GATE_UP_TAPS:
+    if not is_sharded_tap(name):
         return shards[0]
+    kind = name.rsplit(".", 1)[-1]
     if kind in HEAD_TAPS or kind in WIDTH_TAPS:
         return torch.cat(shards, dim=1)
     if kind in GATE_UP_TAPS:

@@ -13,6 +13,7 @@ unsharded engine (world size 1) and the reference.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -129,7 +130,7 @@ def _rank_main(rank: int, world: int, rendezvous: str, out: str, presets: tuple[
     from oracle.run import run_scenario
 
     torch.set_num_threads(1)
-    tp = parallel.setup(world, "cpu", init_method=rendezvous, rank=rank)
+    tp = parallel.setup(world, "cpu", init_method=rendezvous, rank=rank, timeout=timedelta(seconds=300))
     seen = {}
     for preset in presets:
         runner = Runner(preset, tp=tp, **ENGINE)
