@@ -17,6 +17,7 @@
 #   launch-sweep     launch shapes of the memory-bound kernels [560]        -> launch_sweep.*
 #   engine           bench/engine_bench.py at E2B [400]                     -> engine_bench.json, engine.log
 #   serve            bench/serve_bench.py at E2B: TTFT, tok/s at 1-64 streams (needs the serve extra) [300] -> serve_bench.*
+#   tp               tensor parallel at world size 1 over NCCL: bench/tp_check.py and check --tp 1 [240] -> tp_check.json, tp.log
 #   profile          bench/decode_profile.py at E2B: floor, engine, kernel table, transformers [300] -> decode_profile.*
 #   graphs           decode graphs against eager decode, bench/graph_check.py [300] -> graphs.log
 #   attention        paged attention vs SDPA, bench/attention_bench.py [560] -> attention.json, attention.log
@@ -33,7 +34,7 @@ DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs a stage here, for a smoke test of the 
 # Appended to, not replaced: a device call may put carried wheels (the serve extra) on PYTHONPATH.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
-STAGES=(suite check check-real calibrate real-shapes kernels kernels-nographs launch-sweep engine serve profile graphs attention parity taps)
+STAGES=(suite check check-real calibrate real-shapes kernels kernels-nographs launch-sweep engine serve profile tp graphs attention parity taps)
 
 usage() {
   sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -173,6 +174,15 @@ stage_serve() {
 stage_profile() {
   run "$(limit profile 300)" python3 bench/decode_profile.py --model e2b --out "$OUT/decode_profile.json" \
       2>&1 | tee "$OUT/decode_profile.log"
+}
+
+stage_tp() {
+  local rc=0 t
+  t=$(limit tp 240)
+  run $((t / 2)) torchrun --nproc-per-node 1 bench/tp_check.py --out "$OUT/tp_check.json" 2>&1 | tee "$OUT/tp.log" || rc=1
+  run $((t / 2)) torchrun --nproc-per-node 1 -m oracle.cli check --tp 1 --device "$DEVICE" --out "$OUT/check-tp1" \
+      2>&1 | tee -a "$OUT/tp.log" || rc=1
+  return $rc
 }
 
 stage_graphs() {
