@@ -584,7 +584,24 @@ def cmd_kernels(args) -> int:
     return EXIT_DIVERGED if failed else EXIT_OK
 
 
+def _token_budget(text: str):
+    """--token-budget: a positive integer, "auto" (the serving default) or "none" (no limit)."""
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, auto or none, got {text!r}")
+    return value
+
+
 def cmd_serve(args) -> int:
+    """Serve until SIGINT/SIGTERM. Scheduling policy: unless --token-budget says otherwise, a step
+    runs at most chunk-size + max-requests tokens (optimized.serve.http.default_token_budget):
+    every running request's decode token first, then prompt chunks first come first served, so
+    under a burst prefill and decode interleave and time to first token stays bounded."""
     import importlib.util
 
     # The server's packages are an optional extra: the oracle and the engine run without them.
@@ -762,7 +779,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-requests", type=positive, default=16, help="most requests running at once (default: 16)")
     serve.add_argument("--max-context", type=positive,
                        help="most positions per request (default: the model's, <= 4096)")
-    serve.add_argument("--token-budget", type=positive, help="most tokens per step (default: no limit)")
+    serve.add_argument("--token-budget", type=_token_budget, default="auto", metavar="N|auto|none",
+                       help="most tokens one step runs. auto (default): chunk-size + max-requests, so a step "
+                            "takes every running request's next token and at most one chunk of waiting prompts "
+                            "(first come first served): under a burst, prefill and decode interleave and the "
+                            "first token does not wait for every prompt; none: no limit (a burst is prefilled in "
+                            "one step)")
     serve.set_defaults(func=cmd_serve)
 
     report = sub.add_parser("report", help="re-render report.html from a report directory's report.json")

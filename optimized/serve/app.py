@@ -3,9 +3,11 @@
     GET  /health                 {"status": "ok"} (503 with the error once the engine has died)
     GET  /version                the package version and the served model
     GET  /v1/models[/{id}]       the one served model, OpenAI-style
+    GET  /metrics                Prometheus text format (metrics.py)
     POST /generate               token ids or text in, token ids (and text) out
-    POST /v1/completions         OpenAI-compatible subset, streaming as Server-Sent Events
+    POST /v1/completions         OpenAI-compatible, streaming as Server-Sent Events
     POST /v1/chat/completions    the same, through the checkpoint's chat template
+    POST /tokenize, /detokenize  text <-> token ids (vLLM's shapes); GET /tokenizer_info
 
 Every error is JSON {"error": {"message", "type", "code"[, "param"]}}, Starlette's own 404/405
 included. Bodies are read and parsed here rather than by FastAPI's body models, so that malformed
@@ -18,13 +20,15 @@ by Starlette's StreamingResponse, and its generator's `finally` aborts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
+import time
 import traceback
 from importlib import metadata
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -33,8 +37,8 @@ from .api import ApiError
 from .worker import EngineDead, EngineWorker
 
 POLL_S = 0.25  # how often a waiting handler looks whether its client is still there
-ROUTES = ["/health", "/version", "/v1/models", "/v1/models/{id}", "/generate", "/v1/completions",
-          "/v1/chat/completions"]
+ROUTES = ["/health", "/version", "/metrics", "/v1/models", "/v1/models/{id}", "/generate", "/v1/completions",
+          "/v1/chat/completions", "/tokenize", "/detokenize", "/tokenizer_info"]
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 
 
@@ -113,75 +117,108 @@ def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, crea
             raise ApiError(400, f"body: must be a JSON object, got {type(body).__name__}")
         return body
 
-    async def next_message(request: Request, ticket):
+    async def next_message(request: Request, box):
+        """The next (choice index, message) of a job's tickets, or ClientGone."""
         while True:
-            msg = await worker.next(ticket, POLL_S)
+            msg = await worker.next(box, POLL_S)
             if msg is not None:
                 return msg
             if await request.is_disconnected():
                 raise ClientGone()
 
-    async def stream(job: api.Job, ticket):
+    def abort_all(tickets) -> None:
+        for t in tickets:
+            worker.abort(t)  # harmless when it finished
+
+    class Choices:
+        """A job's choices as their events arrive: state, first-token timing, aborts of choices a
+        stop string finished."""
+
+        def __init__(self, job: api.Job, tickets, started: float):
+            self.job, self.tickets, self.started = job, tickets, started
+            self.states = [api.ChoiceState(job, ctx, i) for i in range(len(tickets))]
+
+        @property
+        def done(self) -> bool:
+            return all(s.finished for s in self.states)
+
+        def push(self, index: int, event) -> api.Piece | None:
+            state = self.states[index]
+            if not state.tokens and not state.finished:
+                worker.metrics.first_token(time.perf_counter() - self.started)
+            piece = state.push(event)
+            if piece is not None and piece.stopped_by_string:
+                worker.abort(self.tickets[index])  # the answer is complete: free its pages now
+            return piece
+
+    async def stream(job: api.Job, tickets, choices: Choices, early: list):
         """The SSE body. Cancelled by Starlette when the client leaves; `finally` frees the pages."""
         try:
-            decoder = ctx.tokenizer.stream() if ctx.tokenizer is not None else None
             if job.kind == "chat":
-                yield _sse(api.chunk(job, ctx, "", [], None, first=True))
-            count, finished = 0, False
-            while not finished:
-                msg = await worker.next(ticket, POLL_S)
+                for i in range(len(tickets)):
+                    yield _sse(api.role_chunk(job, ctx, i))
+            while not choices.done:
+                msg = early.pop(0) if early else await worker.next(tickets[0], POLL_S)
                 if msg is None:
                     continue
-                kind, arg = msg
+                index, (kind, arg) = msg
                 if kind == "dead":  # engine failure or shutdown: say so, then end the stream properly
                     yield _sse(ApiError(503, f"the engine stopped during the request: {arg}").body())
                     break
-                count, finished = count + 1, arg.finished
-                text = None
-                if decoder is not None:
-                    # The stop token is not part of the text; whatever the decoder held back is.
-                    text = "" if arg.finish_reason == "stop" else decoder.push(arg.token)
-                    text += decoder.flush() if finished else ""
-                yield _sse(api.chunk(job, ctx, text, [arg.token], arg.finish_reason))
+                if kind != "event":
+                    continue
+                state = choices.states[index]
+                first = job.echo and job.kind == "completion" and not state.tokens and not state.finished
+                piece = choices.push(index, arg)
+                if first:
+                    yield _sse(api.echo_chunk(job, ctx, state))
+                if piece is not None:
+                    yield _sse(api.chunk(job, ctx, state, piece))
             if job.include_usage:
-                yield _sse(api.usage_chunk(job, ctx, count))
+                yield _sse(api.usage_chunk(job, ctx, sum(len(s.tokens) for s in choices.states)))
             yield _sse(b"[DONE]")
         finally:
-            worker.abort(ticket)  # harmless when it finished
+            abort_all(tickets)
 
     async def run(request: Request, parse) -> Response:
+        started = time.perf_counter()
         try:
             job = parse(await read_json(request), ctx)
             try:
-                ticket = worker.submit(job.prompt, job.params)
+                tickets = worker.submit_many([(job.prompt_of(i), p) for i, p in enumerate(job.params)])
             except EngineDead as e:
                 raise ApiError(503, f"the engine is not running: {e}") from None
         except ClientGone:
             return Response(status_code=499)  # nobody reads it
         streaming = False
         try:
-            kind, arg = await next_message(request, ticket)
-            if kind == "rejected":
-                raise ApiError(400, arg)
-            if kind == "dead":
-                raise ApiError(503, f"the engine is not running: {arg}")
+            choices, early, waiting = Choices(job, tickets, started), [], set(range(len(tickets)))
+            while waiting:  # every choice admitted (or one refused: then none runs)
+                index, (kind, arg) = await next_message(request, tickets[0])
+                if kind == "rejected":
+                    raise ApiError(400, arg)
+                if kind == "dead":
+                    raise ApiError(503, f"the engine is not running: {arg}")
+                if kind == "accepted":
+                    waiting.discard(index)
+                else:
+                    early.append((index, (kind, arg)))
             if job.stream:
-                streaming = True  # the stream owns the ticket from here
-                return StreamingResponse(stream(job, ticket), media_type="text/event-stream",
+                streaming = True  # the stream owns the tickets from here
+                return StreamingResponse(stream(job, tickets, choices, early), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
-            tokens = []
-            while True:
-                kind, arg = await next_message(request, ticket)
+            while not choices.done:
+                index, (kind, arg) = early.pop(0) if early else await next_message(request, tickets[0])
                 if kind == "dead":
                     raise ApiError(503, f"the engine stopped during the request: {arg}")
-                tokens.append(arg.token)
-                if arg.finished:
-                    return JSONResponse(api.response(job, ctx, tokens, arg.finish_reason))
+                if kind == "event":
+                    choices.push(index, arg)
+            return JSONResponse(api.response(job, ctx, choices.states))
         except ClientGone:
             return Response(status_code=499)
         finally:
             if not streaming:  # client gone, a failure of ours, or done (then harmless): free the pages
-                worker.abort(ticket)
+                abort_all(tickets)
 
     # -- endpoints -------------------------------------------------------------------------
     def model_card() -> dict:
@@ -197,6 +234,27 @@ def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, crea
     @app.get("/version")
     async def version():
         return {"version": _version(), "model": ctx.model_name}
+
+    @app.get("/metrics")
+    async def metrics():
+        if worker.alive:
+            try:  # fresh queue and pool gauges, read between steps
+                worker.metrics.set_gauges(await asyncio.to_thread(worker.gauges))
+            except Exception:  # noqa: BLE001 (a busy or dead engine: the last step's gauges stand)
+                pass
+        return PlainTextResponse(worker.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return api.tokenizer_info(ctx)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return api.parse_tokenize(await read_json(request), ctx)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return api.parse_detokenize(await read_json(request), ctx)
 
     @app.get("/v1/models")
     async def models():

@@ -121,13 +121,30 @@ def make_server(engine, tokenizer: Tokenizer | None = None, chat_template: ChatT
     return Server(sock, ctx, EngineWorker(engine), max_body_bytes, log_requests)
 
 
+def default_token_budget(chunk_size: int, max_requests: int) -> int:
+    """The serving default: a step runs every running request's decode token plus at most one
+    prefill chunk's worth of prompt tokens (chunk_size + max_requests).
+
+    Without a budget a burst of prompts is prefilled in one long step, so every first token
+    arrives together at its end and running streams stall for all of it. Under this budget
+    waiting prompts are prefilled chunk by chunk, first come first served, while decodes go on
+    every step: the first request's time to first token is one chunk's step, not the whole
+    burst's, and a step never takes much longer than one chunk. Decodes come first in a step and
+    there are at most max_requests of them, so they always fit."""
+    return chunk_size + max_requests
+
+
 def build_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, dtype="float32", device=None,
                  page_size: int = 16, chunk_size: int = 512, num_pages: int | None = None, max_requests: int = 16,
-                 token_budget: int | None = None, max_context: int | None = None, seed: int = 0,
+                 token_budget: int | str | None = "auto", max_context: int | None = None, seed: int = 0,
                  log_requests: bool = True) -> Server:
     """An Engine for MODEL (a preset name or a checkpoint directory) with the checkpoint's tokenizer
-    and chat template where it has them, behind a bound server. Bad input raises (CheckpointError,
-    ConfigError, TokenizerError, ChatError: all ValueErrors; OSError for the address)."""
+    and chat template where it has them, behind a bound server. token_budget: the most tokens a
+    step runs; "auto" is default_token_budget's policy, None no limit. Bad input raises
+    (CheckpointError, ConfigError, TokenizerError, ChatError: all ValueErrors; OSError for the
+    address)."""
+    if token_budget == "auto":
+        token_budget = default_token_budget(chunk_size, max_requests)
     tokenizer = load_tokenizer(model)  # cheap checks first: a broken tokenizer fails before weights load
     chat_template = load_chat_template(model)  # bos/eos texts from the same tokenizer_config.json
     engine = Engine(model, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype, device=device,

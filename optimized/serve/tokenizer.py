@@ -113,35 +113,54 @@ class Tokenizer:
     def stream(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
         return IncrementalDecoder(self, skip_special_tokens)
 
+    def token_text(self, token: int) -> str:
+        """One token's own text, special tokens included (the `token` of a logprobs entry)."""
+        return self.backend.decode([token], skip_special_tokens=False)
+
 
 class IncrementalDecoder:
     """Text deltas for a token stream, token by token.
 
     Decoding a token alone loses what depends on its neighbours (a sentencepiece leading space, a
-    UTF-8 character split over byte tokens), so each step decodes a short window that starts a few
-    tokens back and emits only what the new token added. A window ending in U+FFFD is an unfinished
-    character: nothing is emitted until a later token completes it (or `flush` at the end)."""
+    UTF-8 character split over byte tokens), so text is emitted only once it is final. Where the
+    `tokenizers` package has `decoders.DecodeStream` (0.21+), that does the work in Rust;
+    otherwise each step decodes a short window that starts a few tokens back and emits only what
+    the new token added, holding back a window that ends in U+FFFD (an unfinished character)."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer, self.skip = tokenizer, skip_special_tokens
         self.ids: list[int] = []
         self.prefix = 0  # window start: the token before the last emitted text
         self.read = 0  # tokens whose text has been emitted
+        self.emitted = 0  # characters emitted so far
+        decoders = getattr(_import_tokenizers(), "decoders", None)
+        make = getattr(decoders, "DecodeStream", None)
+        self._stream = make(skip_special_tokens=skip_special_tokens) if make is not None else None
 
     def _text(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
 
     def push(self, token: int) -> str:
         self.ids.append(token)
+        if self._stream is not None:
+            piece = self._stream.step(self.tokenizer.backend, token) or ""
+            self.emitted += len(piece)
+            return piece
         before = self._text(self.ids[self.prefix:self.read])
         after = self._text(self.ids[self.prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
+            self.emitted += len(after) - len(before)
             return after[len(before):]
         return ""
 
     def flush(self) -> str:
         """Whatever is still held back (an unfinished character decodes as U+FFFD)."""
+        if self._stream is not None:
+            rest = self._text(self.ids)[self.emitted:]
+            self._stream = type(self._stream)(skip_special_tokens=self.skip)  # later pushes start afresh
+            self.ids, self.emitted = [], 0
+            return rest
         before = self._text(self.ids[self.prefix:self.read])
         after = self._text(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)

@@ -1,8 +1,10 @@
 """The engine thread: the one thread that touches the Engine (it is not thread-safe).
 
 The HTTP handlers are coroutines on the server's event loop; they talk to this thread through queues
-only. A handler `submit`s a request and awaits its `Ticket`: first ("accepted", rid) or ("rejected",
-message), then Events until one is finished. A handler whose client went away calls `abort`. The
+only. A handler `submit`s its requests (one per choice: n > 1 and batched prompts make several) and
+awaits their shared mailbox: per ticket, first ("accepted", rid) or ("rejected", message), then
+Events until one is finished, each tagged with the ticket's index. A handler whose client went away
+(or that matched a stop string) calls `abort`. The
 loop drains its inbox before every step, so a new request joins the running batch at the next step
 (continuous batching); with nothing to do it blocks on the inbox instead of spinning.
 
@@ -16,9 +18,12 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 import traceback
 
 from optimized.engine import SamplingParams
+
+from .metrics import Metrics
 
 
 class EngineDead(RuntimeError):
@@ -26,18 +31,20 @@ class EngineDead(RuntimeError):
 
 
 class Ticket:
-    """One request's mailbox. The engine thread puts, a handler on the event loop awaits."""
+    """One engine request. Its messages go, tagged (index, msg), to `box`: a mailbox it may
+    share with the other choices of one HTTP request. The engine thread puts, a handler awaits."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
-        self.prompt, self.params = prompt, params
+    def __init__(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
+                 box: asyncio.Queue | None = None, index: int = 0):
+        self.prompt, self.params, self.index = prompt, params, index
         self.rid: int | None = None
         self._loop = loop
-        self.box: asyncio.Queue = asyncio.Queue()  # touched on the loop only
+        self.box: asyncio.Queue = box if box is not None else asyncio.Queue()  # touched on the loop only
 
     def put(self, msg) -> None:
         """Engine thread: hand msg to the loop (asyncio.Queue is not thread-safe)."""
         try:
-            self._loop.call_soon_threadsafe(self.box.put_nowait, msg)
+            self._loop.call_soon_threadsafe(self.box.put_nowait, (self.index, msg))
         except RuntimeError:  # the loop has closed: nobody is left to read it
             pass
 
@@ -46,8 +53,9 @@ _STOP = object()
 
 
 class EngineWorker:
-    def __init__(self, engine, name: str = "engine"):
+    def __init__(self, engine, name: str = "engine", metrics: Metrics | None = None):
         self.engine = engine
+        self.metrics = metrics if metrics is not None else Metrics()
         self.error: str | None = None  # why the thread died, once it has
         self._inbox: queue.Queue = queue.Queue()
         self._live: dict[int, Ticket] = {}  # rid -> ticket, engine thread only
@@ -62,15 +70,21 @@ class EngineWorker:
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Ticket:
         """Called on the event loop, whose tickets it makes."""
+        return self.submit_many([(prompt, params)])[0]
+
+    def submit_many(self, requests: list[tuple[list[int], SamplingParams]]) -> list[Ticket]:
+        """Several requests sharing one mailbox; ticket i tags its messages with i."""
         if not self.alive:
             raise EngineDead(self.error or "the engine is shutting down")
-        ticket = Ticket(prompt, params, asyncio.get_running_loop())
-        self._inbox.put(("add", ticket))
-        return ticket
+        loop, box = asyncio.get_running_loop(), asyncio.Queue()
+        tickets = [Ticket(prompt, params, loop, box, i) for i, (prompt, params) in enumerate(requests)]
+        for t in tickets:
+            self._inbox.put(("add", t))
+        return tickets
 
     async def next(self, ticket: Ticket, timeout: float) -> tuple | None:
-        """The ticket's next message, None after `timeout` seconds; ("dead", why) once the thread has
-        ended (also for a submission that raced with its end and was never read)."""
+        """The next (index, message) in the ticket's mailbox, None after `timeout` seconds; (None,
+        ("dead", why)) once the thread has ended (also for a submission that raced with its end)."""
         try:
             return await asyncio.wait_for(ticket.box.get(), timeout)
         except asyncio.TimeoutError:
@@ -78,7 +92,7 @@ class EngineWorker:
         if not self._thread.is_alive():
             await asyncio.sleep(0)  # let a last call_soon_threadsafe delivery land
             return ticket.box.get_nowait() if not ticket.box.empty() else (
-                "dead", self.error or "the engine is shutting down")
+                None, ("dead", self.error or "the engine is shutting down"))
         return None
 
     def abort(self, ticket: Ticket) -> None:
@@ -120,7 +134,11 @@ class EngineWorker:
                     if not self._handle(msg):
                         return
                 if self.engine.has_work():
-                    for event in self.engine.step():
+                    start = time.perf_counter()
+                    events = self.engine.step()
+                    self.metrics.step(time.perf_counter() - start, len(events),
+                                      [e.finish_reason for e in events if e.finished], self._gauges())
+                    for event in events:
                         ticket = self._live.get(event.rid)
                         if ticket is None:
                             continue
@@ -133,6 +151,21 @@ class EngineWorker:
             traceback.print_exc()
         finally:
             self._fail_everyone(why)
+
+    def gauges(self) -> dict:
+        """Fresh gauges, read on the engine thread (after the step in progress)."""
+        return self.call(lambda engine: self._gauges(), timeout=10)
+
+    def _gauges(self) -> dict:
+        """Queue and pool occupancy for /metrics (engines without stats(), test doubles, report none)."""
+        stats = getattr(self.engine, "stats", None)
+        cache = getattr(self.engine, "cache", None)
+        if stats is None or cache is None:
+            return {}
+        s = stats()
+        total = cache.full.num_pages - 1  # page 0 is the pool's padding page
+        return {"requests_waiting": s["waiting"], "requests_running": s["running"],
+                "kv_pages_in_use": total - s["free_pages"], "kv_pages_total": total}
 
     def _handle(self, msg) -> bool:
         """Apply one inbox message; False means stop."""
@@ -148,6 +181,7 @@ class EngineWorker:
                 arg.put(("rejected", str(e)))
                 return True
             self._live[arg.rid] = arg
+            self.metrics.admitted(len(arg.prompt))
             arg.put(("accepted", arg.rid))
         elif kind == "abort":
             if arg.rid is not None and self._live.pop(arg.rid, None) is not None:
