@@ -485,13 +485,23 @@ def test_tokenizer_and_template_load(text_dir):
     (["hi"], "messages[0]: must be an object"),
     ([{"content": "hi"}], "messages[0].role: missing"),
     ([{"role": "user", "content": 3}], "messages[0].content: must be a string"),
-    ([{"role": "user", "content": "a", "name": "x"}], "messages[0].name: unknown field"),
+    ([{"role": "user", "content": "a", "colour": "x"}], "messages[0].colour: unknown field"),
+    ([{"role": "user", "content": "a", "name": 3}], "messages[0].name: must be a string"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content[0]: only text"),
+    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0]: a text part"),
+    ([{"role": "user", "content": None}], "messages[0].content: must be a string or a list"),
     ([{"role": "tool", "content": "a"}], "rejected the messages: tool turns are not supported"),
 ])
 def test_bad_messages(messages, words):
     with pytest.raises(ChatError) as e:
         ChatTemplate(TEMPLATE, "<bos>", "<eos>").render(messages)
     assert words in str(e.value)
+
+
+def test_text_parts_and_names_reach_the_template():
+    t = ChatTemplate("{% for m in messages %}[{{ m.role }}{{ '/' + m.name if m.name }}] {{ m.content }}{% endfor %}")
+    parts = [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]
+    assert t.render([{"role": "user", "content": parts, "name": "ann"}]) == "[user/ann] hello\nworld"
 
 
 def test_template_is_sandboxed():

@@ -235,6 +235,18 @@ def test_chat_with_logprobs_and_stream(hf, hf_dir):
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
+def test_chat_text_parts_and_names(hf, hf_dir):
+    c = client(hf)
+    plain = c.chat.completions.create(model=hf_dir.name, max_tokens=3,
+                                      messages=[{"role": "user", "content": "hello\nworld"}])
+    parts = c.chat.completions.create(model=hf_dir.name, max_tokens=3, messages=[
+        {"role": "user", "name": "ann", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]}])
+    assert parts.choices[0].model_extra["token_ids"] == plain.choices[0].model_extra["token_ids"]
+    with pytest.raises(openai.BadRequestError, match="only text parts"):
+        c.chat.completions.create(model=hf_dir.name, max_tokens=3, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}])
+
+
 # -- tokenizer endpoints and metrics -----------------------------------------------------------
 
 

@@ -43,11 +43,33 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-MESSAGE_KEYS = ("role", "content")
+MESSAGE_KEYS = ("role", "content", "name")
+
+
+def _content(value, where: str) -> str:
+    """A message's content: a string, or OpenAI's list of parts of which only text parts
+    ({"type": "text", "text": ...}) are taken, joined with newlines (as vLLM does)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ChatError(f"{where}: must be a string or a list of text parts, got {type(value).__name__}")
+    texts = []
+    for j, part in enumerate(value):
+        here = f"{where}[{j}]"
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ChatError(f"{here}: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported, "
+                            f"got {kind!r}")
+        if set(part) - {"type", "text"} or not isinstance(part.get("text"), str):
+            raise ChatError(f"{here}: a text part is {{\"type\": \"text\", \"text\": a string}}")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def validate_messages(messages) -> list[dict]:
-    """messages must be a non-empty list of {"role": str, "content": str}; errors name the item."""
+    """messages must be a non-empty list of {"role": str, "content": str or text parts[, "name":
+    str]}; errors name the item. Content parts come out joined into one string, so templates
+    see plain text."""
     if not isinstance(messages, list) or not messages:
         raise ChatError("messages: must be a non-empty list of {\"role\": ..., \"content\": ...} objects")
     out = []
@@ -57,15 +79,21 @@ def validate_messages(messages) -> list[dict]:
             raise ChatError(f"{where}: must be an object with \"role\" and \"content\"")
         for key in m:
             if key not in MESSAGE_KEYS:
-                raise ChatError(f"{where}.{key}: unknown field (a message has only \"role\" and \"content\")")
-        for key in MESSAGE_KEYS:
+                raise ChatError(f"{where}.{key}: unknown field (a message has \"role\", \"content\" and "
+                                "optionally \"name\")")
+        for key in ("role", "content"):
             if key not in m:
                 raise ChatError(f"{where}.{key}: missing")
-            if not isinstance(m[key], str):
-                raise ChatError(f"{where}.{key}: must be a string, got {type(m[key]).__name__}")
+        if not isinstance(m["role"], str):
+            raise ChatError(f"{where}.role: must be a string, got {type(m['role']).__name__}")
         if not m["role"]:
             raise ChatError(f"{where}.role: must not be empty")
-        out.append({"role": m["role"], "content": m["content"]})
+        msg = {"role": m["role"], "content": _content(m["content"], f"{where}.content")}
+        if m.get("name") is not None:
+            if not isinstance(m["name"], str):
+                raise ChatError(f"{where}.name: must be a string, got {type(m['name']).__name__}")
+            msg["name"] = m["name"]
+        out.append(msg)
     return out
 
 
