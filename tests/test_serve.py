@@ -563,6 +563,45 @@ def test_chat_completion_and_stream(text_server, text_dir):
     assert status == 400 and "tool turns are not supported" in error_of(reply)
 
 
+@pytest.mark.parametrize("stops,pieces,want", [
+    (["\n\n"], ["a\n", "\nb"], ["a", ""]),  # split over two pieces: the first "\n" is held back
+    (["\n\n"], ["a\n", "b"], ["a", "\nb", ""]),  # ...and released when the next piece rules the stop out
+    (["end"], ["the e", "n", "d and more"], ["the ", "", ""]),
+    (["xyz", "yz!"], ["axy", "z!"], ["a", ""]),  # the earliest match wins
+    (["ab"], ["a"], ["", "a"]),  # at the end, what was held back is text after all (the flush)
+])
+def test_stop_matcher(stops, pieces, want):
+    from optimized.serve.text import StopMatcher
+
+    m = StopMatcher(tuple(stops))
+    got = [m.push(p) for p in pieces]
+    if not m.stopped:
+        got.append(m.flush())
+    assert got == want  # pieces, then the flush where no stop string was found
+
+
+def test_the_default_token_budget_interleaves_prefill_and_decode():
+    """Eight prompts at once under serve's default budget (chunk + max_requests): first tokens
+    arrive over several steps, and running requests keep decoding while later prompts prefill."""
+    from optimized.serve.http import default_token_budget
+
+    engine = Engine("tiny", dtype=torch.float32, device=DEVICE, chunk_size=8, max_requests=8,
+                    token_budget=default_token_budget(8, 8))
+    rids = [engine.add_request([3 + i] * 12, SamplingParams(max_new_tokens=3, ignore_eos=True)) for i in range(8)]
+    first, steps = {}, 0
+    decoded_while_prefilling = False
+    while engine.has_work():
+        prefilling = any(s.prefilling for s in engine.scheduler.running) or engine.scheduler.waiting
+        events = engine.step()
+        steps += 1
+        for e in events:
+            first.setdefault(e.rid, steps)
+        decoded_while_prefilling |= bool(prefilling) and any(len(engine.sequence(e.rid).tokens) > 1 for e in events
+                                                            if not e.finished)
+    assert sorted(first) == rids and len(set(first.values())) >= 4  # not all at the end of one long step
+    assert decoded_while_prefilling
+
+
 # -- CLI -------------------------------------------------------------------------------------
 
 
@@ -573,6 +612,8 @@ def test_cli_serve_parses_and_refuses_a_bad_model(tmp_path, capsys):
     assert (args.model, args.host, args.port, args.page_size, args.chunk_size, args.num_pages, args.max_requests,
             args.token_budget, args.dtype) == ("tiny", "0.0.0.0", 0, 8, 64, 100, 4, 256, "bfloat16")
     assert build_parser().parse_args(["serve"]).model == "tiny"
+    assert build_parser().parse_args(["serve"]).token_budget == "auto"  # chunk size + max requests
+    assert build_parser().parse_args(["serve", "--token-budget", "none"]).token_budget is None
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "neither a preset" in capsys.readouterr().err
     (tmp_path / "tokenizer.json").write_text("{broken")
