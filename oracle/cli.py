@@ -680,7 +680,7 @@ def _describe(sc) -> str:
 def _add_model_args(p, scenarios: bool = True) -> None:
     # With scenarios, no defaults: a scenario file keeps its own model fields unless a flag is
     # given explicitly (None = not given); _scenarios fills in tiny / float32 / seed 0.
-    override = " (overrides a scenario file's model.{})" if scenarios else "{}"
+    override = " (overrides a scenario file's model.{})" if scenarios else ""
     p.add_argument("model", nargs="?", default=None if scenarios else "tiny",
                    help="preset name (`tiny`, `tiny-moe`, `e2b`, ...) or checkpoint directory (default: "
                         + ("the main job: the three test architectures tiny, tiny-kv-eq-v, tiny-moe; a fault's "
