@@ -199,6 +199,18 @@ def test_logprobs_and_echo_match_the_reference(preset, ref_lp):
                                                                           abs=1e-5)
 
 
+def test_echo_logprobs_are_never_silently_null(preset):
+    """A prompt scored twice (lm-eval sends one context with each choice): the second may find
+    its prefix cached. Its logprobs are then whole, or a 503 names logprobs; never nulls."""
+    long = list(range(3, 43))  # whole pages to reuse at page size 16
+    for _ in range(2):
+        status, reply = post(preset, "/v1/completions", {"prompt": long, "max_tokens": 1, "logprobs": 1, "echo": True})
+        if status == 200:
+            assert None not in reply["choices"][0]["logprobs"]["token_logprobs"][1:]
+        else:
+            assert status == 503 and reply["error"]["param"] == "logprobs", reply
+
+
 def test_penalties_and_logit_bias(preset):
     c = client(preset)
     base = dict(model="tiny", prompt=P1, max_tokens=4, extra_body={"ignore_eos": True})

@@ -526,6 +526,11 @@ class ChoiceState:
         """(token id, logprob, top) of the prompt tokens; the first has no logprob."""
         prompt = self.job.prompt_of(self.index)
         lps = self.prompt_logprobs or [(None, None)] * len(prompt)
+        if self.job.logprobs is not None and any(lp is None for lp, _ in lps[1:]):
+            # The engine lent this prompt a prefix whose rows it therefore never computed: say
+            # so rather than answer nulls a client would sum.
+            raise ApiError(503, "logprobs: the prompt's logprobs are incomplete (the engine reused a cached "
+                                "prefix of it); retry", "logprobs")
         return [(t, lp, top) for t, (lp, top) in zip(prompt, lps)]
 
 

@@ -171,7 +171,12 @@ def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, crea
                 first = job.echo and job.kind == "completion" and not state.tokens and not state.finished
                 piece = choices.push(index, arg)
                 if first:
-                    yield _sse(api.echo_chunk(job, ctx, state))
+                    try:
+                        echoed = api.echo_chunk(job, ctx, state)
+                    except ApiError as e:
+                        yield _sse(e.body())
+                        break
+                    yield _sse(echoed)
                 if piece is not None:
                     yield _sse(api.chunk(job, ctx, state, piece))
             if job.include_usage:
