@@ -11,12 +11,16 @@ token table that ties requests to slots (shared/DESIGN.md "Pools").
 - KV-shared layers own no buffers: `buffers(layer)` hands out their source layer's.
 - Page 0 of each pool is a padding sink: never allocated, so a zero entry never aliases live data.
 - Running out of pages raises OutOfPages before anything is changed; callers can ask first.
+- A prefix cache (optimized/engine/radix.py) may hold one reference of a page after its request
+  is gone (`hold`/`unhold`). Pages it could let go of count as free (`num_free`), and `alloc`
+  asks it (`reclaim`) before it would raise. Pages a running request holds are never among them.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -40,7 +44,9 @@ def swa_pages_per_request(window: int, page_size: int, length: int, chunk: int =
     window - 1 + chunk positions. Pages behind that were released after the previous step, so the
     request holds exactly the pages those positions touch: at most ceil((window + chunk - 2) /
     page_size) + 1 (one partial page at each end), and never more pages than its whole length.
-    A borrowed prefix adds none: reuse is refused unless the donor's frontier is the borrower's."""
+    A borrowed prefix adds none: reuse from a running request is refused unless the donor's
+    frontier is the borrower's, and a prefix from the cache brings exactly the SWA pages of the
+    window its first new query sees."""
     return min(ceil_div(length, page_size), ceil_div(window + chunk - 2, page_size) + 1)
 
 
@@ -57,7 +63,14 @@ def shared_prefix_len(written: list[int], prompt: list[int]) -> int:
 
 class PageAllocator:
     """Reference-counted pages 1..num_pages-1 (0 is reserved). `order_seed` shuffles the order in
-    which pages are handed out, so tests exercise fragmented, non-monotonic page tables."""
+    which pages are handed out, so tests exercise fragmented, non-monotonic page tables.
+
+    A prefix cache may hold one reference of a page (`hold`, `unhold`) and lend the allocator two
+    callables: `reclaimable()`, how many pages it could free now (pages only it holds, and that
+    nothing it must keep depends on), and `reclaim(n)`, free at least n of them. `num_free`
+    counts those pages, because `alloc` gets them back before it would run out; `num_unused` is
+    the free list alone. `version` ticks whenever a held page's references change, so the cache
+    can remember its count between changes."""
 
     def __init__(self, num_pages: int, order_seed: int | None = None):
         if num_pages < 2:
@@ -68,14 +81,38 @@ class PageAllocator:
             random.Random(order_seed).shuffle(free)
         self._free = free[::-1]  # pop() from the end hands pages out in `free` order
         self._refs = [0] * num_pages
+        self._held = [False] * num_pages  # one of the page's references is the prefix cache's
+        self.version = 0
+        self.reclaimable: Callable[[], int] | None = None
+        self.reclaim: Callable[[int], int] | None = None
 
     @property
     def num_free(self) -> int:
+        """Pages `alloc` can hand out now: unused ones and those the prefix cache would give up."""
+        return len(self._free) + self.num_reclaimable
+
+    @property
+    def num_unused(self) -> int:
+        """Pages nobody holds, not even the prefix cache."""
         return len(self._free)
+
+    @property
+    def num_reclaimable(self) -> int:
+        return self.reclaimable() if self.reclaimable is not None else 0
+
+    def refs(self, page: int) -> int:
+        return self._refs[page]
+
+    def held(self, page: int) -> bool:
+        return self._held[page]
 
     def alloc(self, n: int) -> list[int]:
         if n > len(self._free):
-            raise OutOfPages(f"need {n} pages, {len(self._free)} free of {self.num_pages - 1}")
+            if n > self.num_free:
+                raise OutOfPages(f"need {n} pages, {self.num_free} free of {self.num_pages - 1}")
+            self.reclaim(n - len(self._free))
+            if n > len(self._free):  # the cache counted pages it could not free: a bug, not pressure
+                raise RuntimeError(f"the prefix cache freed too few pages: {len(self._free)} of {n} needed")
         pages = [self._free.pop() for _ in range(n)]
         for p in pages:
             self._refs[p] = 1
@@ -85,16 +122,34 @@ class PageAllocator:
         if self._refs[page] < 1:
             raise ValueError(f"page {page} is not allocated")
         self._refs[page] += 1
+        self.version += self._held[page]
 
     def release(self, page: int) -> bool:
         """Drop one reference; True when that was the last and the page is free again."""
         if page == 0 or self._refs[page] < 1:
             raise ValueError(f"page {page} is not allocated")
         self._refs[page] -= 1
+        self.version += self._held[page]
         if self._refs[page] == 0:
             self._free.append(page)
             return True
         return False
+
+    def hold(self, page: int) -> None:
+        """The prefix cache takes a reference (at most one per page)."""
+        if self._held[page]:
+            raise ValueError(f"page {page} is already held by the prefix cache")
+        self.share(page)
+        self._held[page] = True
+        self.version += 1
+
+    def unhold(self, page: int) -> bool:
+        """The prefix cache drops its reference; True when the page is free again."""
+        if not self._held[page]:
+            raise ValueError(f"page {page} is not held by the prefix cache")
+        self._held[page] = False
+        self.version += 1
+        return self.release(page)
 
 
 @dataclass
@@ -103,6 +158,7 @@ class _Request:
     length: int = 0  # positions with a slot (written or about to be)
     pages: list[int] = field(default_factory=list)  # full-pool pages, by page index
     swa_released: int = 0  # page indices below this no longer hold an SWA page for this request
+    swa_floor: int | None = None  # release_window keeps SWA pages from this page index on (keep_window)
 
 
 class KVCache:
@@ -138,9 +194,10 @@ class KVCache:
         return self._k[spec.kv_source], self._v[spec.kv_source]
 
     # -- requests -----------------------------------------------------------------------
-    def add_request(self, rid, share_prefix_of=None, prefix_len: int = 0) -> int:
+    def add_request(self, rid, share_prefix_of=None, prefix_len: int = 0, *, cached: list[int] | None = None) -> int:
         """Register a request; optionally reuse the KV of the first `prefix_len` tokens of a live
-        request (tokens it has already written). Returns the number of tokens reused."""
+        request (tokens it has already written), or of `cached` full-pool pages a prefix cache
+        holds (whole pages, checked by `resident_prefix`). Returns the number of tokens reused."""
         if rid in self.requests:
             raise ValueError(f"request {rid!r} already exists")
         if not self._free_rows:
@@ -148,6 +205,8 @@ class KVCache:
         n = self.prefix_reusable(share_prefix_of, prefix_len) if share_prefix_of is not None else 0
         req = _Request(self._free_rows.pop())
         self.requests[rid] = req
+        if cached:
+            return self._borrow_cached(req, cached)
         if n:
             donor = self.requests[share_prefix_of]
             for i, page in enumerate(donor.pages[: n // self.page_size]):
@@ -159,6 +218,58 @@ class KVCache:
             req.swa_released = donor.swa_released
             self.req_to_token[req.row, :n] = self.req_to_token[donor.row, :n]
         return n
+
+    def _borrow_cached(self, req: _Request, pages: list[int]) -> int:
+        """Take references on cached pages: every full page, and the SWA pages of the window the
+        first new query (at position n) sees. Pages below that window need no SWA page."""
+        ps = self.page_size
+        n = len(pages) * ps
+        first = first_visible_key(n, self.window) // ps
+        for i, page in enumerate(pages):
+            self.full.share(page)
+            if i >= first and self._swa_of[page]:  # resident_prefix made sure all of these are
+                self.swa.share(self._swa_of[page])
+        req.pages = list(pages)
+        req.length = n
+        req.swa_released = first
+        new = torch.tensor(pages, dtype=torch.int32)
+        slots = (new[:, None] * ps + torch.arange(ps, dtype=torch.int32)[None, :]).reshape(-1)
+        self.req_to_token[req.row, :n] = slots.to(self.device)
+        return n
+
+    def resident_prefix(self, pages: list[int]) -> int:
+        """How many leading tokens of cached whole `pages` a new request may reuse: n = k pages
+        for the largest k whose sliding window before n (keys first_visible_key(n) .. n-1, what
+        the first new query at position n sees) lies on pages with a resident SWA page. Full
+        layers keep every page, so only the window decides; a shorter k needs older keys, which
+        may or may not be resident, so each k is checked."""
+        ps, best, last_gone = self.page_size, 0, -1
+        for k in range(1, len(pages) + 1):
+            if not self._swa_of[pages[k - 1]]:
+                last_gone = k - 1
+            if first_visible_key(k * ps, self.window) // ps > last_gone:
+                best = k
+        return best * ps
+
+    def hold_swa(self, full_page: int) -> None:
+        """The prefix cache takes a reference on the SWA page mapped to `full_page`."""
+        self.swa.hold(self._swa_of[full_page])
+
+    def unhold_swa(self, full_page: int) -> bool:
+        """The prefix cache drops its SWA reference of `full_page`; True when that freed it."""
+        swa = self._swa_of[full_page]
+        if self.swa.unhold(swa):
+            self._swa_of[full_page] = 0
+            self.full_to_swa_page[full_page] = 0
+            return True
+        return False
+
+    def swa_resident(self, full_page: int) -> bool:
+        return bool(self._swa_of[full_page])
+
+    def swa_page(self, full_page: int) -> int:
+        """The SWA page mapped to a full-pool page (0: none)."""
+        return self._swa_of[full_page]
 
     def prefix_reusable(self, donor_rid, prefix_len: int) -> int:
         """How many of a donor's first `prefix_len` tokens a new request may reuse: whole pages
@@ -204,16 +315,25 @@ class KVCache:
             self.full_to_swa_page[idx] = torch.tensor(swa_pages, dtype=torch.int32, device=self.device)
 
     def release_window(self, rid, next_query_pos: int) -> int:
-        """Free the SWA pages of `rid` that no query at or after `next_query_pos` can see.
-        Returns how many pages this request let go."""
+        """Free the SWA pages of `rid` that no query at or after `next_query_pos` can see (and
+        that no keep_window holds back). Returns how many pages this request let go."""
         req = self.requests[rid]
         dead_below = first_visible_key(next_query_pos, self.window) // self.page_size
+        if req.swa_floor is not None:
+            dead_below = min(dead_below, req.swa_floor)
         released = 0
         for i in range(req.swa_released, min(dead_below, len(req.pages))):
             self._drop_swa(req.pages[i])
             released += 1
         req.swa_released = max(req.swa_released, dead_below)
         return released
+
+    def keep_window(self, rid, position: int | None) -> None:
+        """Hold back the SWA pages a query at `position` sees from release_window (None: stop).
+        The prefix cache asks for it at a prompt's reuse point until it has taken those pages:
+        the release after the prompt's last chunk may pass them by a page."""
+        req = self.requests[rid]
+        req.swa_floor = None if position is None else first_visible_key(position, self.window) // self.page_size
 
     def _drop_swa(self, full_page: int) -> None:
         swa = self._swa_of[full_page]

@@ -34,6 +34,66 @@ def test_allocator_reserves_page_zero_and_counts_references():
         a.release(0)
 
 
+def test_pages_the_prefix_cache_would_give_up_count_as_free():
+    """hold/unhold is the prefix cache's one reference; what it says it could reclaim counts as
+    free, and alloc asks it to reclaim before running out (and only when short)."""
+    a = PageAllocator(5)
+    p, q, r = a.alloc(3)
+    a.hold(p)
+    a.release(p)  # its request is gone: only the cache holds p
+    with pytest.raises(ValueError, match="already held"):
+        a.hold(p)
+    assert (a.num_unused, a.num_free) == (1, 1)  # no cache lent its count yet
+    calls = []
+
+    def reclaim(n):
+        calls.append(n)
+        return a.unhold(p)
+
+    a.reclaimable, a.reclaim = (lambda: 1 if a.held(p) else 0), reclaim
+    assert a.num_free == 2 and a.alloc(1) and calls == []  # one unused page: nothing reclaimed
+    got = a.alloc(1)
+    assert calls == [1] and got == [p] and a.num_free == 0
+    with pytest.raises(OutOfPages):
+        a.alloc(1)
+    version = a.version
+    a.hold(q)
+    a.share(q)
+    assert a.version > version and a.refs(q) == 3 and a.unhold(q) is False
+    with pytest.raises(ValueError, match="not held"):
+        a.unhold(q)
+
+
+def test_a_cache_that_frees_less_than_it_counted_is_a_bug_not_pressure():
+    a = PageAllocator(3)
+    a.alloc(2)
+    a.reclaimable, a.reclaim = (lambda: 1), (lambda n: 0)
+    with pytest.raises(RuntimeError, match="freed too few"):
+        a.alloc(1)
+
+
+def test_resident_prefix_and_keep_window():
+    """tiny's window is 5, pages of 2. A request wrote 12 positions holding the window of
+    position 8 back (keep_window): after releasing behind 12 it keeps SWA pages 2-5 (keys 4 on),
+    so its pages are reusable up to 12 (keys 8-11) and up to 8 (keys 4-7). Without the hold, it
+    keeps pages 4-5 only: still 12, but 10 (keys 6-9) and anything shorter are not."""
+    c = _cache(page_size=2, num_pages=20, num_swa_pages=12)
+    c.add_request("a")
+    c.reserve("a", 12)
+    c.map_window("a", 12)
+    c.keep_window("a", 8)  # keys 4-11: pages 2-5
+    c.release_window("a", 12)
+    assert c.requests["a"].swa_released == 2
+    pages = c.requests["a"].pages
+    assert c.resident_prefix(pages) == 12 and c.resident_prefix(pages[:4]) == 8
+    c.keep_window("a", None)
+    c.release_window("a", 12)
+    assert c.requests["a"].swa_released == 4  # first_visible_key(12) = 8: page 4
+    assert c.resident_prefix(pages) == 12 and c.resident_prefix(pages[:5]) == 0
+    assert c.add_request("b", cached=pages) == 12
+    assert c.requests["b"].swa_released == 4 and c.swa.refs(c.swa_page(pages[4])) == 2
+
+
 def test_out_of_pages_changes_nothing():
     c = _cache(num_pages=4)
     c.add_request("a")

@@ -79,7 +79,8 @@ class Engine:
         (tests share them with the reference). graphs: replay decode steps from device graphs
         (True insists, None where the device can, False never, "static": the graphs' padded
         static batch run eagerly, which is how a CPU exercises that path). share_prefixes: a new
-        request reuses the K/V of a running request's identical prefix.
+        request reuses the K/V of an identical prefix, from a running request or from the prefix
+        cache of finished ones (optimized/engine/radix.py); False turns both off.
 
         Policy for the oracle: page_order_seed shuffles the order pages are handed out in;
         script fixes chunks, arrivals and prefix donors; sampler replaces sampling (a
@@ -205,7 +206,7 @@ class Engine:
         """Drop a waiting or running request and free its pages. Unknown ids raise KeyError."""
         seq = self._sequences.pop(rid)
         if seq in self.scheduler.running:
-            self.scheduler.finish(seq)
+            self.scheduler.drop(seq)  # freed, not kept in the prefix cache
         else:
             self.scheduler.waiting.remove(seq)
 
@@ -218,7 +219,9 @@ class Engine:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
     def stats(self) -> dict:
-        """Queue and pool occupancy: what a server reports and what a leak check compares."""
+        """Queue and pool occupancy: what a server reports and what a leak check compares. Free
+        pages include those the prefix cache would give up on demand (its size:
+        `scheduler.prefix_cache.num_pages`)."""
         c = self.cache
         return dict(waiting=len(self.scheduler.waiting), running=len(self.scheduler.running),
                     free_pages=c.full.num_free, free_swa_pages=c.swa.num_free, requests_in_cache=len(c.requests))

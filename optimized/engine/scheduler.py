@@ -11,15 +11,21 @@ Continuous batching under a per-step token budget. Each step takes, in order:
    never runs out of pages, so nothing is ever preempted. A request that does not fit waits,
    and so do the ones behind it (no overtaking).
 
-With `share_prefixes`, a new request whose prompt starts with tokens a running request has
+With `share_prefixes`, a new request whose prompt starts with tokens another request has
 already written reuses those K/V pages instead of recomputing them: whole pages only, and only
-while the sliding window they need is still resident (KVCache.prefix_reusable decides both).
-Finished requests give their pages back at once, so only running requests can lend.
+while the sliding window they need is still resident. The lender is a running request
+(KVCache.prefix_reusable decides) or the prefix cache (radix.RadixCache), which gets each prompt
+once it is prefilled and everything a request wrote once it finishes, and keeps those pages until
+the pools need them; whichever lends more wins. Admission counts pages the cache could give up
+as free: reserving them evicts them.
 
 A `Script` turns the same loop into the oracle's scripted schedule: per request, explicit chunk
 splits, the step before which it may not start, and the one named request it may borrow a prefix
-from (no other). Scripted requests still queue for pages and rows like any other; with no token
-budget every running request takes its next piece each step.
+from (no other): while it runs, from it; once it has finished (its arrival step lies past the
+donor's last step), from the cache, no further than the tokens that donor wrote (so scripted
+runs cache requests as they finish, not their prompts after prefill). Scripted requests still
+queue for pages and rows like any other; with no token budget every running request takes its
+next piece each step.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 
 from ..batch import BatchItem
 from ..memory import KVCache, OutOfPages, ceil_div, shared_prefix_len
+from .radix import RadixCache
 from .sampler import SamplingParams
 
 
@@ -48,6 +55,7 @@ class Sequence:
     fed_last: bool = False  # the last token was fed too, so its K/V are in the pool
     steps: list[tuple[int, int]] = field(default_factory=list)  # (first position, tokens) per forward step
     pages: list[int] = field(default_factory=list)  # full-pool page of each page index, from admission
+    prompt_cached: bool = False  # its prompt's pages are in the prefix cache
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -85,6 +93,7 @@ class Script:
       reused prefix that ends mid-chunk the rest of that chunk comes first.
     arrivals: the first step (counting every schedule() call, idle ones too) it may start at.
     donors: the one request whose written prefix it may reuse; it waits until that one started.
+      A donor that has finished lends through the prefix cache, up to the tokens it wrote.
     """
 
     splits: dict[int, list[int]] = field(default_factory=dict)
@@ -109,14 +118,21 @@ class Scheduler:
         self.cache, self.chunk_size, self.token_budget = cache, chunk_size, token_budget
         self.share_prefixes = share_prefixes
         self.script = script
+        self.prefix_cache = RadixCache(cache) if share_prefixes else None
+        # A scripted request borrows from the cache only what its finished donor wrote, so scripted
+        # runs cache at finish only: a prompt cached while its request runs would pin SWA pages
+        # that a fault releasing a window early must be seen to lose.
+        self._cache_running_prompts = share_prefixes and script is None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.step_count = 0  # schedule() calls so far: the clock scripted arrivals count in
+        self._finished_written: dict[int, list[int]] = {}  # scripted runs: what finished donors wrote
 
     def schedule(self) -> list[Scheduled]:
         step, self.step_count = self.step_count, self.step_count + 1
         budget = self.token_budget if self.token_budget is not None else float("inf")
         out: list[Scheduled] = []
+        self._cache_prompts()
         for seq in [s for s in self.running if not s.prefilling]:
             if budget < 1:
                 break
@@ -155,33 +171,81 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> bool:
         cache = self.cache
-        donor, reuse = self._best_donor(seq)
+        donor, cached, reuse = self._best_source(seq)
         if ceil_div(seq.length, cache.page_size) - reuse // cache.page_size > cache.full.num_free:
             return False
         try:
-            seq.reused = cache.add_request(seq.rid, donor, reuse)
+            seq.reused = cache.add_request(seq.rid, donor, reuse, cached=cached)
         except OutOfPages:  # every request row in use
             return False
-        cache.reserve(seq.rid, seq.length)  # cannot fail: the pages were counted above
+        try:  # evicts cached pages if it must; the ones just borrowed are held, so they stay
+            cache.reserve(seq.rid, seq.length)
+        except OutOfPages:  # the free count included the borrowed cached pages themselves
+            cache.free_request(seq.rid)
+            seq.reused = 0
+            return False
         seq.done_prompt = seq.reused
         seq.pages = list(cache.requests[seq.rid].pages)
+        if self._cache_running_prompts:  # until _cache_prompts takes the window of the reuse point
+            cache.keep_window(seq.rid, self._reuse_point(seq.prompt))
         return True
 
-    def _best_donor(self, seq: Sequence) -> tuple[int | None, int]:
-        """The running request that can lend the most of seq's prompt, and how many tokens (a
-        scripted request considers only its named donor)."""
+    def _reuse_point(self, prompt: list[int]) -> int:
+        """Where a later request with the same prompt would start computing: the last whole page
+        boundary before the prompt's last token."""
+        return (len(prompt) - 1) // self.cache.page_size * self.cache.page_size
+
+    def _cache_prompts(self) -> None:
+        """Put the prompts that finished prefilling in the last step into the prefix cache, with
+        the SWA pages of the window at their reuse point (held back by keep_window until now), so
+        the same prompt stays reusable after the request's window has moved on."""
+        for seq in self.running:
+            if seq.prefilling or seq.prompt_cached or not self._cache_running_prompts:
+                continue
+            req = self.cache.requests[seq.rid]
+            self.prefix_cache.insert(seq.prompt, req.pages, req.swa_released)
+            self.cache.keep_window(seq.rid, None)
+            self.cache.release_window(seq.rid, len(seq.prompt) + len(seq.tokens) - 1)  # the next query's position
+            seq.prompt_cached = True
+
+    def _best_source(self, seq: Sequence) -> tuple[int | None, list[int] | None, int]:
+        """Where seq's prompt prefix comes from: (a running donor, None, tokens), (None, cached
+        pages, tokens) or (None, None, 0). A scripted request considers only its named donor:
+        running, or finished and then through the cache no further than what it wrote. One that
+        asks for its prompt's logprobs reuses nothing: reused rows have no logits."""
         best: tuple[int | None, int] = (None, 0)
+        if seq.params.prompt_logprobs is not None:  # it needs the logits of every prompt row
+            return None, None, 0
+        limit = len(seq.prompt) - 1  # the last prompt token is always computed
         if self.script is not None:
             named = self.script.donors.get(seq.rid)
             candidates = [d for d in self.running if d.rid == named]
+            written = self._finished_written.get(named)
+            limit = 0 if written is None else shared_prefix_len(written, seq.prompt)
         else:
             candidates = self.running if self.share_prefixes else []
         for d in candidates:
             n = self.cache.prefix_reusable(d.rid, shared_prefix_len(d.written, seq.prompt))
             if n > best[1]:
                 best = (d.rid, n)
-        return best
+        ps = self.cache.page_size
+        if self.prefix_cache is not None and limit // ps * ps > best[1]:
+            pages = self.prefix_cache.match(seq.prompt[:limit])
+            if len(pages) * ps > best[1]:
+                return None, pages, len(pages) * ps
+        return best[0], None, best[1]
 
     def finish(self, seq: Sequence) -> None:
+        """A request is done: its whole written pages go to the prefix cache, then it is freed."""
+        self.running.remove(seq)
+        if self.prefix_cache is not None:
+            req = self.cache.requests[seq.rid]
+            self.prefix_cache.insert(seq.written, req.pages, req.swa_released)
+        if self.script is not None:
+            self._finished_written[seq.rid] = seq.written
+        self.cache.free_request(seq.rid)
+
+    def drop(self, seq: Sequence) -> None:
+        """An aborted request: freed, not cached (a dropped client's pages are given back)."""
         self.running.remove(seq)
         self.cache.free_request(seq.rid)
