@@ -13,7 +13,10 @@
 
 A request's prompt is its explicit `tokens`, or `length` tokens drawn from `seed`; with
 `prefix_from` the prompt starts with that many tokens of an earlier request's prompt (a shared
-prefix), and the optimized path reuses that request's KV for it when the pool still holds it.
+prefix), and the optimized path reuses that request's KV for it when the pool still holds it:
+from the donor while it runs, or from the prefix cache once it has finished. `"finished": true`
+in `prefix_from` says the request arrives after its donor finished (a warm prefix); its
+`arrival` must then lie past the donor's last step, which from_dict checks.
 Running a scenario is deterministic: the same JSON gives the same tokens, pages and numbers.
 """
 
@@ -70,7 +73,7 @@ class RequestSpec:
     new_tokens: int = 0
     arrival: int = 0
     chunks: tuple[int, ...] | None = None
-    prefix_from: dict | None = None  # {"request": id, "length": n}
+    prefix_from: dict | None = None  # {"request": id, "length": n, optionally "finished": true}
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ def from_dict(d: Any) -> Scenario:
         prefix = r.get("prefix_from")
         prefix_len = 0
         if prefix is not None:
-            prefix = _only(f"{where}.prefix_from", prefix, {"request", "length"})
+            prefix = _only(f"{where}.prefix_from", prefix, {"request", "length", "finished"})
             if prefix.get("request") not in seen:
                 raise ScenarioError(f"{where}.prefix_from.request: {prefix.get('request')!r} is not an earlier request")
             prefix_len = _int(f"{where}.prefix_from.length", prefix.get("length"), 1)
@@ -206,7 +209,45 @@ def from_dict(d: Any) -> Scenario:
             new_tokens=_int(f"{where}.new_tokens", r.get("new_tokens", 0), 0),
             arrival=_int(f"{where}.arrival", r.get("arrival", 0), 0), chunks=chunks, prefix_from=prefix))
         seen[rid] = i
+        if prefix is not None and prefix.get("finished", False) is not False:
+            _check_after_finish(where, parsed, seen, engine)
     return Scenario(name, model, engine, tuple(parsed))
+
+
+def _check_after_finish(where: str, parsed: list[RequestSpec], seen: dict[str, int], engine: EngineSpec) -> None:
+    """A request whose prefix_from says "finished": its arrival must lie past the donor's last
+    step. Counted as the scripted engine runs a scenario (taps on, so a request's last token is
+    fed too): a donor starts at its arrival, or with its own donor if that one starts later,
+    takes one step per prefill chunk and one per new token, and finishes in the last of them.
+    Nothing waiting for pages or request rows is assumed (the runner sizes both for every
+    request unless engine.num_pages is given), so a scheduler that decides the chunks
+    (token_budget, max_requests) cannot be counted on."""
+    r = parsed[-1]
+    if r.prefix_from["finished"] is not True:
+        raise ScenarioError(f"{where}.prefix_from.finished: expected true or false, got {r.prefix_from['finished']!r}")
+    if engine.token_budget is not None or engine.max_requests is not None:
+        raise ScenarioError(f"{where}.prefix_from.finished: the donor's last step is known only in a scripted "
+                            f"schedule; this one sets engine.token_budget or engine.max_requests")
+    donor = parsed[seen[r.prefix_from["request"]]]
+    earliest = _start_step(donor, parsed, seen) + _steps(donor, engine)
+    if r.arrival < earliest:
+        raise ScenarioError(f"{where}.arrival: {r.arrival} is before {donor.id!r} finishes (its last step is "
+                            f"{earliest - 1}); with prefix_from.finished give an arrival >= {earliest}")
+
+
+def _start_step(r: RequestSpec, parsed: list[RequestSpec], seen: dict[str, int]) -> int:
+    """The step a scripted request starts at when nothing waits for pages: its arrival, or its
+    donor's start if later (a borrower waits until its donor has started)."""
+    if r.prefix_from is None:
+        return r.arrival
+    return max(r.arrival, _start_step(parsed[seen[r.prefix_from["request"]]], parsed, seen))
+
+
+def _steps(r: RequestSpec, engine: EngineSpec) -> int:
+    """Forward steps a scripted request runs: one per prefill chunk (explicit, else chunk_size
+    pieces), then one per new token (the first comes with the last chunk; the last is fed)."""
+    chunks = len(r.chunks) if r.chunks is not None else -(-_prompt_len(r) // engine.chunk_size)
+    return chunks + r.new_tokens
 
 
 def _prompt_len(r: RequestSpec, parsed: list[RequestSpec] | None = None, seen: dict[str, int] | None = None) -> int:
@@ -269,8 +310,9 @@ TEST_MODELS = ("tiny", "tiny-kv-eq-v", "tiny-moe")
 def builtin(source: str = "tiny", dtype: str = "float32", device: str = "cpu", seed: int = 0) -> list[Scenario]:
     """Small scenarios that together cover one-shot and chunked prefill, decode past the sliding
     window, page sizes 1 to 16, shuffled pages, mixed extend/decode batches, prefix reuse (whole
-    pages and mid-page), attention over several key tiles, deep positions and the engine's own
-    continuous batching with the decode path that serves. Lengths are in units of the tiny
+    pages and mid-page, from a running request and from the prefix cache after it finished),
+    attention over several key tiles, deep positions and the engine's own continuous batching
+    with the decode path that serves. Lengths are in units of the tiny
     models' windows (4 to 6 tokens) and their kernels' 16-key tiles."""
     model = {"source": source, "seed": seed, "dtype": dtype, "device": device}
     raw = [
@@ -310,6 +352,15 @@ def builtin(source: str = "tiny", dtype: str = "float32", device: str = "cpu", s
         {"name": "deep-positions", "model": model,
          "engine": {"page_size": 16, "chunk_size": 1024 if device != "cpu" else 100, "page_order_seed": 19},
          "requests": [{"id": "r0", "length": DEEP_POSITIONS[device != "cpu"], "seed": 13, "new_tokens": 2}]},
+        # A warm prefix: r0 finishes in step 2 (its last token fed) and its 3 whole pages stay in
+        # the prefix cache with the SWA pages of its last window (keys 7-11 and on: every test
+        # model's window before position 12). r1 arrives after that, reuses all 12 prompt tokens
+        # and computes from position 12, past the window, on the cached sliding keys.
+        {"name": "warm-prefix-after-finish", "model": model,
+         "engine": {"page_size": 4, "chunk_size": 8, "page_order_seed": 23},
+         "requests": [{"id": "r0", "length": 12, "seed": 14, "new_tokens": 1, "chunks": [5, 7]},
+                      {"id": "r1", "length": 3, "seed": 15, "new_tokens": 2, "arrival": 3,
+                       "prefix_from": {"request": "r0", "length": 12, "finished": True}}]},
     ]
     return [from_dict(r) for r in raw]
 
