@@ -133,6 +133,11 @@ def test_completion_text_and_stream(hf, hf_dir):
     pieces = list(c.completions.create(stream=True, **kw))
     assert "".join(p.choices[0].text for p in pieces) == choice.text
     assert [t for p in pieces for t in p.choices[0].model_extra["token_ids"]] == choice.model_extra["token_ids"]
+    echoed = c.completions.create(echo=True, **kw).choices[0]
+    assert echoed.text == "the cat sat on" + choice.text
+    streamed = list(c.completions.create(echo=True, stream=True, **kw))
+    assert streamed[0].choices[0].text == "the cat sat on" and streamed[0].choices[0].model_extra["token_ids"] == []
+    assert "".join(p.choices[0].text for p in streamed) == echoed.text
 
 
 def test_stop_strings_across_token_boundaries(hf, hf_dir):
