@@ -180,6 +180,21 @@ def test_concurrent_requests_get_what_they_get_alone(server, p1_alone, ref_model
     assert results["bad"][0] == 400
 
 
+def test_generate_returns_logprobs_when_asked(server):
+    body = {"input_ids": P1, "sampling": {"max_new_tokens": 2, "ignore_eos": True, "logprobs": 2,
+                                          "prompt_logprobs": 1}}
+    status, reply = call(server, "/generate", body)
+    assert status == 200, reply
+    status, openai_shape = call(server, "/v1/completions", {"prompt": P1, "max_tokens": 2, "ignore_eos": True,
+                                                            "logprobs": 2, "echo": True})
+    lps = openai_shape["choices"][0]["logprobs"]["token_logprobs"]
+    assert [e["logprob"] for e in reply["output_logprobs"]] == pytest.approx(lps[len(P1):], abs=1e-5)
+    assert [e["token_id"] for e in reply["output_logprobs"]] == reply["output_ids"]
+    assert reply["prompt_logprobs"][0] is None
+    assert [e["logprob"] for e in reply["prompt_logprobs"][1:]] == pytest.approx(lps[1:len(P1)], abs=1e-5)
+    assert all(len(e["top_logprobs"]) == 2 for e in reply["output_logprobs"])
+
+
 def test_client_disconnect_aborts_its_request(server):
     idle = engine_stats(server)
     assert idle["waiting"] == idle["running"] == idle["requests_in_cache"] == 0
