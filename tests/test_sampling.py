@@ -155,11 +155,9 @@ def test_token_ids_outside_the_vocab_are_refused(model):
     assert not eng.has_work()
 
 
-# Until the scheduler's refusal to lend a prefix to such a request is committed (it is in progress
-# with the prefix cache), a lent prefix leaves rows without logits; then drop the marker.
-@pytest.mark.xfail(reason="a scheduler that lends a prefix to a request with prompt_logprobs never computes "
-                          "those rows", strict=False)
 def test_prompt_logprobs_are_complete_when_the_prompt_is_shared(model):
+    """A lent prefix's rows are never computed, so the scheduler lends none to a request that asks
+    for its prompt's logprobs (a running donor's or the prefix cache's)."""
     eng = engine(model, page_size=4)
     prompt = list(range(3, 23))
     params = SamplingParams(max_new_tokens=2, ignore_eos=True, prompt_logprobs=0)
