@@ -90,7 +90,7 @@ stage_check_real() {
   # and the float64 truth casts each weight as it reads it (oracle/run.py). 31B: 62 GB.
   local rc=0 t
   t=$(limit check-real 420)
-  for model in e2b 31b 26b-a4b; do
+  for model in ${REAL_MODELS:-e2b 31b 26b-a4b}; do  # REAL_MODELS picks some
     local scenarios=(--scenario one-shot-prefill)
     [ "$model" = e2b ] && scenarios+=(--scenario engine-continuous-batching)
     echo "-- check $model bfloat16"
