@@ -302,16 +302,22 @@ def cmd_check(args) -> int:
         print(f"injected fault {f.name}: {f.summary} (alone, on tiny, its scenario {f.scenario_spec['name']} "
               f"must diverge first at {f.expect})")
     runs = []
+    jobs = _jobs(args.jobs, scenarios, tp)
+    if jobs > 1:
+        print(f"running {len(scenarios)} scenarios {jobs} at a time, each in its own process", file=sys.stderr)
+    results = _run_in_processes(scenarios, args.inject, jobs) if jobs > 1 else None
     for i, sc in enumerate(scenarios, 1):
-        _progress(i, len(scenarios), sc.name, "running")
+        if results is None:
+            _progress(i, len(scenarios), sc.name, "running")
         t0 = time.perf_counter()
         try:
-            run = run_scenario(sc, faults=args.inject, tp=tp)
+            run, seconds = next(results) if results is not None else (run_scenario(sc, faults=args.inject, tp=tp), None)
         # Input errors only: a ValueError from inside a kernel is a bug, and its traceback says where.
         except (ScenarioError, CheckpointError, ConfigError, FaultScenarioError) as e:
             return _refuse(e, f"scenario {sc.name!r}: ")
         runs.append(run)
-        _progress(i, len(scenarios), sc.name, "parity" if run.passed else "DIVERGENCE", time.perf_counter() - t0)
+        _progress(i, len(scenarios), sc.name, "parity" if run.passed else "DIVERGENCE",
+                  time.perf_counter() - t0 if seconds is None else seconds)
     title = f"Gemma 4 parity: {models} ({dtypes})"
     if tp is not None:
         title += f", tensor parallel {tp.world}"
@@ -332,6 +338,60 @@ def cmd_check(args) -> int:
     kernels_ok = kernels is None or all(k["passed"] for k in kernels)
     code = EXIT_OK if all(r.passed for r in runs) and kernels_ok else EXIT_DIVERGED
     return code if tp is None else _leave(tp, code)
+
+
+# Scenarios at once on a CPU: Triton's interpreter runs each kernel in one Python thread, so two
+# processes on CI's two cores took the main job (12 scenarios) from 97 s to 60 s. One on an accelerator: the
+# scenarios would share one device, and each process would pay its own start-up there.
+CPU_JOBS = 2
+
+
+def _jobs(asked: int | None, scenarios, tp) -> int:
+    if tp is not None or len(scenarios) < 2:
+        return 1
+    if asked is not None:
+        return min(asked, len(scenarios))
+    import os
+
+    on_cpu = all(sc.model.device == "cpu" for sc in scenarios)
+    return min(CPU_JOBS, os.cpu_count() or 1, len(scenarios)) if on_cpu else 1
+
+
+def _timed_run(scenario, faults):
+    """run_scenario in a worker process, with its own wall time."""
+    import time
+
+    from .run import run_scenario
+
+    t0 = time.perf_counter()
+    run = run_scenario(scenario, faults=faults)
+    return run, time.perf_counter() - t0
+
+
+def _worker_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _run_in_processes(scenarios, faults, jobs: int):
+    """(run, seconds) of each scenario, in order, computed `jobs` at a time in spawned processes
+    (fresh interpreters: no forked torch thread pools). A worker's exception is raised here when
+    its scenario's turn comes, as the sequential loop would raise it."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_threads, initargs=(threads,)) as pool:
+        futures = [pool.submit(_timed_run, sc, list(faults)) for sc in scenarios]
+        try:
+            for f in futures:
+                yield f.result()
+        finally:
+            for f in futures:
+                f.cancel()
 
 
 def _launched_rank() -> int:
@@ -721,6 +781,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--inject", action="append", default=[], metavar="FAULT",
                        help="inject a known bug into the optimized path (repeatable; see `faults`); without "
                             "--scenario, runs each fault's own scenario")
+    check.add_argument("--jobs", type=positive, default=None, metavar="N",
+                       help="scenarios run at once, each in its own process (default: 2 on a CPU, where "
+                            "Triton's interpreter keeps each process on one core; 1 on an accelerator or with --tp)")
     check.add_argument("--tp", type=positive, default=None, metavar="N",
                        help="run the optimized path tensor-parallel over N ranks, launched as `torchrun "
                             "--nproc-per-node N -m oracle.cli check --tp N ...` (gloo on a CPU, NCCL on CUDA); "

@@ -230,6 +230,7 @@ def ran(monkeypatch):
 
     monkeypatch.setattr(oracle.run, "run_scenario", run_scenario)
     monkeypatch.setattr(oracle.run, "report_facts", report_facts)
+    monkeypatch.setattr(cli, "CPU_JOBS", 1)  # worker processes would not see the patches
     return SimpleNamespace(scenarios=scenarios, titles=titles)
 
 
@@ -300,3 +301,16 @@ def test_cli_a_kernel_valueerror_is_a_crash_not_bad_input(tmp_path, monkeypatch)
         cli.main(["check", "--scenario", "one-shot-prefill", "--out", str(tmp_path / "r")])
     with pytest.raises(ValueError, match="pools"):
         cli.main(["capture", "--scenario", "one-shot-prefill", "--path", "truth", "--out", str(tmp_path / "c")])
+
+
+def test_check_runs_scenarios_in_worker_processes_in_order_and_faults_reach_them(tmp_path, capsys):
+    """--jobs 2: each scenario in a spawned process; results come back in scenario order, and an
+    injected fault is patched in the worker that runs the optimized path."""
+    argv = ["check", "tiny", "--device", "cpu", "--jobs", "2", "--scenario", "one-shot-prefill",
+            "--scenario", "decode-past-window"]
+    assert cli.main(argv + ["--out", str(tmp_path / "clean")]) == 0
+    facts = json.loads((tmp_path / "clean" / "report.json").read_text())
+    assert [s["name"] for s in facts["scenarios"]] == ["one-shot-prefill", "decode-past-window"]
+    assert "2 at a time" in capsys.readouterr().err
+    assert cli.main(argv + ["--inject", "missing-softcap", "--out", str(tmp_path / "fault")]) == 1
+    assert "logits" in capsys.readouterr().out
