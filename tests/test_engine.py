@@ -8,53 +8,15 @@ shows as a different token.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import reference
 from optimized.engine import Engine, SamplingParams, sample
 from optimized.kernels import default_device
 
-_MODELS: dict = {}
-
-
-def _model(preset):
-    if preset not in _MODELS:
-        cfg, w = reference.resolve(preset, dtype=torch.float32, seed=0)
-        _MODELS[preset] = cfg, w, reference.Gemma4Reference(cfg, w)
-    return _MODELS[preset]
-
-
-def _engine(preset="tiny", fused=False, **kw):
-    """An engine on the reference's weights. The torch ops (fused=False) by default: the Triton
-    interpreter makes the fused kernels ~3x slower on CPU, and they have their own tests; the
-    paged attention kernels run either way."""
-    cfg, w, _ = _model(preset)
-    kw.setdefault("device", default_device())
-    return Engine(cfg, weights=w, dtype=torch.float32, fused=fused, **kw)
-
-
-@functools.lru_cache(maxsize=None)
-def _reference_greedy(preset, prompt: tuple, n):
-    ref = _model(preset)[2]
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(ref.forward(torch.tensor(ids))[-1].argmax()))
-    return ids[len(prompt):]
-
-
-def reference_greedy(preset, prompt, n):
-    """The reference's greedy continuation: argmax of the last row, fed back, n times."""
-    return _reference_greedy(preset, tuple(prompt), n)
-
-
-def _prompts(lengths, seed=0, vocab=256):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
+from tests.engine_helpers import engine as _engine, model as _model, prompts as _prompts, reference_greedy
 
 GREEDY = SamplingParams(max_new_tokens=4, ignore_eos=True)
 

@@ -426,3 +426,31 @@ def test_empty_and_single_row_inputs():
     assert_matches(norms.rms_norm(one, None, EPS), norms.rms_norm_eager(one, None, EPS))
     empty = torch.randn(0, 2, 32, device=DEVICE)
     rope.store_kv(empty, empty, _pool, _pool.clone(), _slots[:0])
+
+
+def test_kernels_launched_from_two_threads_at_once_match_their_twins(device):
+    """Two engines' worker threads launch kernels at the same time (the server tests do). Triton's
+    interpreter patches triton.language globally for each launch; unserialized, launches from two
+    threads failed with "Did you forget to add @triton.jit?" or "x >= grid_dim[0]"."""
+    import threading
+
+    gen = torch.Generator().manual_seed(11)
+    inputs = [(torch.randn(7, 3, 32, generator=gen).to(device), torch.randn(32, generator=gen).to(device))
+              for _ in range(2)]
+    errors = []
+
+    def launch(x, w):
+        try:
+            for _ in range(15):
+                assert_matches(norms.rms_norm(x, w, EPS), norms.rms_norm_eager(x, w, EPS))
+                g, u = x.flatten(1), x.flip(0).flatten(1)
+                torch.testing.assert_close(activation.gelu_tanh_mul(g, u), activation.gelu_tanh_mul_eager(g, u))
+        except Exception as e:  # reported below: an assertion in a thread would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=launch, args=xw) for xw in inputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

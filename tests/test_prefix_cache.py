@@ -10,20 +10,19 @@ three test architectures, and reusing past the resident window is caught.
 
 from __future__ import annotations
 
-import functools
 import re
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import reference
-from optimized.engine import Engine, SamplingParams
+from optimized.engine import SamplingParams
 from optimized.engine.radix import RadixCache
-from optimized.kernels import default_device
 from optimized.memory import KVCache, OutOfPages, shared_prefix_len, swa_pages_per_request
 from reference.presets import PRESETS
 from reference.window import first_visible_key
+
+from tests.engine_helpers import engine as _engine, prompts as _prompts, reference_greedy
 
 CFG = PRESETS["tiny"]  # layers 0-3 and 5-8 sliding (W = 5), 4 and 9 full; 6-9 KV-shared
 FULL_LAYER, SLIDING_LAYER = CFG.layers[4], CFG.layers[0]
@@ -325,38 +324,6 @@ def test_any_mix_of_requests_reads_only_right_keys_and_leaks_nothing(ops, page_s
 # -- the engine -------------------------------------------------------------------------------------
 
 _MODELS: dict = {}
-
-
-def _model(preset):
-    if preset not in _MODELS:
-        cfg, w = reference.resolve(preset, dtype=torch.float32, seed=0)
-        _MODELS[preset] = cfg, w, reference.Gemma4Reference(cfg, w)
-    return _MODELS[preset]
-
-
-def _engine(preset="tiny", **kw):
-    """An engine on the reference's weights, torch ops (the fused kernels have their own tests)."""
-    cfg, w, _ = _model(preset)
-    kw.setdefault("device", default_device())
-    return Engine(cfg, weights=w, dtype=torch.float32, fused=False, **kw)
-
-
-@functools.lru_cache(maxsize=None)
-def _reference_greedy(preset, prompt: tuple, n):
-    ref = _model(preset)[2]
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(ref.forward(torch.tensor(ids))[-1].argmax()))
-    return ids[len(prompt):]
-
-
-def reference_greedy(preset, prompt, n):
-    return _reference_greedy(preset, tuple(prompt), n)
-
-
-def _prompts(lengths, seed=0, vocab=256):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 GREEDY = SamplingParams(max_new_tokens=3, ignore_eos=True)

@@ -61,7 +61,29 @@ if not _has_triton_device():
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRETING and "triton.language" in sys.modules:  # triton came first (any import order works)
     _interpret_triton_library()
+def _serialize_interpreted_launches() -> None:
+    """One interpreted kernel launch at a time per process. The interpreter is not thread-safe:
+    each launch patches triton.language's functions and sets a module-global grid for its
+    duration, so two threads launching at once (two engines' worker threads in one test
+    process) failed with "Did you forget to add @triton.jit?" or "x >= grid_dim[0]"."""
+    import threading
+
+    from triton.runtime.interpreter import GridExecutor
+
+    if getattr(GridExecutor.__call__, "serialized", False):
+        return
+    launch, lock = GridExecutor.__call__, threading.Lock()
+
+    def serialized(self, *args, **kwargs):
+        with lock:
+            return launch(self, *args, **kwargs)
+
+    serialized.serialized = True
+    GridExecutor.__call__ = serialized
+
+
 if INTERPRETING:
+    _serialize_interpreted_launches()
     # The interpreter emulates kernels with numpy, which warns where a kernel's exp or product
     # overflows to inf on purpose (tanh of large arguments, masked scores); compiled code is silent.
     warnings.filterwarnings("ignore", message="overflow encountered", category=RuntimeWarning,

@@ -1,0 +1,52 @@
+"""Engines on the reference's weights and the reference's own greedy continuations, shared by the
+engine and prefix-cache tests: greedy output checked against the eager reference's greedy loop
+on the same weights, so a scheduling bug (a chunk fed twice, a decode at the wrong position, a
+window released early, a stale cached page) shows as a different token."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import reference
+from optimized.engine import Engine
+from optimized.kernels import default_device
+
+_MODELS: dict = {}
+
+
+def model(preset):
+    """(config, weights, reference model) of a preset in float32, built once per process."""
+    if preset not in _MODELS:
+        cfg, w = reference.resolve(preset, dtype=torch.float32, seed=0)
+        _MODELS[preset] = cfg, w, reference.Gemma4Reference(cfg, w)
+    return _MODELS[preset]
+
+
+def engine(preset="tiny", fused=False, **kw):
+    """An engine on the reference's weights. The torch ops (fused=False) by default: the Triton
+    interpreter makes the fused kernels ~3x slower on CPU, and they have their own tests; the
+    paged attention kernels run either way."""
+    cfg, w, _ = model(preset)
+    kw.setdefault("device", default_device())
+    return Engine(cfg, weights=w, dtype=torch.float32, fused=fused, **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_greedy(preset, prompt: tuple, n):
+    ref = model(preset)[2]
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(ref.forward(torch.tensor(ids))[-1].argmax()))
+    return ids[len(prompt):]
+
+
+def reference_greedy(preset, prompt, n):
+    """The reference's greedy continuation: argmax of the last row, fed back, n times."""
+    return _reference_greedy(preset, tuple(prompt), n)
+
+
+def prompts(lengths, seed=0, vocab=256):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
