@@ -303,10 +303,10 @@ def test_cli_a_kernel_valueerror_is_a_crash_not_bad_input(tmp_path, monkeypatch)
         cli.main(["capture", "--scenario", "one-shot-prefill", "--path", "truth", "--out", str(tmp_path / "c")])
 
 
-def test_check_runs_scenarios_in_worker_processes_in_order_and_faults_reach_them(tmp_path, capsys):
+def test_check_runs_scenarios_in_worker_processes_in_order_and_faults_reach_them(tmp_path, capsys, device):
     """--jobs 2: each scenario in a spawned process; results come back in scenario order, and an
     injected fault is patched in the worker that runs the optimized path."""
-    argv = ["check", "tiny", "--device", "cpu", "--jobs", "2", "--scenario", "one-shot-prefill",
+    argv = ["check", "tiny", "--device", str(device), "--jobs", "2", "--scenario", "one-shot-prefill",
             "--scenario", "decode-past-window", "--inject", "missing-softcap", "--out", str(tmp_path)]
     assert cli.main(argv) == 1
     out, err = capsys.readouterr()

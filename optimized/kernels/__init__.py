@@ -159,8 +159,10 @@ def capture_graph(device: torch.device, fn, pool=None):
                 pass
             module.synchronize()
             reset = module.CUDAGraph()
-            reset.capture_begin()
-            reset.capture_end()
+            with warnings.catch_warnings():  # "The CUDA Graph is empty": it is meant to be
+                warnings.simplefilter("ignore", UserWarning)
+                reset.capture_begin()
+                reset.capture_end()
             raise
     return graph, out
 
