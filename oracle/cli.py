@@ -669,9 +669,10 @@ def cmd_serve(args) -> int:
     if missing:
         return _refuse(BadInput(f"serve needs {' and '.join(missing)}: pip install -e '.[serve]'"))
     from optimized.kernels import check_supported
-    from optimized.serve import build_server, run_until_interrupted
+    from optimized.serve import build_engine, build_server, run_until_interrupted
     from reference import CheckpointError, ConfigError
 
+    tp = None
     try:
         device = resolve_device(args.device)
         try:
@@ -680,20 +681,62 @@ def cmd_serve(args) -> int:
             config = None  # build_server names what is wrong, in its order (tokenizer first)
         if config is not None:  # a model the reference runs but the paged path cannot
             check_supported(config)
-        server = build_server(args.model, host=args.host, port=args.port, dtype=args.dtype, device=device,
-                              page_size=args.page_size, chunk_size=args.chunk_size, num_pages=args.num_pages,
-                              max_requests=args.max_requests, token_budget=args.token_budget,
-                              max_context=args.max_context, seed=args.seed)
+        if args.tp is not None:
+            if config is None:
+                config = _config(args.model)  # raises, naming what is wrong
+            tp = _serve_tensor_parallel(args.tp, config, device)
+        options = dict(dtype=args.dtype, device=device, page_size=args.page_size, chunk_size=args.chunk_size,
+                       num_pages=args.num_pages, max_requests=args.max_requests, token_budget=args.token_budget,
+                       max_context=args.max_context, seed=args.seed, tp=tp)
+        if tp is not None and tp.rank > 0:
+            return _serve_follower(build_engine(args.model, **options), tp)
+        server = build_server(args.model, host=args.host, port=args.port, **options)
     except (BadInput, CheckpointError, ConfigError) as e:
-        return _refuse(e)
+        return _refuse(e) if _launched_rank() == 0 else EXIT_BAD_INPUT  # one message, from rank 0
     # Building a server only reads the model and sizes the engine (no kernel runs yet), so its
     # ValueErrors are bad settings or files: TokenizerError, ChatError, engine limits.
     except ValueError as e:
         return _refuse(e)
     except OSError as e:  # the address is taken, not ours to bind, or not an address
         return _refuse(BadInput(f"--host/--port: cannot listen on {args.host}:{args.port}: {e}"))
-    run_until_interrupted(server)
-    return EXIT_OK
+    run_until_interrupted(server)  # its engine thread, ending, tells the other ranks to stop
+    return EXIT_OK if tp is None else _leave(tp, EXIT_OK)
+
+
+def _serve_tensor_parallel(size: int, config, device: str):
+    """`serve --tp N`: the model must split across N ranks, launched by torchrun (N = 1 needs
+    none); then this process joins the group."""
+    from optimized.parallel import TensorParallelError, check_shardable, launched_world, setup
+    from reference import ConfigError
+
+    try:
+        check_shardable(config, size)
+    except ConfigError as e:
+        raise ConfigError(f"--tp {size}: {e}") from None
+    world = launched_world()
+    if world is None and size > 1:
+        raise BadInput(f"--tp {size}: needs {size} processes; launch it as "
+                       f"`torchrun --nproc-per-node {size} -m oracle.cli serve --tp {size} ...`")
+    if world is not None and world != size:
+        raise BadInput(f"--tp {size}: torchrun started {world} processes (--nproc-per-node must equal --tp)")
+    try:
+        return setup(size, device)
+    except TensorParallelError as e:
+        raise BadInput(f"--tp {size}: {e}") from None
+
+
+def _serve_follower(engine, tp) -> int:
+    """A rank other than 0 under `serve --tp`: step in lockstep with rank 0's server until it
+    shuts down. SIGINT/SIGTERM are left to rank 0 (torchrun sends them to every rank), whose
+    graceful shutdown ends this loop."""
+    import signal
+
+    from optimized.serve.replicated import follow
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    follow(engine, tp)
+    return _leave(tp, None)
 
 
 def cmd_scenarios(args) -> int:
@@ -842,6 +885,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-requests", type=positive, default=16, help="most requests running at once (default: 16)")
     serve.add_argument("--max-context", type=positive,
                        help="most positions per request (default: the model's, <= 4096)")
+    serve.add_argument("--tp", type=positive, default=None, metavar="N",
+                       help="serve the model tensor-parallel over N ranks, launched as `torchrun --nproc-per-node N "
+                            "-m oracle.cli serve --tp N ...`: rank 0 serves HTTP, every rank steps in lockstep")
     serve.add_argument("--token-budget", type=_token_budget, default="auto", metavar="N|auto|none",
                        help="most tokens one step runs. auto (default): chunk-size + max-requests, so a step "
                             "takes every running request's next token and at most one chunk of waiting prompts "

@@ -235,3 +235,103 @@ def test_torchrun_check_tp_2_writes_the_report_on_rank_0(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("holds parity") == 1  # rank 0 alone reports
     assert (out / "report.html").exists()
+
+
+# -- serving under tensor parallelism ----------------------------------------------------------
+
+
+class _Pipe:
+    """broadcast_object between two threads: the lead's object reaches the follower, in order."""
+
+    def __init__(self, lead: bool, channel):
+        self.lead, self.channel = lead, channel
+
+    def broadcast_object(self, obj, src: int = 0):
+        if self.lead:
+            self.channel.put(obj)
+            return obj
+        return self.channel.get(timeout=60)
+
+
+def test_a_follower_replays_the_lead_engines_calls_and_samples_the_same_tokens():
+    """serve --tp's lockstep (optimized/serve/replicated.py), without processes: the follower
+    replays adds (seeded and unseeded sampling, greedy), an abort, idle heartbeats and steps, and
+    produces the lead's tokens step for step."""
+    import queue
+    import threading
+
+    pytest.importorskip("fastapi", reason="optimized.serve needs the serve extra")
+    from optimized.engine import SamplingParams
+    from optimized.serve.replicated import LeadEngine, follow
+    from tests.engine_helpers import engine as make_engine
+
+    channel = queue.Queue()
+    lead = LeadEngine(make_engine(max_context=40), _Pipe(True, channel))
+    follower_engine, seen = make_engine(max_context=40), []
+    step = follower_engine.step
+    follower_engine.step = lambda: seen.append([(e.rid, e.token) for e in step()])
+    thread = threading.Thread(target=follow, args=(follower_engine, _Pipe(False, channel)))
+    thread.start()
+    lead.heartbeat()
+    lead.add_request([5, 9, 200, 17, 3], SamplingParams(max_new_tokens=6, temperature=0.9, ignore_eos=True))
+    lead.add_request([7, 7, 1], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    doomed = lead.add_request([4, 2], SamplingParams(max_new_tokens=9, temperature=1.0, seed=3, ignore_eos=True))
+    with pytest.raises(ValueError):  # refused on the lead: never sent
+        lead.add_request([], SamplingParams())
+    lead_seen = []
+    while lead.has_work():
+        lead_seen.append([(e.rid, e.token) for e in lead.step()])
+        if len(lead_seen) == 2:
+            lead.abort(doomed)
+            lead.heartbeat()
+    lead.close()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert seen == lead_seen and len(lead_seen) >= 6
+
+
+@cpu_ranks
+@pytest.mark.slow
+def test_torchrun_serve_tp_2_answers_the_reference_tokens_and_stops(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("fastapi", reason="serve needs the serve extra")
+    from tests.engine_helpers import reference_greedy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "oracle.cli", "serve",
+           "tiny", "--tp", "2", "--device", "cpu", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+                time.sleep(1)
+        prompt = [5, 9, 200, 17, 3, 8]
+        body = json.dumps({"input_ids": prompt, "sampling": {"max_new_tokens": 5, "ignore_eos": True}}).encode()
+        for wait in (0, 6):  # the second after an idle spell: heartbeats kept the other rank waiting
+            time.sleep(wait)
+            req = urllib.request.Request(url + "/generate", data=body, headers={"Content-Type": "application/json"})
+            answer = json.loads(urllib.request.urlopen(req, timeout=120).read())
+            assert answer["output_ids"] == reference_greedy("tiny", prompt, 5)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("serve --tp 2 did not stop within 60 s of SIGTERM")

@@ -28,6 +28,7 @@ from . import api
 from .api import ApiError
 from .app import create_app
 from .chat import ChatTemplate, load_chat_template
+from .replicated import LeadEngine
 from .tokenizer import Tokenizer, load_tokenizer
 from .worker import EngineWorker
 
@@ -134,22 +135,30 @@ def default_token_budget(chunk_size: int, max_requests: int) -> int:
     return chunk_size + max_requests
 
 
-def build_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, dtype="float32", device=None,
-                 page_size: int = 16, chunk_size: int = 512, num_pages: int | None = None, max_requests: int = 16,
-                 token_budget: int | str | None = "auto", max_context: int | None = None, seed: int = 0,
-                 log_requests: bool = True) -> Server:
-    """An Engine for MODEL (a preset name or a checkpoint directory) with the checkpoint's tokenizer
-    and chat template where it has them, behind a bound server. token_budget: the most tokens a
-    step runs; "auto" is default_token_budget's policy, None no limit. Bad input raises
-    (CheckpointError, ConfigError, TokenizerError, ChatError: all ValueErrors; OSError for the
-    address)."""
+def build_engine(model: str, *, dtype="float32", device=None, page_size: int = 16, chunk_size: int = 512,
+                 num_pages: int | None = None, max_requests: int = 16, token_budget: int | str | None = "auto",
+                 max_context: int | None = None, seed: int = 0, tp=None) -> Engine:
+    """The Engine a server for MODEL runs (every rank builds the same one under tensor parallelism,
+    `tp`); token_budget "auto" is default_token_budget's policy, None no limit."""
     if token_budget == "auto":
         token_budget = default_token_budget(chunk_size, max_requests)
+    return Engine(model, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype, device=device,
+                  page_size=page_size, chunk_size=chunk_size, num_pages=num_pages, max_requests=max_requests,
+                  token_budget=token_budget, max_context=max_context, seed=seed, tp=tp)
+
+
+def build_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, log_requests: bool = True,
+                 tp=None, **engine_options) -> Server:
+    """An Engine for MODEL (a preset name or a checkpoint directory; build_engine's options) with
+    the checkpoint's tokenizer and chat template where it has them, behind a bound server. Under
+    tensor parallelism (`tp`, on rank 0) the engine is a LeadEngine: the other ranks run
+    `replicated.follow` on engines built alike. Bad input raises (CheckpointError, ConfigError,
+    TokenizerError, ChatError: all ValueErrors; OSError for the address)."""
     tokenizer = load_tokenizer(model)  # cheap checks first: a broken tokenizer fails before weights load
     chat_template = load_chat_template(model)  # bos/eos texts from the same tokenizer_config.json
-    engine = Engine(model, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype, device=device,
-                    page_size=page_size, chunk_size=chunk_size, num_pages=num_pages, max_requests=max_requests,
-                    token_budget=token_budget, max_context=max_context, seed=seed)
+    engine = build_engine(model, tp=tp, **engine_options)
+    if tp is not None:
+        engine = LeadEngine(engine, tp)
     name = Path(model).name if Path(model).is_dir() else str(model)
     return make_server(engine, tokenizer, chat_template, host, port, name, log_requests=log_requests)
 

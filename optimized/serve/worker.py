@@ -50,6 +50,7 @@ class Ticket:
 
 
 _STOP = object()
+IDLE_S = 5.0  # an idle engine thread wakes this often (serve --tp: a heartbeat to the other ranks)
 
 
 class EngineWorker:
@@ -123,8 +124,15 @@ class EngineWorker:
         why = "the engine is shutting down"
         try:
             while True:
-                block = not self.engine.has_work()
-                if not self._handle(self._inbox.get() if block else None):
+                if self.engine.has_work():
+                    msg = None
+                else:  # idle: wait for a request, telling a replicated engine now and then
+                    try:
+                        msg = self._inbox.get(timeout=IDLE_S)
+                    except queue.Empty:
+                        self._idle()
+                        continue
+                if not self._handle(msg):
                     return
                 while True:  # drain whatever else arrived, without blocking
                     try:
@@ -151,6 +159,17 @@ class EngineWorker:
             traceback.print_exc()
         finally:
             self._fail_everyone(why)
+            close = getattr(self.engine, "close", None)  # a LeadEngine ends the other ranks
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 (the ranks' group is gone: nothing left to end)
+                    traceback.print_exc()
+
+    def _idle(self) -> None:
+        heartbeat = getattr(self.engine, "heartbeat", None)  # a LeadEngine keeps the other ranks waiting
+        if heartbeat is not None:
+            heartbeat()
 
     def gauges(self) -> dict:
         """Fresh gauges, read on the engine thread (after the step in progress)."""
