@@ -401,31 +401,40 @@ def _launched_rank() -> int:
 
 
 def _tensor_parallel(size: int | None, scenarios):
-    """`check --tp N`: each scenario's model must split across N ranks, N processes must have been
-    launched (torchrun; N = 1 needs none), and then this process joins the group (gloo on a
-    CPU, NCCL on CUDA). None without --tp."""
+    """`check --tp N`: every scenario's model must split across N ranks, on one device; then
+    `_join_tensor_parallel`. None without --tp."""
     if size is None:
         return None
-    from optimized.parallel import TensorParallelError, check_shardable, launched_world, setup
-    from reference import ConfigError, resolve
+    from reference import resolve
 
-    for sc in scenarios:
-        cfg, _ = resolve(sc.model.source, dtype=sc.dtype, device="meta", seed=sc.model.seed)
-        try:
-            check_shardable(cfg, size)
-        except ConfigError as e:
-            raise ConfigError(f"--tp {size}: {sc.model.source}: {e}") from None
-    world = launched_world()
-    if world is None and size > 1:
-        raise BadInput(f"--tp {size}: needs {size} processes; launch it as "
-                       f"`torchrun --nproc-per-node {size} -m oracle.cli check --tp {size} ...`")
-    if world is not None and world != size:
-        raise BadInput(f"--tp {size}: torchrun started {world} processes (--nproc-per-node must equal --tp)")
     devices = {sc.model.device for sc in scenarios}
     if len(devices) > 1:
         raise BadInput(f"--tp {size}: every scenario must run on one device, got {', '.join(sorted(devices))}")
+    models = [(sc.model.source, resolve(sc.model.source, dtype=sc.dtype, device="meta", seed=sc.model.seed)[0])
+              for sc in scenarios]
+    return _join_tensor_parallel(size, models, devices.pop(), "check")
+
+
+def _join_tensor_parallel(size: int, models, device: str, command: str):
+    """`check|serve --tp N`: each (name, config) in `models` must split across N ranks and N
+    processes must have been launched (torchrun; N = 1 needs none); then this process joins the
+    group (gloo on a CPU, NCCL on CUDA)."""
+    from optimized.parallel import TensorParallelError, check_shardable, launched_world, setup
+    from reference import ConfigError
+
+    for name, cfg in models:
+        try:
+            check_shardable(cfg, size)
+        except ConfigError as e:
+            raise ConfigError(f"--tp {size}: {name}: {e}") from None
+    world = launched_world()
+    if world is None and size > 1:
+        raise BadInput(f"--tp {size}: needs {size} processes; launch it as "
+                       f"`torchrun --nproc-per-node {size} -m oracle.cli {command} --tp {size} ...`")
+    if world is not None and world != size:
+        raise BadInput(f"--tp {size}: torchrun started {world} processes (--nproc-per-node must equal --tp)")
     try:
-        return setup(size, devices.pop())
+        return setup(size, device)
     except TensorParallelError as e:
         raise BadInput(f"--tp {size}: {e}") from None
 
@@ -684,7 +693,7 @@ def cmd_serve(args) -> int:
         if args.tp is not None:
             if config is None:
                 config = _config(args.model)  # raises, naming what is wrong
-            tp = _serve_tensor_parallel(args.tp, config, device)
+            tp = _join_tensor_parallel(args.tp, [(args.model, config)], device, "serve")
         options = dict(dtype=args.dtype, device=device, page_size=args.page_size, chunk_size=args.chunk_size,
                        num_pages=args.num_pages, max_requests=args.max_requests, token_budget=args.token_budget,
                        max_context=args.max_context, seed=args.seed, tp=tp)
@@ -701,28 +710,6 @@ def cmd_serve(args) -> int:
         return _refuse(BadInput(f"--host/--port: cannot listen on {args.host}:{args.port}: {e}"))
     run_until_interrupted(server)  # its engine thread, ending, tells the other ranks to stop
     return EXIT_OK if tp is None else _leave(tp, EXIT_OK)
-
-
-def _serve_tensor_parallel(size: int, config, device: str):
-    """`serve --tp N`: the model must split across N ranks, launched by torchrun (N = 1 needs
-    none); then this process joins the group."""
-    from optimized.parallel import TensorParallelError, check_shardable, launched_world, setup
-    from reference import ConfigError
-
-    try:
-        check_shardable(config, size)
-    except ConfigError as e:
-        raise ConfigError(f"--tp {size}: {e}") from None
-    world = launched_world()
-    if world is None and size > 1:
-        raise BadInput(f"--tp {size}: needs {size} processes; launch it as "
-                       f"`torchrun --nproc-per-node {size} -m oracle.cli serve --tp {size} ...`")
-    if world is not None and world != size:
-        raise BadInput(f"--tp {size}: torchrun started {world} processes (--nproc-per-node must equal --tp)")
-    try:
-        return setup(size, device)
-    except TensorParallelError as e:
-        raise BadInput(f"--tp {size}: {e}") from None
 
 
 def _serve_follower(engine, tp) -> int:

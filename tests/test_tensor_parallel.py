@@ -106,13 +106,17 @@ def test_world_sizes_that_do_not_split_the_model_are_refused_naming_the_field():
         parallel.setup(0)
 
 
-def test_cli_check_tp_refuses_without_torchrun_and_names_a_world_size_that_does_not_split(capsys, monkeypatch):
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_cli_tp_refuses_without_torchrun_and_names_a_world_size_that_does_not_split(command, capsys, monkeypatch):
+    if command == "serve":
+        pytest.importorskip("fastapi", reason="serve needs the serve extra")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert main(["check", "tiny", "--device", "cpu", "--tp", "2"]) == 2
-    assert "needs 2 processes; launch it as `torchrun --nproc-per-node 2" in capsys.readouterr().err
-    assert main(["check", "tiny", "--device", "cpu", "--tp", "3"]) == 2
+    argv = [command, "tiny", "--device", "cpu"] + (["--port", "0"] if command == "serve" else [])
+    assert main(argv + ["--tp", "2"]) == 2
+    assert f"needs 2 processes; launch it as `torchrun --nproc-per-node 2 -m oracle.cli {command}" in capsys.readouterr().err
+    assert main(argv + ["--tp", "3"]) == 2
     assert "--tp 3: tiny: num_attention_heads" in capsys.readouterr().err
-    assert main(["check", "tiny", "--device", "cpu", "--tp", "0"]) == 2
+    assert main(argv + ["--tp", "0"]) == 2
 
 
 # --------------------------------------------------------------------------------------------
