@@ -23,6 +23,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _seconds(text: str) -> float | None:
+    """A time limit in seconds: a finite number >= 0, 0 meaning none."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number), got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value or None
+
+
 def _int_at_least(minimum: int):
     """An argparse type: an integer >= minimum; argparse's error names the flag."""
     def parse(text: str) -> int:
@@ -699,7 +710,8 @@ def cmd_serve(args) -> int:
                        max_context=args.max_context, seed=args.seed, tp=tp)
         if tp is not None and tp.rank > 0:
             return _serve_follower(build_engine(args.model, **options), tp)
-        server = build_server(args.model, host=args.host, port=args.port, **options)
+        server = build_server(args.model, host=args.host, port=args.port, request_timeout=args.request_timeout,
+                              **options)
     except (BadInput, CheckpointError, ConfigError) as e:
         return _refuse(e) if _launched_rank() == 0 else EXIT_BAD_INPUT  # one message, from rank 0
     # Building a server only reads the model and sizes the engine (no kernel runs yet), so its
@@ -872,6 +884,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-requests", type=positive, default=16, help="most requests running at once (default: 16)")
     serve.add_argument("--max-context", type=positive,
                        help="most positions per request (default: the model's, <= 4096)")
+    serve.add_argument("--request-timeout", type=_seconds, default=600.0, metavar="S",
+                       help="seconds a request may run, from arrival to its last token; past it the request is "
+                            "aborted and answered 504 (streaming: an error event, then [DONE]) (default: 600; "
+                            "0: no limit)")
     serve.add_argument("--tp", type=positive, default=None, metavar="N",
                        help="serve the model tensor-parallel over N ranks, launched as `torchrun --nproc-per-node N "
                             "-m oracle.cli serve --tp N ...`: rank 0 serves HTTP, every rank steps in lockstep")

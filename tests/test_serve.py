@@ -405,6 +405,40 @@ def test_shutdown_ends_a_stream_in_flight_properly():
     assert not srv.worker._thread.is_alive()
 
 
+class _SlowEngine:
+    """A real engine whose every step takes at least 0.2 s, so a request outlives a short limit."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def step(self):
+        time.sleep(0.2)
+        return self.engine.step()
+
+
+def test_a_request_past_the_timeout_is_aborted_and_answered():
+    srv = make_server(_SlowEngine(Engine("tiny", dtype=torch.float32, device=DEVICE)), model_name="tiny",
+                      request_timeout=1.0)
+    thread = run_server(srv)
+    try:
+        free = engine_stats(srv)["free_pages"]
+        body = {"prompt": P1, "max_tokens": 60, "ignore_eos": True}
+        status, reply = call(srv, "/v1/completions", body)
+        assert status == 504 and "--request-timeout" in error_of(reply)
+        streamed = events(srv, "/v1/completions", body)  # ends with [DONE] (checked there)
+        assert streamed[-1]["error"]["code"] == 504
+        deadline = time.time() + 30
+        while engine_stats(srv)["running"] or engine_stats(srv)["free_pages"] != free:
+            assert time.time() < deadline, engine_stats(srv)
+            time.sleep(0.2)
+    finally:
+        srv.shutdown()
+        thread.join(10)
+
+
 class _BrokenEngine:
     """An engine whose step fails, as a kernel error would."""
     max_context = 64

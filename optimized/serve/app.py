@@ -66,7 +66,11 @@ def _sse(obj) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, created: int) -> FastAPI:
+def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, created: int,
+               request_timeout: float | None = None) -> FastAPI:
+    """request_timeout: seconds a request may take from its arrival to its last token (None: no
+    limit); past it the request is aborted, and answered 504 or, streaming, with an error event
+    and [DONE]."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     app.state.draining = False  # set at shutdown: new requests are refused, in-flight ones end
 
@@ -117,14 +121,22 @@ def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, crea
             raise ApiError(400, f"body: must be a JSON object, got {type(body).__name__}")
         return body
 
-    async def next_message(request: Request, box):
-        """The next (choice index, message) of a job's tickets, or ClientGone."""
+    def timed_out(started: float) -> ApiError | None:
+        if request_timeout is not None and time.perf_counter() - started > request_timeout:
+            return ApiError(504, f"the request took longer than the server's {request_timeout:g} s limit "
+                                 f"(--request-timeout); it was aborted")
+        return None
+
+    async def next_message(request: Request, box, started: float):
+        """The next (choice index, message) of a job's tickets, ClientGone, or the timeout's ApiError."""
         while True:
             msg = await worker.next(box, POLL_S)
             if msg is not None:
                 return msg
             if await request.is_disconnected():
                 raise ClientGone()
+            if (late := timed_out(started)) is not None:
+                raise late
 
     def abort_all(tickets) -> None:
         for t in tickets:
@@ -160,6 +172,9 @@ def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, crea
             while not choices.done:
                 msg = early.pop(0) if early else await worker.next(tickets[0], POLL_S)
                 if msg is None:
+                    if (late := timed_out(choices.started)) is not None:
+                        yield _sse(late.body())  # in band; `finally` aborts, [DONE] follows
+                        break
                     continue
                 index, (kind, arg) = msg
                 if kind == "dead":  # engine failure or shutdown: say so, then end the stream properly
@@ -199,7 +214,7 @@ def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, crea
         try:
             choices, early, waiting = Choices(job, tickets, started), [], set(range(len(tickets)))
             while waiting:  # every choice admitted (or one refused: then none runs)
-                index, (kind, arg) = await next_message(request, tickets[0])
+                index, (kind, arg) = await next_message(request, tickets[0], started)
                 if kind == "rejected":
                     raise ApiError(400, arg)
                 if kind == "dead":
@@ -213,7 +228,7 @@ def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, crea
                 return StreamingResponse(stream(job, tickets, choices, early), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
             while not choices.done:
-                index, (kind, arg) = early.pop(0) if early else await next_message(request, tickets[0])
+                index, (kind, arg) = early.pop(0) if early else await next_message(request, tickets[0], started)
                 if kind == "dead":
                     raise ApiError(503, f"the engine stopped during the request: {arg}")
                 if kind == "event":

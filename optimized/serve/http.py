@@ -68,11 +68,11 @@ class Server:
     then `shutdown()` from another thread, or a signal."""
 
     def __init__(self, sock: socket.socket, ctx: api.Context, worker: EngineWorker, max_body_bytes: int,
-                 log_requests: bool):
+                 log_requests: bool, request_timeout: float | None = None):
         self.socket, self.ctx, self.worker = sock, ctx, worker
         self.server_address = sock.getsockname()
         self.created = int(time.time())
-        self.app = create_app(ctx, worker, max_body_bytes, self.created)
+        self.app = create_app(ctx, worker, max_body_bytes, self.created, request_timeout)
         config = uvicorn.Config(self.app, http=_JsonErrorsH11, lifespan="off", backlog=BACKLOG,
                                 timeout_graceful_shutdown=GRACE_S, access_log=log_requests,
                                 log_level="info" if log_requests else "error")
@@ -106,7 +106,8 @@ class Server:
 
 def make_server(engine, tokenizer: Tokenizer | None = None, chat_template: ChatTemplate | str | None = None,
                 host: str = "127.0.0.1", port: int = 0, model_name: str = "gemma4",
-                max_body_bytes: int = MAX_BODY_BYTES, log_requests: bool = False) -> Server:
+                max_body_bytes: int = MAX_BODY_BYTES, log_requests: bool = False,
+                request_timeout: float | None = None) -> Server:
     """A bound server (port 0: any free port; see `.server_address` / `.url`) with its engine
     thread running. Call `serve_forever()` (in a thread, for tests), then `shutdown()`."""
     if isinstance(chat_template, str):
@@ -119,7 +120,7 @@ def make_server(engine, tokenizer: Tokenizer | None = None, chat_template: ChatT
     ctx = api.Context(model_name, engine.max_context, tokenizer, chat_template, vocab_size)
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                                 backlog=BACKLOG)
-    return Server(sock, ctx, EngineWorker(engine), max_body_bytes, log_requests)
+    return Server(sock, ctx, EngineWorker(engine), max_body_bytes, log_requests, request_timeout)
 
 
 def default_token_budget(chunk_size: int, max_requests: int) -> int:
@@ -148,7 +149,7 @@ def build_engine(model: str, *, dtype="float32", device=None, page_size: int = 1
 
 
 def build_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, log_requests: bool = True,
-                 tp=None, **engine_options) -> Server:
+                 request_timeout: float | None = None, tp=None, **engine_options) -> Server:
     """An Engine for MODEL (a preset name or a checkpoint directory; build_engine's options) with
     the checkpoint's tokenizer and chat template where it has them, behind a bound server. Under
     tensor parallelism (`tp`, on rank 0) the engine is a LeadEngine: the other ranks run
@@ -160,7 +161,8 @@ def build_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, log_r
     if tp is not None:
         engine = LeadEngine(engine, tp)
     name = Path(model).name if Path(model).is_dir() else str(model)
-    return make_server(engine, tokenizer, chat_template, host, port, name, log_requests=log_requests)
+    return make_server(engine, tokenizer, chat_template, host, port, name, log_requests=log_requests,
+                       request_timeout=request_timeout)
 
 
 def run_until_interrupted(server: Server) -> None:
