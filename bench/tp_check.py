@@ -46,8 +46,8 @@ def main() -> int:
     tp = parallel.setup(1, device)
     rows, ok = [], True
     print(f"device {tp.device}, backend {tp.backend}, world {tp.world}", flush=True)
-    if tp.device.type == "cuda" and tp.backend != "nccl":
-        print("MISMATCH: a CUDA device must run NCCL")
+    if tp.backend != parallel.backend_for(tp.device):
+        print(f"MISMATCH: {tp.device} must run {parallel.backend_for(tp.device)}")
         ok = False
     for preset in PRESETS:
         engine = dict(device=device, page_size=4, chunk_size=8, page_order_seed=3)

@@ -92,8 +92,9 @@ class TensorParallel:
 
 
 def backend_for(device: torch.device) -> str:
-    """NCCL for CUDA devices, gloo for everything else (the CPU)."""
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+    """The collective backend torch.distributed pairs with the device's type (NCCL for CUDA,
+    XCCL for XPU, gloo for the CPU): by capability, from torch's own table, not by vendor here."""
+    return dist.Backend.default_device_backend_map.get(torch.device(device).type, "gloo")
 
 
 def launched_world() -> int | None:
@@ -113,8 +114,8 @@ def setup(world: int, device=None, *, init_method: str | None = None, rank: int 
 
     Under torchrun the environment says where to meet; tests pass `init_method` (a file:// or
     tcp:// rendezvous) and `rank`. A world of 1 needs no launcher: it meets itself on a free
-    local port. On CUDA the backend is NCCL and the rank's device is cuda:LOCAL_RANK (unless a
-    device index is given); elsewhere gloo on the given device. `timeout`: how long a collective
+    local port. The backend is backend_for(device); on an accelerator the rank's device is
+    index LOCAL_RANK of its type (unless an index is given). `timeout`: how long a collective
     waits for the other ranks (torch's default otherwise; tests shorten it, so a rank that
     never arrives fails the run instead of hanging it)."""
     from .kernels import default_device
@@ -122,10 +123,10 @@ def setup(world: int, device=None, *, init_method: str | None = None, rank: int 
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise TensorParallelError(f"tp must be an integer >= 1, got {world!r}")
     device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if device.type != "cpu":
+        if device.index is None:
+            device = torch.device(device.type, int(os.environ.get("LOCAL_RANK", "0")))
+        torch.get_device_module(device).set_device(device)
     if not dist.is_initialized():
         if init_method is None and launched_world() is None:
             if world != 1:
@@ -139,9 +140,9 @@ def setup(world: int, device=None, *, init_method: str | None = None, rank: int 
     if dist.get_world_size() != world:
         raise TensorParallelError(f"tp={world}, but {dist.get_world_size()} processes were launched "
                                   f"(torchrun --nproc-per-node must equal the tp size)")
-    if backend_for(device) == "nccl" and dist.get_backend() != "nccl":
-        raise TensorParallelError(f"device {device} needs the nccl backend; the process group runs "
-                                  f"{dist.get_backend()}")
+    if backend_for(device) != "gloo" and dist.get_backend() != backend_for(device):
+        raise TensorParallelError(f"device {device} needs the {backend_for(device)} backend; the process "
+                                  f"group runs {dist.get_backend()}")
     return TensorParallel(dist.get_rank(), world, device)
 
 
