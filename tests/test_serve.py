@@ -28,6 +28,7 @@ pytest.importorskip("fastapi", reason="the server needs the serve extra: pip ins
 pytest.importorskip("uvicorn", reason="the server needs the serve extra: pip install -e '.[serve]'")
 
 import reference  # noqa: E402
+import optimized.serve.app as serve_app  # noqa: E402
 from oracle.cli import build_parser, main  # noqa: E402
 from optimized.engine import Engine, Event, SamplingParams
 from optimized.kernels import default_device
@@ -419,7 +420,10 @@ class _SlowEngine:
         return self.engine.step()
 
 
-def test_a_request_past_the_timeout_is_aborted_and_answered():
+def test_a_request_past_the_timeout_is_aborted_and_answered(monkeypatch):
+    # Handlers poll far less often than tokens arrive, as on a GPU (tokens every few ms, polls
+    # every 0.25 s): the deadline must hold on a stream that never goes quiet, not only on one that does.
+    monkeypatch.setattr(serve_app, "POLL_S", 30.0)
     srv = make_server(_SlowEngine(Engine("tiny", dtype=torch.float32, device=DEVICE)), model_name="tiny",
                       request_timeout=1.0)
     thread = run_server(srv)

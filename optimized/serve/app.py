@@ -131,12 +131,14 @@ def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, crea
         """The next (choice index, message) of a job's tickets, ClientGone, or the timeout's ApiError."""
         while True:
             msg = await worker.next(box, POLL_S)
+            # The limit is checked on every wake-up: a request whose tokens keep arriving faster than
+            # POLL_S must still stop at its deadline (a GPU's steady stream never goes quiet).
+            if (late := timed_out(started)) is not None:
+                raise late
             if msg is not None:
                 return msg
             if await request.is_disconnected():
                 raise ClientGone()
-            if (late := timed_out(started)) is not None:
-                raise late
 
     def abort_all(tickets) -> None:
         for t in tickets:
@@ -171,10 +173,10 @@ def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, crea
                     yield _sse(api.role_chunk(job, ctx, i))
             while not choices.done:
                 msg = early.pop(0) if early else await worker.next(tickets[0], POLL_S)
+                if (late := timed_out(choices.started)) is not None:  # on every wake-up, as above
+                    yield _sse(late.body())  # in band; `finally` aborts, [DONE] follows
+                    break
                 if msg is None:
-                    if (late := timed_out(choices.started)) is not None:
-                        yield _sse(late.body())  # in band; `finally` aborts, [DONE] follows
-                        break
                     continue
                 index, (kind, arg) = msg
                 if kind == "dead":  # engine failure or shutdown: say so, then end the stream properly
