@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,6 +54,48 @@ class CastOnRead(Mapping):
 
 class CheckpointError(ValueError):
     """A checkpoint is unreadable, incomplete, or does not fit its config."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """A part of a tensor: along dimension `dim`, the index ranges `spans`, concatenated in order
+    (one range for most tensor-parallel shards, two for a stacked [gate; up] one).
+
+    It says which elements, not why: the rule that gives a rank its Part of each weight lives in
+    optimized/parallel.py (`shard_part`). The same Part is cut from a tensor in memory (`take`)
+    and read from a checkpoint file (`load_weights(part=...)`), so both give the same elements."""
+
+    dim: int
+    spans: tuple[range, ...]
+
+    def shape(self, whole: tuple[int, ...]) -> tuple[int, ...]:
+        """The part's shape, for a whole tensor of shape `whole`."""
+        if not 0 <= self.dim < len(whole):
+            raise ValueError(f"part along dim {self.dim} of a {len(whole)}-d tensor")
+        for r in self.spans:
+            if r.step != 1 or not 0 <= r.start <= r.stop <= whole[self.dim]:
+                raise ValueError(f"part span {r} outside dim {self.dim} of size {whole[self.dim]}")
+        return tuple(sum(map(len, self.spans)) if d == self.dim else n for d, n in enumerate(whole))
+
+    def fill(self, whole: tuple[int, ...], read: Callable[[tuple[slice, ...]], torch.Tensor],
+             dtype: torch.dtype, device) -> torch.Tensor:
+        """A new tensor (dtype, device) holding the part: `read(index)` returns the whole tensor's
+        elements at `index` (one span's slices), and each span is copied in (cast and moved) as it
+        is read, so beside the result at most one span's elements exist at a time."""
+        out = torch.empty(self.shape(tuple(whole)), dtype=dtype, device=device)
+        at = 0
+        for r in self.spans:
+            out.narrow(self.dim, at, len(r)).copy_(read((slice(None),) * self.dim + (slice(r.start, r.stop),)))
+            at += len(r)
+        return out
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """The part of `t`, copied out (same dtype and device), so `t` can be freed."""
+        return self.fill(tuple(t.shape), t.__getitem__, t.dtype, t.device)
+
+
+# part(name, whole shape) -> the Part of that tensor to keep, or None to keep it whole.
+PartOf = Callable[[str, tuple[int, ...]], Part | None]
 
 
 def expected_shapes(cfg: Gemma4Config) -> dict[str, tuple[int, ...]]:
@@ -188,20 +231,28 @@ def init_gain(cfg: Gemma4Config, name: str, init: str) -> float:
 
 
 def random_weights(cfg: Gemma4Config, seed: int = 0, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu", init: str | None = None) -> Weights:
+                   device: str | torch.device = "cpu", init: str | None = None, part: PartOf | None = None
+                   ) -> Weights:
     """Seeded random weights. Each tensor draws from its own generator seeded by (seed, name), so a
     tensor does not change when others are added. The same seed gives the same weights on the same
     device type. On the meta device nothing is allocated (for sizing real shapes).
 
     `init` ("unit" or "checkpoint", see INIT_STYLES; default: `default_init(cfg)`) picks the
-    gains: the two styles draw the same numbers and differ only in a few per-tensor constants."""
+    gains: the two styles draw the same numbers and differ only in a few per-tensor constants.
+
+    `part` (a tensor-parallel rank's, optimized/parallel.py): keep only `part(name, shape)` of
+    each tensor (whole where it says None). Each tensor is still drawn whole, on `device`, with
+    the generator the unsharded draw uses (a CPU and a CUDA generator draw different numbers, so
+    drawing elsewhere would change the model), and its part is cut out before the next tensor is
+    drawn: beside the parts, one whole tensor (float32) exists at a time."""
     device = torch.device(device)
     init = default_init(cfg) if init is None else init
     out: Weights = {}
     for name, shape in expected_shapes(cfg).items():
         gain = init_gain(cfg, name, init)
+        keep = None if part is None else part(name, tuple(shape))
         if device.type == "meta":
-            out[name] = torch.empty(shape, dtype=dtype, device=device)
+            out[name] = torch.empty(shape if keep is None else keep.shape(shape), dtype=dtype, device=device)
             continue
         gen = torch.Generator(device=device).manual_seed(_tensor_seed(seed, name))
         t = torch.empty(shape, dtype=torch.float32, device=device)
@@ -219,6 +270,8 @@ def random_weights(cfg: Gemma4Config, seed: int = 0, dtype: torch.dtype = torch.
         else:
             fan_in = shape[-1]
             t.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=gen)
+        if keep is not None:
+            t = keep.take(t)
         out[name] = t.to(dtype)
     return out
 
@@ -257,12 +310,18 @@ def _text_key(key: str) -> str | None:
 
 
 def load_weights(path: str | Path, cfg: Gemma4Config, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> Weights:
+                 device: str | torch.device = "cpu", part: PartOf | None = None) -> Weights:
     """Read the text decoder's tensors from a checkpoint directory.
 
     Tensors are memory-mapped and moved (or cast) once: no second copy is held. Vision/audio
     towers, a tied `lm_head.weight` and the unused K/V tensors of KV-shared layers are skipped.
-    A missing, unexpected or mis-shaped tensor raises CheckpointError naming it."""
+    A missing, unexpected or mis-shaped tensor raises CheckpointError naming it.
+
+    `part` (a tensor-parallel rank's, optimized/parallel.py): read only `part(name, shape)` of
+    each tensor (whole, as without `part`, where it says None). A part is read span by span
+    through safetensors' `get_slice` (a view of the memory-mapped file: only the span's bytes
+    are read), cast and copied into a fresh tensor on `device`, so neither the host nor the
+    device ever holds the whole of a tensor that is cut."""
     path = Path(path)
     want = expected_shapes(cfg)
     shared_unused = {f"layers.{s.index}.{n}" for s in cfg.layers if s.kv_shared for n in SHARED_LAYER_UNUSED}
@@ -284,7 +343,11 @@ def load_weights(path: str | Path, cfg: Gemma4Config, dtype: torch.dtype = torch
                     if shape != want[name]:
                         raise CheckpointError(
                             f"{file.name}: tensor {key!r} has shape {list(shape)}, config expects {list(want[name])}")
-                    out[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+                    keep = None if part is None else part(name, shape)
+                    if keep is not None:
+                        out[name] = keep.fill(shape, f.get_slice(key).__getitem__, dtype, device)
+                    else:
+                        out[name] = f.get_tensor(key).to(device=device, dtype=dtype)
         except SafetensorError as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
         except OSError as e:
@@ -327,16 +390,26 @@ def save_checkpoint(path: str | Path, cfg: Gemma4Config, weights: Weights) -> No
     write_atomic(path / "config.json", json.dumps(cfg_dict, indent=2))
 
 
-def resolve(path_or_preset, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0):
-    """(config, weights) from a preset name (seeded random weights), a checkpoint directory, or a
-    Gemma4Config (seeded random weights)."""
+def resolve_config(path_or_preset) -> Gemma4Config:
+    """The config `resolve` would return, without touching any weights."""
     if isinstance(path_or_preset, Gemma4Config):
-        return path_or_preset, random_weights(path_or_preset, seed, dtype, device)
+        return path_or_preset
     name = str(path_or_preset)
     if name in PRESETS:
-        return PRESETS[name], random_weights(PRESETS[name], seed, dtype, device)
+        return PRESETS[name]
     path = Path(name)
     if not path.exists():
         raise CheckpointError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint directory")
-    cfg = load_config(path)
-    return cfg, load_weights(path, cfg, dtype, device)
+    return load_config(path)
+
+
+def resolve(path_or_preset, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
+            part: Callable[[Gemma4Config], PartOf] | None = None):
+    """(config, weights) from a preset name (seeded random weights), a checkpoint directory, or a
+    Gemma4Config (seeded random weights). `part(config)`: the PartOf that says which part of each
+    tensor to keep (random_weights, load_weights); None keeps every tensor whole."""
+    cfg = resolve_config(path_or_preset)
+    keep = None if part is None else part(cfg)
+    if isinstance(path_or_preset, Gemma4Config) or str(path_or_preset) in PRESETS:
+        return cfg, random_weights(cfg, seed, dtype, device, part=keep)
+    return cfg, load_weights(Path(str(path_or_preset)), cfg, dtype, device, part=keep)
