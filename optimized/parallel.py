@@ -25,6 +25,11 @@ A rank's model is the unsharded forward on a `shard_config` (the local head coun
 so the paged model only calls `all_reduce` at the two places per layer the math needs it; the
 KV pools are sized by the same config, holding the local KV heads only.
 
+`shard_part` states the rules tensor by tensor (which part of a whole weight a rank holds);
+`shard_weights` cuts in-memory tensors by it and `load_shard` reads only those parts of a
+checkpoint, so a rank never holds a whole sharded tensor (`load_shard` says what a rank holds
+for each kind of source).
+
 Under the oracle, `gathering_sink` turns the sharded taps back into the canonical layout (heads
 concatenated in head order, replicated KV heads once, gate|up as [all gate; all up]) on every
 rank, so a capture of a sharded run compares with the unsharded reference unchanged.
@@ -37,14 +42,16 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from reference.config import ConfigError, Gemma4Config
+from reference.weights import Part, resolve_config
+from reference.weights import resolve as resolve_weights
 
-from .model import TapSink
+from .model import TapSink, share_projection_storage
 
 # Taps whose tensors a rank holds a slice of; every other tap is replicated (identical on all ranks).
 HEAD_TAPS = ("q", "o")
@@ -217,50 +224,108 @@ def shard_config(config: Gemma4Config, world: int) -> Gemma4Config:
     return dataclasses.replace(config, **changes)
 
 
+def shard_part(config: Gemma4Config, name: str, rank: int, world: int) -> Part | None:
+    """The part of the whole tensor `name` that rank `rank` of `world` holds, or None where the
+    rank holds it whole (replicated, or nothing to cut at world size 1).
+
+    The one statement of the sharding rules: `shard_weights` cuts tensors in memory by it, and
+    `load_shard` reads a checkpoint's slices and keeps a random draw's by it, so every path
+    gives a rank the same elements (and a fault patched in here reaches them all). Assumes
+    check_shardable(config, world) passed."""
+    if world == 1 or not name.startswith("layers."):
+        return None
+    _, layer, rest = name.split(".", 2)
+    spec = config.layers[int(layer)]
+    q = _head_span(_even(config.num_attention_heads, rank, world), spec.head_dim)
+    width = _even(spec.mlp_width, rank, world)
+    if rest == "self_attn.q_proj.weight":
+        return Part(0, (q,))
+    if rest == "self_attn.o_proj.weight":
+        return Part(1, (q,))
+    if rest in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+        return Part(0, (_head_span(kv_heads(spec.num_kv_heads, rank, world), spec.head_dim),))
+    if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+        return Part(0, (width,))
+    if rest == "mlp.down_proj.weight":
+        return Part(1, (width,))
+    if rest in ("experts.gate_up_proj", "experts.down_proj"):
+        Im = config.moe_intermediate_size
+        inter = _even(Im, rank, world)
+        if rest == "experts.down_proj":  # [E, H, Im]
+            return Part(2, (inter,))
+        return Part(1, (inter, range(Im + inter.start, Im + inter.stop)))  # [E, 2 Im, H]: gate rows, then up rows
+    return None
+
+
 def shard_weights(config: Gemma4Config, weights: dict[str, torch.Tensor], rank: int, world: int
                   ) -> dict[str, torch.Tensor]:
-    """Rank `rank`'s weights: the same names, sharded tensors copied out (so the full ones can
-    be freed), replicated tensors shared. World size 1 returns `weights` itself."""
+    """Rank `rank`'s weights, cut from whole tensors in memory by `shard_part`: the same names,
+    sharded tensors copied out (so the whole ones can be freed), replicated tensors shared.
+    Where nothing is cut (world size 1) it returns `weights` itself."""
     check_shardable(config, world)
     if not 0 <= rank < world:
         raise ValueError(f"rank must lie in [0, {world}), got {rank}")
-    if world == 1:
+    parts = {name: shard_part(config, name, rank, world) for name in weights}
+    if all(p is None for p in parts.values()):
         return weights
-    out = dict(weights)
-    Hq = config.num_attention_heads
-    q_heads = range(rank * Hq // world, (rank + 1) * Hq // world)
-    for spec in config.layers:
-        p = f"layers.{spec.index}."
-        a = p + "self_attn."
-        hd = spec.head_dim
-        out[a + "q_proj.weight"] = _rows(weights[a + "q_proj.weight"], _head_span(q_heads, hd))
-        out[a + "o_proj.weight"] = _cols(weights[a + "o_proj.weight"], _head_span(q_heads, hd))
-        if not spec.kv_shared:
-            kv = _head_span(kv_heads(spec.num_kv_heads, rank, world), hd)
-            out[a + "k_proj.weight"] = _rows(weights[a + "k_proj.weight"], kv)
-            if spec.has_v_proj:
-                out[a + "v_proj.weight"] = _rows(weights[a + "v_proj.weight"], kv)
-        width = _even(spec.mlp_width, rank, world)
-        out[p + "mlp.gate_proj.weight"] = _rows(weights[p + "mlp.gate_proj.weight"], width)
-        out[p + "mlp.up_proj.weight"] = _rows(weights[p + "mlp.up_proj.weight"], width)
-        out[p + "mlp.down_proj.weight"] = _cols(weights[p + "mlp.down_proj.weight"], width)
-        if config.enable_moe_block:
-            Im = config.moe_intermediate_size
-            inter = _even(Im, rank, world)
-            gate_up = weights[p + "experts.gate_up_proj"]  # [E, 2 Im, H]: gate rows, then up rows
-            out[p + "experts.gate_up_proj"] = torch.cat(
-                [gate_up[:, inter.start:inter.stop], gate_up[:, Im + inter.start:Im + inter.stop]], dim=1)
-            out[p + "experts.down_proj"] = weights[p + "experts.down_proj"][:, :, inter.start:inter.stop].clone()
-    return out
+    return {name: t if parts[name] is None else parts[name].take(t) for name, t in weights.items()}
 
 
-def shard(config: Gemma4Config, weights: dict[str, torch.Tensor], tp: TensorParallel | None
-          ) -> tuple[Gemma4Config, dict[str, torch.Tensor]]:
-    """(shard config, shard weights) of this rank; without tp, the whole model as one rank's
-    shard (the same dict: nothing is copied). Every engine goes through here, so a fault in
-    `shard_weights` reaches unsharded runs too."""
+@dataclass(frozen=True)
+class Shard:
+    """What one rank holds of a model (`load_shard`): the whole model's config, its own shard's
+    config (local head counts and widths) and its shard's weights, on its device."""
+
+    config: Gemma4Config
+    shard_config: Gemma4Config
+    weights: dict[str, torch.Tensor]
+    rank: int = 0
+    world: int = 1
+
+
+def load_shard(source, dtype: torch.dtype, device, tp: TensorParallel | None, *, seed: int = 0,
+               weights: dict[str, torch.Tensor] | Shard | None = None,
+               check: Callable[[Gemma4Config], None] | None = None) -> Shard:
+    """This rank's shard of a model, on `device` in `dtype` (the whole model without tp).
+
+    What a rank holds, by source:
+    - a checkpoint directory: only its slices. Each sharded tensor is read slice by slice from
+      the memory-mapped safetensors file (`shard_part` says which), cast, and copied to the
+      device; replicated tensors are read whole. Neither the host nor the device ever holds the
+      whole of a sharded tensor.
+    - a preset or a Gemma4Config (seeded random weights): each tensor is drawn whole on `device`
+      with the unsharded draw's generator, its part kept and the rest freed before the next is
+      drawn (reference.weights.random_weights), so at most one whole tensor exists beside the
+      shard. Drawing on the device keeps the numbers those of the unsharded model on that device
+      type (a CPU and a CUDA generator differ): every rank and the unsharded reference that
+      `check --tp` judges against see one model.
+    - `weights`, whole tensors in memory (tests sharing them with the reference, the oracle's
+      rank 0): cut by `shard_weights` where they lie, then moved. The caller holds the whole.
+    - `weights`, a Shard (the Runner's, for each run's engine): used as it is.
+    Under tp a shard's q/k/v and gate/up are views into one stacked matrix per group
+    (share_projection_storage), so the paged model's fused projections copy nothing: a rank
+    holds each weight once. `check(config)` runs before any weight is read."""
     rank, world = (0, 1) if tp is None else (tp.rank, tp.world)
-    return shard_config(config, world), shard_weights(config, weights, rank, world)
+    if isinstance(weights, Shard):
+        if (weights.rank, weights.world) != (rank, world):
+            raise ValueError(f"a shard of rank {weights.rank} of {weights.world} given to rank {rank} of {world}")
+        if check is not None:
+            check(weights.config)
+        moved = {k: v.to(device=device, dtype=dtype) for k, v in weights.weights.items()}
+        return dataclasses.replace(weights, weights=moved)
+    config = source if weights is not None else resolve_config(source)
+    if check is not None:
+        check(config)
+    local = shard_config(config, world)  # refuses a world that does not split the model
+    if weights is not None:
+        cut = shard_weights(config, weights, rank, world)
+        w = {k: v.to(device=device, dtype=dtype) for k, v in cut.items()}
+    else:
+        _, w = resolve_weights(source, dtype, device, seed,
+                               part=lambda cfg: lambda name, _shape: shard_part(cfg, name, rank, world))
+    if world > 1:
+        w = share_projection_storage(local, w)
+    return Shard(config, local, w, rank, world)
 
 
 def _head_span(heads: range, head_dim: int) -> range:
@@ -269,14 +334,6 @@ def _head_span(heads: range, head_dim: int) -> range:
 
 def _even(n: int, rank: int, world: int) -> range:
     return range(rank * n // world, (rank + 1) * n // world)
-
-
-def _rows(w: torch.Tensor, span: range) -> torch.Tensor:
-    return w[span.start:span.stop].clone()
-
-
-def _cols(w: torch.Tensor, span: range) -> torch.Tensor:
-    return w[:, span.start:span.stop].contiguous().clone()
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from reference.config import Gemma4Config
-from reference.weights import resolve
 
 from . import parallel
 from .engine import Engine, SamplingParams
@@ -59,9 +58,13 @@ class Runner:
         most requests running at once). graphs: the engine's decode graphs (None: where the
         device can capture them; "static": their padded static batch, run eagerly). tp: tensor
         parallelism (optimized/parallel.py): a TensorParallel or a world size to join; every rank
-        makes the same Runner and the same calls, and each run's engine holds this rank's shard
-        (the Runner keeps the whole weights it builds engines from); results and taps are the
-        same, unsharded, on every rank."""
+        makes the same Runner and the same calls; results and taps are the same, unsharded, on
+        every rank.
+
+        What the Runner holds (`shard`): this rank's shard of the weights, on its device, which
+        every run's engine uses as it is (its KV pools are each run's). From a checkpoint only
+        the rank's slices are read; `weights` (whole tensors the caller holds) are cut once here
+        and the Runner keeps only the cut (parallel.load_shard)."""
         for name, v in (("page_size", page_size), ("chunk_size", chunk_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -75,11 +78,9 @@ class Runner:
             self.device = self.tp.device
         else:
             self.device = torch.device(device) if device is not None else default_device()
-        if weights is not None:
-            self.config = path_or_preset
-            self.weights = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
-        else:
-            self.config, self.weights = resolve(path_or_preset, dtype, self.device, seed)
+        # What this rank holds, once (parallel.load_shard); every run's engine uses it as it is.
+        self.shard = parallel.load_shard(path_or_preset, dtype, self.device, self.tp, seed=seed, weights=weights)
+        self.config = self.shard.config
         self.dtype, self.page_size, self.chunk_size = dtype, page_size, chunk_size
         self.num_pages, self.page_order_seed = num_pages, page_order_seed
         self.token_budget, self.max_requests, self.graphs = token_budget, max_requests, graphs
@@ -142,7 +143,7 @@ class Runner:
         every request's pages, an SWA pool by the one sizing rule at each request's longest chunk."""
         W, ps = self.config.sliding_window, self.page_size
         swa = sum(swa_pages_per_request(W, ps, t, max(s) if s else self.chunk_size) for s, t in zip(splits, totals))
-        return Engine(self.config, weights=self.weights, dtype=self.dtype, device=self.device, page_size=ps,
+        return Engine(self.config, weights=self.shard, dtype=self.dtype, device=self.device, page_size=ps,
                       chunk_size=self.chunk_size, num_pages=num_pages, num_swa_pages=swa + 1,
                       max_requests=self.max_requests or len(totals), max_context=max(totals),
                       token_budget=self.token_budget, fused=self.fused, graphs=self.graphs,

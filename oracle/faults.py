@@ -44,6 +44,7 @@ import optimized.ops
 import optimized.parallel
 from optimized.memory import KVCache, ceil_div
 from optimized.model import PagedGemma4
+from reference.weights import Part
 
 from .scenario import Scenario, from_dict
 
@@ -253,21 +254,17 @@ def _no_softcap(_softcap: Callable) -> Callable:
     return lambda logits, cap: logits
 
 
-def _last_rank_o_proj_one_head_late(shard_weights: Callable) -> Callable:
-    """The last rank's o_proj columns start one query head late (wrapping past the last head)."""
-    def wrapper(config, weights, rank, world):
-        out = dict(shard_weights(config, weights, rank, world))
-        if rank != world - 1:
-            return out
+def _last_rank_o_proj_one_head_late(shard_part: Callable) -> Callable:
+    """The last rank's o_proj columns start one query head late (wrapping past the last head):
+    heads r*n+1 .. Hq-1, then head 0. Patched into the rule itself, so shards cut in memory and
+    shards read from a checkpoint both carry it."""
+    def wrapper(config, name, rank, world):
+        if rank != world - 1 or not name.endswith("self_attn.o_proj.weight"):
+            return shard_part(config, name, rank, world)
         Hq = config.num_attention_heads
-        n = Hq // world
-        for spec in config.layers:
-            key = f"layers.{spec.index}.self_attn.o_proj.weight"
-            hd = spec.head_dim
-            heads = [(h + 1) % Hq for h in range(rank * n, rank * n + n)]
-            cols = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads]).to(weights[key].device)
-            out[key] = weights[key][:, cols].contiguous()
-        return out
+        first = rank * (Hq // world) + 1
+        hd = config.layers[int(name.split(".")[1])].head_dim
+        return Part(1, (range(first * hd, Hq * hd), range(0, hd)))
 
     return wrapper
 
@@ -476,11 +473,12 @@ FAULTS: dict[str, Fault] = _registry(
         "wrongly (a head count off by one, a replicated KV head's offset used for the query heads) "
         "the rank multiplies its heads' attention output by another head's columns. Here the last "
         "rank's o_proj columns start one head late, wrapping past the last head "
-        "(optimized/parallel.shard_weights); the other ranks' shards are right. Each rank's own "
+        "(optimized/parallel.shard_part, the rule both the in-memory cut and the checkpoint reader "
+        "use); the other ranks' shards are right. Each rank's own "
         "q/k/v/o hold, and the all-reduced attention output is wrong from layer 0 on. Without tensor "
         "parallelism the one rank is the last: the whole o_proj is one head off, at the same tap.",
         "layers.0.attn_out",
-        (Patch(optimized.parallel, "shard_weights", _last_rank_o_proj_one_head_late),),
+        (Patch(optimized.parallel, "shard_part", _last_rank_o_proj_one_head_late),),
         CHUNKED,
     ),
 )

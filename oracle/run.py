@@ -28,7 +28,7 @@ from optimized.model import share_projection_storage
 from optimized.parallel import TensorParallel
 from optimized.runner import Runner
 from reference import Gemma4Reference, resolve
-from reference.weights import CastOnRead
+from reference.weights import CastOnRead, resolve_config
 
 from .capture import Capture, CaptureBuilder, capture_metadata, git_revision, package_versions
 from .compare import Comparison, compare
@@ -86,19 +86,26 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
     `tp`: the optimized path runs sharded (optimized/parallel.py); every rank calls this with
     the same arguments. Rank 0 runs the reference, hands its teacher tokens to the other ranks,
     receives the taps in the unsharded layout and judges as without tp; the other ranks run
-    their shard only and return None."""
+    their shard only and return None. Memory: rank 0 holds the whole model, because the
+    reference and the truth (cast on read from it) are unsharded, plus its Runner's shard cut
+    from it; the other ranks hold only their shard, which their Runner reads from the
+    checkpoint's slices or draws on their device as rank 0 drew the whole (parallel.load_shard),
+    unless `weights` hands every rank the whole model."""
     for name in faults:
         get_fault(name)  # an unknown name fails before any work
     m = scenario.model
     lead = tp is None or tp.rank == 0  # the rank that runs the reference and judges
     if decode_graphs is None:
         decode_graphs = engine_graphs(scenario.engine.decode, m.device)
-    if weights is None:
-        cfg, weights = resolve(m.source, dtype=scenario.dtype, device=m.device, seed=m.seed)
-    else:
+    if weights is not None:
         cfg, weights = weights
-    # The reference reads q/k/v and gate/up, the paged model their stacks: one copy serves both.
-    weights = share_projection_storage(cfg, weights)
+    elif lead:
+        cfg, weights = resolve(m.source, dtype=scenario.dtype, device=m.device, seed=m.seed)
+    else:  # no reference here: this rank's Runner reads (or draws) its shard alone
+        cfg = resolve_config(m.source)
+    if weights is not None:
+        # The reference reads q/k/v and gate/up, the paged model their stacks: one copy serves both.
+        weights = share_projection_storage(cfg, weights)
     prompts = scenario.prompts(cfg.vocab_size)
     ids = [r.id for r in scenario.requests]
     if lead:
@@ -116,8 +123,9 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
                                               scenario=scenario.to_dict()))
     index = {r.id: i for i, r in enumerate(scenario.requests)}
     sharded = {} if tp is None else {"tp": tp}  # a test's runner_factory need not know tp
+    model = (cfg, {"weights": weights}) if weights is not None else (m.source, {"seed": m.seed})
     with inject_all(faults):
-        runner = runner_factory(cfg, weights=weights, dtype=scenario.dtype, device=m.device,
+        runner = runner_factory(model[0], **model[1], dtype=scenario.dtype, device=m.device,
                                 page_size=e.page_size, chunk_size=e.chunk_size, num_pages=e.num_pages,
                                 page_order_seed=e.page_order_seed, token_budget=e.token_budget,
                                 max_requests=e.max_requests, graphs=decode_graphs, **sharded)

@@ -12,6 +12,8 @@ unsharded engine (world size 1) and the reference.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from datetime import timedelta
 
@@ -19,9 +21,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import reference.weights
 from oracle.cli import main
-from oracle.faults import FAULTS
+from oracle.faults import FAULTS, inject
 from optimized import parallel
+from optimized.engine import Engine
 from optimized.runner import Runner
 from reference import Gemma4Reference, resolve
 from reference.config import ConfigError
@@ -120,15 +124,163 @@ def test_cli_tp_refuses_without_torchrun_and_names_a_world_size_that_does_not_sp
 
 
 # --------------------------------------------------------------------------------------------
+# A rank loads only its shard (parallel.load_shard), in one process: loading needs no group
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """Each test architecture as transformers writes it: bfloat16 (so loading casts), in several
+    safetensors files under an index (so a rank's slices come from several files)."""
+    pytest.importorskip("transformers")
+    from tests.hf_checkpoints import hf_causal_lm
+
+    root = tmp_path_factory.mktemp("tp-checkpoints")
+    paths = {}
+    for i, preset in enumerate(TEST_PRESETS):
+        paths[preset] = str(root / preset)
+        hf_causal_lm(PRESETS[preset], torch.bfloat16, seed=20 + i).save_pretrained(paths[preset], max_shard_size="100KB")
+    return paths
+
+
+def _cpu_rank(rank: int, world: int) -> parallel.TensorParallel:
+    return parallel.TensorParallel(rank, world, torch.device("cpu"))
+
+
+def _held_bytes(*dicts) -> int:
+    """The bytes of every distinct storage the tensors in `dicts` keep alive."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for d in dicts for t in d.values()}.values())
+
+
+def _shard_bytes(cfg, world: int, dtype=torch.float32) -> int:
+    shapes = expected_shapes(parallel.shard_config(cfg, world))
+    return sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("source", ["checkpoint", "preset"])
+@pytest.mark.parametrize("preset", TEST_PRESETS)
+def test_each_rank_s_engine_holds_exactly_its_shard(checkpoints, preset, source, world):
+    """A rank's engine built from a checkpoint (slices read) or a preset (drawn tensor by tensor)
+    holds the very elements `shard_weights` cuts from the whole model, and each weight once:
+    the weights and the fused q/k/v and gate/up stacks together take the shard's bytes, no more.
+    Over the ranks a split tensor adds up to the whole; a replicated one is whole on each."""
+    path = checkpoints[preset] if source == "checkpoint" else preset
+    cfg, whole = resolve(path, torch.float32, "cpu", 0)
+    want = expected_shapes(parallel.shard_config(cfg, world))
+    held = []
+    for rank in range(world):
+        engine = Engine(path, device="cpu", fused=False, max_requests=1, max_context=16, tp=_cpu_rank(rank, world))
+        w = engine.model.w
+        assert {k: tuple(v.shape) for k, v in w.items()} == want
+        cut = parallel.shard_weights(cfg, whole, rank, world)
+        for name in want:
+            assert torch.equal(w[name], cut[name]), f"rank {rank}: {name} differs from the in-memory cut"
+        assert _held_bytes(w, engine.model.fw) == _shard_bytes(cfg, world)
+        held.append({k: v.numel() for k, v in w.items()})
+    for name, shape in expected_shapes(cfg).items():
+        total, per_rank = math.prod(shape), [h[name] for h in held]
+        if parallel.shard_part(cfg, name, 0, world) is None:
+            assert per_rank == [total] * world, name
+        else:
+            layer = cfg.layers[int(name.split(".")[1])]
+            kv = name.endswith(("k_proj.weight", "v_proj.weight"))
+            replicas = max(1, world // layer.num_kv_heads) if kv else 1  # a KV head on world / Hkv ranks
+            assert sum(per_rank) == total * replicas, name
+
+
+@contextlib.contextmanager
+def _recording_reads(monkeypatch):
+    """reference.weights.safe_open, recording (checkpoint key, how, shape) for every tensor a
+    read returns: `get_tensor` (whole) or an index into `get_slice` (a slice)."""
+    reads, real = [], reference.weights.safe_open
+
+    class Slice:
+        def __init__(self, inner, key):
+            self.inner, self.key = inner, key
+
+        def get_shape(self):
+            return self.inner.get_shape()
+
+        def __getitem__(self, index):
+            t = self.inner[index]
+            reads.append((self.key, "slice", tuple(t.shape)))
+            return t
+
+    class File:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_slice(self, key):
+            return Slice(self.inner.get_slice(key), key)
+
+        def get_tensor(self, key):
+            t = self.inner.get_tensor(key)
+            reads.append((key, "whole", tuple(t.shape)))
+            return t
+
+    @contextlib.contextmanager
+    def recording_open(*args, **kwargs):
+        with real(*args, **kwargs) as f:
+            yield File(f)
+
+    monkeypatch.setattr(reference.weights, "safe_open", recording_open)
+    yield reads
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("preset", TEST_PRESETS)
+def test_the_loader_never_reads_a_whole_sharded_tensor(checkpoints, preset, world, monkeypatch):
+    """Every read of a sharded tensor returns one span of the rank's part (never the whole
+    tensor, unless the part is all of it: a lone KV head replicated on every rank); replicated
+    tensors are read whole, once."""
+    cfg = reference.weights.load_config(checkpoints[preset])
+    shapes = expected_shapes(cfg)
+    for rank in range(world):
+        with _recording_reads(monkeypatch) as reads:
+            parallel.load_shard(checkpoints[preset], torch.float32, "cpu", _cpu_rank(rank, world))
+        by_name = {}
+        for key, how, shape in reads:
+            by_name.setdefault(key.removeprefix("model."), []).append((how, shape))
+        assert set(by_name) == set(shapes)
+        for name, got in by_name.items():
+            part = parallel.shard_part(cfg, name, rank, world)
+            if part is None:
+                assert got == [("whole", shapes[name])], name
+                continue
+            span_shapes = [tuple(len(r) if d == part.dim else n for d, n in enumerate(shapes[name]))
+                           for r in part.spans]
+            assert got == [("slice", s) for s in span_shapes], f"rank {rank}: {name} read as {got}"
+
+
+def test_the_shard_fault_reaches_shards_read_from_a_checkpoint(checkpoints):
+    """The fault patches the one rule (shard_part), so a rank reading its slices carries it too."""
+    path = checkpoints["tiny"]
+    cfg, whole = resolve(path, torch.float32, "cpu", 0)
+    o, hd = whole["layers.0.self_attn.o_proj.weight"], cfg.layers[0].head_dim  # 4 query heads
+    with inject(FAULT):
+        first, last = (parallel.load_shard(path, torch.float32, "cpu", _cpu_rank(r, 2)).weights
+                       ["layers.0.self_attn.o_proj.weight"] for r in (0, 1))
+    assert torch.equal(first, o[:, :2 * hd])
+    assert torch.equal(last, torch.cat([o[:, 3 * hd:], o[:, :hd]], 1))  # heads 3, 0 instead of 2, 3
+    clean = parallel.load_shard(path, torch.float32, "cpu", _cpu_rank(1, 2)).weights
+    assert torch.equal(clean["layers.0.self_attn.o_proj.weight"], o[:, 2 * hd:])
+
+
+# --------------------------------------------------------------------------------------------
 # Sharded runs over gloo
 # --------------------------------------------------------------------------------------------
 
 
 def _rank_main(rank: int, world: int, rendezvous: str, out: str, presets: tuple[str, ...], oracle: bool,
-               clean: bool) -> None:
-    """One rank: the sharded engine on every preset, then (with `oracle`) the shard fault's scenario
-    under the oracle with the fault injected, and (with `clean`) without it. Rank 0 saves what it
-    saw to `out`."""
+               clean: bool, model: str) -> None:
+    """One rank: the sharded engine on every preset (or checkpoint directory), then (with `oracle`)
+    the shard fault's scenario on `model` under the oracle with the fault injected, and (with
+    `clean`) without it. Rank 0 saves what it saw to `out`, with every rank's held bytes."""
     import torch.distributed as dist
 
     from oracle.run import run_scenario
@@ -145,11 +297,13 @@ def _rank_main(rank: int, world: int, rendezvous: str, out: str, presets: tuple[
             "tokens": [r.tokens for r in results], "logits": [r.logits for r in results],
             "pool_heads": {s.index: engine.cache.buffers(s)[0].shape[1] for s in cfg.layers},
             "q_rows": engine.model.w["layers.0.self_attn.q_proj.weight"].shape[0],
+            # What the Runner and its engine keep alive, per rank: the shard, once.
+            "held": _gather(_held_bytes(runner.shard.weights, engine.model.w, engine.model.fw)),
         }
     if oracle:
         fault = FAULTS[FAULT]
-        faulty = run_scenario(fault.scenario(), faults=[fault.name], tp=tp)
-        held = run_scenario(fault.scenario(), tp=tp) if clean else None
+        faulty = run_scenario(fault.scenario(model), faults=[fault.name], tp=tp)
+        held = run_scenario(fault.scenario(model), tp=tp) if clean else None
         if rank == 0:
             first = faulty.comparison.first_divergence
             seen["oracle"] = {"fault_tap": None if first is None else first.tap,
@@ -162,10 +316,19 @@ def _rank_main(rank: int, world: int, rendezvous: str, out: str, presets: tuple[
     dist.destroy_process_group()
 
 
-def _spawn(world: int, tmp_path, presets=TEST_PRESETS, oracle: bool = True, clean: bool = False) -> dict:
+def _gather(obj) -> list:
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _spawn(world: int, tmp_path, presets=TEST_PRESETS, oracle: bool = True, clean: bool = False,
+           model: str = "tiny") -> dict:
     out = str(tmp_path / "rank0.pt")
     rendezvous = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_rank_main, args=(world, rendezvous, out, presets, oracle, clean), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(world, rendezvous, out, presets, oracle, clean, model), nprocs=world, join=True)
     return torch.load(out)
 
 
@@ -186,6 +349,7 @@ def _check_against_world_one_and_reference(seen: dict, world: int) -> None:
         for spec in cfg.layers:  # each pool holds the rank's KV heads only
             assert got["pool_heads"][spec.index] == len(parallel.kv_heads(spec.num_kv_heads, 0, world))
         assert got["q_rows"] == cfg.num_attention_heads // world * cfg.layers[0].head_dim
+        assert got["held"] == [_shard_bytes(cfg, world)] * world, f"{preset}: a rank holds more than its shard"
 
 
 # The ranks here run on the CPU over gloo (CI's machine). On a GPU machine Triton compiles the
@@ -206,6 +370,16 @@ def _check_oracle(seen: dict) -> None:
 @cpu_ranks
 def test_world_size_2_matches_world_size_1_and_the_reference_and_the_oracle_localizes_a_shard_fault(tmp_path):
     seen = _spawn(2, tmp_path)
+    _check_against_world_one_and_reference(seen, 2)
+    _check_oracle(seen)
+
+
+@cpu_ranks
+def test_world_size_2_from_checkpoints_reads_its_slices_and_matches_world_size_1_and_the_oracle(tmp_path, checkpoints):
+    """Each rank reads only its slices of a transformers checkpoint (the Runner, and the oracle's
+    other rank); greedy tokens equal world size 1's, logits the reference's, every rank holds its
+    shard's bytes, and `check --tp`'s judgement holds parity and localizes the shard fault."""
+    seen = _spawn(2, tmp_path, presets=tuple(checkpoints.values()), clean=True, model=checkpoints["tiny"])
     _check_against_world_one_and_reference(seen, 2)
     _check_oracle(seen)
 

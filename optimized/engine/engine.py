@@ -20,7 +20,6 @@ from typing import Callable
 import torch
 
 from reference.config import Gemma4Config
-from reference.weights import resolve
 
 from .. import ops, parallel
 from ..batch import ForwardBatch, build_batch
@@ -76,9 +75,10 @@ class Engine:
         of optimized/memory.py for max_requests such requests). token_budget: the most tokens one
         step may run (default: no limit beyond chunk_size per prefilling request). weights:
         tensors to use as they are, with path_or_preset then the Gemma4Config they belong to
-        (tests share them with the reference). graphs: replay decode steps from device graphs
-        (True insists, None where the device can, False never, "static": the graphs' padded
-        static batch run eagerly, which is how a CPU exercises that path). share_prefixes: a new
+        (tests share them with the reference), or a parallel.Shard (the Runner's). graphs:
+        replay decode steps from device graphs (True insists, None where the device can, False
+        never, "static": the graphs' padded static batch run eagerly, which is how a CPU
+        exercises that path). share_prefixes: a new
         request reuses the K/V of an identical prefix, from a running request or from the prefix
         cache of finished ones (optimized/engine/radix.py); False turns both off.
 
@@ -91,7 +91,8 @@ class Engine:
 
         tp: tensor parallelism (optimized/parallel.py), a TensorParallel or a world size to join
         (under torchrun): every rank builds an engine with the same arguments, holding its shard
-        of the weights and KV pools on the rank's device (tp's, not `device`); taps come out
+        of the weights (parallel.load_shard: from a checkpoint only its slices are read) and of
+        the KV pools on the rank's device (tp's, not `device`); taps come out
         in the unsharded layout on every rank. Decode graphs stay off unless graphs=True."""
         for name, v, low in (("page_size", page_size, 1), ("chunk_size", chunk_size, 1),
                              ("max_requests", max_requests, 1), ("num_pages", num_pages, 2),
@@ -107,15 +108,13 @@ class Engine:
             self.device = self.tp.device
         else:
             self.device = torch.device(device) if device is not None else default_device()
-        if weights is not None:
-            self.config = path_or_preset
-        else:
-            self.config, weights = resolve(path_or_preset, dtype, self.device, seed)
+        # This rank's shard (the whole model without tp) on the device: read or drawn slice by slice,
+        # or cut from `weights` (parallel.load_shard says what a rank holds). check_supported: a head
+        # size the kernels cannot run is a ConfigError naming the field, before any weight is read.
+        shard = parallel.load_shard(path_or_preset, dtype, self.device, self.tp, seed=seed, weights=weights,
+                                    check=check_supported)
+        self.config, shard_cfg, weights = shard.config, shard.shard_config, shard.weights
         cfg = self.config
-        check_supported(cfg)  # a head size the kernels cannot run: ConfigError naming the field, not a kernel's
-        # This rank's shard (the whole model without tp), moved to the device after it is cut.
-        shard_cfg, weights = parallel.shard(cfg, weights, self.tp)
-        weights = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
         self.max_context = max_context or min(cfg.max_position_embeddings, 4096)
         if self.max_context > cfg.max_position_embeddings:
             raise ValueError(f"max_context {self.max_context} exceeds the model's max_position_embeddings "
