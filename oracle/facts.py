@@ -323,6 +323,7 @@ class TapRow(_Judged):
     left_out: int
     local: Optional[LocalRow]
     distribution: Distribution = ABSENT  # the logits row only
+    distribution_unjudged: Distribution = ABSENT  # a MoE logits row with rows past routing ties: shown only
 
 
 @schema

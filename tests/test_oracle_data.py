@@ -775,3 +775,54 @@ def test_rows_past_a_near_tie_expert_choice_leave_the_global_judgement_causally(
     assert kept("logits") == ([0], 3)
     assert _clear_routing("layers.2.q", aligned, truth, torch.tensor([0, NO_TIE, NO_TIE, NO_TIE]))[0] is None
     assert _clear_routing("logits", aligned, truth, None) == (aligned, 0)  # models without experts
+
+
+def test_logits_past_routing_ties_are_shown_but_not_judged(tiny, truth, monkeypatch):
+    """A MoE model whose rows all sit past a near-tie expert choice (26b-a4b in bf16: 128 random
+    routers, every row from layer 0) still shows the candidate's next-token distributions against
+    the truth's beside the reference's, marked not judged; a row-level flip never fails them."""
+    import oracle.compare as compare_mod
+    from oracle.replay import NO_TIE
+    from oracle.report import distribution_view, render_report
+
+    class TiesFrom:  # the Replayer's routing_ties alone; no local judgement (inputs: None)
+        def __init__(self, first):
+            self.first = first
+
+        def routing_ties(self, truth, ref, dtype):
+            return self.first
+
+        def inputs(self, tap):
+            return None
+
+    config = tiny[0]
+    ref = capture_of(tiny, reference_taps(tiny, torch.bfloat16), torch.bfloat16, "reference")
+    cand_taps = {n: (t.double() * 1.01).to(torch.bfloat16) if n == "logits" else t
+                 for n, t in reference_taps(tiny, torch.bfloat16).items()}  # a 1% logit error: off budget
+    cand = capture_of(tiny, cand_taps, torch.bfloat16, "optimized")
+    all_tied = torch.zeros(T, dtype=torch.long)  # every row ties at layer 0
+    monkeypatch.setattr(compare_mod, "Replayer", lambda config, weights: TiesFrom(all_tied))
+    result = compare(truth, ref, cand, config, weights={})
+    req = result.to_dict()["requests"][0]
+    row = next(r for r in req["rows"] if r["tap"] == "logits")
+    assert row["status"] == "skipped" and row["left_out"] == T and "distribution" not in row
+    unjudged = row["distribution_unjudged"]
+    assert unjudged["candidate"]["positions"] == T and unjudged["reference"]["argmax_agreement"] is not None
+    view = distribution_view(req)
+    assert view["unjudged"] and view["left_out"] == T and view["positions"] == T
+    assert result.passed  # shown, never judged
+    assert f"logits not judged ({T} rows past near-tie expert choices); argmax agreement" in result.summary()
+
+    # Rows before the first tie stay judged: the judged verdict, not the unjudged one, is shown.
+    some = torch.full((T,), NO_TIE, dtype=torch.long)
+    some[T // 2] = 1
+    monkeypatch.setattr(compare_mod, "Replayer", lambda config, weights: TiesFrom(some))
+    req = compare(truth, ref, cand, config, weights={}).to_dict()["requests"][0]
+    row = next(r for r in req["rows"] if r["tap"] == "logits")
+    assert row["distribution"]["candidate"]["positions"] == T // 2
+    assert row["distribution_unjudged"]["candidate"]["positions"] == T
+    assert not distribution_view(req)["unjudged"]
+    html = render_report({"title": "t", "verdict": "parity", "summary": "", "scenarios": [
+        {"name": "moe", "passed": True, "scenario": {}, "layout": None, "comparison": result.to_dict()}],
+        "environment": {"device": "cpu", "dtype": "bfloat16", "versions": {}}, "command": "gemma4-testbed check"})
+    assert 'data-unjudged="true"' in html and "not judged" in html
