@@ -76,7 +76,7 @@ def build_batch(cache: KVCache, items: list[BatchItem]) -> ForwardBatch:
     cu_h = [0]
     for it in items:
         cu_h.append(cu_h[-1] + it.extend_len)
-    packed = _to_device(
+    packed = to_device(
         rows_h + [it.prefix_len for it in items] + [it.extend_len for it in items] + [it.seq_len for it in items]
         + cu_h + [p for it in items for p in range(it.prefix_len, it.seq_len)]
         + [r for r, it in zip(rows_h, items) for _ in range(it.extend_len)], dev)
@@ -93,10 +93,36 @@ def build_batch(cache: KVCache, items: list[BatchItem]) -> ForwardBatch:
     )
 
 
-def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """int64 values on `device` in one copy; pinned and asynchronous on CUDA (torch's pinned-memory
-    cache keeps the host buffer until the copy has run, so nothing is overwritten early)."""
-    host = torch.tensor(values, dtype=torch.int64)
-    if device.type != "cuda":
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 values on `device` in one copy that never waits for the device (see `host_to_device`)."""
+    return host_to_device(torch.tensor(values, dtype=torch.int64), device)
+
+
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, copied from pinned memory and asynchronously where the device
+    has pinned memory: a pageable copy waits for every kernel queued before it (torch synchronizes
+    the stream after it), which would stall the host behind the step in flight (design note 32).
+    torch's pinned-memory cache keeps the host buffer until the copy has run, so nothing is
+    overwritten early. On the CPU the tensor itself."""
+    if device.type == "cpu":
+        return host
+    if not pinnable(device):
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+_PINNABLE: dict[str, bool] = {}
+
+
+def pinnable(device: torch.device) -> bool:
+    """Whether host memory can be pinned for `device` (tried once per device type)."""
+    if device.type not in _PINNABLE:
+        ok = device.type != "cpu"
+        if ok:
+            try:
+                ok = (torch.accelerator.current_accelerator().type == device.type
+                      and torch.empty(1).pin_memory().is_pinned())
+            except (RuntimeError, AttributeError):
+                ok = False
+        _PINNABLE[device.type] = ok
+    return _PINNABLE[device.type]

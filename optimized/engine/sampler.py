@@ -2,7 +2,10 @@
 
 `sample_batch` works on the device over every row of a step: penalties and logit_bias, then
 greedy rows take the argmax, sampled rows go through temperature, top_k, top_p and min_p and
-draw with the Gumbel-max trick. No per-request loop of tensor ops runs on the host.
+draw with the Gumbel-max trick. No per-request loop of tensor ops runs on the host, and nothing
+waits for the device: `draw_batch` queues the draw (its host-side parameters reach the device by
+pinned asynchronous copies) and returns a `PendingDraw`, whose tokens the engine's next step can
+feed on the device before the host reads them (design note 32).
 
 Reproducibility: a sampled row's noise is a hash of (the request's seed, the index of the token
 being drawn, the vocabulary id), computed elementwise on the device. It depends on nothing else,
@@ -20,6 +23,8 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
+
+from ..batch import host_to_device, pinnable
 
 MAX_LOGPROBS = 20  # top-n logprobs a request may ask for (OpenAI's chat limit)
 
@@ -141,65 +146,127 @@ def sample_batch(rows: torch.Tensor, params: list[SamplingParams], seeds: list[i
     and the index of the token being drawn (they key its noise); generated[i]: the tokens it has
     generated so far (for penalties). forced: tokens chosen elsewhere (teacher forcing); only
     their logprobs are computed here."""
-    B = rows.shape[0]
+    return draw_batch(rows, params, seeds, steps, generated, forced).result()
+
+
+class PendingDraw:
+    """What `draw_batch` chose, still on the device. `start_copy` queues the copies to the host
+    right behind the draw (pinned, asynchronous, with an event after them), so that `result`
+    later waits for this draw alone, not for work queued after it (the engine's next step:
+    design note 32). Without start_copy, `result` reads the device tensors directly."""
+
+    def __init__(self, tokens: torch.Tensor, params: list[SamplingParams], lp_rows: list[int] | None = None,
+                 lp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+        self.tokens = tokens  # [B] int64 on the device: what the next step may feed
+        self.params, self.lp_rows, self.lp = params, lp_rows or [], lp
+        self._host: list[torch.Tensor] | None = None
+        self._event = None
+        self._result: Drawn | None = None
+
+    def start_copy(self) -> PendingDraw:
+        tensors = [self.tokens] + (list(self.lp) if self.lp is not None else [])
+        device = self.tokens.device
+        if device.type == "cpu" or not pinnable(device):
+            return self
+        self._host = []
+        for t in tensors:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            self._host.append(host)
+        self._event = torch.get_device_module(device).Event()
+        self._event.record()
+        return self
+
+    def result(self) -> Drawn:
+        """The tokens and logprobs on the host (waits for the draw, once)."""
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()
+            tensors = self._host if self._host is not None else \
+                [self.tokens] + (list(self.lp) if self.lp is not None else [])
+            B = len(self.params)
+            chosen = tensors[0].tolist()
+            lps: list[float | None] = [None] * B
+            tops: list[tuple | None] = [None] * B
+            if self.lp is not None:
+                got = _listed(*tensors[1:])
+                for i, (lp, top) in zip(self.lp_rows, got):
+                    lps[i], tops[i] = lp, top[:self.params[i].logprobs]
+            self._result = Drawn(chosen, lps, tops)
+        return self._result
+
+
+def draw_batch(rows: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int],
+               generated: list[list[int]], forced: list[int] | None = None) -> PendingDraw:
+    """`sample_batch` without reading anything back: every op is queued on the device, and
+    nothing here waits for it (host values reach the device through pinned asynchronous copies)."""
     want_lp = [p.logprobs is not None for p in params]
     processed = any(p.penalized or p.logit_bias for p in params)
     if forced is None and not processed and all(p.greedy for p in params) and not any(want_lp):
-        return Drawn(rows.argmax(dim=-1).tolist(), [None] * B, [None] * B)  # one sync, the oracle's path
+        return PendingDraw(rows.argmax(dim=-1), params)  # the oracle's path: argmax of the rows as they are
+    dev = rows.device
     x = rows.to(torch.float32, copy=True)  # penalties write into it; the caller's rows stay as they are
     if processed:
         x = _penalize(x, params, generated)
     if forced is not None:
-        tokens = torch.tensor(forced, dtype=torch.long, device=x.device)
+        tokens = _on(dev, forced, dtype=torch.long)
     else:
         tokens = x.argmax(dim=-1)  # greedy rows keep it (ties to the lowest id)
         drawn = [i for i, p in enumerate(params) if not p.greedy]
         if drawn:
-            idx = torch.tensor(drawn, device=x.device)
+            idx = _on(dev, drawn)
             tokens[idx] = _draw(x[idx], [params[i] for i in drawn], [seeds[i] for i in drawn],
                                 [steps[i] for i in drawn])
-    chosen = tokens.tolist()
-    lps: list[float | None] = [None] * B
-    tops: list[tuple | None] = [None] * B
-    if any(want_lp):
-        rows_lp = [i for i in range(B) if want_lp[i]]
-        idx = torch.tensor(rows_lp, device=x.device)
-        got = token_logprobs(x[idx], tokens[idx], max(params[i].logprobs for i in rows_lp))
-        for i, (lp, top) in zip(rows_lp, got):
-            lps[i], tops[i] = lp, top[:params[i].logprobs]
-    return Drawn(chosen, lps, tops)
+    if not any(want_lp):
+        return PendingDraw(tokens, params)
+    rows_lp = [i for i in range(len(params)) if want_lp[i]]
+    idx = _on(dev, rows_lp)
+    return PendingDraw(tokens, params, rows_lp,
+                       _logprob_tensors(x[idx], tokens[idx], max(params[i].logprobs for i in rows_lp)))
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, n_top: int
                    ) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
     """(logprob of targets[i], its n_top most likely (id, logprob)) for each row of logits [R, V],
     from a float32 log_softmax. One host sync."""
+    return _listed(*_logprob_tensors(logits, targets, n_top))
+
+
+def _logprob_tensors(logits: torch.Tensor, targets: torch.Tensor, n_top: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On the device: (logprob of each target [R], the n_top largest logprobs [R, n_top], their ids)."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     chosen = lp.gather(1, targets.long()[:, None])[:, 0]
-    if n_top:
-        top_lp, top_id = lp.topk(n_top, dim=-1)
-        top_lp, top_id = top_lp.tolist(), top_id.tolist()
-    else:
-        top_lp = top_id = [[] for _ in range(lp.shape[0])]
-    return [(c, tuple(zip(i, v))) for c, i, v in zip(chosen.tolist(), top_id, top_lp)]
+    top_lp, top_id = lp.topk(n_top, dim=-1)  # n_top == 0: [R, 0]
+    return chosen, top_lp, top_id
+
+
+def _listed(chosen: torch.Tensor, top_lp: torch.Tensor, top_id: torch.Tensor
+            ) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+    return [(c, tuple(zip(i, v))) for c, i, v in zip(chosen.tolist(), top_id.tolist(), top_lp.tolist())]
+
+
+def _on(device, values, **kw) -> torch.Tensor:
+    """torch.tensor(values, **kw) on `device`, without waiting for the device (batch.host_to_device)."""
+    return host_to_device(torch.tensor(values, **kw), torch.device(device))
 
 
 def _penalize(x: torch.Tensor, params: list[SamplingParams], generated: list[list[int]]) -> torch.Tensor:
     """Penalties over each row's generated tokens, then logit_bias, in place on float32 x."""
     pen = [i for i, p in enumerate(params) if p.penalized and generated[i]]
     if pen:
-        r = torch.tensor([i for i in pen for _ in generated[i]], device=x.device)
-        t = torch.tensor([t for i in pen for t in generated[i]], device=x.device)
+        r = _on(x.device, [i for i in pen for _ in generated[i]])
+        t = _on(x.device, [t for i in pen for t in generated[i]])
         counts = torch.zeros_like(x)
         counts.index_put_((r, t), torch.ones_like(t, dtype=x.dtype), accumulate=True)
-        freq = torch.tensor([p.frequency_penalty for p in params], device=x.device)
-        pres = torch.tensor([p.presence_penalty for p in params], device=x.device)
+        freq = _on(x.device, [p.frequency_penalty for p in params])
+        pres = _on(x.device, [p.presence_penalty for p in params])
         x -= freq[:, None] * counts + pres[:, None] * (counts > 0)
     biased = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias]
     if biased:
         r, t, b = zip(*biased)
-        x.index_put_((torch.tensor(r, device=x.device), torch.tensor(t, device=x.device)),
-                     torch.tensor(b, device=x.device, dtype=x.dtype), accumulate=True)
+        x.index_put_((_on(x.device, r), _on(x.device, t)),
+                     _on(x.device, b, dtype=x.dtype), accumulate=True)
     return x
 
 
@@ -207,22 +274,22 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps
     """Sampled rows [S, V]: temperature, top_k, top_p and min_p cuts, then argmax(x + Gumbel noise),
     which draws from softmax of what is left."""
     dev, V = x.device, x.shape[1]
-    x = x / torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    x = x / _on(dev, [p.temperature for p in params])[:, None]
     ks = [p.top_k if 0 < p.top_k < V else V for p in params]
     ps = [p.top_p for p in params]
     if any(k < V for k in ks) or any(p < 1 for p in ps):
         sv = x.sort(dim=-1, descending=True).values
-        k = torch.tensor(ks, device=dev)
+        k = _on(dev, ks)
         sv = sv.masked_fill(torch.arange(V, device=dev)[None, :] >= k[:, None], float("-inf"))
         probs = torch.softmax(sv, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely ids
-        top_p = torch.tensor(ps, device=dev)
+        top_p = _on(dev, ps)
         cut = (before >= top_p[:, None]) & (top_p < 1)[:, None]
         keep = (~cut & (sv > float("-inf"))).sum(dim=-1)  # >= 1: the most likely id always stays
         floor = sv.gather(1, (keep - 1)[:, None])
         x = x.masked_fill(x < floor, float("-inf"))
     if any(p.min_p > 0 for p in params):
-        log_min_p = torch.tensor([math.log(p.min_p) if p.min_p > 0 else float("-inf") for p in params], device=dev)
+        log_min_p = _on(dev, [math.log(p.min_p) if p.min_p > 0 else float("-inf") for p in params])
         x = x.masked_fill(x < x.max(dim=-1, keepdim=True).values + log_min_p[:, None], float("-inf"))
     return (x + gumbel_noise(seeds, steps, V, dev)).argmax(dim=-1)
 
@@ -249,8 +316,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def gumbel_noise(seeds: list[int], steps: list[int], V: int, device) -> torch.Tensor:
     """Standard Gumbel noise [S, V], a pure function of (seeds[i], steps[i], vocabulary id): the
     same request and step get the same noise on any batch (and any device: integer arithmetic)."""
-    s = torch.tensor(seeds, dtype=torch.long, device=device)
-    key = _mix32(_mix32(_mix32(s & _M32) ^ ((s >> 32) & _M32)) ^ (torch.tensor(steps, device=device) & _M32))
+    s = _on(device, seeds, dtype=torch.long)
+    key = _mix32(_mix32(_mix32(s & _M32) ^ ((s >> 32) & _M32)) ^ (_on(device, steps) & _M32))
     h = _mix32(_mix32(key[:, None] ^ _mix32(torch.arange(V, device=device)[None, :])) ^ key[:, None])
     u = ((h >> 8).float() + 0.5) * 2.0 ** -24  # 24 random bits: uniform in (0, 1)
     return -torch.log(-torch.log(u))
