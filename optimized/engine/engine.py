@@ -22,14 +22,14 @@ import torch
 from reference.config import Gemma4Config
 
 from .. import ops, parallel
-from ..batch import ForwardBatch, build_batch
+from ..batch import BatchItem, ForwardBatch, build_batch, to_device
 from ..kernels import check_supported, default_device, graphs_supported
 from ..memory import KVCache, ceil_div, swa_pages_per_request
 from ..model import PagedGemma4, TapSink, fuse_projections
 from ..parallel import TensorParallel
 from .graphs import DecodeGraphs
-from .sampler import SamplingParams, sample_batch, token_logprobs
-from .scheduler import Scheduler, Script, Sequence
+from .sampler import PendingDraw, SamplingParams, draw_batch, token_logprobs
+from .scheduler import Scheduled, Scheduler, Script, Sequence
 
 # sampler(sequence, logits row [V]) -> the next token. None: the engine's own (params-driven).
 Sampler = Callable[[Sequence, torch.Tensor], int]
@@ -68,7 +68,7 @@ class Engine:
                  graphs: bool | str | None = None, share_prefixes: bool = True,
                  num_swa_pages: int | None = None, page_order_seed: int | None = None,
                  script: Script | None = None, sampler: Sampler | None = None, taps: TapSink | None = None,
-                 feed_last: bool | None = None, tp: TensorParallel | int | None = None):
+                 feed_last: bool | None = None, tp: TensorParallel | int | None = None, overlap: bool = True):
         """max_context: the most positions one request may use (default: the model's limit, at
         most 4096). num_pages: the full pool's size in pages (default: max_requests requests of
         max_context each); num_swa_pages likewise for the sliding pool (default: the sizing rule
@@ -93,7 +93,11 @@ class Engine:
         (under torchrun): every rank builds an engine with the same arguments, holding its shard
         of the weights (parallel.load_shard: from a checkpoint only its slices are read) and of
         the KV pools on the rank's device (tp's, not `device`); taps come out
-        in the unsharded layout on every rank. Decode graphs stay off unless graphs=True."""
+        in the unsharded layout on every rank. Decode graphs stay off unless graphs=True.
+
+        overlap: in steady decode, launch the next step before reading this one's tokens, feeding
+        them on the device (design note 32); tokens, events and stats are those of overlap=False,
+        which runs every step synchronously (for A/B measurement)."""
         for name, v, low in (("page_size", page_size, 1), ("chunk_size", chunk_size, 1),
                              ("max_requests", max_requests, 1), ("num_pages", num_pages, 2),
                              ("num_swa_pages", num_swa_pages, 2), ("max_context", max_context, 1),
@@ -101,6 +105,8 @@ class Engine:
                              ("page_order_seed", page_order_seed, 0)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {overlap!r}")
         if graphs not in (True, False, None, "static"):
             raise ValueError(f"graphs must be True, False, None or 'static', got {graphs!r}")
         self.tp = parallel.resolve(tp, device)
@@ -140,7 +146,10 @@ class Engine:
         self._next_rid = 0
         self._sequences: dict[int, Sequence] = {}
         self._prompt_lps: dict[int, list] = {}  # rid -> prompt logprobs so far (params.prompt_logprobs)
-        self._prompt_rows: list = []  # this step's prompt logit rows, from _run to _postprocess
+        self._prompt_rows: list = []  # this step's prompt logit rows, from _run to _score_prompts
+        self.overlap = overlap
+        self._guess: _Guess | None = None  # the next step, launched ahead (overlap)
+        self.overlap_stats = dict(launched=0, committed=0, discarded=0)  # guesses (benchmarks read it)
 
     def _decode_graphs(self, graphs: bool | str | None, max_requests: int, max_pages: int
                        ) -> tuple[DecodeGraphs | None, str | None]:
@@ -222,22 +231,54 @@ class Engine:
         pages include those the prefix cache would give up on demand (its size:
         `scheduler.prefix_cache.num_pages`)."""
         c = self.cache
+        # The SWA pages a step launched ahead (overlap) mapped early are counted free, as they
+        # still are when steps run one at a time: the numbers do not depend on overlap.
+        early = self._guess.early_pages(c) if self._guess is not None else 0
         return dict(waiting=len(self.scheduler.waiting), running=len(self.scheduler.running),
-                    free_pages=c.full.num_free, free_swa_pages=c.swa.num_free, requests_in_cache=len(c.requests))
+                    free_pages=c.full.num_free, free_swa_pages=c.swa.num_free + early,
+                    requests_in_cache=len(c.requests))
 
     # -- the loop: schedule -> run -> postprocess --------------------------------------------
     @torch.no_grad()
     def step(self) -> list[Event]:
-        """One forward step over the scheduled batch; one Event per request that produced a token."""
+        """One forward step over the scheduled batch; one Event per request that produced a token.
+
+        With overlap, the step after this one may already be on the device when this returns
+        (design note 32): launched before this step's tokens were read, on the guess that every
+        running request decodes once more. The next call schedules as always and uses that launch
+        only when its plan is exactly the guess; otherwise the launch is dropped (its K/V writes
+        land in slots the real step writes again, or in pages no one reads) and the step runs
+        from scratch. Either way it is the step overlap=False runs."""
         plan = self.scheduler.schedule()
-        if not plan:
-            return []
+        guess, self._guess = self._guess, None
+        if guess is not None and guess.matches(plan):
+            self.overlap_stats["committed"] += 1
+            launched = guess.launched
+        else:
+            if guess is not None:
+                self.overlap_stats["discarded"] += 1
+            if not plan:
+                return []
+            launched = self._launch(plan)
+        if self.overlap:
+            self._guess = self._launch_next(launched)
+        return self._postprocess(launched)
+
+    def _launch(self, plan: list[Scheduled]) -> _Launched:
+        """Queue a scheduled step on the device: its SWA pages, metadata, forward and draw. Taps,
+        prompt logprobs and a given sampler read their rows here, on the host."""
         for s in plan:  # the batch's SWA pages: allocation before the (side-effect free) metadata
             self.cache.map_window(s.seq.rid, s.item.seq_len)
         batch = build_batch(self.cache, [s.item for s in plan])
-        ids = torch.tensor([t for s in plan for t in s.ids], dtype=torch.long, device=self.device)
+        ids = to_device([t for s in plan for t in s.ids], self.device)
         logits, rows = self._run(ids, batch)
-        return self._postprocess(plan, batch, logits, rows)
+        if self.taps is not None:
+            for (item, start, end), row in zip(batch.token_ranges(), rows):
+                if end - 1 > start:
+                    self.taps(item.rid, "logits", batch.positions[start:end - 1], logits[start:end - 1].clone())
+                self.taps(item.rid, "logits", batch.positions[end - 1:end], row[None].clone())
+        self._score_prompts()
+        return _Launched(plan, *self._choose(plan, rows))
 
     def _sample_rows(self, batch: ForwardBatch) -> torch.Tensor:
         """Each request's last new token: the row its next token is sampled from."""
@@ -245,7 +286,7 @@ class Engine:
 
     def _run(self, ids: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(every row's logits [N, V], or None without taps; the selected rows [B, V]). Prompt rows
-        that requests with prompt_logprobs need are left in self._prompt_rows for postprocess."""
+        that requests with prompt_logprobs need are left in self._prompt_rows for _score_prompts."""
         select = self._sample_rows(batch)
         spans, extra = self._prompt_spans(batch)
         self._prompt_rows = []
@@ -279,21 +320,18 @@ class Engine:
             if n > 0:
                 spans.append((item.rid, item.prefix_len, n))
                 idx.extend(range(start, start + n))
-        return spans, (torch.tensor(idx, dtype=torch.long, device=self.device) if idx else None)
+        return spans, (to_device(idx, self.device) if idx else None)
 
     def _replays(self, batch: ForwardBatch) -> bool:
         """Whether this step runs on the decode graphs' static buffers: decode-only steps that fit
         them (an injected fault's wider page table does not, and runs eagerly)."""
         return self.decode_graphs is not None and batch.is_decode and self.decode_graphs.fits(batch)
 
-    def _postprocess(self, plan, batch: ForwardBatch, logits: torch.Tensor | None, rows: torch.Tensor) -> list[Event]:
-        if self.taps is not None:
-            for (item, start, end), row in zip(batch.token_ranges(), rows):
-                if end - 1 > start:
-                    self.taps(item.rid, "logits", batch.positions[start:end - 1], logits[start:end - 1].clone())
-                self.taps(item.rid, "logits", batch.positions[end - 1:end], row[None].clone())
-        self._score_prompts()
-        drawn = self._choose(plan, rows)
+    def _postprocess(self, launched: _Launched) -> list[Event]:
+        """Read a launched step's tokens (waiting for its draw alone) and apply them: finishes,
+        window releases, events."""
+        plan = launched.plan
+        drawn = launched.drawn()
         events = []
         for i, s in enumerate(plan):
             seq, item = s.seq, s.item
@@ -320,25 +358,72 @@ class Engine:
                 self._finish(seq)
         return events
 
-    def _choose(self, plan, rows: torch.Tensor) -> dict[int, tuple[int, float | None, tuple | None]]:
-        """Plan index -> (token, logprob, top logprobs) for every request that produces a token
-        this step (its prompt done, not finished, tokens wanted): the whole batch at once
-        (sampler.sample_batch), or the given sampler's tokens with their logprobs."""
+    def _choose(self, plan, rows: torch.Tensor) -> tuple[list[int], list[int] | None, PendingDraw | None]:
+        """Which plan indices produce a token this step (prompt done, not finished, tokens wanted),
+        and their draw: the given sampler's tokens (host), and/or the whole batch drawn on the
+        device (sampler.draw_batch: the tokens, or only the forced tokens' logprobs), with its
+        copy to the host already queued."""
         which = [i for i, s in enumerate(plan)
                  if not (s.seq.prefilling and s.seq.done_prompt + s.item.extend_len < len(s.seq.prompt))
                  and s.seq.finish_reason is None and s.seq.max_new_tokens != 0]
         if not which:
-            return {}
+            return which, None, None
         seqs = [plan[i].seq for i in which]
         forced = None if self.sampler is None else [self.sampler(seq, rows[i]) for i, seq in zip(which, seqs)]
         if forced is not None and all(seq.params.logprobs is None for seq in seqs):
-            return {i: (t, None, None) for i, t in zip(which, forced)}
-        sub = rows if len(which) == rows.shape[0] else rows[torch.tensor(which, device=rows.device)]
-        d = sample_batch(sub, [seq.params for seq in seqs],
-                         [seq.generator.initial_seed() if seq.generator is not None else 0 for seq in seqs],
-                         [len(seq.tokens) for seq in seqs],
-                         [seq.tokens if seq.params.penalized else [] for seq in seqs], forced)
-        return {i: v for i, v in zip(which, zip(d.tokens, d.logprobs, d.top_logprobs))}
+            return which, forced, None
+        sub = rows if len(which) == rows.shape[0] else rows[to_device(which, rows.device)]
+        pending = draw_batch(sub, [seq.params for seq in seqs],
+                             [seq.generator.initial_seed() if seq.generator is not None else 0 for seq in seqs],
+                             [len(seq.tokens) for seq in seqs],
+                             [seq.tokens if seq.params.penalized else [] for seq in seqs], forced)
+        return which, forced, pending.start_copy()
+
+    # -- overlap: the next decode step launched before this one's tokens are read ------------
+    def _launch_next(self, current: _Launched) -> _Guess | None:
+        """Launch the step after `current` on the guess that every running request decodes once
+        more, fed `current`'s tokens on the device; None where the guess cannot be made exactly
+        (design note 32: anything that needs a token on the host first, or a plan that will
+        change for certain)."""
+        sched = self.scheduler
+        if (self.taps is not None or self.sampler is not None or self.feed_last or sched.script is not None
+                or current.pending is None or len(current.which) != len(current.plan)):
+            return None  # host work per token, or a request without a token this step (mid-prompt)
+        row_of = {current.plan[i].seq.rid: j for j, i in enumerate(current.which)}
+        if len(sched.running) != len(row_of) or any(seq.rid not in row_of for seq in sched.running):
+            return None
+        staying = [seq for seq in sched.running if len(seq.tokens) + 1 < seq.max_new_tokens]
+        if not staying or (sched.waiting and len(staying) < len(sched.running)):
+            return None  # nothing to run; or pages freed by a finish will admit a waiting request
+        if any(seq.params.penalized for seq in staying) or (
+                sched.token_budget is not None and len(staying) > sched.token_budget):
+            return None
+        # The next token of each is at position len(prompt) + len(tokens): this step's token is
+        # not appended yet.
+        items = [BatchItem(seq.rid, len(seq.prompt) + len(seq.tokens), 1) for seq in staying]
+        early = [self._unmapped(it) for it in items]
+        if sum(map(len, early)) > self.cache.swa.num_unused:
+            return None  # mapping now would take pages from the prefix cache a synchronous step leaves it
+        for it in items:
+            self.cache.map_window(it.rid, it.seq_len)
+        batch = build_batch(self.cache, items)
+        rows_fed = [row_of[seq.rid] for seq in staying]
+        tokens = current.pending.tokens
+        ids = tokens if rows_fed == list(range(tokens.shape[0])) else tokens[to_device(rows_fed, self.device)]
+        _, rows = self._run(ids, batch)
+        pending = draw_batch(rows, [seq.params for seq in staying],
+                             [seq.generator.initial_seed() if seq.generator is not None else 0 for seq in staying],
+                             [len(seq.tokens) + 1 for seq in staying], [[] for _ in staying]).start_copy()
+        plan = [Scheduled(seq, it, []) for seq, it in zip(staying, items)]
+        self.overlap_stats["launched"] += 1
+        return _Guess(_Launched(plan, list(range(len(plan))), None, pending), current, rows_fed,
+                      [(it.rid, page) for it, pages in zip(items, early) for page in pages])
+
+    def _unmapped(self, item: BatchItem) -> list[int]:
+        """The full-pool pages of item's request that map_window would give SWA pages now."""
+        req, ps = self.cache.requests[item.rid], self.cache.page_size
+        return [page for page in req.pages[req.swa_released: ceil_div(item.seq_len, ps)]
+                if not self.cache.swa_page(page)]
 
     def _score_prompts(self) -> None:
         """Logprobs of the prompt tokens the rows _run kept score, added to each request's list."""
@@ -409,6 +494,53 @@ class Engine:
         while any(rid in self._sequences for rid in rids):  # fed-last requests: one more step each
             self.step()
         return [outputs[rid] for rid in rids]
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device: its plan, which plan indices produce a token, and their draw
+    (a given sampler's tokens on the host, and/or the device draw, its copy to the host queued)."""
+    plan: list[Scheduled]
+    which: list[int]
+    forced: list[int] | None
+    pending: PendingDraw | None
+
+    def drawn(self) -> dict[int, tuple[int, float | None, tuple | None]]:
+        """Plan index -> (token, logprob, top logprobs); waits for the draw (this step's alone)."""
+        if self.pending is None:
+            return {i: (t, None, None) for i, t in zip(self.which, self.forced or [])}
+        d = self.pending.result()
+        return {i: v for i, v in zip(self.which, zip(d.tokens, d.logprobs, d.top_logprobs))}
+
+
+@dataclass
+class _Guess:
+    """The step after `current`, launched before current's tokens were read (design note 32):
+    every running request once more, fed current's tokens (rows `rows_fed` of its draw) on the
+    device. `early` lists the (request, full page) whose SWA page it mapped ahead of time."""
+    launched: _Launched
+    current: _Launched
+    rows_fed: list[int]
+    early: list[tuple[int, int]]
+
+    def matches(self, plan: list[Scheduled]) -> bool:
+        """Whether the scheduler's real plan is the guess: the same requests in the same order at
+        the same positions. Then the tokens it fed must be the ones the host now feeds."""
+        guessed = self.launched.plan
+        if len(plan) != len(guessed) or any(s.seq is not g.seq or s.item != g.item for s, g in zip(plan, guessed)):
+            return False
+        tokens = self.current.pending.result().tokens
+        fed = [tokens[j] for j in self.rows_fed]
+        if fed != [t for s in plan for t in s.ids]:
+            raise RuntimeError(f"overlap: the step launched ahead fed tokens {fed}, the plan feeds "
+                               f"{[t for s in plan for t in s.ids]}")
+        self.launched.plan = plan
+        return True
+
+    def early_pages(self, cache: KVCache) -> int:
+        """SWA pages mapped ahead that a synchronous engine would not have mapped yet: those of
+        requests still registered (a finished or aborted request's went back with it)."""
+        return sum(1 for rid, page in self.early if rid in cache.requests and cache.swa_page(page))
 
 
 def emit_pool_taps(cache: KVCache, config: Gemma4Config, rid, length: int, taps: TapSink) -> None:
