@@ -8,9 +8,11 @@ One run measures, on random weights of a real model shape in bf16:
   floor of a decode step: every weight a step reads (all but the per-layer embedding table, of
   which a step reads one row per token) read once;
 - the engine's steady decode (tok/s and ms/step) at each batch size, decode steps replayed from
-  device graphs where the device has them (bench/engine_bench.py's measure);
-- the profiler's view of eager decode steps at batch 1: kernel launches per step and device time
-  per kernel (grouped by name), the table issue 12 asks for before and after each change;
+  device graphs where the device has them (bench/engine_bench.py's measure), with the engine's
+  overlap on and off (design note 32), interleaved run by run;
+- the profiler's view of eager decode steps at batch 1 (overlap off, so each profiled step is
+  one step's kernels): kernel launches per step and device time per kernel (grouped by name),
+  the table issue 12 asks for before and after each change;
 - transformers' `generate` (sdpa, greedy) on the same shape at the same batch sizes.
 """
 
@@ -151,15 +153,22 @@ def main(argv=None) -> int:
     decode_rate(engine, 1, args.prompt, 4, gen)  # warm-up: compilation
     out["engine"] = []
     for b in args.batch:
-        runs = [decode_rate(engine, b, args.prompt, args.new, gen) for _ in range(args.repeats)]
-        rate, step_ms = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-        out["engine"].append(dict(batch=b, tokens_per_s=rate, step_ms=step_ms, floor_share=floor_ms / step_ms))
-        print(f"engine{' (decode graphs)' if graphs else ''}: batch {b}: {rate:.0f} tok/s, {step_ms:.3f} ms/step, "
-              f"{100 * floor_ms / step_ms:.0f}% of the floor", flush=True)
+        runs = {True: [], False: []}
+        for _ in range(args.repeats):  # overlap on and off interleaved, so drift hits both alike
+            for o in runs:
+                engine.overlap = o  # between runs: the engine is idle
+                runs[o].append(decode_rate(engine, b, args.prompt, args.new, gen))
+        for o, rs in runs.items():
+            rate = statistics.median(r["tokens_per_s"] for r in rs)
+            step_ms = statistics.median(r["step_ms"] for r in rs)
+            out["engine"].append(dict(batch=b, overlap=o, tokens_per_s=rate, step_ms=step_ms,
+                                      floor_share=floor_ms / step_ms))
+            print(f"engine{' (decode graphs)' if graphs else ''}, overlap {'on ' if o else 'off'}: batch {b}: "
+                  f"{rate:.0f} tok/s, {step_ms:.3f} ms/step, {100 * floor_ms / step_ms:.0f}% of the floor", flush=True)
     del engine
 
     eager = Engine(config, weights=weights, dtype=dtype, device=device, graphs=False, max_requests=1,
-                   max_context=args.prompt + args.profile_steps + 8)
+                   max_context=args.prompt + args.profile_steps + 8, overlap=False)
     decode_rate(eager, 1, args.prompt, 4, gen)
     prof = profile_steps(eager, 1, args.profile_steps, args.prompt, gen)
     del eager

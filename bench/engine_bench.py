@@ -9,6 +9,12 @@ Decode throughput counts the tokens produced after every request of the batch ha
 token, over the time they took (median of --repeats runs): steady-state decode, prefill excluded.
 Paths: fused kernels with decode steps replayed from device graphs (the default on a GPU), fused
 kernels eagerly, and the torch ops eagerly; eager steps show the host's launch cost.
+
+Each decode figure is measured with the engine's overlap on and off (`--overlap both`, the
+default; design note 32), the two interleaved run by run on one engine: with overlap on, the
+next decode step is launched before this one's tokens are read. Nothing syncs between steps
+(a step returns once its own tokens are on the host), so ms/step is the wall time between
+steps; `launches` counts the steps launched ahead that were used and dropped.
 """
 
 from __future__ import annotations
@@ -34,24 +40,31 @@ def sync(device):
         torch.accelerator.synchronize()
 
 
-def decode_rate(engine: Engine, batch: int, prompt_len: int, new: int, gen: torch.Generator) -> tuple[float, float]:
-    """(tokens/s in steady decode, median ms per decode step) for one batch."""
+def decode_rate(engine: Engine, batch: int, prompt_len: int, new: int, gen: torch.Generator) -> dict:
+    """Steady decode of one batch: tokens/s, median ms per decode step, and how many steps were
+    launched ahead (overlap) and used or dropped. No sync between steps: a step returns when
+    its own tokens are on the host, and with overlap the next one is already running then (so
+    the first counted step had a head start: at most one step in `new` of bias for overlap)."""
     V = engine.config.vocab_size
     for _ in range(batch):
         engine.add_request(torch.randint(3, V, (prompt_len,), generator=gen).tolist(),
                            SamplingParams(max_new_tokens=new, ignore_eos=True))
+    before = dict(getattr(engine, "overlap_stats", {}))
     started, steps, tokens, t0 = set(), [], 0, None
+    sync(engine.device)
     while engine.has_work():
         t = time.perf_counter()
         events = engine.step()
-        sync(engine.device)
         if t0 is not None:
             steps.append(time.perf_counter() - t)
             tokens += len(events)
         started.update(e.rid for e in events)
         if t0 is None and len(started) == batch:
             t0 = time.perf_counter()
-    return tokens / (time.perf_counter() - t0), 1e3 * statistics.median(steps)
+    sync(engine.device)
+    after = getattr(engine, "overlap_stats", {})
+    return dict(tokens_per_s=tokens / (time.perf_counter() - t0), step_ms=1e3 * statistics.median(steps),
+                launches={k: after[k] - before.get(k, 0) for k in after})
 
 
 def prefill_ms(engine: Engine, length: int, gen: torch.Generator) -> float:
@@ -75,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", nargs="+", type=int, default=[2048, 8192])
     p.add_argument("--chunk-size", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--overlap", choices=["both", "on", "off"], default="both",
+                   help="decode with the engine's overlap on, off, or both interleaved (default)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = default_device()
@@ -86,6 +101,7 @@ def main(argv=None) -> int:
     print(f"device {name}; model {args.model} (random weights), {str(dtype).removeprefix('torch.')}")
     rows = []
     gen = torch.Generator().manual_seed(0)
+    overlaps = {"both": [True, False], "on": [True], "off": [False]}[args.overlap]
     paths = [("fused kernels + decode graphs", True, True), ("fused kernels", True, False), ("torch ops", False, False)]
     if not graphs_supported(device):
         paths = paths[1:]
@@ -95,10 +111,20 @@ def main(argv=None) -> int:
                                chunk_size=args.chunk_size)
         decode_rate(decode_engine, 1, args.prompt, 4, gen)  # warm-up: compilation
         for b in args.batch:
-            runs = [decode_rate(decode_engine, b, args.prompt, args.new, gen) for _ in range(args.repeats)]
-            rate, step_ms = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-            rows.append(dict(path=tag, what="decode", batch=b, tokens_per_s=rate, step_ms=step_ms))
-            print(f"{tag}: decode batch {b}: {rate:.0f} tok/s, {step_ms:.2f} ms/step", flush=True)
+            runs = {o: [] for o in overlaps}
+            for _ in range(args.repeats):  # on and off interleaved, so drift hits both alike
+                for o in overlaps:
+                    decode_engine.overlap = o  # between runs: the engine is idle
+                    runs[o].append(decode_rate(decode_engine, b, args.prompt, args.new, gen))
+            for o in overlaps:
+                rate = statistics.median(r["tokens_per_s"] for r in runs[o])
+                step_ms = statistics.median(r["step_ms"] for r in runs[o])
+                launches = {k: sum(r["launches"].get(k, 0) for r in runs[o]) for k in ("committed", "discarded")}
+                rows.append(dict(path=tag, what="decode", batch=b, overlap=o, tokens_per_s=rate, step_ms=step_ms,
+                                 launches_ahead=launches))
+                ahead = f" (launched ahead: {launches['committed']} used, {launches['discarded']} dropped)"
+                print(f"{tag}, overlap {'on ' if o else 'off'}: decode batch {b}: {rate:.0f} tok/s, "
+                      f"{step_ms:.2f} ms/step{ahead if o else ''}", flush=True)
         del decode_engine
         if graphs:  # prefill never uses the decode graphs
             continue
