@@ -69,6 +69,17 @@ def rope_and_store_kv(k, v, positions, inv_freq, k_pool, v_pool, out_slots) -> N
     v_pool[out_slots] = v
 
 
+def qkv_norm_rope_store(q, k, v, q_weight, k_weight, eps: float, positions, inv_freq, k_pool, v_pool, out_slots):
+    """An attention layer's q/k/v epilogue: qkv_norm, RoPE of q, then k's RoPE and the K/V store
+    (the three ops above, in that order). Returns q; k = v = k_weight = None on KV-shared layers,
+    whose pools are not touched."""
+    q, k, v = qkv_norm(q, k, v, q_weight, k_weight, eps)
+    q = apply_rope(q, positions, inv_freq)
+    if k is not None:
+        rope_and_store_kv(k, v, positions, inv_freq, k_pool, v_pool, out_slots)
+    return q
+
+
 def add_rms_norm(x, residual, weight, eps: float, *, x_weight=None):
     """new_residual = residual + rms_norm(x, x_weight); returns it and rms_norm(it, weight)."""
     new = residual + (x if x_weight is None else rms_norm(x, x_weight, eps))
@@ -90,6 +101,11 @@ def post_ffn_moe_residual_scale(m_dense, m_moe, residual, w_dense, w_moe, weight
                                 return_normed=False):
     m = rms_norm(m_dense, w_dense, eps) + rms_norm(m_moe, w_moe, eps)
     return post_ffn_residual_scale(m, residual, weight, eps, scalar, return_normed=return_normed)
+
+
+def ple_residual(p, residual, weight, eps: float, scalar):
+    """The per-layer-input tail: (residual + post_per_layer_input_norm(p)) * layer_scalar."""
+    return (residual + rms_norm(p, weight, eps)) * scalar
 
 
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:

@@ -200,6 +200,14 @@ def build_cases(s: dict, dtype: torch.dtype, device: torch.device, gen: torch.Ge
             return tuple(pools)
         return run
 
+    def epilogue(fn, mode):  # the q/k/v norms + RoPE + store: q, and each variant's own pools
+        pools = [torch.zeros(2 * T + 1, Hkv, D, device=device, dtype=dtype) for _ in range(2)]
+        kk, vv, wk_ = (None, None, None) if mode == "q only" else (k, k if mode == "k=v" else v, wk)
+
+        def run():
+            return (fn(q, kk, vv, wq, wk_, eps, positions, inv, *pools, slots), *pools)
+        return run
+
     gate, up = gate_up[:, :inter], gate_up[:, inter:]
     stream = T * H * b
     out = [
@@ -230,7 +238,16 @@ def build_cases(s: dict, dtype: torch.dtype, device: torch.device, gen: torch.Ge
         Case("rope_and_store_kv", f"k/v [{T}, {Hkv}, {D}]",
              store(rope.rope_and_store_kv), store(rope.rope_and_store_kv_eager), store(ops.rope_and_store_kv),
              bytes=4 * T * Hkv * D * b),
+        Case("ple_residual", f"[{T}, {H}]", lambda: norms.ple_residual(x, r, w, eps, scalar),
+             lambda: norms.ple_residual_eager(x, r, w, eps, scalar), lambda: ops.ple_residual(x, r, w, eps, scalar),
+             bytes=3 * stream),
     ]
+    # q/k/v read, q written, k and v written to the pools (k=v: the keys read once; q only: no pools)
+    for mode, heads in (("q/k/v", 2 * Hq + 4 * Hkv), ("k=v", 2 * Hq + 3 * Hkv), ("q only", 2 * Hq)):
+        out.append(Case("qkv_norm_rope_store" + ("" if mode == "q/k/v" else f" ({mode})"),
+                        f"q [{T}, {Hq}, {D}] strided, proportional",
+                        epilogue(rope.qkv_norm_rope_store, mode), epilogue(rope.qkv_norm_rope_store_eager, mode),
+                        epilogue(ops.qkv_norm_rope_store, mode), bytes=heads * T * D * b))
     if attention:
         out += _attention_cases(s, dtype, device, gen)
     return out + _moe_cases(s, dtype, device, gen)

@@ -9,6 +9,11 @@ Proportional RoPE needs nothing special: its zero frequencies give cos = 1, sin 
 
 Pools are [num_slots, Hkv, D]; slot 0 is the padding sink (shared/DESIGN.md "Pools"), so only
 slots in [1, num_slots) are ever written.
+
+qkv_norm_rope_store is the paged model's attention epilogue in one launch: q_norm, k_norm and
+v_norm (norms.py's qkv_norm), RoPE of q and k and the K/V store, rounded where those three ops
+round. apply_rope, rope_and_store_kv, store_kv and qkv_norm stay as ops of their own (the
+testbed, benchmarks, and the twins the fused one is held to).
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import triton
 import triton.language as tl
 
 from reference.model import apply_rope as _reference_apply_rope
-from .common import check_float, check_same, launch_options, round_to, rows_per_program, store_rounded
+from .common import (check_eps, check_float, check_same, check_weight, launch_options, round_to, rows_per_program,
+                     store_rounded)
+from .norms import qkv_norm_eager
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -37,14 +44,21 @@ def _cos_sin(positions, inv_freq, tokens, token_ok,
 
 
 @triton.jit
-def _rotate(src, cos, sin, mask, HALF: tl.constexpr, DTYPE: tl.constexpr):
-    """x * cos + rotate_half(x) * sin for the head rows whose first halves `src` points at, with
-    rotate_half(x) = cat(-hi, lo) and every product rounded to DTYPE. Returns the two halves."""
-    lo = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    hi = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+def _rotate_halves(lo, hi, cos, sin, DTYPE: tl.constexpr):
+    """x * cos + rotate_half(x) * sin of a head row given as its two float32 halves, with
+    rotate_half(x) = cat(-hi, lo) and every product rounded to DTYPE (the sum is rounded on
+    store). Returns the two halves."""
     new_lo = round_to(lo * cos, DTYPE) - round_to(hi * sin, DTYPE)
     new_hi = round_to(hi * cos, DTYPE) + round_to(lo * sin, DTYPE)
     return new_lo, new_hi
+
+
+@triton.jit
+def _rotate(src, cos, sin, mask, HALF: tl.constexpr, DTYPE: tl.constexpr):
+    """_rotate_halves of the head rows whose first halves `src` points at."""
+    lo = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    hi = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    return _rotate_halves(lo, hi, cos, sin, DTYPE)
 
 
 # Both kernels: a program takes TOKENS tokens and HEADS consecutive heads (HEADS divides H);
@@ -234,3 +248,183 @@ def store_kv_eager(k, v, k_pool, v_pool, out_slots, *, check=False) -> None:
     ok = (slots >= 1) & (slots < k_pool.shape[0])
     k_pool[slots[ok]] = k[ok]
     v_pool[slots[ok]] = v[ok]
+
+
+# -- q/k/v norms + RoPE + KV store, one launch ---------------------------------------------------
+
+@triton.jit
+def _head_ptrs(base, stride_t, stride_h, tokens, heads, cols):
+    """Pointers [TOKENS, HEADS, BLOCK] to the first halves of the head rows (token, head) of a
+    [T, H, D] view (strided, last dim contiguous), or of a pool's rows when `tokens` are slots."""
+    return base + (tokens * stride_t)[:, None, None] + (heads * stride_h)[None, :, None] + cols[None, None, :]
+
+
+@triton.jit
+def _load_halves(ptrs, mask, HALF: tl.constexpr):
+    """The two halves of the head rows whose first halves `ptrs` points at, as float32; zero where masked."""
+    return (tl.load(ptrs, mask=mask, other=0.0).to(tl.float32),
+            tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _inv_rms(lo, hi, D: tl.constexpr, eps):
+    """(mean(x^2) + eps)^-0.5 of each head row [TOKENS, HEADS, 1], in common.rms_rows' formula;
+    the float32 sum of squares is taken half by half."""
+    mean_sq = tl.div_rn(tl.sum(lo * lo, axis=2) + tl.sum(hi * hi, axis=2), D)
+    return tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))[:, :, None]
+
+
+@triton.jit
+def _norm_rope_store(lo, hi, inv, w, cos, sin, dst, mask, cols, HALF: tl.constexpr):
+    """q_norm or k_norm of the head rows (x * inv * w, rounded to the dtype as the norm op's
+    output is), then RoPE (every product rounded), stored at dst (first halves)."""
+    dtype = dst.dtype.element_ty
+    ok = cols < HALF
+    w_lo = tl.load(w + cols, mask=ok, other=0.0).to(tl.float32)[None, None, :]
+    w_hi = tl.load(w + HALF + cols, mask=ok, other=0.0).to(tl.float32)[None, None, :]
+    lo, hi = _rotate_halves(round_to(lo * inv * w_lo, dtype), round_to(hi * inv * w_hi, dtype), cos, sin, dtype)
+    store_rounded(dst, lo, mask)
+    store_rounded(dst + HALF, hi, mask)
+
+
+@triton.jit
+def _q_heads(q, stride_q0, stride_q1, q_w, q_out, tokens, in_range, cols, cos, sin, group, eps,
+             HQ: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HEADS: tl.constexpr):
+    """q_norm + RoPE of query heads group * HEADS.. of the tokens, into contiguous q_out [T, HQ, D]."""
+    heads = group * HEADS + tl.arange(0, HEADS)
+    mask = in_range[:, None, None] & (heads < HQ)[None, :, None] & (cols < HALF)[None, None, :]
+    lo, hi = _load_halves(_head_ptrs(q, stride_q0, stride_q1, tokens, heads, cols), mask, HALF)
+    _norm_rope_store(lo, hi, _inv_rms(lo, hi, D, eps), q_w, cos, sin,
+                     _head_ptrs(q_out, HQ * D, D, tokens, heads, cols), mask, cols, HALF)
+
+
+@triton.jit
+def _kv_heads(k, v, stride_k0, stride_k1, stride_v0, stride_v1, k_w, slots, k_pool, v_pool,
+              stride_kp0, stride_kp1, stride_vp0, stride_vp1, tokens, in_range, cols, cos, sin, group,
+              num_slots, eps, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HEADS: tl.constexpr,
+              V_IS_K: tl.constexpr):
+    """k_norm + RoPE and v_norm of key/value heads group * HEADS.. of the tokens, into the pools
+    at their slots; a slot outside [1, num_slots) (0 is the padding sink) is never written."""
+    heads = group * HEADS + tl.arange(0, HEADS)
+    slot = tl.load(slots + tokens, mask=in_range, other=0).to(tl.int64)
+    ok = in_range & (slot >= 1) & (slot < num_slots)
+    mask = ok[:, None, None] & (heads < HKV)[None, :, None] & (cols < HALF)[None, None, :]
+    lo, hi = _load_halves(_head_ptrs(k, stride_k0, stride_k1, tokens, heads, cols), mask, HALF)
+    inv = _inv_rms(lo, hi, D, eps)
+    if V_IS_K:  # K=V layers: V is the raw key row and v_norm has no weight, so its RMS is k's
+        v_lo, v_hi = lo * inv, hi * inv
+    else:
+        v_lo, v_hi = _load_halves(_head_ptrs(v, stride_v0, stride_v1, tokens, heads, cols), mask, HALF)
+        v_inv = _inv_rms(v_lo, v_hi, D, eps)
+        v_lo, v_hi = v_lo * v_inv, v_hi * v_inv
+    _norm_rope_store(lo, hi, inv, k_w, cos, sin, _head_ptrs(k_pool, stride_kp0, stride_kp1, slot, heads, cols),
+                     mask, cols, HALF)
+    v_dst = _head_ptrs(v_pool, stride_vp0, stride_vp1, slot, heads, cols)
+    store_rounded(v_dst, v_lo, mask)
+    store_rounded(v_dst + HALF, v_hi, mask)
+
+
+@triton.jit
+def _qkv_norm_rope_store_kernel(
+        q, k, v, q_w, k_w, positions, inv_freq, slots, q_out, k_pool, v_pool, T, num_slots, eps,
+        stride_q0, stride_q1, stride_k0, stride_k1, stride_v0, stride_v1,
+        stride_kp0, stride_kp1, stride_vp0, stride_vp1,
+        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        TOKENS: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, Q_GROUPS: tl.constexpr,
+        V_IS_K: tl.constexpr):
+    # Axis 0: tiles of TOKENS tokens. Axis 1: Q_GROUPS groups of Q_HEADS query heads, then groups
+    # of KV_HEADS key/value heads (none in the q-only launch). A program holds its whole group as
+    # one [TOKENS, HEADS, BLOCK_HALF] tile per half: the cos/sin of its tokens, the costly part,
+    # are computed once and shared by the heads, and no head waits on another. HALF = D // 2.
+    # The two branches only call helpers: names bound in both branches of a runtime `if` must
+    # have one type when compiled, and their tiles differ (Q_HEADS vs KV_HEADS heads).
+    tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
+    cols = tl.arange(0, BLOCK_HALF)
+    in_range = tokens < T
+    cos, sin = _cos_sin(positions, inv_freq, tokens, in_range, HALF, BLOCK_HALF, q_out.dtype.element_ty)
+    group = tl.program_id(1)
+    if group < Q_GROUPS:
+        _q_heads(q, stride_q0, stride_q1, q_w, q_out, tokens, in_range, cols, cos[:, None, :], sin[:, None, :],
+                 group, eps, HQ, D, HALF, Q_HEADS)
+    else:
+        _kv_heads(k, v, stride_k0, stride_k1, stride_v0, stride_v1, k_w, slots, k_pool, v_pool,
+                  stride_kp0, stride_kp1, stride_vp0, stride_vp1, tokens, in_range, cols, cos[:, None, :],
+                  sin[:, None, :], group - Q_GROUPS, num_slots, eps, HKV, D, HALF, KV_HEADS, V_IS_K)
+
+
+# Launch shape of the fused q/k/v kernel, read at each launch: elements (both halves, all heads of
+# a group) per program at most, unless one token's group is wider; elements per warp.
+QKV_TILE = 4096
+QKV_WARP_ELEMS = 256
+
+
+def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                        q_weight: torch.Tensor, k_weight: torch.Tensor | None, eps: float,
+                        positions: torch.Tensor, inv_freq: torch.Tensor,
+                        k_pool: torch.Tensor | None = None, v_pool: torch.Tensor | None = None,
+                        out_slots: torch.Tensor | None = None, *, check: bool = False) -> torch.Tensor:
+    """An attention layer's q/k/v epilogue in one launch, for what three launches did
+    (qkv_norm, apply_rope of q, rope_and_store_kv), with their rounding points:
+
+        q = apply_rope(rms_norm(q, q_weight), positions, inv_freq)          -> returned
+        k_pool[out_slots] = apply_rope(rms_norm(k, k_weight), positions, inv_freq)
+        v_pool[out_slots] = rms_norm(v, None)
+
+    Each norm rounds to the model dtype before RoPE rotates it (cos/sin in the dtype, every
+    product rounded), as the unfused ops do. q [T, Hq, D], k and v [T, Hkv, D]: strided views
+    with a contiguous last dim (head views of column slices of one fused QKV projection). On K=V
+    layers pass the same view as k and v (V is the raw key projection, normed without a weight).
+    On KV-shared layers pass k = v = k_weight = None: only q is computed, and the pools and
+    out_slots are not touched (they may be None). positions [T] and inv_freq as for apply_rope;
+    pools and out_slots as for rope_and_store_kv (slots outside [1, num_slots) are skipped, or
+    with check=True refused). Returns a new contiguous q [T, Hq, D].
+    """
+    _check_rope_inputs(q, positions, inv_freq, "q")
+    check_eps(eps)
+    T, hq, d = q.shape
+    check_weight("q_weight", q_weight, d, q.device)
+    if k is None:
+        if v is not None or k_weight is not None:
+            raise ValueError("q-only mode (k=None, a KV-shared layer) takes v=None and k_weight=None")
+        hkv = 0
+    else:
+        check_float("k", k, dim=3)
+        check_float("v", v, dim=3)
+        check_same("q", q, k=k, v=v)
+        if k.shape[0] != T or k.shape[2] != d:
+            raise ValueError(f"k must be [{T}, Hkv, {d}] like q [{T}, {hq}, {d}], got {list(k.shape)}")
+        if k_weight is None:
+            raise ValueError("k_weight is required when k is given")
+        check_weight("k_weight", k_weight, d, q.device)
+        if k_pool is None or v_pool is None or out_slots is None:
+            raise ValueError("k_pool, v_pool and out_slots are required when k is given")
+        _check_kv_inputs(k, v, k_pool, v_pool, out_slots, check)
+        hkv = k.shape[1]
+    q_out = torch.empty((T, hq, d), dtype=q.dtype, device=q.device)
+    if q_out.numel():
+        # stand-ins, never read, in the q-only launch
+        kk, vv, kp, vp, sl = (k, v, k_pool, v_pool, out_slots) if hkv else (q, q, q_out, q_out, positions)
+        v_is_k = bool(hkv) and v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
+        block_half = triton.next_power_of_2(d // 2)
+        most_heads = max(1, QKV_TILE // (2 * block_half))
+        q_heads = min(triton.next_power_of_2(hq), most_heads)
+        kv_heads = min(triton.next_power_of_2(max(hkv, 1)), most_heads)
+        tokens = rows_per_program(T, 2 * block_half * q_heads, QKV_TILE)
+        q_groups = triton.cdiv(hq, q_heads)
+        grid = (triton.cdiv(T, tokens), q_groups + triton.cdiv(hkv, kv_heads))
+        _qkv_norm_rope_store_kernel[grid](
+            q, kk, vv, q_weight, q_weight if k_weight is None else k_weight, positions, inv_freq, sl, q_out, kp, vp,
+            T, kp.shape[0], eps, q.stride(0), q.stride(1), kk.stride(0), kk.stride(1), vv.stride(0), vv.stride(1),
+            kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
+            HQ=hq, HKV=hkv, D=d, HALF=d // 2, BLOCK_HALF=block_half, TOKENS=tokens, Q_HEADS=q_heads,
+            KV_HEADS=kv_heads, Q_GROUPS=q_groups, V_IS_K=v_is_k,
+            **launch_options(tokens * q_heads * 2 * block_half, QKV_WARP_ELEMS))
+    return q_out
+
+
+def qkv_norm_rope_store_eager(q, k, v, q_weight, k_weight, eps, positions, inv_freq, k_pool=None, v_pool=None,
+                              out_slots=None, *, check=False) -> torch.Tensor:
+    q, k, v = qkv_norm_eager(q, k, v, q_weight, k_weight, eps)
+    if k is not None:
+        rope_and_store_kv_eager(k, v, positions, inv_freq, k_pool, v_pool, out_slots, check=check)
+    return apply_rope_eager(q, positions, inv_freq)
