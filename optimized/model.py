@@ -161,9 +161,9 @@ class PagedGemma4:
 
         if ple is not None:
             g = o.gelu_tanh_mul(F.linear(x, w[p + "per_layer_input_gate.weight"]), ple[:, spec.index, :])
-            x = x + o.rms_norm(F.linear(g, w[p + "per_layer_projection.weight"]),
-                               w[p + "post_per_layer_input_norm.weight"], eps)
-            x = x * w[p + "layer_scalar"]
+            # x = (x + post_per_layer_input_norm(projection)) * layer_scalar
+            x = o.ple_residual(F.linear(g, w[p + "per_layer_projection.weight"]), x,
+                               w[p + "post_per_layer_input_norm.weight"], eps, w[p + "layer_scalar"])
         emit(p + "out", x)
         return x
 
@@ -180,13 +180,12 @@ class PagedGemma4:
             # K=V full layers: V is the raw key projection, before k_norm and RoPE.
             v = qkv[:, Hq * hd + kv_width:].view(N, -1, hd) if spec.has_v_proj else k
         a = p + "self_attn."
-        q, k, v = o.qkv_norm(q, k, v, w[a + "q_norm.weight"], None if k is None else w[a + "k_norm.weight"], eps)
-        inv_freq = self.inv_freq[spec.type]
-        q = o.apply_rope(q, batch.positions, inv_freq)
         k_pool, v_pool = self.cache.buffers(spec)
         slots = batch.swa_out_slots if spec.is_sliding else batch.out_slots
-        if k is not None:  # written before attention: kernels read every key from the pool
-            o.rope_and_store_kv(k, v, batch.positions, inv_freq, k_pool, v_pool, slots)
+        # q/k/v norms and RoPE, and K/V written to the pool before attention (kernels read every
+        # key from the pool); a KV-shared layer (k = None) computes q only. One launch when fused.
+        q = o.qkv_norm_rope_store(q, k, v, w[a + "q_norm.weight"], None if k is None else w[a + "k_norm.weight"], eps,
+                                  batch.positions, self.inv_freq[spec.type], k_pool, v_pool, slots)
         emit(p + "q", q)
         if emit is not _no_emit:  # a shared layer's keys are its source's, read back at its own slots
             emit(p + "k", k_pool[slots])

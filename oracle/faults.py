@@ -200,12 +200,13 @@ def _token_table(_page_table: Callable) -> Callable:
     return page_table
 
 
-def _store_into_copy(store: Callable) -> Callable:
-    def rope_and_store_kv(k, v, positions, inv_freq, k_pool, v_pool, out_slots):
-        # What `pool.reshape(...)` gives for a non-contiguous pool view: a fresh copy.
-        store(k, v, positions, inv_freq, k_pool.clone(), v_pool.clone(), out_slots)
+def _store_into_copy(epilogue: Callable) -> Callable:
+    def qkv_norm_rope_store(q, k, v, q_weight, k_weight, eps, positions, inv_freq, k_pool, v_pool, out_slots):
+        if k is not None:  # what `pool.reshape(...)` gives for a non-contiguous pool view: a fresh copy
+            k_pool, v_pool = k_pool.clone(), v_pool.clone()
+        return epilogue(q, k, v, q_weight, k_weight, eps, positions, inv_freq, k_pool, v_pool, out_slots)
 
-    return rope_and_store_kv
+    return qkv_norm_rope_store
 
 
 def _positions_per_chunk(attention: Callable) -> Callable:
@@ -217,11 +218,11 @@ def _positions_per_chunk(attention: Callable) -> Callable:
     return wrapper
 
 
-def _one_plus_w(qkv_norm: Callable) -> Callable:
-    def wrapper(q, k, v, q_weight, k_weight, eps):
-        return qkv_norm(q, k, v, 1 + q_weight, None if k_weight is None else 1 + k_weight, eps)
+def _one_plus_w(epilogue: Callable) -> Callable:
+    def qkv_norm_rope_store(q, k, v, q_weight, k_weight, *rest):
+        return epilogue(q, k, v, 1 + q_weight, None if k_weight is None else 1 + k_weight, *rest)
 
-    return wrapper
+    return qkv_norm_rope_store
 
 
 def _source_one_back(buffers: Callable) -> Callable:
@@ -371,7 +372,7 @@ FAULTS: dict[str, Fault] = _registry(
         "K/V write is lost. The optimized `layers.{l}.k` tap is read back from the pool at the "
         "layer's own slots, so the oracle names layer 0's k, before attention reads the stale keys.",
         "layers.0.k",
-        _on_op_sets("rope_and_store_kv", _store_into_copy),
+        _on_op_sets("qkv_norm_rope_store", _store_into_copy),
         CHUNKED,
     ),
     Fault(
@@ -412,11 +413,12 @@ FAULTS: dict[str, Fault] = _registry(
         "q_norm and k_norm scale by (1 + w), Gemma 2/3 style",
         "Background 3.2: Gemma 4 norms multiply by w, Gemma 1-3's GemmaRMSNorm by (1 + w); SGLang "
         "keeps both behind Gemma4RMSNorm's scale_shift, used by q_norm/k_norm, and its fused QKV "
-        "kernel is eligible only with scale_shift == 0. This fault hits that family (qkv_norm, both "
-        "op sets), so layer 0's q is the first tap after it. (Applied to every weighted norm instead, "
+        "kernel is eligible only with scale_shift == 0. This fault hits that family (the q/k "
+        "norms of qkv_norm_rope_store, the op the paged model calls for them, in both op sets), so "
+        "layer 0's q is the first tap after it. (Applied to every weighted norm instead, "
         "the PLE projection norm would make `ple` the first divergence.)",
         "layers.0.q",
-        _on_op_sets("qkv_norm", _one_plus_w),
+        _on_op_sets("qkv_norm_rope_store", _one_plus_w),
         CHUNKED,
     ),
     Fault(
@@ -565,16 +567,15 @@ def _rope_lowp_angles(x, positions, inv_freq):
     return x * cos + rotated * sin
 
 
-def _lowp_angles(_apply_rope: Callable) -> Callable:
-    return _rope_lowp_angles
+def _lowp_angles(_epilogue: Callable) -> Callable:
+    def qkv_norm_rope_store(q, k, v, q_weight, k_weight, eps, positions, inv_freq, k_pool, v_pool, out_slots):
+        q, k, v = optimized.ops.qkv_norm(q, k, v, q_weight, k_weight, eps)
+        if k is not None:
+            k_pool[out_slots] = _rope_lowp_angles(k, positions, inv_freq)
+            v_pool[out_slots] = v
+        return _rope_lowp_angles(q, positions, inv_freq)
 
-
-def _lowp_angles_store(_store: Callable) -> Callable:
-    def rope_and_store_kv(k, v, positions, inv_freq, k_pool, v_pool, out_slots):
-        k_pool[out_slots] = _rope_lowp_angles(k, positions, inv_freq)
-        v_pool[out_slots] = v
-
-    return rope_and_store_kv
+    return qkv_norm_rope_store
 
 
 def _scale_other_precision(_scaled_embedding: Callable) -> Callable:
@@ -639,10 +640,10 @@ PRECISION_FAULTS = _registry(
         "RoPE angles pos * inv_freq are rounded to bfloat16 before cos/sin",
         "GEMMA4_SPEC.md 3.4 and 8.5: the angles are float32 (transformers' `model.to(bfloat16)` casting "
         "the inv_freq buffer reproduced a q/k drift). Rounded to bfloat16 the angle at position p is "
-        "off by up to p * 2**-9 radians, so the error grows with position. q is rotated before k, "
-        "so layer 0's q is the first tap.",
+        "off by up to p * 2**-9 radians, so the error grows with position. q and k are rotated in one "
+        "op (qkv_norm_rope_store, both op sets) and q's tap comes first, so layer 0's q is the first tap.",
         "layers.0.q",
-        _on_op_sets("apply_rope", _lowp_angles) + _on_op_sets("rope_and_store_kv", _lowp_angles_store),
+        _on_op_sets("qkv_norm_rope_store", _lowp_angles),
         DEEPER_PROMPT,
     ),
     Fault(
