@@ -811,7 +811,7 @@ def test_logits_past_routing_ties_are_shown_but_not_judged(tiny, truth, monkeypa
     view = distribution_view(req)
     assert view["unjudged"] and view["left_out"] == T and view["positions"] == T
     assert result.passed  # shown, never judged
-    assert f"logits not judged ({T} rows past near-tie expert choices); argmax agreement" in result.summary()
+    assert f"logits not judged ({T} rows past near-tie expert choices); KL to the truth mean" in result.summary()
 
     # Rows before the first tie stay judged: the judged verdict, not the unjudged one, is shown.
     some = torch.full((T,), NO_TIE, dtype=torch.long)
