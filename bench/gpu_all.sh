@@ -18,7 +18,8 @@
 #   engine           bench/engine_bench.py at E2B [400]                     -> engine_bench.json, engine.log
 #   serve            bench/serve_bench.py at E2B: TTFT, tok/s at 1-64 streams (needs the serve extra) [300] -> serve_bench.*
 #   tp               tensor parallel at world size 1 over NCCL: bench/tp_check.py and check --tp 1 [240] -> tp_check.json, tp.log
-#   profile          bench/decode_profile.py at E2B: floor, engine, kernel table, transformers [300] -> decode_profile.*
+#   profile          bench/decode_profile.py: floor, engine, kernel table, transformers (e2b; PROFILE_MODELS
+#                    adds 31b, 26b-a4b) [300] -> decode_profile_<model>.json, decode_profile.log
 #   graphs           decode graphs against eager decode, bench/graph_check.py [300] -> graphs.log
 #   attention        paged attention vs SDPA, bench/attention_bench.py [560] -> attention.json, attention.log
 #   parity           bf16 parity of the paged path, bench/gpu_parity.py [300] -> parity.json, parity.log
@@ -172,8 +173,17 @@ stage_serve() {
 }
 
 stage_profile() {
-  run "$(limit profile 300)" python3 bench/decode_profile.py --model e2b --out "$OUT/decode_profile.json" \
-      2>&1 | tee "$OUT/decode_profile.log"
+  # PROFILE_MODELS picks the shapes (default e2b); transformers runs beside e2b only (a 31B or
+  # 26B-A4B random model of its own would take minutes to initialize and double the memory).
+  local rc=0 t model models=(${PROFILE_MODELS:-e2b})
+  t=$(limit profile 300)
+  for model in "${models[@]}"; do
+    local extra=()
+    [ "$model" = e2b ] || extra=(--no-transformers)
+    run $((t / ${#models[@]})) python3 bench/decode_profile.py --model "$model" "${extra[@]}" \
+        --out "$OUT/decode_profile_$model.json" 2>&1 | tee -a "$OUT/decode_profile.log" || rc=1
+  done
+  return $rc
 }
 
 stage_tp() {
