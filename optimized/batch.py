@@ -102,8 +102,11 @@ def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`, copied from pinned memory and asynchronously where the device
     has pinned memory: a pageable copy waits for every kernel queued before it (torch synchronizes
     the stream after it), which would stall the host behind the step in flight (design note 32).
-    torch's pinned-memory cache keeps the host buffer until the copy has run, so nothing is
-    overwritten early. On the CPU the tensor itself."""
+    Each call pins a fresh buffer from torch's pinned-memory cache, which records the copy's
+    stream and hands the block out again only after the copy has run, so nothing is overwritten
+    early (callers never reuse the pinned buffer themselves). On the CPU the tensor itself.
+    Every small index copy of a step goes through here: build_batch's, the sampler's, and
+    KVCache.reserve/map_window's (optimized/memory.py)."""
     if device.type == "cpu":
         return host
     if not pinnable(device):

@@ -232,9 +232,7 @@ class KVCache:
         req.pages = list(pages)
         req.length = n
         req.swa_released = first
-        new = torch.tensor(pages, dtype=torch.int32)
-        slots = (new[:, None] * ps + torch.arange(ps, dtype=torch.int32)[None, :]).reshape(-1)
-        self.req_to_token[req.row, :n] = slots.to(self.device)
+        self.req_to_token[req.row, :n] = self._slots_on_device(pages)
         return n
 
     def resident_prefix(self, pages: list[int]) -> int:
@@ -293,9 +291,7 @@ class KVCache:
         if n_pages > first_new:
             pages = self.full.alloc(n_pages - first_new)  # raises before changing anything
             ps = self.page_size
-            new = torch.tensor(pages, dtype=torch.int32)
-            slots = (new[:, None] * ps + torch.arange(ps, dtype=torch.int32)[None, :]).reshape(-1)
-            self.req_to_token[req.row, first_new * ps: n_pages * ps] = slots.to(self.device)
+            self.req_to_token[req.row, first_new * ps: n_pages * ps] = self._slots_on_device(pages)
             req.pages.extend(pages)
         req.length = max(req.length, new_length)
 
@@ -310,9 +306,9 @@ class KVCache:
         swa_pages = self.swa.alloc(len(todo))
         for page, swa in zip(todo, swa_pages):
             self._swa_of[page] = swa
-        if todo:
-            idx = torch.tensor(todo, dtype=torch.long, device=self.device)
-            self.full_to_swa_page[idx] = torch.tensor(swa_pages, dtype=torch.int32, device=self.device)
+        if todo:  # page numbers and their SWA pages in one copy that does not wait (_slots_on_device)
+            packed = _host_to_device(torch.tensor(todo + swa_pages, dtype=torch.int64), self.device)
+            self.full_to_swa_page[packed[: len(todo)]] = packed[len(todo):].to(torch.int32)
 
     def release_window(self, rid, next_query_pos: int) -> int:
         """Free the SWA pages of `rid` that no query at or after `next_query_pos` can see (and
@@ -352,6 +348,16 @@ class KVCache:
         self.req_to_token[req.row].zero_()
         self._free_rows.append(req.row)
 
+    def _slots_on_device(self, pages: list[int]) -> torch.Tensor:
+        """The full-pool slots of `pages`, in order (int32), on the device. The copy goes through
+        batch.host_to_device (pinned, asynchronous where the device can pin): reserve, map_window
+        and the borrowing of cached pages run while the overlapped engine's previous step is in
+        flight (design note 32), and a pageable copy would make the host wait for that step."""
+        ps = self.page_size
+        new = torch.tensor(pages, dtype=torch.int32)
+        slots = (new[:, None] * ps + torch.arange(ps, dtype=torch.int32)[None, :]).reshape(-1)
+        return _host_to_device(slots, self.device)
+
     # -- tables ---------------------------------------------------------------------------
     def page_table(self, rows: torch.Tensor, num_pages: int) -> torch.Tensor:
         """Full-pool page table [B, num_pages]: the token table strided by the page size."""
@@ -361,6 +367,13 @@ class KVCache:
     def swa_page_table(self, full_page_table: torch.Tensor) -> torch.Tensor:
         """The one full-to-SWA translation of a batch. Evicted pages come out as 0."""
         return self.full_to_swa_page[full_page_table.long()]
+
+
+def _host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """batch.host_to_device, looked up at each call (batch.py imports this module; tests patch it)."""
+    from . import batch
+
+    return batch.host_to_device(host, device)
 
 
 # --------------------------------------------------------------------------------------

@@ -203,3 +203,67 @@ def test_kv_plan_e2b_32k_is_about_6_8x_smaller():
     plan = plan_kv_bytes(PRESETS["e2b"], 32768, page_size=16)
     assert (plan.full_layers, plan.sliding_layers, plan.shared_layers) == (3, 12, 20)
     assert 6.7 < plan.saving < 6.9
+
+
+def _tables_follow_the_host(c):
+    """req_to_token holds each request's page slots, full_to_swa_page the host's SWA map."""
+    ps = c.page_size
+    for req in c.requests.values():
+        want = torch.tensor([p * ps + i for p in req.pages for i in range(ps)], dtype=torch.int32)
+        assert torch.equal(c.req_to_token[req.row, :len(want)].cpu(), want)
+    assert c.full_to_swa_page.cpu().tolist() == c._swa_of
+
+
+def _index_copies(c, monkeypatch) -> list:
+    """Run reserve, map_window and a borrow of cached pages, recording every tensor that went
+    through batch.host_to_device (the pinned, asynchronous copy) on the way."""
+    import optimized.batch
+
+    seen, real = [], optimized.batch.host_to_device
+    monkeypatch.setattr(optimized.batch, "host_to_device", lambda host, device: seen.append(host.clone()) or real(host, device))
+    c.add_request("a")
+    c.reserve("a", 7)  # pages 0-3 of 2
+    c.map_window("a", 7)
+    c.reserve("a", 9)  # one page more
+    c.map_window("a", 9)
+    c.release_window("a", 9)
+    c.add_request("b", cached=c.requests["a"].pages[:4])  # 8 tokens borrowed: slots copied
+    return seen
+
+
+def test_reserve_and_map_window_copy_through_the_asynchronous_helper(monkeypatch):
+    """Design note 32: a pageable host-to-device copy synchronizes the stream, which would make
+    the overlapped engine's host wait for the step in flight whenever a step maps a new page.
+    reserve, map_window and the borrowing of cached pages must send their indices through
+    batch.host_to_device, one copy per call that changes a table, with the tables as before."""
+    c = _cache(page_size=2, num_pages=20, num_swa_pages=12, seed=5)
+    seen = _index_copies(c, monkeypatch)
+    a = c.requests["a"]
+    assert len(seen) == 5  # reserve x2, map_window x2, the borrow
+    ps = 2
+    assert seen[0].tolist() == [p * ps + i for p in a.pages[:4] for i in range(ps)]
+    assert seen[2].tolist() == [p * ps + i for p in a.pages[4:] for i in range(ps)]
+    # map_window: the full pages and their new SWA pages, packed in one copy.
+    assert seen[1].tolist()[:4] == a.pages[:4] and seen[3].tolist() == [a.pages[4], c.swa_page(a.pages[4])]
+    _tables_follow_the_host(c)
+    c.free_request("b")
+    c.free_request("a")
+    assert not c.full_to_swa_page.any() and not c.req_to_token.any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a stream sync only exists on a GPU (CPU copies never wait)")
+def test_reserve_and_map_window_never_synchronize(monkeypatch):
+    """The same calls on the GPU with torch's sync debug mode raising on any synchronizing call
+    (a pageable copy syncs the stream), with a kernel queued ahead so there is something to wait for."""
+    c = KVCache(PRESETS["tiny"], page_size=2, num_pages=20, num_swa_pages=12, max_requests=4, max_context=64,
+                dtype=torch.float32, device="cuda", order_seed=5)
+    x = torch.randn(2048, 2048, device="cuda")
+    torch.cuda.synchronize()
+    _ = x @ x
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _index_copies(c, monkeypatch)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    _tables_follow_the_host(c)
