@@ -76,11 +76,15 @@ def build_batch(cache: KVCache, items: list[BatchItem]) -> ForwardBatch:
     cu_h = [0]
     for it in items:
         cu_h.append(cu_h[-1] + it.extend_len)
+    # Positions come first: kernels read them in place, and Triton specializes a kernel on whether
+    # each pointer is 16-byte aligned, so a view at an offset of 5B + 1 int64s (as when they came
+    # after the per-request fields) compiled one more variant of each such kernel for odd B.
     packed = to_device(
-        rows_h + [it.prefix_len for it in items] + [it.extend_len for it in items] + [it.seq_len for it in items]
-        + cu_h + [p for it in items for p in range(it.prefix_len, it.seq_len)]
-        + [r for r, it in zip(rows_h, items) for _ in range(it.extend_len)], dev)
-    rows, prefix, extend, seq, cu, positions, token_rows = packed.split([B, B, B, B, B + 1, N, N])
+        [p for it in items for p in range(it.prefix_len, it.seq_len)]
+        + [r for r, it in zip(rows_h, items) for _ in range(it.extend_len)]
+        + rows_h + [it.prefix_len for it in items] + [it.extend_len for it in items] + [it.seq_len for it in items]
+        + cu_h, dev)
+    positions, token_rows, rows, prefix, extend, seq, cu = packed.split([N, N, B, B, B, B, B + 1])
     out_slots = cache.req_to_token[token_rows, positions].long()
     swa_out = cache.full_to_swa_page[out_slots // ps].long() * ps + out_slots % ps
     max_pages = ceil_div(max(it.seq_len for it in items), ps)

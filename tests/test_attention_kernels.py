@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import triton
 from hypothesis import given, strategies as st
 
 from optimized.kernels.attention import (
@@ -371,6 +372,70 @@ def test_default_num_splits():
     assert default_num_splits(256, 8, 100) == 1
     assert all(1 <= default_num_splits(b, h, k) <= 64
                for b in (1, 7, 64) for h in (1, 2) for k in (0, 1, 255, 10**6))
+
+
+# ------------------------------------------------------------------------------------------
+# Fewer compiled variants (design note 34): bucketed block sizes, unspecialized int arguments
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch", [1, 2, 5, 16, 17, 64, 65])
+def test_bucketed_block_b_changes_no_result(batch, monkeypatch, device):
+    """Extend at batch sizes in and across BLOCK_B's buckets (64 and 128 lanes), fresh random
+    inputs each: the kernel matches its eager twin and is bitwise what it gave with BLOCK_B the
+    batch's own power of two (the old launch): BLOCK_B only sizes the per-request segment search."""
+    import optimized.kernels.attention as attn
+
+    gen = torch.Generator().manual_seed(5000 + batch)
+    page_size, hkv, hq, d, window = 4, 1, 2, 16, 6
+    ext = torch.randint(0, 4, (batch,), generator=gen).tolist()  # 0 new tokens is allowed
+    seq_lens = [e + p for e, p in zip(ext, torch.randint(0, 9, (batch,), generator=gen).tolist())]
+    live_from = [first_visible_key(s - e, window) for s, e in zip(seq_lens, ext)]
+    paged = build_paged(gen, seq_lens, live_from, hkv, d, page_size, torch.float32, device)
+    q = torch.randn(sum(ext), hq, d, generator=gen).to(device)
+    cu = i32([0] + ext, device).cumsum(0, dtype=torch.int32)
+    args = (q, paged.k_pool, paged.v_pool, paged.page_table, page_size, cu, paged.seq_lens)
+    got = extend_attention(*args, window=window)
+    assert attn.extend_block_b(batch) == max(64, triton.next_power_of_2(batch))
+    assert_attention_close(got, extend_attention_eager(*args, window=window), q, paged.k_pool,
+                           live_v(paged, live_from))
+    monkeypatch.setattr(attn, "MIN_BLOCK_B", 1)
+    assert attn.extend_block_b(batch) == triton.next_power_of_2(batch)
+    assert torch.equal(extend_attention(*args, window=window), got)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 9, 64, 70])
+def test_bucketed_block_s_changes_no_result(num_splits, monkeypatch, device):
+    """Decode's merge at split counts under and over its 64 lanes: bitwise what the merge gave
+    with BLOCK_S the split count's own power of two, and the eager twin's result."""
+    import optimized.kernels.attention as attn
+
+    gen = torch.Generator().manual_seed(6000 + num_splits)
+    seq_lens, page_size, hkv, hq, d = [3, 40, 77], 4, 1, 2, 16
+    live_from = [0] * len(seq_lens)
+    paged = build_paged(gen, seq_lens, live_from, hkv, d, page_size, torch.float32, device)
+    q = torch.randn(len(seq_lens), hq, d, generator=gen).to(device)
+    args = (q, paged.k_pool, paged.v_pool, paged.page_table, page_size, paged.seq_lens)
+    got = decode_attention(*args, num_splits=num_splits)
+    assert_attention_close(got, decode_attention_eager(*args), q, paged.k_pool, live_v(paged, live_from))
+    monkeypatch.setattr(attn, "MIN_BLOCK_S", 1)
+    assert torch.equal(decode_attention(*args, num_splits=num_splits), got)
+
+
+def test_unspecialized_arguments_are_kernel_parameters():
+    """do_not_specialize silently ignores a name the kernel does not have: every name must be a
+    parameter of its kernel, and the kernel (compiled or interpreted) must have been given it."""
+    import inspect
+
+    import optimized.kernels.attention as attn
+
+    for kernel, names in ((attn._extend_kernel, attn._EXTEND_DYNAMIC), (attn._decode_split_kernel, attn._DECODE_DYNAMIC),
+                          (attn._decode_merge_kernel, attn._MERGE_DYNAMIC)):
+        params = list(inspect.signature(kernel.fn).parameters)
+        assert names and set(names) <= set(params), (kernel.fn.__name__, names)
+        if hasattr(kernel, "params"):  # compiled: JITFunction
+            assert {p.name for p in kernel.params if p.do_not_specialize} == set(names)
+        else:  # the interpreter's InterpretedFunction keeps the decorator's arguments
+            assert tuple(kernel.kwargs["do_not_specialize"]) == tuple(names)
 
 
 # ------------------------------------------------------------------------------------------

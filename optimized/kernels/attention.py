@@ -150,7 +150,35 @@ def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, stride_ks, stride_vs, slots, k
 # Extend
 # --------------------------------------------------------------------------------------------
 
-@triton.jit
+# Launch arguments that change from step to step and need no specialization (design note 34).
+# Triton compiles a kernel once per combination of its constexprs and of, for every int argument,
+# "== 1" and "divisible by 16"; a serving engine meets new combinations mid-stream (a batch of 1,
+# of 16, of 5; a page table 1 or 32 pages wide) and stalls on each compile. These are used only
+# in address arithmetic of gathers and scalar loads/stores (page-table rows, the per-request
+# segment search, log-sum-exp entries) and loop bounds, where divisibility buys no vector access.
+_EXTEND_DYNAMIC = ("batch", "stride_pt")
+_DECODE_DYNAMIC = ("stride_lb", "stride_lh", "stride_pt")
+_MERGE_DYNAMIC = ("n_splits", "stride_lb", "stride_lh")
+
+# BLOCK_B, the lanes of extend's per-request segment search, is a power of two at least this
+# large: one compiled variant for every batch up to 64 requests instead of one per power of two.
+# Each program loads and scans BLOCK_B + 1 entries of cu_seqlens once, next to a tile's attention.
+MIN_BLOCK_B = 64
+# BLOCK_S, the lanes of decode's split merge, likewise: _MAX_SPLITS covers default_num_splits.
+MIN_BLOCK_S = _MAX_SPLITS
+
+
+def extend_block_b(batch: int) -> int:
+    """BLOCK_B of an extend launch over `batch` requests (what a warm-up must cover)."""
+    return max(MIN_BLOCK_B, triton.next_power_of_2(batch))
+
+
+def merge_block_s(num_splits: int) -> int:
+    """BLOCK_S of a decode merge over `num_splits` splits."""
+    return max(MIN_BLOCK_S, triton.next_power_of_2(num_splits))
+
+
+@triton.jit(do_not_specialize=_EXTEND_DYNAMIC)
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, page_table_ptr, cu_q_ptr, seq_lens_ptr,
     stride_qn, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_on, stride_oh,
@@ -238,7 +266,7 @@ def extend_attention(q, k_pool, v_pool, page_table, page_size, cu_seqlens_q, seq
         v_pool.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         batch, page_size, window or 0, float(softcap or 0.0),
         G=g, D=d, TOKENS=tokens, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_B=triton.next_power_of_2(batch), HAS_WINDOW=window is not None,
+        BLOCK_B=extend_block_b(batch), HAS_WINDOW=window is not None,
         HAS_SOFTCAP=softcap is not None, **dot_args(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -249,7 +277,7 @@ def extend_attention(q, k_pool, v_pool, page_table, page_size, cu_seqlens_q, seq
 # Decode
 # --------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=_DECODE_DYNAMIC)
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, page_table_ptr, seq_lens_ptr,
     stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
@@ -307,7 +335,7 @@ def _decode_split_kernel(
         tl.store(lse_ptr + b * stride_lb + head * stride_lh + split, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_MERGE_DYNAMIC)
 def _decode_merge_kernel(
     part_ptr, lse_ptr, o_ptr, n_splits,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
@@ -390,7 +418,7 @@ def decode_attention(q, k_pool, v_pool, page_table, page_size, seq_lens, window=
     _decode_merge_kernel[(batch, hq)](
         part, lse, out, num_splits, part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        D=d, BLOCK_S=triton.next_power_of_2(num_splits))
+        D=d, BLOCK_S=merge_block_s(num_splits))
     return out
 
 
