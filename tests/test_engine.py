@@ -348,3 +348,131 @@ def test_a_replayed_graph_that_disagrees_with_its_eager_twin_is_an_error(device)
         while engine.has_work():
             engine.step()
     assert "logits" in taps
+
+
+# -- warm-up (optimized/engine/warmup.py, design note 34) --------------------------------------
+
+def _state(engine) -> dict:
+    """Everything a warm-up must leave as it was: pools (K/V contents), tables, free lists in
+    order, references, rows, stats and the prefix cache."""
+    c = engine.cache
+    tree = engine.scheduler.prefix_cache
+    return dict(
+        kv=[t.clone() for t in [*c._k.values(), *c._v.values()]], req_to_token=c.req_to_token.clone(),
+        full_to_swa=c.full_to_swa_page.clone(), swa_of=list(c._swa_of), rows=list(c._free_rows),
+        alloc=[(list(a._free), list(a._refs), list(a._held)) for a in (c.full, c.swa)], stats=engine.stats(),
+        tree=sorted((tuple(n.tokens), tuple(n.pages), tuple(n.swa)) for n in tree.nodes()) if tree else None)
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        elif k == "kv":
+            assert all(torch.equal(x, y) for x, y in zip(a[k], b[k])), "a K/V pool changed"
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.mark.parametrize("graphs", ["static", False])  # False: eager decode steps are warmed too
+def test_warm_up_leaves_the_engine_as_it_was_and_changes_no_token(graphs):
+    """Forced on here (on the CPU kernels do not compile, so it is off by default): an engine that
+    warmed up has the pools, tables, free lists, stats and prefix cache of one that did not, and
+    generates the same tokens (greedy and seeded, a shared prefix reused) with the same end state."""
+    from optimized.engine import warmup
+
+    kw = dict(max_requests=3, chunk_size=4, token_budget=6, page_size=4, max_context=24, graphs=graphs)
+    warm, cold = _engine(warm_up=True, **kw), _engine(warm_up=False, **kw)
+    steps = warmup.plan(max_requests=3, chunk_size=4, token_budget=6, max_context=24, page_size=4,
+                        eager_decode=graphs is False)
+    assert warm.warm_up_stats["steps"] == len(steps) and cold.warm_up_stats is None
+    assert any(s == [(4, 2), (5, 1), (5, 1)] for s, _ in steps)  # a mixed step of 3 after a prefix
+    _assert_same(_state(warm), _state(cold))
+    system = _prompts([9], seed=3)[0]
+    prompts = [system + [5, 6], system + [7], _prompts([4], seed=4)[0]]
+    params = [GREEDY, SamplingParams(max_new_tokens=5, temperature=0.8, top_k=20, seed=7, ignore_eos=True), GREEDY]
+    outs = [e.generate(prompts[:2], params[:2]) + e.generate(prompts, params) for e in (warm, cold)]
+    assert [(o.tokens, o.reused_tokens) for o in outs[0]] == [(o.tokens, o.reused_tokens) for o in outs[1]]
+    assert any(o.reused_tokens for o in outs[0])
+    _assert_same(_state(warm), _state(cold))
+
+
+def _class(n: int) -> tuple:
+    """What Triton and the launch code can distinguish about a count n: its power-of-two bucket
+    (every kernel's saturates by MAX_TOKENS), n == 1, and its 2-adic valuation up to 4 (which
+    decides whether n * k is divisible by 16, for any head or expert count k)."""
+    import triton
+
+    from optimized.engine.warmup import MAX_TOKENS
+
+    return min(triton.next_power_of_2(n), MAX_TOKENS), n == 1, min((n & -n).bit_length() - 1, 4)
+
+
+@pytest.mark.parametrize("max_requests, chunk, budget, context", [
+    (16, 512, None, 4096), (64, 512, 576, 336), (5, 8, 20, 64), (1, 3, None, 16), (48, 2048, 4000, 4096)])
+def test_warm_up_plan_covers_every_reachable_step(max_requests, chunk, budget, context):
+    """Every token count, sampled-row count and extend batch size a step of this engine can have
+    falls in a class (bucket, == 1, % 16, parity; attention's BLOCK_B) that a warm-up step has."""
+    from optimized.engine import warmup
+    from optimized.kernels.attention import extend_block_b
+
+    steps = warmup.plan(max_requests=max_requests, chunk_size=chunk, token_budget=budget, max_context=context,
+                        page_size=16, eager_decode=False)
+    most = min(budget or max_requests * min(chunk, context), max_requests * min(chunk, context))
+    extend = [s for s, _ in steps if any(e > 1 for _, e in s)]
+    assert all(p + e <= context for s, _ in steps for p, e in s) and all(len(s) <= max_requests for s, _ in steps)
+    assert all(sum(e for _, e in s) <= most and max(e for _, e in s) <= chunk for s in extend)
+    tokens = {_class(sum(e for _, e in s)) for s in extend}
+    rows = {_class(sum(e for _, e in s) if every else len(s)) for s, every in steps}
+    blocks = {extend_block_b(len(s)) for s in extend}
+    for n in range(2, most + 1):  # an extend step of n tokens, with n rows of logits or fewer
+        assert _class(n) in tokens and _class(n) in rows, n
+    for b in range(1, max_requests + 1):
+        if b + 1 <= most:  # a step of b requests, one of them extending
+            assert _class(b) in rows and extend_block_b(b) in blocks, b
+    assert len(steps) <= 5 * 11 + 5 * 7 + 2
+
+
+def test_warm_up_is_off_where_kernels_do_not_compile():
+    assert _engine(device="cpu").warm_up_stats is None  # the interpreter compiles nothing
+    with pytest.raises(ValueError, match="warm_up"):
+        _engine(warm_up="yes")
+
+
+def _compiled_variants() -> int:
+    """Compiled specializations held by every Triton kernel of optimized.kernels."""
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+
+    total = 0
+    for name in ("attention", "norms", "rope", "activation", "moe", "common"):
+        for fn in vars(importlib.import_module(f"optimized.kernels.{name}")).values():
+            if isinstance(fn, JITFunction):
+                total += sum(len(next(c for c in caches if isinstance(c, dict))) for caches in fn.device_caches.values())
+    return total
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="kernels compile only on a GPU (the CPU interprets them)")
+def test_no_step_compiles_after_the_warm_up(device):
+    """Serving after construction never stops for a Triton compile: arrivals of many prompt
+    lengths mixed with decoding requests, batch sizes 1 to max_requests, a shared prefix, prompt
+    logprobs; the number of compiled kernel variants is the one the engine was built with."""
+    engine = _engine(fused=True, device=device, max_requests=8, chunk_size=16, token_budget=40, page_size=4,
+                     max_context=96)
+    assert engine.warm_up_stats is not None
+    built = _compiled_variants()
+    assert built > 0
+    g = torch.Generator().manual_seed(0)
+    system = _prompts([13], seed=9)[0]
+    for i in range(40):
+        if i % 3 == 0 and len(engine.scheduler.waiting) < 4:
+            n = int(torch.randint(1, 50, (1,), generator=g))
+            prompt = (system if i % 2 else []) + _prompts([n], seed=i)[0]
+            engine.add_request(prompt, SamplingParams(max_new_tokens=int(torch.randint(1, 12, (1,), generator=g)),
+                                                      ignore_eos=True, prompt_logprobs=2 if i == 9 else None))
+        engine.step()
+    while engine.has_work():
+        engine.step()
+    assert _compiled_variants() == built

@@ -30,6 +30,7 @@ from ..parallel import TensorParallel
 from .graphs import DecodeGraphs
 from .sampler import PendingDraw, SamplingParams, draw_batch, token_logprobs
 from .scheduler import Scheduled, Scheduler, Script, Sequence
+from .warmup import compiles_kernels, plan as warm_up_plan, warm_up as run_warm_up
 
 # sampler(sequence, logits row [V]) -> the next token. None: the engine's own (params-driven).
 Sampler = Callable[[Sequence, torch.Tensor], int]
@@ -68,7 +69,8 @@ class Engine:
                  graphs: bool | str | None = None, share_prefixes: bool = True,
                  num_swa_pages: int | None = None, page_order_seed: int | None = None,
                  script: Script | None = None, sampler: Sampler | None = None, taps: TapSink | None = None,
-                 feed_last: bool | None = None, tp: TensorParallel | int | None = None, overlap: bool = True):
+                 feed_last: bool | None = None, tp: TensorParallel | int | None = None, overlap: bool = True,
+                 warm_up: bool | None = None):
         """max_context: the most positions one request may use (default: the model's limit, at
         most 4096). num_pages: the full pool's size in pages (default: max_requests requests of
         max_context each); num_swa_pages likewise for the sliding pool (default: the sizing rule
@@ -97,7 +99,13 @@ class Engine:
 
         overlap: in steady decode, launch the next step before reading this one's tokens, feeding
         them on the device (design note 32); tokens, events and stats are those of overlap=False,
-        which runs every step synchronously (for A/B measurement)."""
+        which runs every step synchronously (for A/B measurement).
+
+        warm_up: compile every Triton kernel variant a step can reach before the first request
+        (optimized/engine/warmup.py, design note 34), on scratch slots that leave pools, tables and
+        the prefix cache as they were. None: where kernels compile (not under Triton's
+        interpreter) and no oracle policy is given (taps, script, sampler); True forces it (how a
+        CPU test covers it); False never. `warm_up_stats` says what it ran (None: not run)."""
         for name, v, low in (("page_size", page_size, 1), ("chunk_size", chunk_size, 1),
                              ("max_requests", max_requests, 1), ("num_pages", num_pages, 2),
                              ("num_swa_pages", num_swa_pages, 2), ("max_context", max_context, 1),
@@ -107,6 +115,8 @@ class Engine:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap must be True or False, got {overlap!r}")
+        if warm_up not in (True, False, None):
+            raise ValueError(f"warm_up must be True, False or None, got {warm_up!r}")
         if graphs not in (True, False, None, "static"):
             raise ValueError(f"graphs must be True, False, None or 'static', got {graphs!r}")
         self.tp = parallel.resolve(tp, device)
@@ -142,6 +152,13 @@ class Engine:
             self.decode_graphs, self.graphs_off_because = None, "tensor parallel: no decode graphs unless graphs=True"
         else:
             self.decode_graphs, self.graphs_off_because = self._decode_graphs(graphs, max_requests, pages_per_request)
+        if warm_up is None:
+            warm_up = compiles_kernels(self.device) and taps is None and script is None and sampler is None
+        self.warm_up_stats = None
+        if warm_up:  # after capture: graphs compiled the decode steps they replay
+            self.warm_up_stats = run_warm_up(self.model, warm_up_plan(
+                max_requests=max_requests, chunk_size=chunk_size, token_budget=token_budget,
+                max_context=self.max_context, page_size=page_size, eager_decode=self.decode_graphs is None))
         self._seeds = torch.Generator().manual_seed(seed)  # seeds for requests that give none
         self._next_rid = 0
         self._sequences: dict[int, Sequence] = {}
