@@ -258,7 +258,9 @@ class KVCache:
         swa = self._swa_of[full_page]
         if self.swa.unhold(swa):
             self._swa_of[full_page] = 0
-            self.full_to_swa_page[full_page] = 0
+            # fill_ on a one-element view: a kernel with the value as its argument; an item
+            # assignment copies a CPU scalar to the device, which waits for the stream.
+            self.full_to_swa_page.narrow(0, full_page, 1).fill_(0)
             return True
         return False
 
@@ -337,7 +339,9 @@ class KVCache:
             return
         if self.swa.release(swa):
             self._swa_of[full_page] = 0
-            self.full_to_swa_page[full_page] = 0
+            # fill_ on a one-element view: a kernel with the value as its argument; an item
+            # assignment copies a CPU scalar to the device, which waits for the stream.
+            self.full_to_swa_page.narrow(0, full_page, 1).fill_(0)
 
     def free_request(self, rid) -> None:
         req = self.requests.pop(rid)
