@@ -167,23 +167,8 @@ def qkv_norm(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
     Returns new contiguous (q, k, v); k and v are None in the q-only mode.
     """
     check_float("q", q, dim=3)
-    check_eps(eps)
     T, hq, d = q.shape
-    check_weight("q_weight", q_weight, d, q.device)
-    if k is None:
-        if v is not None or k_weight is not None:
-            raise ValueError("q-only mode (k=None) takes v=None and k_weight=None")
-        hkv = 0
-    else:
-        check_float("k", k, dim=3)
-        check_float("v", v, dim=3)
-        check_same("q", q, k=k, v=v)
-        if k.shape != v.shape or k.shape[0] != T or k.shape[2] != d:
-            raise ValueError(f"k and v must both be [{T}, Hkv, {d}], got {list(k.shape)} and {list(v.shape)}")
-        if k_weight is None:
-            raise ValueError("k_weight is required when k is given")
-        check_weight("k_weight", k_weight, d, q.device)
-        hkv = k.shape[1]
+    hkv = check_qkv(q, k, v, q_weight, k_weight, eps)
     q_out = torch.empty((T, hq, d), dtype=q.dtype, device=q.device)
     k_out = torch.empty((T, hkv, d), dtype=q.dtype, device=q.device) if hkv else None
     v_out = torch.empty_like(k_out) if hkv else None
@@ -198,6 +183,29 @@ def qkv_norm(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
             q.stride(0), q.stride(1), kk.stride(0), kk.stride(1), vv.stride(0), vv.stride(1), eps,
             HQ=hq, HKV=hkv, D=d, BLOCK=block, ROWS=rows, **launch_options(rows * block, WARP_ELEMS))
     return q_out, k_out, v_out
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, q_weight: torch.Tensor,
+              k_weight: torch.Tensor | None, eps: float) -> int:
+    """The q/k/v arguments qkv_norm and the fused attention epilogue (rope.qkv_norm_rope_store)
+    share, checked (q itself by the caller); returns the KV head count (0 in the q-only mode of a
+    KV-shared layer: k = v = k_weight = None)."""
+    check_eps(eps)
+    T, _, d = q.shape
+    check_weight("q_weight", q_weight, d, q.device)
+    if k is None:
+        if v is not None or k_weight is not None:
+            raise ValueError("q-only mode (k=None, a KV-shared layer) takes v=None and k_weight=None")
+        return 0
+    check_float("k", k, dim=3)
+    check_float("v", v, dim=3)
+    check_same("q", q, k=k, v=v)
+    if k.shape != v.shape or k.shape[0] != T or k.shape[2] != d:
+        raise ValueError(f"k and v must both be [{T}, Hkv, {d}], got {list(k.shape)} and {list(v.shape)}")
+    if k_weight is None:
+        raise ValueError("k_weight is required when k is given")
+    check_weight("k_weight", k_weight, d, q.device)
+    return k.shape[1]
 
 
 def qkv_norm_eager(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,

@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 
 from reference.model import apply_rope as _reference_apply_rope
-from .common import (check_eps, check_float, check_same, check_weight, launch_options, round_to, rows_per_program,
+from .common import (check_float, check_same, launch_options, round_to, rows_per_program,
                      store_rounded)
-from .norms import qkv_norm_eager
+from .norms import check_qkv, qkv_norm_eager
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -380,26 +380,12 @@ def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor
     with check=True refused). Returns a new contiguous q [T, Hq, D].
     """
     _check_rope_inputs(q, positions, inv_freq, "q")
-    check_eps(eps)
     T, hq, d = q.shape
-    check_weight("q_weight", q_weight, d, q.device)
-    if k is None:
-        if v is not None or k_weight is not None:
-            raise ValueError("q-only mode (k=None, a KV-shared layer) takes v=None and k_weight=None")
-        hkv = 0
-    else:
-        check_float("k", k, dim=3)
-        check_float("v", v, dim=3)
-        check_same("q", q, k=k, v=v)
-        if k.shape[0] != T or k.shape[2] != d:
-            raise ValueError(f"k must be [{T}, Hkv, {d}] like q [{T}, {hq}, {d}], got {list(k.shape)}")
-        if k_weight is None:
-            raise ValueError("k_weight is required when k is given")
-        check_weight("k_weight", k_weight, d, q.device)
+    hkv = check_qkv(q, k, v, q_weight, k_weight, eps)
+    if hkv:
         if k_pool is None or v_pool is None or out_slots is None:
             raise ValueError("k_pool, v_pool and out_slots are required when k is given")
         _check_kv_inputs(k, v, k_pool, v_pool, out_slots, check)
-        hkv = k.shape[1]
     q_out = torch.empty((T, hq, d), dtype=q.dtype, device=q.device)
     if q_out.numel():
         # stand-ins, never read, in the q-only launch
