@@ -145,6 +145,8 @@ class PagedGemma4:
         if cfg.enable_moe_block:
             top_w, top_i = o.route(x, w[p + "router.scale"], w[p + "router.proj.weight"],
                                    w[p + "router.per_expert_scale"], cfg.top_k_experts, eps)
+            if capturing:  # the router's choice, as the reference records it: int64, ascending per row
+                emit(p + "experts", top_i.sort(dim=-1).values.to(torch.int64))
             xe = o.rms_norm(x, w[p + "pre_feedforward_layernorm_2.weight"], eps)
             moe = o.experts(xe, top_w, top_i, w[p + "experts.gate_up_proj"], w[p + "experts.down_proj"])
             m, moe = self._all_reduce_pair(m, moe)

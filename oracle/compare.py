@@ -24,6 +24,18 @@ capture lacks is "skipped", with the reason. Without weights (the `diff` CLI) no
 The `logits` row also gets a distribution judgement (oracle/distribution.py: KL, argmax, top-k
 overlap and top-k logprobs against the truth, budgeted by the reference's own), which fails the
 row like the others; the first divergence then names `logits` and says "distribution".
+
+MoE models (docs/design_notes.md notes 25 and 35). A correct path in a low precision routes some
+rows to other experts than the float64 truth does at near-tie router logits, and the rows past such
+a choice carry a whole other expert's output. Given routed truths (`compare(...,
+routed_truths={"reference": ..., "candidate": ...})`: the float64 truth forced to each path's own
+`experts` taps, as run_scenario builds them), the global judgement measures the candidate against
+the truth routed as the candidate routed and budgets with the reference against the truth routed
+as the reference routed, on every row (Comparison.truth_routing = "per-path"). Without them, rows
+past a near-tie choice leave the global judgement (Replayer.routing_ties), as before. The
+`experts` taps themselves are choices, not numbers: their row (status "info") counts the rows whose
+expert set differs from the truth's and never fails. A routing bug is the local judgement's to
+catch: it recomputes mlp_out, routing included, in float64 from the path's own input.
 """
 
 from __future__ import annotations
@@ -40,10 +52,12 @@ from .capture import Capture, RequestCapture, rows_at
 from .distribution import DEFAULT_DISTRIBUTION_TOLERANCE, DistributionVerdict, judge_distribution
 from .metrics import as_float_dtype, axis_profile, unravel
 from .replay import NO_TIE, Replayer, Skipped
-from .taps import LAYER_KINDS, order_key, parse_tap, truth_counterpart
+from .taps import LAYER_KINDS, is_integer_tap, order_key, parse_tap, truth_counterpart
 from .tolerance import DEFAULT_TOLERANCE, Tolerance, Verdict, judge
 
 PASS, FAIL, MISALIGNED, MISSING, SKIPPED = "pass", "fail", "misaligned", "missing", "skipped"
+INFO = "info"  # a row shown, never judged (the MoE experts taps: choices, not numbers)
+PER_PATH = "per-path"  # Comparison.truth_routing: each path judged against the truth routed as it routed
 FAILING = (FAIL, MISALIGNED)
 GLOBAL, LOCAL, BOTH = "global", "local", "global and local"  # which judgement a divergence failed
 DISTRIBUTION = "distribution"  # the logits row's distribution judgement (oracle/distribution.py)
@@ -114,6 +128,9 @@ class TapRow:
     # The logits row of a MoE model with rows left out: the distribution metrics over every row,
     # shown for reading and never judged (a correct path may route those rows elsewhere).
     unjudged_distribution: DistributionVerdict | None = None
+    # An experts row (status INFO): rows, and how many route to another expert set than the truth
+    # in the candidate and in the reference.
+    routing: dict | None = None
 
     @property
     def distribution_failed(self) -> bool:
@@ -148,6 +165,8 @@ class TapRow:
             d["distribution"] = self.distribution.to_dict()
         if self.unjudged_distribution is not None:
             d["distribution_unjudged"] = self.unjudged_distribution.to_dict()
+        if self.routing is not None:
+            d["routing"] = dict(self.routing)
         if self.verdict is not None:
             d.update(_verdict_dict(self.verdict))
         return d
@@ -240,7 +259,7 @@ class RequestComparison:
 
     @property
     def judged(self) -> list[TapRow]:
-        return [r for r in self.rows if r.status != MISSING]
+        return [r for r in self.rows if r.status not in (MISSING, INFO)]
 
     @property
     def passed(self) -> bool:
@@ -264,6 +283,7 @@ class Comparison:
     missing_requests: list[str]  # in the truth, not in the candidate
     extra_requests: list[str]  # in the candidate, not in the truth
     notes: list[str]
+    truth_routing: str | None = None  # PER_PATH where MoE taps were judged against routed truths
 
     @property
     def passed(self) -> bool:
@@ -279,7 +299,7 @@ class Comparison:
         rows = [row for r in self.requests for row in r.rows]
         local = [row.local for row in rows if row.local is not None]
         return {"requests": len(self.requests),
-                "taps_judged": sum(row.status != MISSING for row in rows),
+                "taps_judged": sum(row.status not in (MISSING, INFO) for row in rows),
                 "taps_failed": sum(row.failed_by is not None for row in rows),
                 "taps_missing": sum(row.status == MISSING for row in rows),
                 "requests_diverged": sum(r.first_divergence is not None for r in self.requests),
@@ -289,8 +309,9 @@ class Comparison:
 
     def to_dict(self) -> dict:
         first = self.first_divergence
+        routing = {} if self.truth_routing is None else {"truth_routing": self.truth_routing}
         return _jsonable({
-            "passed": self.passed, "dtype": self.dtype, "truth_dtype": self.truth_dtype,
+            "passed": self.passed, "dtype": self.dtype, "truth_dtype": self.truth_dtype, **routing,
             "tolerance": self.tolerance.to_dict(), "counts": self.counts(),
             "first_divergence": first.to_dict() if first else None,
             "requests": [r.to_dict() for r in self.requests],
@@ -302,7 +323,8 @@ class Comparison:
         """A few lines for a terminal or a failing assertion; the first names the verdict."""
         c = self.counts()
         local = f"; {c['local_judged']} local judgements" if c["local_judged"] or c["local_skipped"] else ""
-        settings = (f"[{self.dtype} vs {self.truth_dtype} truth{local}; budget {self.tolerance.multiple:g}x noise "
+        routed = " routed per path" if self.truth_routing == PER_PATH else ""
+        settings = (f"[{self.dtype} vs {self.truth_dtype} truth{routed}{local}; budget {self.tolerance.multiple:g}x noise "
                     f"(max abs {self.tolerance.max_abs_multiple:g}x) + floor]")
         first = self.first_divergence
         if first is not None:
@@ -360,13 +382,17 @@ class Comparison:
 
 def compare(truth: Capture, ref: Capture, cand: Capture, config, *, tolerance: Tolerance = DEFAULT_TOLERANCE,
             chunk_boundaries: Mapping[str, Sequence[int]] | None = None,
-            weights: Mapping[str, torch.Tensor] | None = None) -> Comparison:
+            weights: Mapping[str, torch.Tensor] | None = None,
+            routed_truths: Mapping[str, Capture] | None = None) -> Comparison:
     """Judge every tap of `cand` against `truth`, budgeted by `ref`'s noise.
 
     `config` (Gemma4Config) must be the model all three captured. `chunk_boundaries` maps a
     request id to the positions where its prefill chunks (and decode steps) start; without it,
     the candidate's metadata["scenario"]["chunk_boundaries"] is used when present. `weights`
-    (that model's, in the compared dtype or float64) turn on the layer-local judgement."""
+    (that model's, in the compared dtype or float64) turn on the layer-local judgement.
+    `routed_truths` ({"reference": capture, "candidate": capture}, MoE models): the truth forced to
+    each path's expert choices; the global judgement then measures each path against its own
+    (module docstring). A request either lacks is judged against `truth` as without them."""
     _check_same_model(config, truth=truth, ref=ref, cand=cand)
     dtype = _compared_dtype(ref, cand)
     truth_dtype = truth.metadata.get("dtype")
@@ -374,28 +400,46 @@ def compare(truth: Capture, ref: Capture, cand: Capture, config, *, tolerance: T
     if chunk_boundaries is None:
         chunk_boundaries = _scenario_chunks(cand)
     replayer = Replayer(config, weights) if weights is not None else None
+    if routed_truths is not None:
+        if set(routed_truths) != {"reference", "candidate"}:
+            raise CompareError(f"routed_truths needs the keys 'reference' and 'candidate', got {sorted(routed_truths)}")
+        for name, capture in routed_truths.items():
+            _check_same_model(config, **{f"{name}-routed truth": capture})
 
     results = []
+    per_path = False
     for request_id, truth_req in truth.requests.items():
         if request_id not in cand.requests:
             continue
         starts = _chunk_starts(chunk_boundaries.get(request_id)) if chunk_boundaries else None
+        routed = None
+        if routed_truths is not None and all(request_id in c.requests for c in routed_truths.values()):
+            routed = (routed_truths["reference"].requests[request_id], routed_truths["candidate"].requests[request_id])
+            per_path = True
         results.append(_compare_request(request_id, truth_req, ref.requests.get(request_id), cand.requests[request_id],
-                                        config, dtype, tolerance, starts, replayer))
+                                        config, dtype, tolerance, starts, replayer, routed))
     missing = [r for r in truth.requests if r not in cand.requests]
     extra = [r for r in cand.requests if r not in truth.requests]
-    return Comparison(results, dtype, truth_dtype, tolerance, missing, extra, notes)
+    return Comparison(results, dtype, truth_dtype, tolerance, missing, extra, notes, PER_PATH if per_path else None)
 
 
 def _compare_request(request_id: str, truth: RequestCapture, ref: RequestCapture | None, cand: RequestCapture,
                      config, dtype: str | None, tolerance: Tolerance, starts: list[int] | None,
-                     replayer: Replayer | None = None) -> RequestComparison:
-    # MoE models: rows past a near-tie expert choice leave the global judgement (Replayer.routing_ties).
-    ties = replayer.routing_ties(truth, ref, as_float_dtype(dtype)) if replayer is not None and dtype else None
-    rows = [_compare_tap(tap, truth_counterpart(tap), truth, ref, cand, dtype, tolerance, ties)
+                     replayer: Replayer | None = None,
+                     routed: tuple[RequestCapture, RequestCapture] | None = None) -> RequestComparison:
+    """`routed`: (the truth routed as the reference routed, the truth routed as the candidate
+    routed) for this request, or None."""
+    # MoE models without routed truths: rows past a near-tie expert choice leave the global
+    # judgement (Replayer.routing_ties). With them every row is judged, each path on its own routing.
+    ties = (replayer.routing_ties(truth, ref, as_float_dtype(dtype)) if replayer is not None and dtype
+            and routed is None else None)
+    rows = [_routing_row(tap, truth, ref, cand) if is_integer_tap(tap)
+            else _compare_tap(tap, truth_counterpart(tap), truth, ref, cand, dtype, tolerance, ties, routed)
             for tap in cand.taps]
     for tap in truth.taps:
-        if tap not in cand.taps:  # a pool tap judged against it does not stand in for it
+        # A pool tap judged against it does not stand in for it; an experts tap an older candidate
+        # lacks is information it does not give, not a tap it fails to report.
+        if tap not in cand.taps and not is_integer_tap(tap):
             rows.append(TapRow(tap, tap, MISSING, ["not captured by the candidate"]))
     rows.sort(key=lambda r: order_key(r.tap))
 
@@ -408,7 +452,7 @@ def _compare_request(request_id: str, truth: RequestCapture, ref: RequestCapture
                     failing_local[row.tap] = tensors
     for row in rows:
         if row.kind == "logits" and row.status in (PASS, FAIL):
-            row.distribution = _distribution_verdict(row, truth, ref, cand, dtype, ties)
+            row.distribution = _distribution_verdict(row, truth, ref, cand, dtype, ties, routed)
         if row.kind == "logits" and row.left_out and row.status in (PASS, FAIL, SKIPPED):
             row.unjudged_distribution = _distribution_verdict(row, truth, ref, cand, dtype)
 
@@ -418,24 +462,26 @@ def _compare_request(request_id: str, truth: RequestCapture, ref: RequestCapture
         if first_row.status not in FAILING and first_row.tap in failing_local:
             first = _locate(request_id, first_row, failing_local[first_row.tap], starts)
         else:  # global (or the distribution judgement alone: located against the truth)
-            aligned = (_align(first_row.tap, first_row.truth_tap, truth, ref, cand)
+            aligned = (_align(first_row.tap, first_row.truth_tap, truth, ref, cand, routed)
                        if first_row.status != MISALIGNED else None)
             first = _locate(request_id, first_row, aligned, starts)
     return RequestComparison(request_id, rows, first, _layer_growth(rows, config), starts)
 
 
 def _distribution_verdict(row: TapRow, truth: RequestCapture, ref: RequestCapture, cand: RequestCapture,
-                          dtype: str | None, ties: torch.Tensor | None = None) -> DistributionVerdict | None:
-    """The logits row's distribution judgement (None where its rows do not line up)."""
-    aligned = _align(row.tap, row.truth_tap, truth, ref, cand)
+                          dtype: str | None, ties: torch.Tensor | None = None,
+                          routed: tuple[RequestCapture, RequestCapture] | None = None) -> DistributionVerdict | None:
+    """The logits row's distribution judgement (None where its rows do not line up); with
+    `routed`, each path against the truth routed as it routed."""
+    aligned = _align(row.tap, row.truth_tap, truth, ref, cand, routed)
     if isinstance(aligned, str):
         return None
     aligned, _ = _clear_routing(row.tap, aligned, truth, ties)
     if aligned is None:
         return None
-    c, r, t, positions = aligned
+    c, r, t, positions = aligned[:4]
     return judge_distribution(c, r, t, dtype or str(c.dtype).removeprefix("torch."), DEFAULT_DISTRIBUTION_TOLERANCE,
-                              positions=positions)
+                              positions=positions, ref_truth=aligned[4] if len(aligned) > 4 else None)
 
 
 def _local_row(tap: str, replayer: Replayer, ref: RequestCapture | None, cand: RequestCapture, dtype: str | None,
@@ -483,21 +529,24 @@ def _local_row(tap: str, replayer: Replayer, ref: RequestCapture | None, cand: R
 
 
 def _compare_tap(tap: str, truth_tap: str, truth: RequestCapture, ref: RequestCapture | None, cand: RequestCapture,
-                 dtype: str | None, tolerance: Tolerance, ties: torch.Tensor | None = None) -> TapRow:
+                 dtype: str | None, tolerance: Tolerance, ties: torch.Tensor | None = None,
+                 routed: tuple[RequestCapture, RequestCapture] | None = None) -> TapRow:
     if truth_tap not in truth.taps:
         return TapRow(tap, truth_tap, MISSING, [f"the truth has no {truth_tap}"])
     if ref is None or truth_tap not in ref.taps:
         return TapRow(tap, truth_tap, MISSING, [f"the reference in the compared dtype has no {truth_tap}: "
                                                 f"no noise to budget against"])
-    aligned = _align(tap, truth_tap, truth, ref, cand)
+    aligned = _align(tap, truth_tap, truth, ref, cand, routed)
     if isinstance(aligned, str):
         return TapRow(tap, truth_tap, MISALIGNED, [aligned])
     aligned, left_out = _clear_routing(tap, aligned, truth, ties)
     if aligned is None:
         return TapRow(tap, truth_tap, SKIPPED, ["every row is past a near-tie expert choice (the local judgement "
                                                 "still applies)"], left_out=left_out)
-    c, r, t, positions = aligned
-    verdict = judge(c, r, t, dtype or c.dtype, tolerance, kind=parse_tap(tap).kind)
+    c, r, t, positions = aligned[:4]
+    # With routed truths the reference is measured against its own (a global judgement still).
+    per_path = {"ref_truth": aligned[4], "local": False} if len(aligned) > 4 else {}
+    verdict = judge(c, r, t, dtype or c.dtype, tolerance, kind=parse_tap(tap).kind, **per_path)
     worst = None
     if verdict.error.max_abs_index is not None:
         worst = _element(tap, verdict.error.max_abs_index, positions, c, r, t)
@@ -539,10 +588,17 @@ def _clear_routing(tap: str, aligned: tuple, truth: RequestCapture, ties: torch.
     return (c[keep], r[keep], t[keep], positions[keep]), int((~keep).sum())
 
 
-def _align(tap: str, truth_tap: str, truth: RequestCapture, ref: RequestCapture, cand: RequestCapture):
-    """(cand rows, ref rows, truth rows, positions) lined up by position value, or a reason why not."""
+def _align(tap: str, truth_tap: str, truth: RequestCapture, ref: RequestCapture, cand: RequestCapture,
+           routed: tuple[RequestCapture, RequestCapture] | None = None):
+    """(cand rows, ref rows, truth rows, positions) lined up by position value, or a reason why not.
+    With `routed` (the reference's and the candidate's routed truths), the truth rows are the
+    candidate's routed truth's, and the reference's routed truth's rows come fifth."""
     positions = cand.positions_of(tap)
     c = cand.taps[tap]
+    if routed is not None:
+        if truth_tap not in routed[0].taps or truth_tap not in routed[1].taps:
+            return f"a routed truth has no {truth_tap}"
+        truth = routed[1]
     t_idx, t_absent = rows_at(truth.positions_of(truth_tap), positions)
     if t_absent:
         return f"candidate positions {t_absent} are not in the truth's {truth_tap}"
@@ -553,7 +609,41 @@ def _align(tap: str, truth_tap: str, truth: RequestCapture, ref: RequestCapture,
     if c.shape != t.shape or r.shape != t.shape:
         return (f"shapes do not line up: candidate {list(c.shape)}, reference {list(r.shape)}, "
                 f"truth {list(t.shape)} at the same positions")
-    return c, r, t, positions
+    if routed is None:
+        return c, r, t, positions
+    rt_idx, rt_absent = rows_at(routed[0].positions_of(truth_tap), positions)
+    if rt_absent:
+        return f"candidate positions {rt_absent} are not in the reference's routed truth's {truth_tap}"
+    rt = routed[0].taps[truth_tap][rt_idx]
+    if rt.shape != t.shape:
+        return f"shapes do not line up: routed truths {list(rt.shape)} and {list(t.shape)}"
+    return c, r, t, positions, rt
+
+
+def _routing_row(tap: str, truth: RequestCapture, ref: RequestCapture | None, cand: RequestCapture) -> TapRow:
+    """An experts tap (the MoE router's choice): how many of the candidate's rows, and of the
+    reference's at the same positions, route to another expert set than the float64 truth. Shown,
+    never judged (status INFO): at a near tie either set is a correct output, and a routing bug is
+    the local judgement's to catch (it recomputes the choice from the path's own input)."""
+    positions = cand.positions_of(tap)
+    c = cand.taps[tap]
+    if tap not in truth.taps:
+        return TapRow(tap, tap, INFO, [f"the truth has no {tap}: nothing to count against"], positions=c.shape[0])
+    t_idx, absent = rows_at(truth.positions_of(tap), positions)
+    if absent or truth.taps[tap][t_idx].shape != c.shape:
+        return TapRow(tap, tap, INFO, [f"the candidate's {tap} does not line up with the truth's"],
+                      positions=c.shape[0])
+    t = truth.taps[tap][t_idx]
+    differs = int((c != t).any(dim=-1).sum())
+    ref_differs = None
+    if ref is not None and tap in ref.taps:
+        r_idx, r_absent = rows_at(ref.positions_of(tap), positions)
+        if not r_absent and ref.taps[tap][r_idx].shape == t.shape:
+            ref_differs = int((ref.taps[tap][r_idx] != t).any(dim=-1).sum())
+    ref_text = "" if ref_differs is None else f" (reference: {ref_differs})"
+    return TapRow(tap, tap, INFO, [f"{differs} of {c.shape[0]} rows route to another expert set than the float64 "
+                                   f"truth{ref_text}; not judged"], positions=c.shape[0],
+                  routing={"rows": int(c.shape[0]), "differs": differs, "reference_differs": ref_differs})
 
 
 def _element(tap: str, index: tuple[int, ...], positions: torch.Tensor, c: torch.Tensor, r: torch.Tensor,

@@ -261,17 +261,21 @@ def _floor(floors: Mapping[str, float], dtype) -> float:
 
 def judge_distribution(cand: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, dtype,
                        tolerance: DistributionTolerance = DEFAULT_DISTRIBUTION_TOLERANCE,
-                       positions: torch.Tensor | None = None, worst: int = 5) -> DistributionVerdict:
+                       positions: torch.Tensor | None = None, worst: int = 5,
+                       ref_truth: torch.Tensor | None = None) -> DistributionVerdict:
     """Judge the candidate's logits [N, V] against the truth's, budgeted by the reference's (all
-    three aligned row for row). `positions` [N] names the rows in worst_positions."""
+    three aligned row for row). `positions` [N] names the rows in worst_positions. `ref_truth`:
+    what the reference is measured against when that is another truth than the candidate's (MoE
+    models, each path against the float64 truth routed as it routed: docs/design_notes.md note 35)."""
     tol = tolerance
+    rt = truth if ref_truth is None else ref_truth
     # Rank changes within twice the reference's own largest logit error are near-ties that a
     # second draw of the same rounding noise flips (a bf16 check of tiny, 256 tokens of near-flat
     # ranks 8-12, counted 4 top-10 misses against the reference's 0 on a clean run).
-    both = torch.isfinite(truth) & torch.isfinite(ref)
-    slack = tol.rank_slack * float((ref.double() - truth.double())[both].abs().max()) if both.any() else 0.0
+    both = torch.isfinite(rt) & torch.isfinite(ref)
+    slack = tol.rank_slack * float((ref.double() - rt.double())[both].abs().max()) if both.any() else 0.0
     e = distribution_metrics(truth, cand, tol.k, slack)
-    n = distribution_metrics(truth, ref, tol.k, slack)
+    n = distribution_metrics(rt, ref, tol.k, slack)
     finite = truth[torch.isfinite(truth)]
     scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
     lp_floor = _floor(tol.logprob_floors, dtype) * scale
@@ -294,7 +298,7 @@ def judge_distribution(cand: torch.Tensor, ref: torch.Tensor, truth: torch.Tenso
     )
     worst_rows: list[dict] = []
     if e.positions:
-        kl_c, kl_r = kl_divergence(truth, cand), kl_divergence(truth, ref)
+        kl_c, kl_r = kl_divergence(truth, cand), kl_divergence(rt, ref)
         pos = positions.reshape(-1).tolist() if positions is not None else list(range(e.positions))
         order = torch.argsort(torch.nan_to_num(kl_c, nan=math.inf), descending=True, stable=True)[:worst]
         worst_rows = [{"position": int(pos[i]), "kl": _json_float(float(kl_c[i])), "ref_kl": _json_float(float(kl_r[i]))}

@@ -324,6 +324,9 @@ class TapRow(_Judged):
     local: Optional[LocalRow]
     distribution: Distribution = ABSENT  # the logits row only
     distribution_unjudged: Distribution = ABSENT  # a MoE logits row with rows past routing ties: shown only
+    # An experts row (status "info"): rows, rows whose expert set differs from the truth's, the
+    # reference's count (None where it has no such tap).
+    routing: dict[str, Any] = ABSENT
 
 
 @schema
@@ -440,6 +443,7 @@ class Comparison(_Schema):
     extra_requests: list[str]
     notes: list[str]
     summary: str
+    truth_routing: str = ABSENT  # "per-path": MoE taps judged against routed truths (design note 35)
 
 
 @schema

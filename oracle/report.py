@@ -682,6 +682,7 @@ def _scenario_view(index: int, s: Mapping[str, Any]) -> dict:
         "missing_requests": comp.get("missing_requests") or [],
         "extra_requests": comp.get("extra_requests") or [],
         "first_tap": first.get("tap"),
+        "truth_routing": comp.get("truth_routing") or None,
     }
 
 

@@ -12,6 +12,12 @@ teacher decides the token. On a device that can capture graphs, decode steps rep
 each replay is checked bitwise against the same step run eagerly with taps (a mismatch raises
 GraphMismatch); `decode_graphs="static"` runs the graphs' padded static batch eagerly instead,
 which is how a CPU exercises that path.
+
+MoE models compared in another dtype than float64 get two more float64 forwards per request (the
+cost of "routed truths", docs/design_notes.md note 35): the truth forced to the reference's
+captured expert choices (`layers.{l}.experts`) and the truth forced to the candidate's (its taps
+from chunks and decode steps, reassembled by position). compare() judges each path against the
+truth that routed as it did, so rows past a near-tie expert choice are judged too.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -30,7 +36,7 @@ from optimized.runner import Runner
 from reference import Gemma4Reference, resolve
 from reference.weights import CastOnRead, resolve_config
 
-from .capture import Capture, CaptureBuilder, capture_metadata, git_revision, package_versions
+from .capture import Capture, CaptureBuilder, RequestCapture, capture_metadata, git_revision, package_versions
 from .compare import Comparison, compare
 from .facts import ABSENT, Environment, Facts, Git, Kernel, Layout, ScenarioFacts
 from .facts import Comparison as FactsComparison
@@ -63,14 +69,70 @@ def greedy_continuation(model: Gemma4Reference, prompt: list[int], n: int) -> li
 
 
 def reference_capture(model: Gemma4Reference, scenario: Scenario, sequences: dict[str, list[int]],
-                      path: str) -> Capture:
-    builder = CaptureBuilder(capture_metadata(model.config, path=path, dtype=model.dtype,
-                                              device=model.device, scenario=scenario.to_dict()))
+                      path: str, forced: Mapping[str, Mapping[int, torch.Tensor]] | None = None) -> Capture:
+    """`forced`: request id -> {layer: expert ids [T, k]} that the model routes to (MoE)."""
+    metadata = capture_metadata(model.config, path=path, dtype=model.dtype, device=model.device,
+                                scenario=scenario.to_dict())
+    builder = CaptureBuilder(metadata)
     for rid, seq in sequences.items():
         taps: dict = {}
-        model(torch.tensor(seq, device=model.device), taps=taps)
+        model(torch.tensor(seq, device=model.device), taps=taps,
+              forced_experts=None if forced is None else forced[rid])
         builder.add_taps(rid, torch.arange(len(seq)), taps)
     return builder.build()
+
+
+def expert_choices(request: RequestCapture, num_layers: int) -> dict[int, torch.Tensor] | None:
+    """{layer: expert ids [T, k]} from a capture's `layers.{l}.experts` taps over its positions,
+    or None where a layer's tap is absent."""
+    out = {}
+    for layer in range(num_layers):
+        tap = request.taps.get(f"layers.{layer}.experts")
+        if tap is None:
+            return None
+        out[layer] = tap
+    return out
+
+
+def candidate_choices(cand: Capture, ref: Capture, sequences: dict[str, list[int]], rid: str,
+                      donors: Sequence[str], num_layers: int) -> dict[int, torch.Tensor] | None:
+    """The candidate's expert choices for every position of request `rid` [len(seq), k]. Positions
+    it did not compute (a reused prefix) take the choices of the request whose computation it
+    reused: the first of `donors` (its prefix source first, then every other request) that holds
+    the position and the same tokens up to it; failing that, the reference's own (which then
+    means: judged as the reference routed there). None where the candidate has no experts taps."""
+    seq = sequences[rid]
+    req = cand.requests.get(rid)
+    if req is None or ref.requests.get(rid) is None:
+        return None
+    mine = expert_choices(req, num_layers)
+    base = expert_choices(ref.requests[rid], num_layers)
+    if mine is None or base is None:
+        return None
+    out = {layer: base[layer].clone() for layer in range(num_layers)}
+    filled = torch.zeros(len(seq), dtype=torch.bool)
+    sources = [(rid, req)] + [(d, cand.requests[d]) for d in donors if d != rid and d in cand.requests]
+    for source, capture in sources:
+        choices = mine if source == rid else expert_choices(capture, num_layers)
+        if choices is None:
+            continue
+        have = capture.positions
+        if source != rid:  # only the positions whose whole prefix the two requests share
+            other = sequences[source]
+            same = 0
+            while same < min(len(seq), len(other)) and seq[same] == other[same]:
+                same += 1
+            keep = have < same
+        else:
+            keep = have < len(seq)
+        keep &= ~filled[have.clamp(max=len(seq) - 1)]
+        pos = have[keep]
+        if pos.numel() == 0:
+            continue
+        for layer in range(num_layers):
+            out[layer][pos] = choices[layer][keep].to(out[layer].dtype)
+        filled[pos] = True
+    return out
 
 
 def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE,
@@ -141,8 +203,10 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
         return None
     cand = builder.build()
     chunks = {rid: [start for start, _ in res.steps] for rid, res in zip(ids, results)}
+    routed = routed_truths(truth_model, scenario, sequences, ref, cand)
     # The truth model's float64 weights let compare() replay each stage locally (oracle/replay.py).
-    comparison = compare(truth, ref, cand, cfg, tolerance=tolerance, chunk_boundaries=chunks, weights=truth_model.w)
+    comparison = compare(truth, ref, cand, cfg, tolerance=tolerance, chunk_boundaries=chunks, weights=truth_model.w,
+                         routed_truths=routed)
     layout = {
         "page_size": e.page_size,
         "num_pages": runner.cache.full.num_pages,
@@ -152,6 +216,32 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
                      for rid, p, r, res in zip(ids, prompts, scenario.requests, results)],
     }
     return ScenarioRun(scenario, truth, ref, cand, comparison, layout)
+
+
+def routed_truths(truth_model: Gemma4Reference, scenario: Scenario, sequences: dict[str, list[int]], ref: Capture,
+                  cand: Capture) -> dict[str, Capture] | None:
+    """{"reference": the truth forced to the reference's expert choices, "candidate": forced to
+    the candidate's} (module docstring), or None: a dense model, a float64 comparison (the truth's
+    own routing is the reference's), or a capture without experts taps. Two more truth forwards per
+    request."""
+    cfg = truth_model.config
+    if not cfg.enable_moe_block or scenario.dtype == TRUTH_DTYPE:
+        return None
+    L = cfg.num_hidden_layers
+    index = {r.id: r for r in scenario.requests}
+    forced_ref, forced_cand = {}, {}
+    for rid in sequences:
+        r = ref.requests.get(rid)
+        mine = None if r is None else expert_choices(r, L)
+        spec = index.get(rid)
+        source = None if spec is None or spec.prefix_from is None else spec.prefix_from["request"]
+        donors = ([source] if source else []) + [d for d in sequences if d != source]
+        theirs = candidate_choices(cand, ref, sequences, rid, donors, L)
+        if mine is None or theirs is None:
+            return None
+        forced_ref[rid], forced_cand[rid] = mine, theirs
+    return {"reference": reference_capture(truth_model, scenario, sequences, "truth", forced_ref),
+            "candidate": reference_capture(truth_model, scenario, sequences, "truth", forced_cand)}
 
 
 def _discard(*_) -> None:

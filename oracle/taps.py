@@ -9,6 +9,11 @@ The pool taps `layers.{l}.k_cache` / `.v_cache` exist only on the optimized path
 ordered right after `layers.{l}.v`: the pool is written before attention reads it, so a bad
 write shows there before it shows in `layers.{l}.o`. Each is judged against the truth's
 `layers.{l}.k` / `.v` (see `truth_counterpart`).
+
+`layers.{l}.experts` (MoE layers only, not in DESIGN.md's table) holds integers, not activations:
+the expert ids each position routes to, int64 [T, top_k] sorted ascending per row. It is not
+judged numerically; the comparison counts the rows whose expert set differs from the truth's, and
+oracle/run.py forces the float64 truth to each path's choices (docs/design_notes.md note 35).
 """
 
 from __future__ import annotations
@@ -20,7 +25,12 @@ HEAD_KINDS = ("embed", "ple")
 # mlp_gate_up / mlp_act (not in DESIGN.md's table, which allows more): the dense MLP's fused
 # gate|up projection [T, 2I] and its activation gelu_tanh(gate) * up [T, I], so that the activation
 # is judged on its own (docs/design_notes.md, "mlp_act").
-LAYER_KINDS = ("q", "k", "v", "k_cache", "v_cache", "o", "attn_out", "mlp_gate_up", "mlp_act", "mlp_out", "out")
+# experts: the MoE router's choice (sorted expert ids), between the dense MLP and mlp_out, whose
+# expert branch it selects.
+LAYER_KINDS = ("q", "k", "v", "k_cache", "v_cache", "o", "attn_out", "mlp_gate_up", "mlp_act", "experts", "mlp_out",
+               "out")
+MOE_KINDS = ("experts",)  # taps only MoE layers report
+INTEGER_KINDS = ("experts",)  # integer taps: compared as choices, never judged numerically
 TAIL_KINDS = ("final_norm", "logits")
 CACHE_KINDS = {"k_cache": "k", "v_cache": "v"}  # pool tap -> the activation tap it must equal
 
@@ -38,6 +48,7 @@ _AXES = {
     "attn_out": ("dim",),
     "mlp_gate_up": ("dim",),
     "mlp_act": ("dim",),
+    "experts": ("slot",),
     "mlp_out": ("dim",),
     "out": ("dim",),
     "final_norm": ("dim",),
@@ -97,6 +108,11 @@ def is_cache_tap(name: str) -> bool:
     return parse_tap(name).is_cache
 
 
+def is_integer_tap(name: str) -> bool:
+    """A tap of integers (the MoE expert choice): compared as a choice, never judged numerically."""
+    return parse_tap(name).kind in INTEGER_KINDS
+
+
 def truth_counterpart(name: str) -> str:
     """The tap of the truth a candidate tap is compared with: itself, or k/v for a pool tap."""
     tap = parse_tap(name)
@@ -109,11 +125,13 @@ def tap_order(config, include_cache: bool = False) -> list[str]:
     """Canonical dataflow order of the taps a model with this config reports.
 
     `config` is a reference.config.Gemma4Config (anything with num_hidden_layers and has_ple).
-    With include_cache, the optimized path's pool taps are listed after each layer's v."""
+    With include_cache, the optimized path's pool taps are listed after each layer's v; `experts`
+    only where the model has a MoE block."""
+    moe = getattr(config, "enable_moe_block", False)
     names = ["embed"] + (["ple"] if config.has_ple else [])
     for layer in range(config.num_hidden_layers):
         for kind in LAYER_KINDS:
-            if kind in CACHE_KINDS and not include_cache:
+            if (kind in CACHE_KINDS and not include_cache) or (kind in MOE_KINDS and not moe):
                 continue
             names.append(f"layers.{layer}.{kind}")
     return names + list(TAIL_KINDS)
@@ -155,4 +173,8 @@ def tap_trailing_shape(config, name: str) -> tuple[int, ...]:
         return (2 * spec.mlp_width,)
     if tap.kind == "mlp_act":
         return (spec.mlp_width,)
+    if tap.kind == "experts":
+        if not config.enable_moe_block:
+            raise TapNameError(f"{name!r}: the model has no MoE block")
+        return (config.top_k_experts,)
     return (H,)  # attn_out, mlp_out, out

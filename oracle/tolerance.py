@@ -244,19 +244,24 @@ class Verdict:
 def judge(candidate: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype | str,
           tolerance: Tolerance = DEFAULT_TOLERANCE, *, ref_truth: torch.Tensor | None = None,
           kind: str | None = None, same_dtype: torch.Tensor | None = None,
-          documented: torch.Tensor | None = None) -> Verdict:
+          documented: torch.Tensor | None = None, local: bool | None = None) -> Verdict:
     """Verdict on one tap; the tensors are aligned row for row and of the same shape.
 
     `ref_truth` is what the reference is measured against when that is not the candidate's
     truth: a layer-local judgement (oracle/replay.py) measures each path against a replay of its
     own inputs. `kind` (the tap's kind: "ple", "o", ...) turns on the sharp checks that apply to it
     (module docstring); `same_dtype` (mlp_act) and `documented` (o) are the local replays they
-    measure against (oracle/replay.py `Replayed`), aligned with `candidate`."""
-    local = ref_truth is not None
+    measure against (oracle/replay.py `Replayed`), aligned with `candidate`. `local` (default:
+    whether `ref_truth` is given) says the judgement is layer-local; a global judgement against
+    routed truths (docs/design_notes.md note 35) passes `ref_truth` with local=False: each path is
+    measured against the float64 truth that follows its own expert choices, and the global checks
+    apply."""
+    if local is None:
+        local = ref_truth is not None
     noise = error_metrics(ref, truth if ref_truth is None else ref_truth, ulp_dtype=dtype)
     budget = tolerance.budget(noise, dtype, rows=candidate.shape[0] if candidate.dim() else 1)
     no_noise = None
-    if not local and _no_noise(noise, ref, truth, dtype):
+    if not local and _no_noise(noise, ref, truth if ref_truth is None else ref_truth, dtype):
         budget, no_noise = _ulp_budget(budget, truth, dtype), NO_NOISE_ULPS
     # Mismatch fraction: the share of elements beyond the max-abs budget (how widespread a
     # failure is).

@@ -6,6 +6,14 @@ when the model is float64), everything else in the model dtype.
 
 Taps: pass `taps={}` to `forward` and it is filled with the named tensors of shared/DESIGN.md
 ("Taps"), cloned, each of shape [B, T, ...]. With `taps=None` (the default) nothing is copied.
+MoE layers also record `layers.{l}.experts`, the chosen expert ids [B, T, top_k], int64, sorted
+ascending per row.
+
+Forced routing: `forward(ids, forced_experts={layer: ids [B*T, k]})` routes those layers to the
+given experts instead of the router's own top-k; their weights are computed as for its own choice
+(softmax probabilities at those ids, renormalized, times per_expert_scale). oracle/run.py uses it
+to build a float64 truth that follows another path's expert choices (docs/design_notes.md note 35).
+Without it nothing changes.
 """
 
 from __future__ import annotations
@@ -92,15 +100,28 @@ def moe_router_input(r: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.
 
 
 def moe_route(r: torch.Tensor, scale: torch.Tensor, proj_w: torch.Tensor, per_expert_scale: torch.Tensor,
-              top_k: int, eps: float):
+              top_k: int, eps: float, forced: torch.Tensor | None = None):
     """MoE router (GEMMA4_SPEC.md 3.5): top-k expert weights [N, k] and ids [N, k] for the
     residual stream r [N, H]; scale [H], proj_w [E, H] and per_expert_scale [E] are the router's
     weights. The MoE functions are pure functions of tensors (Gemma4Reference.route/.experts
-    look the weights up and call them), so kernels' twins and tests need no model."""
+    look the weights up and call them), so kernels' twins and tests need no model.
+
+    `forced` [N, k]: route to these expert ids instead of the top-k, weighted as the top-k would
+    be (the probabilities at them, renormalized, times per_expert_scale). They are listed in
+    descending probability, as topk lists its own, so the renormalizing sum adds in the same
+    order: forced to the router's own choice, the result is bitwise the unforced one."""
     z = moe_router_input(r, scale, eps)
     # Softmax in float32 (transformers >= 5.13; GEMMA4_SPEC.md section 9).
     probs = torch.softmax(F.linear(z, proj_w), dim=-1, dtype=compute_dtype(r.dtype))
-    top_w, top_i = torch.topk(probs, k=top_k, dim=-1)
+    if forced is None:
+        top_w, top_i = torch.topk(probs, k=top_k, dim=-1)
+    else:
+        ids = forced.to(device=probs.device, dtype=torch.long)
+        if ids.shape != (*probs.shape[:-1], top_k):
+            raise ValueError(f"forced expert ids must have shape {[*probs.shape[:-1], top_k]}, got {list(ids.shape)}")
+        w = probs.gather(-1, ids)
+        order = torch.sort(w, dim=-1, descending=True, stable=True).indices
+        top_w, top_i = w.gather(-1, order), ids.gather(-1, order)
     top_w = top_w / top_w.sum(dim=-1, keepdim=True)
     return top_w * per_expert_scale[top_i], top_i
 
@@ -132,11 +153,13 @@ class Gemma4Reference:
         first = next(iter(weights.values()))
         self.dtype, self.device = first.dtype, first.device
 
-    def __call__(self, ids: torch.Tensor, taps: dict | None = None) -> torch.Tensor:
-        return self.forward(ids, taps)
+    def __call__(self, ids: torch.Tensor, taps: dict | None = None, forced_experts=None) -> torch.Tensor:
+        return self.forward(ids, taps, forced_experts)
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, taps: dict | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, taps: dict | None = None, forced_experts=None) -> torch.Tensor:
+        """`forced_experts`: None, or {layer index: expert ids [B*T, top_k]} (rows in batch, then
+        position order) that MoE layers route to instead of their own top-k (module docstring)."""
         cfg, w = self.config, self.w
         squeeze = ids.dim() == 1
         ids = ids.reshape(1, -1) if squeeze else ids
@@ -165,7 +188,8 @@ class Gemma4Reference:
 
         shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for spec in cfg.layers:
-            x = self.layer(spec, x, ple, rope[spec.type], masks[spec.type], shared_kv, record)
+            forced = None if forced_experts is None else forced_experts.get(spec.index)
+            x = self.layer(spec, x, ple, rope[spec.type], masks[spec.type], shared_kv, record, forced)
 
         x = rms_norm(x, w["norm.weight"], cfg.rms_norm_eps)
         record("final_norm", x)
@@ -194,29 +218,32 @@ class Gemma4Reference:
         ctx = rms_norm(ctx.reshape(*ids.shape, L, P), w["per_layer_projection_norm.weight"], cfg.rms_norm_eps)
         return (ctx + token_part) * 2.0 ** -0.5
 
-    def layer(self, spec: LayerSpec, x, ple, cos_sin, mask, shared_kv, record) -> torch.Tensor:
+    def layer(self, spec: LayerSpec, x, ple, cos_sin, mask, shared_kv, record, forced=None) -> torch.Tensor:
         w, eps = self.w, self.config.rms_norm_eps
         p = f"layers.{spec.index}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
         a = self.attention(spec, h, cos_sin, mask, shared_kv, record)
         x = x + rms_norm(a, w[p + "post_attention_layernorm.weight"], eps)
         record(p + "attn_out", x)
-        m = self.feed_forward(spec, x, record)
+        m = self.feed_forward(spec, x, record, forced)
         record(p + "mlp_out", m)
         x = self.layer_out(spec, x, m, None if ple is None else ple[..., spec.index, :])
         record(p + "out", x)
         return x
 
-    def feed_forward(self, spec: LayerSpec, x: torch.Tensor, record=None) -> torch.Tensor:
+    def feed_forward(self, spec: LayerSpec, x: torch.Tensor, record=None, forced=None) -> torch.Tensor:
         """The post-feed-forward-normed branch (tap mlp_out) from the stream after attention:
-        dense MLP, plus the routed experts and their branch norms on MoE models."""
+        dense MLP, plus the routed experts and their branch norms on MoE models (tap experts;
+        `forced`: expert ids [N, k] to route to instead of the top-k)."""
         cfg, w, eps = self.config, self.w, self.config.rms_norm_eps
         p = f"layers.{spec.index}."
         m = self.mlp(rms_norm(x, w[p + "pre_feedforward_layernorm.weight"], eps), p, record)
         if cfg.enable_moe_block:
             m1 = rms_norm(m, w[p + "post_feedforward_layernorm_1.weight"], eps)
             flat = x.reshape(-1, x.shape[-1])
-            weights, experts = self.route(flat, p)
+            weights, experts = self.route(flat, p, forced)
+            if record is not None:
+                record(p + "experts", experts.sort(dim=-1).values.to(torch.int64).reshape(*x.shape[:-1], -1))
             moe = self.experts(rms_norm(flat, w[p + "pre_feedforward_layernorm_2.weight"], eps), weights, experts, p)
             m2 = rms_norm(moe.reshape(x.shape), w[p + "post_feedforward_layernorm_2.weight"], eps)
             m = m1 + m2
@@ -276,11 +303,12 @@ class Gemma4Reference:
             record(p + "mlp_act", act)
         return F.linear(act, w[p + "mlp.down_proj.weight"])
 
-    def route(self, r: torch.Tensor, p: str):
-        """Router: top-k expert weights [N, k] and ids [N, k] for the residual stream r [N, H]."""
+    def route(self, r: torch.Tensor, p: str, forced: torch.Tensor | None = None):
+        """Router: top-k expert weights [N, k] and ids [N, k] for the residual stream r [N, H]
+        (`forced`: the ids to route to instead, see moe_route)."""
         cfg, w = self.config, self.w
         return moe_route(r, w[p + "router.scale"], w[p + "router.proj.weight"], w[p + "router.per_expert_scale"],
-                         cfg.top_k_experts, cfg.rms_norm_eps)
+                         cfg.top_k_experts, cfg.rms_norm_eps, forced)
 
     def experts(self, xe: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, p: str) -> torch.Tensor:
         """Routed experts, each over all of its tokens in one matmul, in ascending expert order."""
