@@ -310,7 +310,7 @@ def cmd_check(args) -> int:
     if tp is not None and tp.rank > 0:
         return _follow(scenarios, args.inject, tp)
     for f in faults:
-        print(f"injected fault {f.name}: {f.summary} (alone, on tiny, its scenario {f.scenario_spec['name']} "
+        print(f"injected fault {f.name}: {f.summary} (alone, on {f.model}, its scenario {f.scenario_spec['name']} "
               f"must diverge first at {f.expect})")
     runs = []
     jobs = _jobs(args.jobs, scenarios, tp)
@@ -510,7 +510,7 @@ def cmd_faults(args) -> int:
     for f in chosen:
         if args.names:
             print(f"{f.name}: {f.summary}\n  {f.description}\n  scenario {f.scenario_spec['name']}, "
-                  f"first divergence on tiny: {f.expect}")
+                  f"first divergence on {f.model}: {f.expect}")
         else:
             print(f"{f.name:{width}s}  {f.summary}")
     return EXIT_OK

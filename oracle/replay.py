@@ -33,7 +33,8 @@ Stages and their inputs (STAGES below; `prev` is the previous layer's `out`, `em
 
 Not replayed: `embed` and `ple` (their input is the token ids, which a capture does not hold) and
 the pool taps `k_cache` / `v_cache` (optimized path only, so there is no reference noise for them;
-the global judgement against the truth's k / v covers them).
+the global judgement against the truth's k / v covers them), and the MoE `experts` taps (a choice,
+not a value: mlp_out's replay recomputes it, and a wrong one shows there).
 
 Two stages also return what the sharp checks of oracle/tolerance.py measure against (16-bit
 compared dtypes only): `mlp_act` the reference's op sequence run in the compared dtype on the
@@ -353,7 +354,7 @@ class Replayer:
         (the captures' dtype) sets how close a MoE top-k choice may come to a tie."""
         inputs = self.inputs(tap)
         if inputs is None:
-            return Skipped(f"{tap} has no local replay (its inputs are not taps, or it is a pool tap)")
+            return Skipped(f"{tap} has no local replay (its inputs are not taps, or it is a pool or experts tap)")
         absent = [name for name in inputs if name not in request.taps]
         if absent:
             return Skipped(f"input {', '.join(absent)} not in the capture")

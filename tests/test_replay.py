@@ -61,6 +61,9 @@ def test_replay_reproduces_a_float64_reference_capture(preset):
             if tap in ("embed", "ple"):  # their input is the token ids, which captures do not hold
                 assert isinstance(result, Skipped)
                 continue
+            if tap.endswith(".experts"):  # a choice, not a value: judged by mlp_out's replay (note 35)
+                assert isinstance(result, Skipped) and replayer.inputs(tap) is None
+                continue
             assert isinstance(result, Replayed) and result.rows is None, (tap, result)
             err = float((result.values - value).norm() / value.norm())
             assert err <= 1e-12, f"{preset} {rid} {tap}: relative error {err:.3g}"
