@@ -188,8 +188,9 @@ def _scenarios(args) -> list:
     device = resolve_device(args.device)
     model = (args.model or "tiny", args.dtype or "float32", device, 0 if args.seed is None else args.seed)
     injected = getattr(args, "inject", [])
-    if not args.scenario and injected:  # each injected fault's own scenario, once
-        return list({s.name: s for s in (get(n).scenario(*model) for n in injected)}.values())
+    if not args.scenario and injected:  # each injected fault's own scenario (and, without MODEL, preset), once
+        faults = [get(n) for n in injected]
+        return list({s.name: s for s in (f.scenario(args.model, *model[1:]) for f in faults)}.values())
     # No MODEL: the main job, every test architecture (scenario.default_suite).
     suite = default_suite(*model[1:]) if args.model is None else builtin(*model)
     if not args.scenario:
@@ -216,13 +217,15 @@ def _from_file(path: str, args):
     return scenario.with_model(**changes) if changes else scenario
 
 
-def _check_before_work(scenarios) -> None:
+def _check_before_work(scenarios, faults=()) -> None:
     """Everything about the scenarios' models that can be known without running them: the model
     resolves (config and checkpoint layout, on the meta device: nothing is loaded), the optimized
-    path supports it, each scenario fits it. Raises the input error that names the field."""
+    path supports it, each scenario fits it, an injected MoE fault has experts to break. Raises the
+    input error that names the field."""
     from optimized.kernels import check_supported
     from reference import CheckpointError, resolve
 
+    from .faults import MOE_FAULTS
     from .scenario import ScenarioError, check_fits
 
     for sc in scenarios:
@@ -231,6 +234,10 @@ def _check_before_work(scenarios) -> None:
         except OSError as e:  # a config.json that is a directory, a file without permission
             raise CheckpointError(f"{sc.model.source}: cannot read the checkpoint ({e})") from None
         check_supported(cfg)
+        moe = [f.name for f in faults if f.name in MOE_FAULTS]
+        if moe and not cfg.enable_moe_block:  # it would patch nothing and report "not caught"
+            raise BadInput(f"--inject {', '.join(moe)}: breaks the MoE router, and {sc.model.source} has no "
+                           f"experts (scenario {sc.name!r}); use a MoE model such as tiny-moe, or leave MODEL out")
         try:
             check_fits(sc, cfg)
             _check_memory(sc, cfg)
@@ -300,7 +307,7 @@ def cmd_check(args) -> int:
     try:  # every input is checked here, before any work: a mistake costs no minutes
         faults = [get(n) for n in args.inject]
         scenarios = _scenarios(args)
-        _check_before_work(scenarios)
+        _check_before_work(scenarios, faults)
         tp = _tensor_parallel(args.tp, scenarios)
         models, dtypes = _ran(scenarios)
         inject = f"-inject-{'+'.join(f.name for f in faults)}" if faults else ""  # never over the clean report
@@ -490,7 +497,7 @@ def _kernel_rows(device: str, dtype: str) -> list[dict]:
 def _say_whether_the_fault_was_named(fault, runs) -> None:
     """After `check --inject`: whether the oracle named the fault's expected tap on its scenario."""
     own = [r for r in runs if r.scenario.name == fault.scenario_spec["name"]]
-    if not own or own[0].scenario.model.source != "tiny":  # the expected taps are tiny's
+    if not own or own[0].scenario.model.source != fault.model:  # the expected taps are that preset's
         return
     first = own[0].comparison.first_divergence
     found = "parity (not caught)" if first is None else first.tap
@@ -499,10 +506,10 @@ def _say_whether_the_fault_was_named(fault, runs) -> None:
 
 
 def cmd_faults(args) -> int:
-    from .faults import FAULTS, UnknownFault, get
+    from .faults import FAULTS, MOE_FAULTS, UnknownFault, get
 
     try:
-        chosen = [get(n) for n in args.names] if args.names else list(FAULTS.values())
+        chosen = [get(n) for n in args.names] if args.names else [*FAULTS.values(), *MOE_FAULTS.values()]
     except UnknownFault as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -511,8 +518,8 @@ def cmd_faults(args) -> int:
         if args.names:
             print(f"{f.name}: {f.summary}\n  {f.description}\n  scenario {f.scenario_spec['name']}, "
                   f"first divergence on {f.model}: {f.expect}")
-        else:
-            print(f"{f.name:{width}s}  {f.summary}")
+        else:  # a fault for another preset than `check`'s default says which (MOE_FAULTS: tiny-moe)
+            print(f"{f.name:{width}s}  {f.summary}{'' if f.model == 'tiny' else f' (check {f.model})'}")
     return EXIT_OK
 
 

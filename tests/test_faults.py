@@ -8,7 +8,7 @@ import json
 import pytest
 
 from oracle import cli
-from oracle.faults import FAULTS, FaultScenarioError, UnknownFault, inject, inject_all
+from oracle.faults import FAULTS, MOE_FAULTS, FaultScenarioError, UnknownFault, inject, inject_all
 from oracle.run import run_scenario
 from oracle.scenario import builtin
 
@@ -87,11 +87,24 @@ def test_cli_check_inject_exits_one_and_names_the_expected_tap(tmp_path, capsys,
 def test_cli_lists_faults_and_rejects_unknown_names(capsys):
     assert cli.main(["faults"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == list(FAULTS)
+    assert [line.split()[0] for line in lines] == [*FAULTS, *MOE_FAULTS]
     assert all(len(line.split()) > 1 for line in lines)  # each with its one-line description
+    assert all(line.endswith("(check tiny-moe)") for line in lines[len(FAULTS):])  # the preset it needs
     assert cli.main(["faults", "window-one-short"]) == 0
     assert FAULTS["window-one-short"].expect in capsys.readouterr().out
     for argv in (["check", "tiny", "--inject", "no-such-fault"], ["faults", "no-such-fault"]):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert "no-such-fault" in err and all(name in err for name in FAULTS)
+
+
+def test_a_moe_fault_runs_on_its_own_preset_and_is_refused_on_a_model_without_experts(capsys, tmp_path):
+    """`check --inject` of a MoE fault without MODEL runs it on tiny-moe (on `tiny` it would patch
+    nothing and read "not caught"); with a model that has no experts it is refused before any work."""
+    name = next(iter(MOE_FAULTS))
+    assert cli.main(["check", "--inject", name, "--out", str(tmp_path / "r")]) == 1
+    out = capsys.readouterr().out
+    assert f"on {MOE_FAULTS[name].model}" in out and "(as expected)" in out
+    assert cli.main(["check", "tiny", "--inject", name]) == 2
+    err = capsys.readouterr().err
+    assert name in err and "no experts" in err and "tiny-moe" in err
