@@ -13,7 +13,9 @@ seeded random token ids, and reports:
     and truth, and for MoE layers the router's logit std and the share of tokens whose top-k expert
     set differs;
   - at the logits: the truth's std and max, the bf16 argmax agreement with the truth, the relative
-    L2 error, and the distribution metrics of oracle/distribution.py (KL, top-k overlap, logprobs).
+    L2 error, and the distribution metrics of oracle/distribution.py (KL, top-k overlap, logprobs);
+  - MoE models: the same against the truth routed as the bf16 model routed (design note 35), the
+    truth `check` judges such models against, with the stream's error by layer.
 
 `--init unit|checkpoint` picks the random init style (reference/weights.py; default: the
 preset's). `--layers N` and `--vocab V` (and `--experts E`) build a reduced copy of the real shape
@@ -171,13 +173,23 @@ def run(args) -> dict:
               "truth_mean_top1_gap": float((lambda v: (v[:, 0] - v[:, 1]).mean())(lt.double().topk(2, -1).values)),
               "rel_l2": rel_l2(lc, lt), "argmax_agreement_strict": float((lc.argmax(-1) == lt.argmax(-1)).double().mean()),
               **dist.to_dict()}
+    routed = None
+    if cfg.enable_moe_block:  # the truth routed as the compared dtype routed (design note 35)
+        forced = {spec.index: taps_c[f"layers.{spec.index}.experts"] for spec in cfg.layers}
+        taps_r = {}
+        truth(ids, taps=taps_r, forced_experts=forced)
+        lr = taps_r["logits"]
+        routed = {"out_rel_l2": [rel_l2(taps_c[f"layers.{s.index}.out"], taps_r[f"layers.{s.index}.out"])
+                                 for s in cfg.layers],
+                  "rel_l2": rel_l2(lc, lr), "argmax_agreement_strict": float((lc.argmax(-1) == lr.argmax(-1)).double().mean()),
+                  **distribution_metrics(lr, lc, args.k).to_dict()}
     return {"preset": args.preset, "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size,
             "num_kv_shared_layers": cfg.num_kv_shared_layers,
             "experts": cfg.num_experts if cfg.enable_moe_block else None, "init": init, "tokens": args.tokens,
             "dtype": args.dtype, "truth_dtype": truth_dtype, "device": str(device), "seed": args.seed,
             "seconds": {"compared": round(t1 - t0, 1), "truth": round(t2 - t1, 1), "stats": round(time.time() - t2, 1)},
             "embed_rms": float(taps_t["embed"].double().pow(2).mean().sqrt()),
-            "per_layer": layers, "logits": logits}
+            "per_layer": layers, "logits": logits, "routed_truth": routed}
 
 
 def print_report(r: dict) -> None:
@@ -197,6 +209,12 @@ def print_report(r: dict) -> None:
           f"{r['dtype']} vs truth: rel L2 {g['rel_l2']:.3g}, argmax agreement {g['argmax_agreement']:.3f} "
           f"(strict {g['argmax_agreement_strict']:.3f}), KL mean {g['kl_mean']:.3g} max {g['kl_max']:.3g}, "
           f"top-{g['k']} overlap {g['topk_overlap']:.3f}, top-{g['k']} logprob max diff {g['topk_logprob_max_abs']:.3g}")
+    if r.get("routed_truth"):
+        g = r["routed_truth"]
+        print(f"against the truth routed as {r['dtype']} routed: stream rel L2 by layer "
+              f"{' '.join(f'{x:.3g}' for x in g['out_rel_l2'])}; logits rel L2 {g['rel_l2']:.3g}, argmax agreement "
+              f"{g['argmax_agreement']:.3f} (strict {g['argmax_agreement_strict']:.3f}), KL mean {g['kl_mean']:.3g} "
+              f"max {g['kl_max']:.3g}, top-{g['k']} overlap {g['topk_overlap']:.3f}")
     print(f"embed RMS {r['embed_rms']:.3g}; seconds {r['seconds']}")
 
 
