@@ -159,6 +159,7 @@ stage_launch_sweep() {
       "activation.TILE=8192 activation.MAX_BLOCK=4096 activation.WARP_ELEMS=1024" \
       "rope.TOKEN_TILE=256" "rope.TOKEN_TILE=512 rope.WARP_ELEMS=256" "rope.WARP_ELEMS=128" \
       "rope.TOKEN_TILE=2048 rope.WARP_ELEMS=256" "rope.TOKEN_TILE=4096 rope.WARP_ELEMS=1024" \
+      "rope.QKV_TILE=2048" "rope.QKV_TILE=8192" "rope.QKV_WARP_ELEMS=128" "rope.QKV_WARP_ELEMS=512" \
       2>&1 | tee "$OUT/launch_sweep.log"
 }
 

@@ -42,7 +42,7 @@ MODELS = {"e2b": lambda name: name not in MOE_OPS, "31b": lambda name: name not 
           "26b-a4b": lambda name: name in MOE_OPS}
 KNOB_MODULES = {"norms": norms, "activation": activation, "rope": rope}
 KNOBS = {"norms": ("TILE", "WARP_ELEMS"), "activation": ("MAX_BLOCK", "TILE", "WARP_ELEMS"),
-         "rope": ("TOKEN_TILE", "WARP_ELEMS")}
+         "rope": ("TOKEN_TILE", "WARP_ELEMS", "QKV_TILE", "QKV_WARP_ELEMS")}
 DECODE_T, PREFILL_T = (1, 8, 32, 64), (2048, 4096, 8192)
 
 
