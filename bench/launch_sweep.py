@@ -23,8 +23,7 @@ from kernel_bench import MODELS, apply_settings, launch_settings  # noqa: E402
 from oracle.kernel_check import Timer, build_cases, check_case, copy_bandwidth, sizes_for  # noqa: E402
 
 OPS = ["rms_norm", "add_rms_norm", "qkv_norm", "post_ffn_residual_scale", "post_ffn_moe_residual_scale",
-       "router_input", "gelu_tanh_mul", "softcap", "apply_rope", "rope_and_store_kv", "qkv_norm_rope_store",
-       "ple_residual"]
+       "router_input", "gelu_tanh_mul", "softcap", "apply_rope", "rope_and_store_kv", "qkv_norm_rope_store"]
 
 
 def main(argv=None) -> int:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from .kernels.activation import gelu_tanh_mul, softcap
 from .kernels.moe import experts, route
-from .kernels.norms import (add_rms_norm, ple_residual, post_ffn_moe_residual_scale, post_ffn_residual_scale, qkv_norm,
+from .kernels.norms import (add_rms_norm, post_ffn_moe_residual_scale, post_ffn_residual_scale, qkv_norm,
                             rms_norm)
 from .kernels.rope import apply_rope, qkv_norm_rope_store, rope_and_store_kv
 from .ops import gelu_tanh, rope_inv_freq, scaled_embedding
 
 __all__ = [
-    "add_rms_norm", "apply_rope", "experts", "gelu_tanh", "gelu_tanh_mul", "ple_residual", "post_ffn_moe_residual_scale",
+    "add_rms_norm", "apply_rope", "experts", "gelu_tanh", "gelu_tanh_mul", "post_ffn_moe_residual_scale",
     "post_ffn_residual_scale", "qkv_norm", "qkv_norm_rope_store", "rms_norm", "rope_and_store_kv", "rope_inv_freq",
     "route", "scaled_embedding", "softcap",
 ]

@@ -163,9 +163,10 @@ class PagedGemma4:
 
         if ple is not None:
             g = o.gelu_tanh_mul(F.linear(x, w[p + "per_layer_input_gate.weight"]), ple[:, spec.index, :])
-            # x = (x + post_per_layer_input_norm(projection)) * layer_scalar
-            x = o.ple_residual(F.linear(g, w[p + "per_layer_projection.weight"]), x,
-                               w[p + "post_per_layer_input_norm.weight"], eps, w[p + "layer_scalar"])
+            # x = (x + post_per_layer_input_norm(projection)) * layer_scalar: the post-FFN pass's
+            # math exactly (norm, add, scale, each rounded as there), so the same op and kernel.
+            x = o.post_ffn_residual_scale(F.linear(g, w[p + "per_layer_projection.weight"]), x,
+                                          w[p + "post_per_layer_input_norm.weight"], eps, w[p + "layer_scalar"])
         emit(p + "out", x)
         return x
 

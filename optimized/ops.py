@@ -103,11 +103,6 @@ def post_ffn_moe_residual_scale(m_dense, m_moe, residual, w_dense, w_moe, weight
     return post_ffn_residual_scale(m, residual, weight, eps, scalar, return_normed=return_normed)
 
 
-def ple_residual(p, residual, weight, eps: float, scalar):
-    """The per-layer-input tail: (residual + post_per_layer_input_norm(p)) * layer_scalar."""
-    return (residual + rms_norm(p, weight, eps)) * scalar
-
-
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap
 

@@ -238,9 +238,6 @@ def build_cases(s: dict, dtype: torch.dtype, device: torch.device, gen: torch.Ge
         Case("rope_and_store_kv", f"k/v [{T}, {Hkv}, {D}]",
              store(rope.rope_and_store_kv), store(rope.rope_and_store_kv_eager), store(ops.rope_and_store_kv),
              bytes=4 * T * Hkv * D * b),
-        Case("ple_residual", f"[{T}, {H}]", lambda: norms.ple_residual(x, r, w, eps, scalar),
-             lambda: norms.ple_residual_eager(x, r, w, eps, scalar), lambda: ops.ple_residual(x, r, w, eps, scalar),
-             bytes=3 * stream),
     ]
     # q/k/v read, q written, k and v written to the pools (k=v: the keys read once; q only: no pools)
     for mode, heads in (("q/k/v", 2 * Hq + 4 * Hkv), ("k=v", 2 * Hq + 3 * Hkv), ("q only", 2 * Hq)):

@@ -181,23 +181,6 @@ def test_post_ffn_residual_scale(dtype, seed, rows, width, moe, scaled, strided)
     assert torch.equal(plain, out)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@given(seed=seeds, rows=rows_, width=st.sampled_from(WIDTHS), strided=st.booleans())
-def test_ple_residual(dtype, seed, rows, width, strided):
-    gen = torch.Generator().manual_seed(seed)
-    p = randn(gen, rows, width, dtype, strided=strided, scale=5.0)  # the per_layer_projection output
-    residual = randn(gen, rows, width, dtype, strided=strided, scale=2.0)
-    w = norm_weight(gen, width, dtype)
-    s = (0.25 + 1.5 * torch.rand(1, generator=gen)).to(DEVICE, dtype)
-    got, want = norms.ple_residual(p, residual, w, EPS, s), norms.ple_residual_eager(p, residual, w, EPS, s)
-    assert got.is_contiguous()
-    # A flip of the normed branch moves the sum by its ULP, plus the sum's rounding, times the scalar.
-    normed = norms.rms_norm_eager(p, w, EPS)
-    assert_matches(got, want, (ulp(normed) + ulp(residual + normed)) * s.double().abs())
-    # the post-FFN pass with a scalar, the same device function: bit for bit
-    assert torch.equal(got, norms.post_ffn_residual_scale(p, residual, w, EPS, s))
-
-
 # -- activations -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -564,9 +547,6 @@ BAD_CALLS = {
     "epilogue positions length": lambda: rope.qkv_norm_rope_store(_q, None, None, _w, None, EPS, _pos[:3], _inv),
     "epilogue q last dim strided": lambda: rope.qkv_norm_rope_store(_q.transpose(1, 2).contiguous().transpose(1, 2),
                                                                     None, None, _w, None, EPS, _pos, _inv),
-    "ple_residual scalar missing": lambda: norms.ple_residual(_x, _x, _w, EPS, None),
-    "ple_residual scalar shape": lambda: norms.ple_residual(_x, _x, _w, EPS, _w[:2]),
-    "ple_residual shapes": lambda: norms.ple_residual(_x[:2], _x, _w, EPS, _w[:1]),
 }
 
 
@@ -588,7 +568,6 @@ def test_empty_and_single_row_inputs():
     rope.store_kv(empty, empty, _pool, _pool.clone(), _slots[:0])
     assert rope.qkv_norm_rope_store(empty, empty, empty, _w, _w, EPS, _slots[:0], _inv, _pool, _pool.clone(),
                                     _slots[:0]).shape == (0, 2, 32)
-    assert norms.ple_residual(x, x, _w, EPS, _w[:1]).shape == (0, 32)
 
 
 def test_kernels_launched_from_two_threads_at_once_match_their_twins(device):
@@ -659,7 +638,7 @@ MODEL_RTOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 @pytest.mark.parametrize("preset, dtype", [("tiny", torch.float32), ("tiny", torch.bfloat16),
                                            ("tiny-kv-eq-v", torch.float32)])
 def test_paged_model_fused_matches_the_torch_ops(preset, dtype):
-    """tiny: PLE (ple_residual), sliding and full layers, KV-shared layers (q only);
+    """tiny: PLE (its tail on the post-FFN kernel), sliding and full layers, KV-shared layers (q only);
     tiny-kv-eq-v: K=V full layers. Every tap, the pool taps included, and the logits."""
     logits, taps = _paged_run(preset, dtype, fused=True)
     want_logits, want = _paged_run(preset, dtype, fused=False)
@@ -673,7 +652,7 @@ def test_paged_model_fused_matches_the_torch_ops(preset, dtype):
 
 def test_every_fault_on_an_op_reaches_both_op_sets(monkeypatch):
     """A fault is data: it patches the ops the paged model calls. After fusing ops (three launches
-    into qkv_norm_rope_store, three into ple_residual), every fault that patches an op set must
+    into qkv_norm_rope_store, three onto the post-FFN kernel), every fault that patches an op set must
     still patch one the model calls, on the fused path and on the torch one."""
     import optimized.fused_ops
     import optimized.ops
@@ -726,8 +705,7 @@ for hq, hkv, d, q_heads, kv_heads, v_is_k in ((8, 1, 256, 8, 1, False), (32, 4, 
     compile_for_sm90(rope._qkv_norm_rope_store_kernel, t, dict(
         HQ=hq, HKV=hkv, D=d, HALF=d // 2, BLOCK_HALF=d // 2, TOKENS=2, Q_HEADS=q_heads, KV_HEADS=kv_heads,
         Q_GROUPS=hq // q_heads, V_IS_K=v_is_k))
-compile_for_sm90(norms._ple_residual_kernel, t, dict(N=1536, BLOCK=2048, ROWS=1))
-t.update(m="*bf16", m2="*bf16", w1="*bf16", w2="*bf16", normed="*bf16")  # the post-FFN kernel shares its body
+t.update(m="*bf16", m2="*bf16", w1="*bf16", w2="*bf16", normed="*bf16")  # the post-FFN kernel, the PLE tail's too
 compile_for_sm90(norms._post_ffn_kernel, t, dict(N=2816, BLOCK=4096, ROWS=1, MOE=True, HAS_SCALAR=True,
                                                  STORE_NORMED=True))
 print("compiled")

@@ -91,9 +91,9 @@ def _add_rms_norm_kernel(x, res, x_w, w, res_out, out, n_rows, stride_x, stride_
 
 
 @triton.jit
-def _post_ffn_rows(m, m2, res, w1, w2, w, scalar, out, normed, n_rows, stride_m, stride_m2, stride_res, eps,
-                   N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                   MOE: tl.constexpr, HAS_SCALAR: tl.constexpr, STORE_NORMED: tl.constexpr):
+def _post_ffn_kernel(m, m2, res, w1, w2, w, scalar, out, normed, n_rows, stride_m, stride_m2, stride_res, eps,
+                     N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                     MOE: tl.constexpr, HAS_SCALAR: tl.constexpr, STORE_NORMED: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
@@ -110,22 +110,6 @@ def _post_ffn_rows(m, m2, res, w1, w2, w, scalar, out, normed, n_rows, stride_m,
     if HAS_SCALAR:
         h = round_to(h, dtype) * tl.load(scalar).to(tl.float32)
     store_rounded(out + rows[:, None] * N + cols[None, :], h, mask)
-
-
-@triton.jit
-def _post_ffn_kernel(m, m2, res, w1, w2, w, scalar, out, normed, n_rows, stride_m, stride_m2, stride_res, eps,
-                     N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                     MOE: tl.constexpr, HAS_SCALAR: tl.constexpr, STORE_NORMED: tl.constexpr):
-    _post_ffn_rows(m, m2, res, w1, w2, w, scalar, out, normed, n_rows, stride_m, stride_m2, stride_res, eps,
-                   N, BLOCK, ROWS, MOE, HAS_SCALAR, STORE_NORMED)
-
-
-@triton.jit
-def _ple_residual_kernel(p, res, w, scalar, out, n_rows, stride_p, stride_res, eps,
-                         N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
-    # The dense post-FFN pass with a scalar; its own kernel so that profiles tell the two apart.
-    _post_ffn_rows(p, p, res, w, w, w, scalar, out, out, n_rows, stride_p, stride_p, stride_res, eps,
-                   N, BLOCK, ROWS, False, True, False)
 
 
 # -- rms_norm ----------------------------------------------------------------------------------
@@ -264,14 +248,6 @@ def add_rms_norm_eager(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 # -- post-feed-forward norm + residual (+ layer_scalar) -----------------------------------------
 
-def _check_scalar(scalar, residual: torch.Tensor, required: bool = False) -> None:
-    if scalar is None and not required:
-        return
-    if not isinstance(scalar, torch.Tensor) or scalar.numel() != 1:
-        raise ValueError("scalar must be a one-element tensor (the layer's layer_scalar buffer)")
-    check_same("residual", residual, scalar=scalar)
-
-
 def _post_ffn(branches, residual, w_dense, w_moe, weight, eps, scalar, return_normed):
     """branches: ((name, tensor),) for a dense layer, two of them for an MoE layer."""
     _check_stream("residual", residual)
@@ -282,7 +258,10 @@ def _post_ffn(branches, residual, w_dense, w_moe, weight, eps, scalar, return_no
     moe = len(branches) == 2
     for name, w in (("weight", weight), ("w_dense", w_dense), ("w_moe", w_moe))[:3 if moe else 1]:
         check_weight(name, w, n, residual.device)
-    _check_scalar(scalar, residual)
+    if scalar is not None:
+        if not isinstance(scalar, torch.Tensor) or scalar.numel() != 1:
+            raise ValueError("scalar must be a one-element tensor (the layer's layer_scalar buffer)")
+        check_same("residual", residual, scalar=scalar)
     m, m2 = branches[0][1], branches[-1][1]  # m2 is m itself, never read, for a dense layer
     out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
     normed = torch.empty_like(out) if return_normed else None
@@ -303,7 +282,8 @@ def post_ffn_residual_scale(m: torch.Tensor, residual: torch.Tensor, weight: tor
     """out = (residual + rms_norm(m, weight)) * scalar, all [T, H]: post_feedforward_layernorm,
     the residual add and layer_scalar in one pass (GEMMA4_SPEC.md 3.5, for models without PLE).
 
-    scalar=None skips the multiply (PLE models, whose layer_scalar comes after the PLE block).
+    scalar=None skips the multiply (PLE models, whose layer_scalar comes after the PLE block). The
+    PLE block's tail is this same pass: (x + post_per_layer_input_norm(projection)) * layer_scalar.
     return_normed=True returns (out, rms_norm(m, weight)), the latter being the `mlp_out` tap.
     """
     return _post_ffn((("m", m),), residual, None, None, weight, eps, scalar, return_normed)
@@ -334,34 +314,3 @@ def post_ffn_moe_residual_scale_eager(m_dense, m_moe, residual, w_dense, w_moe, 
                                       return_normed=False):
     m = _reference_rms_norm(m_dense, w_dense, eps) + _reference_rms_norm(m_moe, w_moe, eps)
     return post_ffn_residual_scale_eager(m, residual, weight, eps, scalar, return_normed=return_normed)
-
-
-# -- the per-layer-input (PLE) tail: post-PLE norm + residual + layer_scalar ---------------------
-
-def ple_residual(p: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                 scalar: torch.Tensor) -> torch.Tensor:
-    """out = (residual + rms_norm(p, weight)) * scalar, all [T, H], in one launch: the end of an
-    E2B/E4B layer (GEMMA4_SPEC.md 3.5), with p the per_layer_projection output, weight
-    post_per_layer_input_norm and scalar the layer's layer_scalar (a one-element tensor).
-
-    Rounded where the unfused ops round: the normed p and the sum each to the dtype before the
-    next op. The same pass as post_ffn_residual_scale with a scalar (one device function), under
-    its own kernel name.
-    """
-    _check_stream("residual", residual)
-    _check_stream("p", p, residual)
-    check_eps(eps)
-    check_weight("weight", weight, residual.shape[1], residual.device)
-    _check_scalar(scalar, residual, required=True)
-    out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
-    if residual.shape[0]:
-        block = triton.next_power_of_2(residual.shape[1])
-        rows = rows_per_program(residual.shape[0], block, TILE)
-        _ple_residual_kernel[(triton.cdiv(residual.shape[0], rows),)](
-            p, residual, weight, scalar, out, residual.shape[0], p.stride(0), residual.stride(0), eps,
-            N=residual.shape[1], BLOCK=block, ROWS=rows, **launch_options(rows * block, WARP_ELEMS))
-    return out
-
-
-def ple_residual_eager(p, residual, weight, eps, scalar) -> torch.Tensor:
-    return (residual + _reference_rms_norm(p, weight, eps)) * scalar
