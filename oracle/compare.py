@@ -125,9 +125,6 @@ class TapRow:
     local: LocalRow | None = None  # None: no local judgement (no weights given, or no replay for this tap)
     distribution: DistributionVerdict | None = None  # the logits row only
     left_out: int = 0  # rows the global judgement left out (past a near-tie expert choice)
-    # The logits row of a MoE model with rows left out: the distribution metrics over every row,
-    # shown for reading and never judged (a correct path may route those rows elsewhere).
-    unjudged_distribution: DistributionVerdict | None = None
     # An experts row (status INFO): rows, and how many route to another expert set than the truth
     # in the candidate and in the reference.
     routing: dict | None = None
@@ -163,8 +160,6 @@ class TapRow:
              "local": self.local.to_dict() if self.local else None}
         if self.distribution is not None:
             d["distribution"] = self.distribution.to_dict()
-        if self.unjudged_distribution is not None:
-            d["distribution_unjudged"] = self.unjudged_distribution.to_dict()
         if self.routing is not None:
             d["routing"] = dict(self.routing)
         if self.verdict is not None:
@@ -336,15 +331,6 @@ class Comparison:
         else:
             lines = [f"PARITY: {c['taps_judged']} taps in {c['requests']} requests within budget"
                      f"{self._closest_call()} {settings}"]
-        for r in self.requests:  # MoE rows past near-tie expert choices: the end-to-end figures, unjudged
-            row = next((x for x in r.rows if x.unjudged_distribution is not None and x.distribution is None), None)
-            if row is not None:
-                cand, ref = row.unjudged_distribution.error, row.unjudged_distribution.noise
-                # KL, not the argmax share: its near-tie slack grows with the reference's own logit
-                # error, which past routing flips is large enough to make every argmax "agree".
-                lines.append(f"request {r.request!r}: logits not judged ({row.left_out} rows past near-tie expert "
-                             f"choices); KL to the truth mean {cand.kl_mean:.3g} / max {cand.kl_max:.3g} (reference "
-                             f"{ref.kl_mean:.3g} / {ref.kl_max:.3g})")
         if self.missing_requests:
             lines.append(f"requests missing from the candidate: {self.missing_requests}")
         if self.extra_requests:
@@ -453,8 +439,6 @@ def _compare_request(request_id: str, truth: RequestCapture, ref: RequestCapture
     for row in rows:
         if row.kind == "logits" and row.status in (PASS, FAIL):
             row.distribution = _distribution_verdict(row, truth, ref, cand, dtype, ties, routed)
-        if row.kind == "logits" and row.left_out and row.status in (PASS, FAIL, SKIPPED):
-            row.unjudged_distribution = _distribution_verdict(row, truth, ref, cand, dtype)
 
     first_row = next((r for r in rows if r.failed_by is not None), None)
     first = None

@@ -323,7 +323,6 @@ class TapRow(_Judged):
     left_out: int
     local: Optional[LocalRow]
     distribution: Distribution = ABSENT  # the logits row only
-    distribution_unjudged: Distribution = ABSENT  # a MoE logits row with rows past routing ties: shown only
     # An experts row (status "info"): rows, rows whose expert set differs from the truth's, the
     # reference's count (None where it has no such tap).
     routing: dict[str, Any] = ABSENT

@@ -815,13 +815,10 @@ def distribution_view(request: Mapping[str, Any]) -> dict | None:
     """The logits row's distribution judgement (oracle/distribution.py) as a small table: one row
     per budgeted metric (candidate, reference, budget, ratio), plus the shares a reader expects
     (argmax agreement, top-k overlap) and the worst positions by KL. None without one."""
-    rows = [r for r in request.get("rows") or [] if r.get("kind") == "logits"]
-    row = next((r for r in rows if r.get("distribution")), None)
-    unjudged = row is None  # else a MoE model's rows past near-tie expert choices: shown, not judged
-    row = row or next((r for r in rows if r.get("distribution_unjudged")), None)
+    row = next((r for r in request.get("rows") or [] if r.get("kind") == "logits" and r.get("distribution")), None)
     if row is None:
         return None
-    d = row["distribution_unjudged" if unjudged else "distribution"]
+    d = row["distribution"]
     cand, ref = d.get("candidate") or {}, d.get("reference") or {}
     checks = []
     for c in d.get("checks") or []:
@@ -836,8 +833,7 @@ def distribution_view(request: Mapping[str, Any]) -> dict | None:
     worst = [{"position": p.get("position"), "kl": fmt(p.get("kl")), "ref_kl": fmt(p.get("ref_kl"))}
              for p in d.get("worst_positions") or []]
     return {"passed": bool(d.get("passed")), "positions": cand.get("positions"), "k": k, "checks": checks,
-            "shares": shares, "worst": worst, "ratio": fmt_ratio(d.get("ratio")), "unjudged": unjudged,
-            "left_out": row.get("left_out") or 0}
+            "shares": shares, "worst": worst, "ratio": fmt_ratio(d.get("ratio"))}
 
 
 def _bar(x: float | None, scale: float) -> float:
