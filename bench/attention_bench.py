@@ -2,6 +2,10 @@
 
     python bench/attention_bench.py --out reports/attention_bench.json      # the full sweep
     python bench/attention_bench.py --quick                                 # a smoke run (any device)
+    python bench/attention_bench.py --sweep --out reports/attention_sweep.json  # launch settings
+    python bench/attention_bench.py --sweep --quick                         # its smoke run
+
+The comparison (default mode) and the sweep of launch settings (--sweep) share the data and timing.
 
 Layers: "sliding" (head 256, window 512) and "full" (head 512, no window); Hq=8, Hkv in {1, 2};
 bf16; page_size 16 with a shuffled page table (and, on sliding layers, the pages before the
@@ -15,6 +19,14 @@ attention TFLOP/s, and the kernel's max abs error against float32 SDPA on a subs
 (the first requests of a decode; the last query rows of the first request of an extend), so a
 fast wrong kernel shows. SDPA is timed only where its estimated memory fits --sdpa-mem-gb (at
 head 512 it has no fused kernel and materialises the scores).
+
+--sweep times the kernels alone under candidate launch settings, at the shapes that matter for an
+E2B-shape model (Hq=8, Hkv=1): extend as one 8192-token prefill at head 512 (full layers) and 256
+(window 512), for each (BLOCK_M, BLOCK_N, num_warps, num_stages) candidate; decode at batch 1/8/32
+with ~200, 4k and 16k keys, for each (BLOCK_N, num_warps, num_stages) candidate and split count,
+over a page table as wide as a decode graph captures it (--table-keys keys, the rest page 0), and
+timed from a device graph as an engine replays it. A candidate that fails to compile or to launch
+(out of shared memory or registers) is reported and skipped. Results are written after every row.
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,7 +91,9 @@ class Shape:
 # Data: one dense copy for SDPA, one paged copy for the kernels
 # ------------------------------------------------------------------------------------------
 
-def build(s: Shape, device, page_size: int, gen) -> dict:
+def build(s: Shape, device, page_size: int, gen, table_pages: int | None = None) -> dict:
+    """table_pages: pad the page table with page-0 columns to this width (a decode graph's table
+    is captured at max_context / page_size pages whatever the requests' lengths)."""
     B, S, D = s.batch, s.ctx, s.d
     k = torch.randn(B, s.hkv, S, D, device=device, generator=gen, dtype=DTYPE)
     v = torch.randn(B, s.hkv, S, D, device=device, generator=gen, dtype=DTYPE)
@@ -93,6 +109,8 @@ def build(s: Shape, device, page_size: int, gen) -> dict:
     k_pool[slots.flatten()] = k.transpose(1, 2).reshape(B * S, s.hkv, D)
     v_pool[slots.flatten()] = v.transpose(1, 2).reshape(B * S, s.hkv, D)
     table[:, : first_visible_key(S - s.new, s.window) // page_size] = 0  # evicted pages
+    if table_pages is not None and table_pages > pages:
+        table = torch.cat([table, table.new_zeros(B, table_pages - pages)], dim=1)
 
     return dict(
         q=q, k=k, v=v, k_pool=k_pool, v_pool=v_pool, page_table=table,
@@ -102,10 +120,10 @@ def build(s: Shape, device, page_size: int, gen) -> dict:
     )
 
 
-def run_kernel(s: Shape, t: dict, page_size: int) -> torch.Tensor:
+def run_kernel(s: Shape, t: dict, page_size: int, num_splits: int | None = None) -> torch.Tensor:
     if s.op == "decode":
         return decode_attention(t["q"][:, :, 0], t["k_pool"], t["v_pool"], t["page_table"], page_size,
-                                t["seq_lens"], window=s.window)
+                                t["seq_lens"], window=s.window, num_splits=num_splits)
     return extend_attention(t["q_packed"], t["k_pool"], t["v_pool"], t["page_table"], page_size,
                             t["cu"], t["seq_lens"], window=s.window)
 
@@ -164,20 +182,142 @@ def shapes(args) -> list[Shape]:
     return out
 
 
+# ------------------------------------------------------------------------------------------
+# --sweep: launch settings of the kernels alone
+# ------------------------------------------------------------------------------------------
+
+# Candidates per head dim, bf16: (BLOCK_M, BLOCK_N, num_warps, num_stages) for extend, (BLOCK_N,
+# num_warps, num_stages) for decode; the kernel's own table entry is timed first in any case.
+# None of these was timed yet. Why these: at D=512 the float32 accumulator of a 64-row tile is
+# 128 KB of registers, which 8 warps cannot hold (it spilled when compiled for sm_90, see
+# optimized/kernels/attention.py), 16 warps might; 32-row tiles try narrower and wider key blocks
+# and deeper pipelines. At D=256 the tile holds only 8 tokens of 8 packed heads: 128-row tiles
+# halve the K/V traffic per query row if their registers and shared memory allow.
+SWEEP_EXTEND = {
+    512: [(32, 32, 4, 2), (32, 32, 8, 2), (32, 64, 4, 2), (32, 64, 8, 3), (32, 128, 8, 2),
+          (64, 32, 8, 2), (64, 32, 16, 2), (64, 64, 16, 2)],
+    256: [(64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2), (128, 32, 8, 2),
+          (128, 64, 8, 2), (128, 64, 16, 2)],
+}
+SWEEP_DECODE = {
+    512: [(16, 4, 2), (32, 4, 2), (32, 8, 3), (64, 8, 2), (64, 4, 1)],
+    256: [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 8, 2), (32, 8, 1)],
+}
+SWEEP_SPLITS = ["default", 1, 2, 4, 8, 16, 32, 64]
+
+
+def _parse_blocks(specs: list[str]) -> dict[int, list[tuple]]:
+    """["512:32,64,8,2", ...] -> {512: [(32, 64, 8, 2)], ...}"""
+    out: dict[int, list[tuple]] = {}
+    for spec in specs:
+        d, cfg = spec.split(":")
+        out.setdefault(int(d), []).append(tuple(int(x) for x in cfg.split(",")))
+    return out
+
+
+def _candidates(table: dict, d: int, given: dict, default: dict, quick: bool) -> list[tuple]:
+    """The kernel's entry first, then --extend-blocks/--decode-blocks if given, else the defaults."""
+    own = table[d]
+    cands = given.get(d) if given else default[d]
+    if quick and not given:
+        cands = cands[:1]
+    return [own] + [c for c in dict.fromkeys(cands) if c != own]
+
+
+def _try(fn):
+    """(result, None), or (None, one line) when fn raises: a setting that does not compile (out of
+    shared memory or registers, a block shape Triton refuses) must not end the sweep."""
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001 (any compile or launch error is a result of the sweep)
+        line = (traceback.format_exception_only(type(e), e)[-1].strip() or type(e).__name__)
+        return None, line[:300]
+
+
+def sweep(args, device, timer, graph_timer, gen, emit) -> None:
+    ps = args.page_size
+    failed = {}  # (d, decode blocks, one split) -> error: not compiled again for every shape
+    for layer in args.layers:
+        d, window = LAYERS[layer]
+        if args.window is not None and window is not None:
+            window = args.window
+        bf16 = attention._EXTEND_BLOCKS[2]
+        # Extend: one request prefilling --prefill tokens.
+        if "extend" in args.ops:
+            s = Shape("extend", layer, d, window, 1, 1, args.prefill, args.prefill)
+            t = build(s, device, ps, gen)
+            tol = 4 * torch.finfo(DTYPE).eps * t["v"].abs().max().item()
+            own = bf16[d]
+            for cfg in _candidates(bf16, d, args.extend_given, SWEEP_EXTEND, args.quick):
+                bf16[d] = cfg
+                out, error = _try(lambda: run_kernel(s, t, ps))
+                secs = err = None
+                if error is None:
+                    err = check(s, t, out)
+                    secs, error = _try(lambda: timer(lambda: run_kernel(s, t, ps)) * 1e-6)
+                emit(dict(asdict(s), hq=HQ, blocks=list(cfg), default=cfg == own, kernel_s=secs, error=error,
+                          TFLOPs=None if secs is None else s.flops() / secs / 1e12, max_abs_err=err, tol=tol,
+                          ok=error is None and err <= tol))
+            bf16[d] = own
+            del t
+        # Decode over a full-width page table, timed from a graph.
+        if "decode" in args.ops:
+            table = attention._DECODE_BLOCKS[2]
+            own = table[d]
+            for batch in args.batch:
+                for ctx in args.context:
+                    s = Shape("decode", layer, d, window, 1, batch, ctx, 1)
+                    t = build(s, device, ps, gen, table_pages=triton.cdiv(args.table_keys, ps))
+                    tol = 4 * torch.finfo(DTYPE).eps * t["v"].abs().max().item()
+                    for cfg in _candidates(table, d, args.decode_given, SWEEP_DECODE, args.quick):
+                        table[d] = cfg
+                        for splits in args.splits:
+                            n = None if splits == "default" else int(splits)
+                            key = (d, cfg, n == 1)
+                            out, error = (None, failed[key]) if key in failed else _try(lambda: run_kernel(s, t, ps, n))
+                            if error is not None:
+                                failed[key] = error
+                            secs = err = None
+                            if error is None:
+                                err = check(s, t, out)
+                                secs, error = _try(lambda: graph_timer(lambda: run_kernel(s, t, ps, n)) * 1e-6)
+                            emit(dict(asdict(s), hq=HQ, blocks=list(cfg), default=cfg == own, splits=splits,
+                                      table_keys=args.table_keys, kernel_s=secs, error=error,
+                                      graphed=graph_timer.last_graphed,
+                                      GBps=None if secs is None else s.bytes_moved() / secs / 1e9,
+                                      max_abs_err=err, tol=tol, ok=error is None and err <= tol))
+                    table[d] = own
+                    del t
+
+
+def sweep_line(r: dict) -> str:
+    what = (f"{r['op']:6} {r['layer']:7} D={r['d']} B={r['batch']:<3} ctx={r['ctx']:<6} "
+            f"blocks={','.join(map(str, r['blocks'])):<12}{'*' if r['default'] else ' '}")
+    if r["op"] == "decode":
+        what += f" splits={str(r['splits']):<7}"
+    if r["error"]:
+        return f"{what} SKIPPED: {r['error']}"
+    rate = f"{r['GBps']:7.0f} GB/s" if r["op"] == "decode" else f"{r['TFLOPs']:6.1f} TFLOP/s"
+    return (f"{what} {r['kernel_s'] * 1e6:9.1f} us {rate}  err {r['max_abs_err']:.1e}"
+            f"{'' if r['ok'] else '  FAIL'}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: a smoke run")
     p.add_argument("--ops", nargs="+", default=["decode", "extend"], choices=["decode", "extend"])
     p.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     p.add_argument("--hkv", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32, 64], help="decode batch sizes")
+    p.add_argument("--batch", nargs="+", type=int, default=None,
+                   help="decode batch sizes (default 1 8 32 64; --sweep: 1 8 32)")
     p.add_argument("--extend-batch", nargs="+", type=int, default=[1, 4],
                    help="extend batch sizes: 1 prefills the whole context, more extend --chunk tokens each")
     p.add_argument("--chunk", type=int, default=2048)
-    p.add_argument("--context", nargs="+", type=int, default=[1024, 4096, 16384, 32768])
+    p.add_argument("--context", nargs="+", type=int, default=None,
+                   help="keys per request (default 1024 4096 16384 32768; --sweep: 200 4096 16384)")
     p.add_argument("--window", type=int, default=None, help="override the sliding window (512)")
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per shape (default 20; --sweep: 10)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--flush-mb", type=int, default=256, help="L2 flush buffer (0: none)")
     p.add_argument("--copy-mb", type=int, default=2048, help="size of the bandwidth-reference copy")
@@ -186,21 +326,40 @@ def main(argv=None) -> int:
                    help="override the kernel's bf16 extend block table, e.g. 512:64,32,8,1")
     p.add_argument("--decode-blocks", nargs="+", default=[], metavar="D:BN,WARPS,STAGES",
                    help="override the kernel's bf16 decode block table, e.g. 256:32,4,2")
+    p.add_argument("--sweep", action="store_true",
+                   help="time candidate launch settings (see above) instead of comparing with SDPA; "
+                        "--extend-blocks/--decode-blocks then list the candidates (several per head dim allowed)")
+    p.add_argument("--prefill", type=int, default=8192, help="--sweep: extend prefill length")
+    p.add_argument("--table-keys", type=int, default=32768,
+                   help="--sweep: decode page-table capacity in keys (a graph's max context)")
+    p.add_argument("--splits", nargs="+", default=None, help="--sweep: decode split counts ('default': the heuristic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="also write the results here as JSON")
     args = p.parse_args(argv)
+    command = " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
+    # Defaults that differ by mode: the sweep's decode batches and contexts are E2B serving's.
+    args.batch = args.batch or ([1, 8, 32] if args.sweep else [1, 8, 32, 64])
+    args.context = args.context or ([200, 4096, 16384] if args.sweep else [1024, 4096, 16384, 32768])
+    args.repeats = args.repeats or (10 if args.sweep else 20)
     if args.quick:
         args.batch, args.extend_batch, args.context, args.hkv = [1, 3], [1, 2], [40], [1]
         args.chunk, args.window, args.repeats, args.warmup, args.copy_mb = 8, 16, 2, 1, 64
+        args.prefill, args.table_keys = 40, 64
+        args.splits = args.splits or ["default", 1, 4]
+    args.splits = args.splits or SWEEP_SPLITS
 
-    for specs, table in ((args.extend_blocks, attention._EXTEND_BLOCKS[2]),
-                         (args.decode_blocks, attention._DECODE_BLOCKS[2])):
-        for spec in specs:
-            d, cfg = spec.split(":")
-            table[int(d)] = tuple(int(x) for x in cfg.split(","))
+    if args.sweep:
+        args.extend_given, args.decode_given = _parse_blocks(args.extend_blocks), _parse_blocks(args.decode_blocks)
+    else:
+        for specs, table in ((args.extend_blocks, attention._EXTEND_BLOCKS[2]),
+                             (args.decode_blocks, attention._DECODE_BLOCKS[2])):
+            for d, cfgs in _parse_blocks(specs).items():
+                table[d] = cfgs[-1]
     device = default_device()
     timer = Timer(device, args.repeats, args.warmup, args.flush_mb)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    if args.sweep:
+        return run_sweep(args, device, timer, gen, command)
     copy_bw = copy_bandwidth(timer, device, args.copy_mb << 20)
     name = device_name(device)
     print(f"device: {name}{' (Triton interpreter)' if INTERPRETING else ''}; "
@@ -246,11 +405,48 @@ def main(argv=None) -> int:
     result = dict(device=str(name), interpreter=INTERPRETING, torch=torch.__version__, triton=triton.__version__,
                   dtype=str(DTYPE), page_size=args.page_size, copy_bandwidth_Bps=copy_bw,
                   extend_blocks=attention._EXTEND_BLOCKS[2], decode_blocks=attention._DECODE_BLOCKS[2], rows=rows,
-                  command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])))
+                  command=command)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
     return 0 if all(r["ok"] for r in rows) else 1
+
+
+
+def run_sweep(args, device, timer, gen, command) -> int:
+    graph_timer = Timer(device, args.repeats, args.warmup, args.flush_mb, graphs=True)
+    name = device_name(device)
+    print(f"device: {name}{' (Triton interpreter)' if INTERPRETING else ''}; bf16; page_size {args.page_size}; "
+          f"Hq={HQ}, Hkv=1; decode table {args.table_keys} keys, timed from a device graph; "
+          f"* marks the kernel's current entry\n", flush=True)
+    result = dict(device=str(name), interpreter=INTERPRETING, torch=torch.__version__, triton=triton.__version__,
+                  dtype=str(DTYPE), page_size=args.page_size, hq=HQ, hkv=1, prefill=args.prefill,
+                  table_keys=args.table_keys, extend_blocks=dict(attention._EXTEND_BLOCKS[2]),
+                  decode_blocks=dict(attention._DECODE_BLOCKS[2]), rows=[], command=command)
+    t0 = time.perf_counter()
+
+    def emit(row):
+        result["rows"].append(row)
+        print(f"[{time.perf_counter() - t0:6.0f} s] {sweep_line(row)}", flush=True)
+        if args.out:  # after every row: a sweep cut short by a time limit keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))
+
+    sweep(args, device, timer, graph_timer, gen, emit)
+    rows = result["rows"]
+    skipped = sum(1 for r in rows if r["error"])
+    print(f"\n{len(rows)} settings in {time.perf_counter() - t0:.0f} s; {skipped} skipped; "
+          f"{sum(1 for r in rows if not r['error'] and not r['ok'])} wrong")
+    for op, key in (("extend", "TFLOPs"), ("decode", "kernel_s")):
+        best = {}
+        for r in rows:
+            if r["op"] == op and r["ok"]:
+                k = (r["layer"], r["batch"], r["ctx"])
+                if k not in best or (r[key] > best[k][key] if key == "TFLOPs" else r[key] < best[k][key]):
+                    best[k] = r
+        for r in best.values():
+            print(f"best: {sweep_line(r)}")
+    return 0 if all(r["ok"] or r["error"] for r in rows) else 1
 
 
 if __name__ == "__main__":
