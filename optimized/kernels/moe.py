@@ -300,8 +300,10 @@ def _combine_kernel(y, ids, out, n_tokens, H, E, TOP_K: tl.constexpr, ROWS: tl.c
 
 def _group_by_expert(top_w: torch.Tensor, top_i: torch.Tensor, num_experts: int):
     """(entries, offsets, weights, ids) of the layout described above, built on the device;
-    ids[f] is entry f's expert."""
-    ids, slot = top_i.sort(dim=1)  # each token's experts in ascending id: the combine order
+    ids[f] is entry f's expert. All four contiguous: the combine kernel reads ids[t * k + j]."""
+    # Each token's experts in ascending id: the combine order. torch.sort keeps its input's
+    # strides (torch 2.13), so column-major ids would reach the combine column-major.
+    ids, slot = top_i.contiguous().sort(dim=1)
     weights = top_w.gather(1, slot).reshape(-1)
     flat, entries = torch.sort(ids.reshape(-1), stable=True)
     # Expert e's rows start at the first sorted id >= e. (torch.bincount would read its input's
