@@ -18,6 +18,8 @@
 #   engine           bench/engine_bench.py at E2B [400]                     -> engine_bench.json, engine.log
 #   serve            bench/serve_bench.py at E2B: TTFT, tok/s at 1-64 streams (needs the serve extra) [300] -> serve_bench.*
 #   tp               tensor parallel at world size 1 over NCCL: bench/tp_check.py and check --tp 1 [240] -> tp_check.json, tp.log
+#   prefill          bench/prefill_profile.py: an 8k E2B prefill's wall time and kernel table by group [180]
+#                                                                           -> prefill_profile.json, prefill.log
 #   profile          bench/decode_profile.py: floor, engine, kernel table, transformers (e2b; PROFILE_MODELS
 #                    adds 31b, 26b-a4b) [300] -> decode_profile_<model>.json, decode_profile.log
 #   graphs           decode graphs against eager decode, bench/graph_check.py [300] -> graphs.log
@@ -35,7 +37,7 @@ DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs a stage here, for a smoke test of the 
 # Appended to, not replaced: a device call may put carried wheels (the serve extra) on PYTHONPATH.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
-STAGES=(suite check check-real calibrate real-shapes kernels kernels-nographs launch-sweep engine serve profile tp graphs attention parity taps)
+STAGES=(suite check check-real calibrate real-shapes kernels kernels-nographs launch-sweep engine serve prefill profile tp graphs attention parity taps)
 
 usage() {
   sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -171,6 +173,11 @@ stage_engine() {
 stage_serve() {
   run "$(limit serve 300)" python3 bench/serve_bench.py --model e2b --dtype bfloat16 --device "$DEVICE" \
       --out "$OUT/serve_bench.json" 2>&1 | grep -v "INFO:" | tee "$OUT/serve_bench.log"
+}
+
+stage_prefill() {
+  run "$(limit prefill 180)" python3 bench/prefill_profile.py --model e2b --tokens 8192 \
+      --out "$OUT/prefill_profile.json" 2>&1 | tee "$OUT/prefill.log"
 }
 
 stage_profile() {
