@@ -367,11 +367,124 @@ def test_rows_without_keys_and_empty_batches(device):
 
 def test_default_num_splits():
     assert default_num_splits(1, 1, 32768) == 64              # long context, tiny batch: split wide
-    assert default_num_splits(1, 2, 512) == 2                 # short window: few splits
     assert default_num_splits(64, 2, 32768) == 4              # big batch already fills the GPU
     assert default_num_splits(256, 8, 100) == 1
-    assert all(1 <= default_num_splits(b, h, k) <= 64
-               for b in (1, 7, 64) for h in (1, 2) for k in (0, 1, 255, 10**6))
+    # Batches far below one wave of SMs split down to one key block: a 512-key window at batch 1
+    # in 8 blocks of 64, a 192-key eager table in 3; at batch 32 up to 132/32 -> 5 splits.
+    assert default_num_splits(1, 2, 512, 64) == 8
+    assert default_num_splits(1, 1, 192, 64) == 3
+    assert default_num_splits(1, 1, 192, 32) == 6
+    assert default_num_splits(32, 1, 512, 64) == 5
+    assert default_num_splits(256, 1, 512, 64) == 2           # a full GPU keeps 256-key splits
+    assert all(1 <= default_num_splits(b, h, k, n) <= 64
+               for b in (1, 7, 64) for h in (1, 2) for k in (0, 1, 255, 10**6) for n in (16, 64))
+
+
+def nan_split_buffers(monkeypatch):
+    """Decode's partial-output buffers filled with NaN: a merge that reads a split the split
+    kernel did not write (an empty one), or a split kernel that skips one the merge reads,
+    makes the output NaN."""
+    import optimized.kernels.attention as attn
+
+    def filled(*args):
+        return tuple(t.fill_(float("nan")) for t in split_buffers(*args))
+
+    split_buffers = attn._split_buffers
+    monkeypatch.setattr(attn, "_split_buffers", filled)
+
+
+@pytest.mark.parametrize("window", [None, 7, 40])
+@pytest.mark.parametrize("num_splits", [None, 5, 64, 70])
+def test_decode_short_contexts_over_a_full_width_table(window, num_splits, monkeypatch, device):
+    """As a decode graph sees it: the page table at full width (256 pages of 4, mostly page 0),
+    requests of 0 to 61 keys, so the default split count is 64 and most splits are empty; split
+    counts above the number of key blocks (16 keys each at D=16). Partial buffers start as NaN."""
+    nan_split_buffers(monkeypatch)
+    gen = torch.Generator().manual_seed(8000 + 3 * (window or 0) + (num_splits or 0))
+    seq_lens, page_size, hkv, hq, d = [1, 0, 17, 61, 33, 16], 4, 1, 4, 16
+    live_from = [first_visible_key(max(s - 1, 0), window) for s in seq_lens]
+    paged = build_paged(gen, seq_lens, live_from, hkv, d, page_size, torch.float32, device)
+    wide = torch.zeros(len(seq_lens), 256, dtype=torch.int32, device=device)
+    wide[:, : paged.page_table.shape[1]] = paged.page_table
+    assert default_num_splits(len(seq_lens), hkv, 256 * page_size if window is None else window, 16) == \
+        (22 if window is None else 3 if window == 40 else 1)
+    q = torch.randn(len(seq_lens), hq, d, generator=gen).to(device)
+    args = (q, paged.k_pool, paged.v_pool, wide, page_size, paged.seq_lens)
+    got = decode_attention(*args, window=window, num_splits=num_splits)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))  # no key: zeros (the twin refuses the row)
+    keep = torch.tensor([s > 0 for s in seq_lens], device=device)
+    want = decode_attention_eager(q[keep], paged.k_pool, paged.v_pool, wide[keep], page_size,
+                                  paged.seq_lens[keep], window=window)
+    assert_attention_close(got[keep], want, q, paged.k_pool, live_v(paged, live_from))
+    single = decode_attention(*args, window=window, num_splits=1)
+    torch.testing.assert_close(got, single, atol=5e-6, rtol=5e-6)
+
+
+@pytest.mark.parametrize("d,window", [(16, None), (16, 21), (256, 70)])
+def test_decode_batch_one_splits_by_block(d, window, monkeypatch, device):
+    """Batch 1, the shape that left the GPU idle: the default splits run one key block each over a
+    full-width table (a window's worth or 64 splits), and agree with the eager twin."""
+    nan_split_buffers(monkeypatch)
+    gen = torch.Generator().manual_seed(8100 + d + (window or 0))
+    seq, page_size, hkv, hq = 190, 16, 1, 8
+    live = [first_visible_key(seq - 1, window)]
+    paged = build_paged(gen, [seq], live, hkv, d, page_size, torch.float32, device)
+    wide = torch.zeros(1, 64, dtype=torch.int32, device=device)  # 1024 keys of capacity
+    wide[:, : paged.page_table.shape[1]] = paged.page_table
+    q = torch.randn(1, hq, d, generator=gen).to(device)
+    args = (q, paged.k_pool, paged.v_pool, wide, page_size, paged.seq_lens)
+    assert_attention_close(decode_attention(*args, window=window), decode_attention_eager(*args, window=window),
+                           q, paged.k_pool, live_v(paged, live))
+
+
+PREFILL_CHUNKS = [3, 29, 1, 47, 16]  # 96 tokens: tiles of 8 tokens (D=16, G=2) cut at odd places
+
+
+@pytest.mark.parametrize("window", [None, 3, 9, 20, 40])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_extend_unmasked_interior(window, softcap, monkeypatch, device):
+    """Extend's key loop in masked edges and an unmasked interior: a chunked prefill (each chunk's
+    earlier keys in the pool, pages before its window evicted) long enough for tiles with several
+    interior blocks, windows shorter and longer than a tile, matches the eager twin; and the same
+    kernel with every block masked (EXTEND_UNMASKED_INTERIOR False) agrees to float32 rounding
+    (bitwise where no fused multiply-add is formed, as under the interpreter)."""
+    import optimized.kernels.attention as attn
+
+    gen = torch.Generator().manual_seed(8200 + (window or 0) + int(softcap or 0))
+    S, page_size, hkv, hq, d = sum(PREFILL_CHUNKS), 4, 1, 2, 16
+    paged = build_paged(gen, [S], [0], hkv, d, page_size, torch.float32, device, evict=False)
+    q = torch.randn(S, hq, d, generator=gen).to(device)
+    outs, want, end = [], [], 0
+    for n in PREFILL_CHUNKS:
+        end += n
+        table = paged.page_table.clone()
+        table[0, : first_visible_key(end - n, window) // page_size] = 0
+        a = (q[end - n:end], paged.k_pool, paged.v_pool, table, page_size, i32([0, n], device), i32([end], device))
+        outs.append(extend_attention(*a, window=window, softcap=softcap))
+        want.append(extend_attention_eager(*a, window=window, softcap=softcap))
+        monkeypatch.setattr(attn, "EXTEND_UNMASKED_INTERIOR", False)
+        masked = extend_attention(*a, window=window, softcap=softcap)
+        monkeypatch.setattr(attn, "EXTEND_UNMASKED_INTERIOR", True)
+        torch.testing.assert_close(outs[-1], masked, atol=5e-6, rtol=5e-6)
+        if device.type == "cpu":
+            assert torch.equal(outs[-1], masked)
+    assert_attention_close(torch.cat(outs), torch.cat(want), q, paged.k_pool, paged.v[0], softcap)
+
+
+@pytest.mark.parametrize("d,window", [(256, 70), (512, None)])
+def test_extend_unmasked_interior_real_head_dims(d, window, device):
+    """The real head sizes and block tables (bf16): a 150-token prefill on a 60-token prefix has
+    interior blocks in every tile; the kernel matches its eager twin."""
+    gen = torch.Generator().manual_seed(8300 + d)
+    prefix, n, page_size, hkv, hq = 60, 150, 16, 1, 8
+    seq_lens = [prefix + n]
+    live = [first_visible_key(prefix, window)]
+    paged = build_paged(gen, seq_lens, live, hkv, d, page_size, torch.bfloat16, device)
+    q = make_q(gen, n, hq, hkv, d, torch.bfloat16, "fused_qkv", device)
+    args = (paged.page_table, page_size, i32([0, n], device), paged.seq_lens)
+    got = extend_attention(q, paged.k_pool, paged.v_pool, *args, window=window)
+    want = extend_attention_eager(*upcast(q, paged.k_pool, paged.v_pool), *args, window=window)
+    assert_attention_close(got, want, q, paged.k_pool, live_v(paged, live))
 
 
 # ------------------------------------------------------------------------------------------

@@ -80,12 +80,22 @@ _DECODE_BLOCKS = {
     4: {64: (16, 4, 1), 128: (32, 4, 2), 256: (32, 8, 1), 512: (16, 8, 1)},
 }
 
+# Extend splits its key loop into masked edge blocks and an unmasked interior (see _extend_kernel).
+# False runs every block through the masked path: the same blocks in the same order, so the same
+# results; kept for tests (which check that) and for bench/attention_bench.py --sweep (which times
+# both).
+EXTEND_UNMASKED_INTERIOR = True
+
 # Decode split heuristic: aim for a few programs per SM of a large GPU (an H100 has 132), but keep
 # at least this many keys per split so each split's fixed cost (loading q, writing a partial row,
 # the merge) stays small against streaming its keys.
 _TARGET_PROGRAMS = 512
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
+# Programs of one wave on a large GPU (an H100 or H200 has 132 SMs): below it, decode shortens its
+# splits down to one key block (default_num_splits). A constant, not the device's count: the split
+# count must depend on shapes only, the same on every machine and in every test.
+_ONE_WAVE = 132
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EAGER_DTYPES = _KERNEL_DTYPES + (torch.float64,)
@@ -120,25 +130,37 @@ def _slots(page_row_ptr, pos, ok, page_size):
 @triton.jit
 def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, stride_ks, stride_vs, slots, k_ok, visible_,
                   softcap, HAS_SOFTCAP: tl.constexpr, D: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr = True):
     """One step of the online softmax: fold a block of keys into (m_i, l_i, acc).
 
     q: [M, D] in DOT_DTYPE; slots/k_ok: [N]; visible_: [M, N]. k_ptr/v_ptr already point at the
     kv head. m_i is kept in log2 units (scores times log2(e)) so the loop uses exp2.
     K and V feed only tl.dot: they are loaded straight into DOT_DTYPE, which is the float32
     upcast under the interpreter and a no-op cast where compiled.
+    MASKED false: every key of the block is real and visible to every row (k_ok, visible_ are
+    ignored): no load masks, no score select. On such a block both ways compute the same values.
     """
     d = tl.arange(0, D)
-    k = tl.load(k_ptr + slots[:, None] * stride_ks + d[None, :], mask=k_ok[:, None], other=0.0).to(DOT_DTYPE)
-    v = tl.load(v_ptr + slots[:, None] * stride_vs + d[None, :], mask=k_ok[:, None], other=0.0).to(DOT_DTYPE)
+    if MASKED:
+        k = tl.load(k_ptr + slots[:, None] * stride_ks + d[None, :], mask=k_ok[:, None], other=0.0).to(DOT_DTYPE)
+        v = tl.load(v_ptr + slots[:, None] * stride_vs + d[None, :], mask=k_ok[:, None], other=0.0).to(DOT_DTYPE)
+    else:
+        k = tl.load(k_ptr + slots[:, None] * stride_ks + d[None, :]).to(DOT_DTYPE)
+        v = tl.load(v_ptr + slots[:, None] * stride_vs + d[None, :]).to(DOT_DTYPE)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # float32 scores, scale 1.0
     if HAS_SOFTCAP:
         s = softcap * _tanh(s / softcap)
-    s = tl.where(visible_, s * LOG2E, float("-inf"))
+    if MASKED:
+        s = tl.where(visible_, s * LOG2E, float("-inf"))
+    else:
+        s = s * LOG2E
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no visible key yet has m_new = -inf; subtract 0 instead so that
-    # exp2(-inf - (-inf)) never makes a NaN.
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    # exp2(-inf - (-inf)) never makes a NaN. (After an unmasked block m_new is finite.)
+    if MASKED:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
     p = tl.exp2(s - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -178,6 +200,31 @@ def merge_block_s(num_splits: int) -> int:
     return max(MIN_BLOCK_S, triton.next_power_of_2(num_splits))
 
 
+@triton.jit
+def _extend_blocks(q, m_i, l_i, acc, start, stop, hi, q_pos, window, page_row, page_size, k_head, v_head,
+                   stride_ks, stride_vs, softcap, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold the key blocks starting at start, start + BLOCK_N, ... < stop into (m_i, l_i, acc).
+    MASKED: keys past hi, and keys a row may not see, are masked; otherwise every key of every
+    block must be in range and visible to every row."""
+    for k_start in range(start, stop, BLOCK_N):
+        k_pos = k_start + tl.arange(0, BLOCK_N)
+        if MASKED:
+            k_ok = k_pos < hi
+            vis = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                vis = vis & (q_pos[:, None] - k_pos[None, :] < window)
+            slots = _slots(page_row, k_pos, k_ok, page_size)
+        else:
+            k_ok = None
+            vis = None
+            slots = tl.load(page_row + k_pos // page_size).to(tl.int64) * page_size + k_pos % page_size
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_head, v_head, stride_ks, stride_vs, slots, k_ok, vis,
+                                      softcap, HAS_SOFTCAP, D, DOT_DTYPE, DOT_PRECISION, MASKED)
+    return m_i, l_i, acc
+
+
 @triton.jit(do_not_specialize=_EXTEND_DYNAMIC)
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, page_table_ptr, cu_q_ptr, seq_lens_ptr,
@@ -186,6 +233,7 @@ def _extend_kernel(
     G: tl.constexpr, D: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UNMASKED_INTERIOR: tl.constexpr,
 ):
     kvh = tl.program_id(1)
 
@@ -219,16 +267,32 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     page_row = page_table_ptr + b.to(tl.int64) * stride_pt
-    for start in range(lo, hi, BLOCK_N):
-        k_pos = start + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < hi
-        vis = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+    k_head, v_head = k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh
+    if UNMASKED_INTERIOR:
+        # Key blocks start at lo, lo + BLOCK_N, ... as one loop cuts them; those wholly inside
+        # [full_lo, full_hi), the keys every row of the tile sees, need no mask: full_hi - 1 is the
+        # first token's position (causal), full_lo the first key in the last token's window. So
+        # the loop runs in three parts: masked blocks at the window's edge, the unmasked interior,
+        # masked blocks at the causal diagonal; the same blocks in the same order as one loop.
+        full_hi = first_pos + 1
+        mid_lo = lo
         if HAS_WINDOW:
-            vis = vis & (q_pos[:, None] - k_pos[None, :] < window)
-        slots = _slots(page_row, k_pos, k_ok, page_size)
-        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh,
-                                      stride_ks, stride_vs, slots, k_ok, vis, softcap,
-                                      HAS_SOFTCAP, D, DOT_DTYPE, DOT_PRECISION)
+            full_lo = tl.maximum(hi - window, 0)
+            mid_lo = lo + (full_lo - lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N  # full_lo >= lo
+        mid_hi = mid_lo + tl.maximum(full_hi - mid_lo, 0) // BLOCK_N * BLOCK_N
+        m_i, l_i, acc = _extend_blocks(q, m_i, l_i, acc, lo, tl.minimum(mid_lo, hi), hi, q_pos, window, page_row,
+                                       page_size, k_head, v_head, stride_ks, stride_vs, softcap, True,
+                                       HAS_WINDOW, HAS_SOFTCAP, D, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
+        m_i, l_i, acc = _extend_blocks(q, m_i, l_i, acc, mid_lo, mid_hi, hi, q_pos, window, page_row,
+                                       page_size, k_head, v_head, stride_ks, stride_vs, softcap, False,
+                                       HAS_WINDOW, HAS_SOFTCAP, D, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
+        m_i, l_i, acc = _extend_blocks(q, m_i, l_i, acc, mid_hi, hi, hi, q_pos, window, page_row,
+                                       page_size, k_head, v_head, stride_ks, stride_vs, softcap, True,
+                                       HAS_WINDOW, HAS_SOFTCAP, D, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
+    else:  # one masked loop over every block
+        m_i, l_i, acc = _extend_blocks(q, m_i, l_i, acc, lo, hi, hi, q_pos, window, page_row,
+                                       page_size, k_head, v_head, stride_ks, stride_vs, softcap, True,
+                                       HAS_WINDOW, HAS_SOFTCAP, D, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_off = (row0 + tok).to(tl.int64)[:, None] * stride_on + head[:, None] * stride_oh + d[None, :]
@@ -267,7 +331,7 @@ def extend_attention(q, k_pool, v_pool, page_table, page_size, cu_seqlens_q, seq
         batch, page_size, window or 0, float(softcap or 0.0),
         G=g, D=d, TOKENS=tokens, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_B=extend_block_b(batch), HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, **dot_args(q.dtype),
+        HAS_SOFTCAP=softcap is not None, **dot_args(q.dtype), UNMASKED_INTERIOR=EXTEND_UNMASKED_INTERIOR,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -276,6 +340,20 @@ def extend_attention(q, k_pool, v_pool, page_table, page_size, cu_seqlens_q, seq
 # --------------------------------------------------------------------------------------------
 # Decode
 # --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _decode_splits(seq_len, window, n_splits, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(first visible key, keys per split, splits that hold keys) of a request of seq_len keys
+    cut into n_splits runs of whole BLOCK_N blocks. The split kernel and the merge both call this,
+    so the merge reads exactly the splits that were written, and nothing tells it but seq_len."""
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
+    keys = seq_len - lo
+    per_split = (keys + n_splits - 1) // n_splits
+    split_len = tl.maximum((per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N, BLOCK_N)
+    return lo, split_len, (keys + split_len - 1) // split_len
+
 
 @triton.jit(do_not_specialize=_DECODE_DYNAMIC)
 def _decode_split_kernel(
@@ -294,14 +372,15 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     n_splits = tl.num_programs(2)
 
-    # The query sits at seq_len - 1 and sees every key of [lo, seq_len).
+    # The query sits at seq_len - 1 and sees every key of [lo, seq_len). Splits are whole key
+    # blocks; a short request leaves its last splits empty. An empty split exits before it loads
+    # anything and writes nothing: the merge reads only the first n_used splits. (The one split of
+    # FINAL writes zeros for a request with no key.)
     seq_len = tl.load(seq_lens_ptr + b)
-    lo = 0
-    if HAS_WINDOW:
-        lo = tl.maximum(seq_len - window, 0)
-    # Splits are whole key blocks; a short request leaves its last splits empty.
-    per_split = (seq_len - lo + n_splits - 1) // n_splits
-    split_len = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    lo, split_len, n_used = _decode_splits(seq_len, window, n_splits, HAS_WINDOW, BLOCK_N)
+    if not FINAL:
+        if split >= n_used:
+            return
     start = lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -337,34 +416,47 @@ def _decode_split_kernel(
 
 @triton.jit(do_not_specialize=_MERGE_DYNAMIC)
 def _decode_merge_kernel(
-    part_ptr, lse_ptr, o_ptr, n_splits,
+    part_ptr, lse_ptr, o_ptr, seq_lens_ptr, n_splits, window,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-    D: tl.constexpr, BLOCK_S: tl.constexpr,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
-    """Combine the splits of one (request, query head): weights 2^(lse_s - max lse)."""
+    """Combine the splits of one (request, query head) that hold keys: weights 2^(lse_s - max lse).
+    Entries of the empty splits were never written (they may hold anything) and are not read."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    _, _, n_used = _decode_splits(tl.load(seq_lens_ptr + b), window, n_splits, HAS_WINDOW, BLOCK_N)
     s = tl.arange(0, BLOCK_S)
     lse_row = lse_ptr + b * stride_lb + h * stride_lh
-    lse = tl.load(lse_row + s, mask=s < n_splits, other=float("-inf"))
+    lse = tl.load(lse_row + s, mask=s < n_used, other=float("-inf"))
     lse_max = tl.max(lse, 0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no key at all: output zeros
-    total = tl.sum(tl.exp2(lse - lse_max), 0)  # empty splits weigh 2^-inf = 0
+    total = tl.sum(tl.exp2(lse - lse_max), 0)
     d = tl.arange(0, D)
     part_row = part_ptr + b.to(tl.int64) * stride_pb + h * stride_ph
     acc = tl.zeros([D], tl.float32)
-    for i in range(0, n_splits):
+    for i in range(0, n_used):
         acc += tl.exp2(tl.load(lse_row + i) - lse_max) * tl.load(part_row + i * stride_ps + d)
     o = acc / tl.where(total == 0.0, 1.0, total)
     store_rounded(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, o, None)
 
 
-def default_num_splits(batch: int, kv_heads: int, max_keys: int) -> int:
-    """Flash-decoding split count: enough (request, kv head, split) programs to fill a large GPU
-    a few times over, but no split shorter than _MIN_KEYS_PER_SPLIT keys (at `max_keys`)."""
-    by_occupancy = triton.cdiv(_TARGET_PROGRAMS, max(batch * kv_heads, 1))
-    by_length = triton.cdiv(max(max_keys, 1), _MIN_KEYS_PER_SPLIT)
-    return max(1, min(by_occupancy, by_length, _MAX_SPLITS))
+def default_num_splits(batch: int, kv_heads: int, max_keys: int, block_n: int = 64) -> int:
+    """Flash-decoding split count from shapes alone (no device sync; fixed while a graph replays).
+
+    Two candidates, the larger wins (at most _MAX_SPLITS):
+    - long splits: enough (request, kv head, split) programs to fill a large GPU a few times over
+      (_TARGET_PROGRAMS), none shorter than _MIN_KEYS_PER_SPLIT keys at `max_keys`, so that each
+      split's fixed cost (q, a partial row written and merged) stays small against its keys;
+    - short splits, for batches that leave most SMs idle: up to one wave of programs
+      (_ONE_WAVE), as short as one key block of `block_n` keys. A 190-key request at batch 1 then
+      runs as a few one-block programs in parallel instead of one program streaming them in turn.
+    `max_keys` is the longest possible key range (a graph's full-width page table, or the window);
+    a request with fewer keys leaves splits empty, which exit at once and are never merged."""
+    programs = max(batch * kv_heads, 1)
+    keys = max(max_keys, 1)
+    long = min(triton.cdiv(_TARGET_PROGRAMS, programs), triton.cdiv(keys, _MIN_KEYS_PER_SPLIT))
+    short = min(triton.cdiv(_ONE_WAVE, programs), triton.cdiv(keys, block_n))
+    return max(1, min(max(long, short), _MAX_SPLITS))
 
 
 def decode_attention(q, k_pool, v_pool, page_table, page_size, seq_lens, window=None,
@@ -373,8 +465,9 @@ def decode_attention(q, k_pool, v_pool, page_table, page_size, seq_lens, window=
 
     q: [B, Hq, D]. Returns o [B, Hq, D] in q's dtype (written into `out` if given).
     num_splits: how many ways to split each request's keys (an upper bound: a request with fewer
-    key blocks leaves splits empty). None picks `default_num_splits` from B, Hkv and the longest
-    possible key range (the page table's capacity, or the window), without a device sync.
+    key blocks leaves splits empty; they exit at once and the merge skips them). None picks
+    `default_num_splits` from B, Hkv, the key block size and the longest possible key range (the
+    page table's capacity, or the window), without a device sync.
     """
     batch = _check_common(q, k_pool, v_pool, page_table, page_size, seq_lens, window, softcap, out)
     if q.shape[0] != batch:
@@ -387,13 +480,13 @@ def decode_attention(q, k_pool, v_pool, page_table, page_size, seq_lens, window=
         out = torch.empty((batch, hq, d), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
+    block_n, num_warps, num_stages = _blocks(_DECODE_BLOCKS, d, q.element_size())
     if num_splits is None:
         max_keys = page_table.shape[1] * page_size
         if window is not None:
             max_keys = min(max_keys, window)
-        num_splits = default_num_splits(batch, hkv, max_keys)
+        num_splits = default_num_splits(batch, hkv, max_keys, block_n)
     g = hq // hkv
-    block_n, num_warps, num_stages = _blocks(_DECODE_BLOCKS, d, q.element_size())
     block_h = max(16, triton.next_power_of_2(g))  # tl.dot wants at least 16 rows
     common = dict(G=g, D=d, BLOCK_H=block_h, BLOCK_N=block_n, HAS_WINDOW=window is not None,
                   HAS_SOFTCAP=softcap is not None, **dot_args(q.dtype),
@@ -409,17 +502,25 @@ def decode_attention(q, k_pool, v_pool, page_table, page_size, seq_lens, window=
             out.stride(0), out.stride(1), 0, 0, 0, *tail, FINAL=True, **common)
         return out
 
-    part = torch.empty((batch, hq, num_splits, d), dtype=torch.float32, device=q.device)
-    lse = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=q.device)
+    part, lse = _split_buffers(batch, hq, num_splits, d, q.device)
     _decode_split_kernel[(batch, hkv, num_splits)](
         q, k_pool, v_pool, part, lse, *args, *q_strides,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         *tail, FINAL=False, **common)
     _decode_merge_kernel[(batch, hq)](
-        part, lse, out, num_splits, part.stride(0), part.stride(1), part.stride(2),
+        part, lse, out, seq_lens, num_splits, window or 0, part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        D=d, BLOCK_S=merge_block_s(num_splits))
+        D=d, BLOCK_S=merge_block_s(num_splits), BLOCK_N=block_n, HAS_WINDOW=window is not None)
     return out
+
+
+def _split_buffers(batch: int, hq: int, num_splits: int, d: int, device):
+    """Partial outputs [B, Hq, splits, D] and log2-sum-exp2s [B, Hq, splits] of a split decode,
+    float32 and uninitialised: only the splits that hold keys are written, and only they are read
+    (the tests fill these with NaN to hold the kernels to it)."""
+    part = torch.empty((batch, hq, num_splits, d), dtype=torch.float32, device=device)
+    lse = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=device)
+    return part, lse
 
 
 # --------------------------------------------------------------------------------------------
