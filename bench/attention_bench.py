@@ -250,15 +250,20 @@ def sweep(args, device, timer, graph_timer, gen, emit) -> None:
             own = bf16[d]
             for cfg in _candidates(bf16, d, args.extend_given, SWEEP_EXTEND, args.quick):
                 bf16[d] = cfg
-                out, error = _try(lambda: run_kernel(s, t, ps))
-                secs = err = None
-                if error is None:
-                    err = check(s, t, out)
-                    secs, error = _try(lambda: timer(lambda: run_kernel(s, t, ps)) * 1e-6)
-                emit(dict(asdict(s), hq=HQ, blocks=list(cfg), default=cfg == own, kernel_s=secs, error=error,
-                          TFLOPs=None if secs is None else s.flops() / secs / 1e12, max_abs_err=err, tol=tol,
-                          ok=error is None and err <= tol))
+                # Each setting with the unmasked interior and with one masked loop (the kernel
+                # before it): more code in the loop can cost registers (both spill at D=512).
+                for interior in (True, False):
+                    attention.EXTEND_UNMASKED_INTERIOR = interior
+                    out, error = _try(lambda: run_kernel(s, t, ps))
+                    secs = err = None
+                    if error is None:
+                        err = check(s, t, out)
+                        secs, error = _try(lambda: timer(lambda: run_kernel(s, t, ps)) * 1e-6)
+                    emit(dict(asdict(s), hq=HQ, blocks=list(cfg), default=cfg == own, unmasked_interior=interior,
+                              kernel_s=secs, error=error, TFLOPs=None if secs is None else s.flops() / secs / 1e12,
+                              max_abs_err=err, tol=tol, ok=error is None and err <= tol))
             bf16[d] = own
+            attention.EXTEND_UNMASKED_INTERIOR = True
             del t
         # Decode over a full-width page table, timed from a graph.
         if "decode" in args.ops:
@@ -281,7 +286,12 @@ def sweep(args, device, timer, graph_timer, gen, emit) -> None:
                             if error is None:
                                 err = check(s, t, out)
                                 secs, error = _try(lambda: graph_timer(lambda: run_kernel(s, t, ps, n)) * 1e-6)
-                            emit(dict(asdict(s), hq=HQ, blocks=list(cfg), default=cfg == own, splits=splits,
+                            label = splits
+                            if n is None:  # what decode_attention picks for this table and block
+                                keys = t["page_table"].shape[1] * ps
+                                keys = keys if window is None else min(keys, window)
+                                label = f"default={attention.default_num_splits(batch, 1, keys, cfg[0])}"
+                            emit(dict(asdict(s), hq=HQ, blocks=list(cfg), default=cfg == own, splits=label,
                                       table_keys=args.table_keys, kernel_s=secs, error=error,
                                       graphed=graph_timer.last_graphed,
                                       GBps=None if secs is None else s.bytes_moved() / secs / 1e9,
@@ -294,7 +304,9 @@ def sweep_line(r: dict) -> str:
     what = (f"{r['op']:6} {r['layer']:7} D={r['d']} B={r['batch']:<3} ctx={r['ctx']:<6} "
             f"blocks={','.join(map(str, r['blocks'])):<12}{'*' if r['default'] else ' '}")
     if r["op"] == "decode":
-        what += f" splits={str(r['splits']):<7}"
+        what += f" splits={str(r['splits']):<10}"
+    else:
+        what += " interior" if r["unmasked_interior"] else " masked  "
     if r["error"]:
         return f"{what} SKIPPED: {r['error']}"
     rate = f"{r['GBps']:7.0f} GB/s" if r["op"] == "decode" else f"{r['TFLOPs']:6.1f} TFLOP/s"
