@@ -63,9 +63,12 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # the kernels work in ba
 # (token, head) rows.
 # - Head dims <= 64 only occur in tiny test models: small blocks keep the interpreter quick and
 #   make short test sequences cross several key blocks and query tiles.
-# - Every entry was compiled for sm_90 ahead of time (Triton 3.9, no GPU at hand): none spills
-#   registers and all fit an H100's 227 KB of shared memory (bf16: extend D=256 160 KB, D=512
-#   164 KB; decode 74-81 KB). At D=512 a 64-row query tile would spill its 64x512 accumulator.
+# - Every entry was compiled for sm_90 ahead of time (Triton 3.9, no GPU at hand) and fits an
+#   H100's 227 KB of shared memory. An earlier note here said none spills registers; recompiled for
+#   sm_90a later (ptxas -v on Triton's PTX, Triton 3.9, default options), the bf16 entries do spill:
+#   extend D=512 988 bytes (1620 with the unmasked interior), D=256 420 (780); decode D=256 136-344,
+#   D=512 none. With the interior, (32, 32, 8, 2) at D=512 spilled 152 bytes, (64, 32, 8, 2) 496,
+#   (128, 32, 8, 2) at D=256 854: candidates of the sweep (bench/attention_bench.py --sweep).
 # - 4-byte storage (float32 models on a GPU: a correctness path, "ieee" dots without tensor cores)
 #   needs much smaller tiles to stay out of local memory.
 # Timed on an H100 as tabled (docs/measurements.md, "Paged attention vs torch SDPA"): bf16 extend
