@@ -1,0 +1,271 @@
+"""The few-row GEMV kernels (optimized/kernels/gemv.py) against their eager twins (the unfused ops)
+on fresh random inputs: every mode, both inner products (tl.dot and the broadcast sum), float32
+and bfloat16, M = 1 .. GEMV_MAX_ROWS, odd N and K, strided inputs as the paged model passes them.
+
+Tolerance: the kernel sums the K products in another order than torch's F.linear, in float32, so
+its float32 result differs by float32 rounding (bounded here relative to the output's scale);
+after the rounding to bfloat16, now and then by one bfloat16 ULP of the element (more where a
+one-ULP flip of the rounded gate feeds the activation). The bounds are in ULPs at the output's
+largest magnitude, as `gemma4-testbed kernels` measures (oracle/kernel_check.py). A kernel that
+skips a rounding the twin does (the normed input, the gate before the GELU) or reads a wrong
+column misses them by far.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from optimized import fused_ops, ops
+from optimized.kernels import default_device, gemv
+
+DEVICE = default_device()
+EPS = 1e-6
+DTYPES = [torch.float32, torch.bfloat16]
+SCALE_ULPS = {torch.float32: 64.0, torch.bfloat16: 2.0}
+# Both inner products, with small blocks so that several programs and K steps (a ragged last one
+# for odd K) run even at test sizes; and whatever the module picks on this machine.
+SETTINGS = {
+    "dot": dict(BLOCK_N=16, BLOCK_K=32, DOT=True, num_warps=4, num_stages=1),
+    "sum": dict(BLOCK_N=4, BLOCK_K=32, DOT=False, num_warps=4, num_stages=1),
+    "module": None,
+}
+
+
+def at_scale(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| in ULPs of want's dtype at want's largest magnitude."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    top = want.double().abs().max().clamp_min(torch.finfo(want.dtype).tiny)
+    ulp = torch.exp2(torch.floor(torch.log2(top))) * torch.finfo(want.dtype).eps
+    return float((got.double() - want.double()).abs().max() / ulp)
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    err = at_scale(got, want)
+    assert err <= SCALE_ULPS[want.dtype], f"{err:.2f} ULPs at scale (bound {SCALE_ULPS[want.dtype]})"
+
+
+def rows_of(gen, m, k, dtype, *, offset=0, pad=0):
+    """[m, k] random rows; with pad a column slice (row stride k + pad, starting at `offset`)."""
+    t = torch.randn(m, k + pad, generator=gen).to(DEVICE, dtype)
+    return t[:, offset:offset + k]
+
+
+def weight(gen, n, k, dtype):
+    return (torch.randn(n, k, generator=gen) * k ** -0.5).to(DEVICE, dtype)
+
+
+def norm_weight(gen, k, dtype):
+    return (0.5 + torch.rand(k, generator=gen)).to(DEVICE, dtype)
+
+
+shapes = st.tuples(st.integers(1, gemv.GEMV_MAX_ROWS or 16), st.integers(1, 70), st.integers(1, 90))
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=settings.default.max_examples // 4)
+@given(shape=shapes, strided=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_rms_norm_linear_matches_the_norm_then_the_projection(setting, dtype, shape, strided, seed):
+    m, n, k = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = rows_of(gen, m, k, dtype, offset=3 if strided else 0, pad=7 if strided else 0)
+    nw, w = norm_weight(gen, k, dtype), weight(gen, n, k, dtype)
+    assert_close(gemv.rms_norm_linear(x, nw, EPS, w, settings=SETTINGS[setting]),
+                 gemv.rms_norm_linear_eager(x, nw, EPS, w))
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=settings.default.max_examples // 4)
+@given(shape=shapes, strided=st.booleans(), store=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_linear_gelu_mul_matches_the_projection_then_the_activation(setting, dtype, shape, strided, store, seed):
+    m, inter, k = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = rows_of(gen, m, k, dtype, offset=5 if strided else 0, pad=11 if strided else 0)
+    w = weight(gen, 2 * inter, k, dtype)
+    got = gemv.linear_gelu_mul(x, w, return_gate_up=store, settings=SETTINGS[setting])
+    want = gemv.linear_gelu_mul_eager(x, w, return_gate_up=store)
+    if store:
+        assert got[1].shape == (m, 2 * inter) and got[1].is_contiguous()
+        assert_close(got[1], want[1])  # the mlp_gate_up tap, from the same kernel
+        got, want = got[0], want[0]
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=settings.default.max_examples // 4)
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+def test_the_ple_gate_takes_up_from_a_strided_slice(setting, dtype, shape, seed):
+    m, p, k = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = rows_of(gen, m, k, dtype)
+    w = weight(gen, p, k, dtype)
+    layers = 3
+    ple = torch.randn(m, layers, p, generator=gen).to(DEVICE, dtype)  # [T, L, P]; the model passes ple[:, l, :]
+    up = ple[:, 1, :]
+    assert_close(gemv.linear_gelu_mul(x, w, up, settings=SETTINGS[setting]), gemv.linear_gelu_mul_eager(x, w, up))
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=settings.default.max_examples // 4)
+@given(shape=shapes, strided=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_linear_matches_f_linear(setting, dtype, shape, strided, seed):
+    m, n, k = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = rows_of(gen, m, k, dtype, offset=1 if strided else 0, pad=4 if strided else 0)
+    w_big = weight(gen, n, k + 6, dtype)
+    w = w_big[:, 2:2 + k] if strided else w_big[:, :k].contiguous()  # a column slice: rows strided
+    assert_close(gemv.linear(x, w, settings=SETTINGS[setting]), gemv.linear_eager(x, w))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_at_a_real_width_and_every_row_count(dtype):
+    """K = 1536 (E2B's hidden size, several K steps), each M up to GEMV_MAX_ROWS, both inner products."""
+    gen = torch.Generator().manual_seed(7)
+    k, inter = 1536, 24
+    w, nw = weight(gen, 2 * inter, k, dtype), norm_weight(gen, k, dtype)
+    for m in sorted({1, 2, 3, gemv.GEMV_MAX_ROWS}):
+        x = rows_of(gen, m, k, dtype)
+        for s in (dict(BLOCK_N=16, BLOCK_K=512, DOT=True, num_warps=4, num_stages=1),
+                  dict(BLOCK_N=8, BLOCK_K=512, DOT=False, num_warps=4, num_stages=1)):
+            assert_close(gemv.rms_norm_linear(x, nw, EPS, w, settings=s), gemv.rms_norm_linear_eager(x, nw, EPS, w))
+            assert_close(gemv.linear_gelu_mul(x, w, settings=s), gemv.linear_gelu_mul_eager(x, w))
+
+
+def test_bfloat16_outputs_are_mostly_bit_identical():
+    """Rounding where the unfused ops round leaves almost every bf16 output identical to the twin's
+    (the sums differ in float32 details only); a skipped rounding would change many."""
+    gen = torch.Generator().manual_seed(3)
+    m, inter, k = 4, 64, 96
+    x, w = rows_of(gen, m, k, torch.bfloat16), weight(gen, 2 * inter, k, torch.bfloat16)
+    nw = norm_weight(gen, k, torch.bfloat16)
+    for got, want in ((gemv.linear_gelu_mul(x, w), gemv.linear_gelu_mul_eager(x, w)),
+                      (gemv.rms_norm_linear(x, nw, EPS, w), gemv.rms_norm_linear_eager(x, nw, EPS, w))):
+        assert (got != want).float().mean() < 0.05
+
+
+def test_rows_above_the_limit_take_the_unfused_path(monkeypatch):
+    """Above GEMV_MAX_ROWS (prefill) the ops are the unfused kernels + F.linear, exactly; 0 turns the
+    GEMV off at every row count."""
+    gen = torch.Generator().manual_seed(2)
+    calls = []
+    monkeypatch.setattr(gemv, "_launch", lambda *a, **k: calls.append(a[0]))
+    x, w, nw = rows_of(gen, 5, 24, torch.float32), weight(gen, 16, 24, torch.float32), norm_weight(gen, 24, torch.float32)
+    monkeypatch.setattr(gemv, "GEMV_MAX_ROWS", 4)
+    monkeypatch.setattr(gemv, "LINEAR_MAX_ROWS", 0)
+    F = torch.nn.functional
+    assert torch.equal(gemv.rms_norm_linear(x, nw, EPS, w), F.linear(fused_ops.rms_norm(x, nw, EPS), w))
+    gate_up = F.linear(x, w)
+    assert torch.equal(gemv.linear_gelu_mul(x, w), fused_ops.gelu_tanh_mul(gate_up[:, :8], gate_up[:, 8:]))
+    assert torch.equal(gemv.linear(x[:1], w), torch.nn.functional.linear(x[:1], w))
+    assert calls == []
+    gemv.linear_gelu_mul(x[:4], w)
+    assert calls == ["gated"]
+
+
+def test_the_torch_ops_are_the_old_unfused_sequence():
+    """ops.py's versions (fused=False) are the previous op sequence bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    x, w, nw = rows_of(gen, 3, 24, torch.bfloat16), weight(gen, 16, 24, torch.bfloat16), norm_weight(gen, 24, torch.bfloat16)
+    up = rows_of(gen, 3, 16, torch.bfloat16)
+    gate_up = torch.nn.functional.linear(x, w)
+    act, gu = ops.linear_gelu_mul(x, w, return_gate_up=True)
+    assert torch.equal(gu, gate_up) and torch.equal(act, ops.gelu_tanh_mul(gate_up[:, :8], gate_up[:, 8:]))
+    assert torch.equal(ops.linear_gelu_mul(x, w, up), ops.gelu_tanh_mul(gate_up, up))
+    assert torch.equal(ops.rms_norm_linear(x, nw, EPS, w), torch.nn.functional.linear(ops.rms_norm(x, nw, EPS), w))
+
+
+def test_cuda_graph_style_zero_rows_and_empty_outputs():
+    gen = torch.Generator().manual_seed(1)
+    w = weight(gen, 8, 16, torch.float32)
+    x = torch.empty(0, 16, device=DEVICE)
+    assert gemv.linear(x, w).shape == (0, 8)
+    assert gemv.linear_gelu_mul(x, w).shape == (0, 4)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x, w, nw, up: gemv.linear(x.double(), w.double()), "x must be float16, bfloat16 or float32"),
+    (lambda x, w, nw, up: gemv.linear(x, w.half()), "w has dtype torch.float16 but x has torch.float32"),
+    (lambda x, w, nw, up: gemv.linear(x, w[:, :5]), r"w must be \[N, 8\]"),
+    (lambda x, w, nw, up: gemv.linear(x[0], w), "x must have 2 dimensions"),
+    (lambda x, w, nw, up: gemv.linear(x.t(), w.t()), "contiguous last dimension"),
+    (lambda x, w, nw, up: gemv.rms_norm_linear(x, nw[:3], EPS, w), r"norm_w must have shape \[8\]"),
+    (lambda x, w, nw, up: gemv.rms_norm_linear(x, nw, -1.0, w), "eps must be a non-negative float"),
+    (lambda x, w, nw, up: gemv.linear_gelu_mul(x, w[:5]), "an even count"),
+    (lambda x, w, nw, up: gemv.linear_gelu_mul(x, w, up[:, :3]), r"up must be \[3, 6\]"),
+    (lambda x, w, nw, up: gemv.linear_gelu_mul(x, w, up, return_gate_up=True), "return_gate_up is for the stacked"),
+    (lambda x, w, nw, up: gemv.linear_gelu_mul(x, w, up.half()), "up has dtype torch.float16"),
+])
+def test_bad_inputs_name_what_is_wrong(call, match):
+    gen = torch.Generator().manual_seed(0)
+    x, w, nw = rows_of(gen, 3, 8, torch.float32), weight(gen, 6, 8, torch.float32), norm_weight(gen, 8, torch.float32)
+    up = rows_of(gen, 3, 6, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        call(x, w, nw, up)
+
+
+def test_fused_ops_export_the_gemv_ops_under_the_torch_ops_names():
+    for name in ("rms_norm_linear", "linear_gelu_mul", "linear"):
+        assert getattr(fused_ops, name) is getattr(gemv, name) and callable(getattr(ops, name))
+
+
+def test_launch_settings_fill_the_machine_and_respect_the_dot_floor(monkeypatch):
+    monkeypatch.setattr(gemv, "INTERPRETING", False)
+    for rows in (1, 4, 8, 16, 32):
+        for n in (256, 1536, 2560, 12288):
+            s = gemv.launch_settings(rows, n)
+            assert s["BLOCK_N"] >= (16 if s["DOT"] else 2)
+            floor = 16 if s["DOT"] else 2
+            assert s["BLOCK_N"] == floor or -(-n // s["BLOCK_N"]) >= gemv.MIN_PROGRAMS
+
+
+# Compiled in a fresh process with the interpreter off, for an H100/H200 target (no GPU needed):
+# the interpreter runs a kernel as Python and misses compile-time rules (tl.dot's shapes, types).
+_COMPILE_FOR_GPU = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from optimized.kernels import gemv
+
+def compile_for_sm90(fn, types, consts, **options):
+    names = fn.arg_names
+    sig = {n: types.get(n, "i32") for n in names if n not in consts}
+    sig.update({n: "constexpr" for n in consts})
+    src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(enable_fp_fusion=False, **options))
+
+t = {n: "*bf16" for n in ("x", "w", "norm_w", "up", "out", "gate_up_out")}
+t.update(k_float="fp32", eps="fp32")
+for mode in range(4):  # linear, norm, gated (stacked), gated (external up)
+    for block_m, block_n, block_k, dot in ((1, 4, 1024, False), (8, 2, 256, False), (16, 16, 256, True),
+                                           (32, 32, 128, True)):
+        compile_for_sm90(gemv._gemv_kernel, t, dict(
+            MODE=mode, STORE_GATE_UP=mode == 2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            EVEN_K=mode % 2 == 0, DOT=dot, DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None), num_warps=4, num_stages=3)
+print("compiled")
+"""
+
+
+def test_the_gemv_kernels_compile_for_a_gpu():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton has no NVIDIA backend to compile with")
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
