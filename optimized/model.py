@@ -128,18 +128,20 @@ class PagedGemma4:
         cfg, w, o, eps = self.config, self.w, self.ops, self.config.rms_norm_eps
         p = f"layers.{spec.index}."
         capturing = emit is not _no_emit
-        a = self.attention(spec, o.rms_norm(x, w[p + "input_layernorm.weight"], eps), batch, emit)
+        a = self.attention(spec, x, batch, emit)
         # x = x + post_attention_norm(a), and the pre-feed-forward norm of the result, in one pass.
         x, h = o.add_rms_norm(a, x, w[p + "pre_feedforward_layernorm.weight"], eps,
                               x_weight=w[p + "post_attention_layernorm.weight"])
         emit(p + "attn_out", x)
 
-        gate_up = F.linear(h, self.fw[p + "gate_up"])
-        emit(p + "mlp_gate_up", gate_up)
-        inter = spec.mlp_width
-        act = o.gelu_tanh_mul(gate_up[:, :inter], gate_up[:, inter:])
+        # gate_up projection and gelu_tanh(gate) * up in one op (one GEMV launch at decode); when
+        # capturing, the same op also returns the projection it computed, for the mlp_gate_up tap.
+        act = o.linear_gelu_mul(h, self.fw[p + "gate_up"], return_gate_up=capturing)
+        if capturing:
+            act, gate_up = act
+            emit(p + "mlp_gate_up", gate_up)
         emit(p + "mlp_act", act)
-        m = F.linear(act, w[p + "mlp.down_proj.weight"])  # a partial sum under tensor parallelism
+        m = o.linear(act, w[p + "mlp.down_proj.weight"])  # a partial sum under tensor parallelism
         # layer_scalar joins the post-FFN pass unless the PLE block sits between the add and the scale.
         scalar = None if ple is not None else w[p + "layer_scalar"]
         if cfg.enable_moe_block:
@@ -162,19 +164,21 @@ class PagedGemma4:
         x = out
 
         if ple is not None:
-            g = o.gelu_tanh_mul(F.linear(x, w[p + "per_layer_input_gate.weight"]), ple[:, spec.index, :])
+            g = o.linear_gelu_mul(x, w[p + "per_layer_input_gate.weight"], ple[:, spec.index, :])
             # x = (x + post_per_layer_input_norm(projection)) * layer_scalar: the post-FFN pass's
             # math exactly (norm, add, scale, each rounded as there), so the same op and kernel.
-            x = o.post_ffn_residual_scale(F.linear(g, w[p + "per_layer_projection.weight"]), x,
+            x = o.post_ffn_residual_scale(o.linear(g, w[p + "per_layer_projection.weight"]), x,
                                           w[p + "post_per_layer_input_norm.weight"], eps, w[p + "layer_scalar"])
         emit(p + "out", x)
         return x
 
     def attention(self, spec: LayerSpec, h, batch: ForwardBatch, emit) -> torch.Tensor:
+        """The attention block of the residual stream h [N, H], input_layernorm included (fused into
+        the q/k/v projection: one GEMV launch at decode)."""
         w, o, eps = self.w, self.ops, self.config.rms_norm_eps
         p = f"layers.{spec.index}."
         N, hd, Hq = h.shape[0], spec.head_dim, self.config.num_attention_heads
-        qkv = F.linear(h, self.fw[p + "qkv"])
+        qkv = o.rms_norm_linear(h, w[p + "input_layernorm.weight"], eps, self.fw[p + "qkv"])
         q = qkv[:, : Hq * hd].view(N, Hq, hd)  # column views of one projection: strided, not copied
         k = v = None
         if not spec.kv_shared:
@@ -200,7 +204,7 @@ class PagedGemma4:
             out = extend_attention(q, k_pool, v_pool, pages, batch.page_size, batch.cu_seqlens_q,
                                    batch.seq_lens, window=spec.window)
         emit(p + "o", out)
-        return self._all_reduce(F.linear(out.reshape(N, -1), w[a + "o_proj.weight"]))
+        return self._all_reduce(o.linear(out.reshape(N, -1), w[a + "o_proj.weight"]))
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """A row-parallel projection's output summed over the ranks (itself without tp)."""

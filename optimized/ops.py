@@ -90,6 +90,27 @@ def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return gelu_tanh(gate) * up
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)
+
+
+def rms_norm_linear(x, norm_w, eps: float, w):
+    """A projection of the RMS-normed x: the input norm and the q/k/v projection (one GEMV when fused)."""
+    return F.linear(rms_norm(x, norm_w, eps), w)
+
+
+def linear_gelu_mul(x, w, up=None, *, return_gate_up=False):
+    """gelu_tanh(gate) * up with [gate; up] = x @ w.T split in column halves (the MLP), or with
+    gate = x @ w.T and `up` given (the PLE gate). return_gate_up=True (MLP only) also returns the
+    projection, the `mlp_gate_up` tap."""
+    if up is not None:
+        return gelu_tanh_mul(F.linear(x, w), up)
+    gate_up = F.linear(x, w)
+    inter = w.shape[0] // 2
+    act = gelu_tanh_mul(gate_up[:, :inter], gate_up[:, inter:])
+    return (act, gate_up) if return_gate_up else act
+
+
 def post_ffn_residual_scale(m, residual, weight, eps: float, scalar=None, *, return_normed=False):
     normed = rms_norm(m, weight, eps)
     out = residual + normed

@@ -597,6 +597,20 @@ def _erf_gelu_mul(_gelu_tanh_mul: Callable) -> Callable:
     return lambda gate, up: torch.nn.functional.gelu(gate) * up
 
 
+def _erf_linear_gelu_mul(_linear_gelu_mul: Callable) -> Callable:
+    """The projection + activation op (one GEMV kernel at decode on the fused path), with erf GELU."""
+    def linear_gelu_mul(x, w, up=None, *, return_gate_up=False):
+        gelu = torch.nn.functional.gelu
+        if up is not None:
+            return gelu(torch.nn.functional.linear(x, w)) * up
+        gate_up = torch.nn.functional.linear(x, w)
+        inter = w.shape[0] // 2
+        act = gelu(gate_up[:, :inter]) * gate_up[:, inter:]
+        return (act, gate_up) if return_gate_up else act
+
+    return linear_gelu_mul
+
+
 def _erf_gelu(_gelu_tanh: Callable) -> Callable:
     return lambda x: torch.nn.functional.gelu(x)
 
@@ -674,7 +688,8 @@ PRECISION_FAULTS = _registry(
         "hit. In bfloat16 the shift is under the L2 noise; the op-sequence check (the candidate vs "
         "the reference's ops in bf16 on the candidate's own gate/up) sees ~1% of elements over 4 ULPs.",
         "layers.0.mlp_act",
-        _on_op_sets("gelu_tanh_mul", _erf_gelu_mul) + _on_op_sets("gelu_tanh", _erf_gelu),
+        _on_op_sets("gelu_tanh_mul", _erf_gelu_mul) + _on_op_sets("gelu_tanh", _erf_gelu)
+        + _on_op_sets("linear_gelu_mul", _erf_linear_gelu_mul),
         SHORT_PROMPT,
     ),
 )
