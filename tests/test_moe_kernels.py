@@ -312,6 +312,158 @@ def test_experts_twin_is_the_reference(dtype):
     assert torch.equal(moe.experts_eager(xe, top_w, top_i, gate_up, down), want)
 
 
+# -- routing layout (group_by_expert) ----------------------------------------------------------
+#
+# The kernel builds the same four tensors as the torch ops of its twin, out of integer compares
+# and copies only, so they must be equal bit for bit: no tolerance anywhere below.
+
+def layout_ids(gen: torch.Generator, n: int, E: int, k: int, kind: str, dropped: bool) -> torch.Tensor:
+    """top_i [n, k] int64 on the CPU. "uniform", "skewed" as draw_routing; "shared": every token on
+    the same k experts; "all": k == E, every expert for each token, in a random order. dropped:
+    about a third of the ids outside [0, E), repeats within a row included (several -1s)."""
+    if kind == "all":
+        top_i = torch.stack([torch.randperm(E, generator=gen) for _ in range(n)])
+    else:
+        scores = torch.rand(n, E, generator=gen)
+        if kind == "skewed":
+            scores = scores * torch.linspace(8.0, 0.05, E)
+        elif kind == "shared":
+            scores = torch.rand(E, generator=gen).expand(n, E)
+        top_i = scores.topk(k, dim=-1).indices
+    if dropped:
+        bad = torch.tensor([-1, -1, -7, E, E, E + 3])
+        pick = bad[torch.randint(0, len(bad), top_i.shape, generator=gen)]
+        top_i = torch.where(torch.rand(top_i.shape, generator=gen) < 0.35, pick, top_i)
+    return top_i
+
+
+def layout_inputs(gen, n, E, k, kind, dropped, id_dtype, w_dtype, strided):
+    top_i = layout_ids(gen, n, E, k, kind, dropped).to(DEVICE, id_dtype)
+    top_w = (0.05 + 1.5 * torch.rand(n, k, generator=gen)).to(DEVICE, w_dtype)
+    if strided:  # column-major, as a transposed [k, n] tensor would be
+        top_i, top_w = top_i.t().contiguous().t(), top_w.t().contiguous().t()
+    return top_w, top_i
+
+
+def assert_same_layout(got, want) -> None:
+    for name, g, w in zip(("entries", "offsets", "weights", "ids"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and g.is_contiguous(), name
+        assert torch.equal(g, w), f"{name} differ: kernel {g.tolist()}, twin {w.tolist()}"
+
+
+@given(seed=seeds, rows=st.one_of(st.sampled_from([1, 2, 7, 32, 128]), st.integers(1, 40)),
+       E=st.sampled_from([4, 8, 32, 128]), k=st.sampled_from([1, 2, 8]),
+       kind=st.sampled_from(["uniform", "skewed", "shared", "all"]), dropped=st.booleans(),
+       id_dtype=st.sampled_from([torch.int64, torch.int32]), w_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       strided=st.booleans())
+def test_layout_kernel(seed, rows, E, k, kind, dropped, id_dtype, w_dtype, strided):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "all":  # k == E: a few tokens only, or the interpreter takes minutes
+        k, rows = E, min(rows, 3)
+    k = min(k, E)
+    top_w, top_i = layout_inputs(gen, rows, E, k, kind, dropped, id_dtype, w_dtype, strided)
+    assert_same_layout(moe._layout_launch(top_w, top_i, E), moe.group_by_expert_eager(top_w, top_i, E))
+
+
+def test_layout_kernel_example():
+    # Worked by hand, so that kernel and twin cannot agree on a wrong layout: rows sorted by id
+    # [[1, 3], [0, 1], [-1, -1], [2, 5]]; sorted entries -1 (f 4), -1 (f 5), 0 (f 2), 1 (f 0),
+    # 1 (f 3), 2 (f 6), 3 (f 1), 5 (f 7); expert e's rows start after the ids below e.
+    top_i = torch.tensor([[3, 1], [1, 0], [-1, -1], [5, 2]], device=DEVICE)
+    top_w = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6], [0.7, 0.8]], device=DEVICE)
+    for layout in (moe._layout_launch(top_w, top_i, 4), moe.group_by_expert_eager(top_w, top_i, 4)):
+        entries, offsets, weights, ids = layout
+        assert ids.tolist() == [[1, 3], [0, 1], [-1, -1], [2, 5]]
+        assert torch.equal(weights, torch.tensor([0.2, 0.1, 0.4, 0.3, 0.5, 0.6, 0.8, 0.7], device=DEVICE))
+        assert entries.tolist() == [4, 5, 2, 0, 3, 6, 1, 7]
+        assert offsets.tolist() == [2, 3, 5, 6, 7]
+
+
+def test_layout_kernel_at_its_bound():
+    # The largest routing the kernel takes: 128 programs (about 20 s under the interpreter here).
+    gen = torch.Generator().manual_seed(3)
+    k, E = 8, 128
+    top_w, top_i = layout_inputs(gen, moe._LAYOUT_MAX_ENTRIES // k, E, k, "skewed", True, torch.int64,
+                                 torch.float32, False)
+    assert_same_layout(moe._layout_launch(top_w, top_i, E), moe.group_by_expert_eager(top_w, top_i, E))
+
+
+def test_group_by_expert_takes_the_kernel_up_to_the_bound(monkeypatch):
+    launches = []
+
+    def counted(*args):
+        launches.append(args[1].numel())
+        return launch(*args)
+
+    launch = moe._layout_launch
+    monkeypatch.setattr(moe, "_layout_launch", counted)
+    monkeypatch.setattr(moe, "_LAYOUT_MAX_ENTRIES", 16)
+    monkeypatch.setattr(moe, "_LAYOUT_MAX_TOP_K", 4)
+    gen = torch.Generator().manual_seed(4)
+    for n, k, kernel in ((4, 4, True), (1, 1, True), (16, 1, True), (17, 1, False), (3, 6, False), (0, 2, False)):
+        top_w, top_i = layout_inputs(gen, n, 8, k, "uniform", True, torch.int64, torch.float32, False)
+        launches.clear()
+        assert_same_layout(moe.group_by_expert(top_w, top_i, 8), moe.group_by_expert_eager(top_w, top_i, 8))
+        assert launches == ([n * k] if kernel else []), (n, k)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 32])
+def test_experts_alike_through_either_layout(rows, monkeypatch):
+    # The GEMMs and the combine see the same layout from the kernel and from the torch ops, so
+    # experts() must give the same bits both ways (and match its twin as test_experts bounds it).
+    gen = torch.Generator().manual_seed(5 + rows)
+    E, k, H, I, dtype = 32, 8, 16, 16, torch.bfloat16
+    xe = randn(gen, rows, H, dtype=dtype)
+    top_w, top_i = layout_inputs(gen, rows, E, k, "skewed", True, torch.int64, torch.float32, True)
+    gate_up, down = expert_weights(gen, E, H, I, dtype)
+    got = moe.experts(xe, top_w, top_i, gate_up, down)
+    monkeypatch.setattr(moe, "_LAYOUT_MAX_ENTRIES", 0)
+    assert torch.equal(moe.experts(xe, top_w, top_i, gate_up, down), got)
+    assert_within(got, moe.experts_eager(xe, top_w, top_i, gate_up, down),
+                  experts_bound(xe, top_w, top_i, gate_up, down), identical=0.9)
+
+
+# Compiled in a fresh process with the interpreter off for an H100/H200 target, as
+# tests/test_fused_kernels.py does for its kernels: the interpreter misses compile-time rules.
+_COMPILE_LAYOUT_FOR_GPU = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from optimized.kernels import moe
+
+fn = moe._layout_kernel
+for w, i, k, rows, block_off, chunk in (("*fp32", "*i64", 8, 8, 256, 8), ("*bf16", "*i32", 8, 32, 8, 128),
+                                        ("*fp32", "*i64", 128, 1, 256, 1), ("*fp32", "*i32", 6, 32, 1, 128)):
+    types = dict(top_w=w, top_i=i, ids=i, weights=w, entries="*i32", offsets="*i32")
+    consts = dict(K=k, BLOCK_K=triton.next_power_of_2(k), ROWS=rows, BLOCK_OFF=block_off, CHUNK=chunk)
+    sig = {n: types.get(n, "i32") for n in fn.arg_names if n not in consts}
+    sig.update({n: "constexpr" for n in consts})
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, enable_fp_fusion=False))
+print("compiled")
+"""
+
+
+def test_layout_kernel_compiles_for_a_gpu():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton has no NVIDIA backend to compile with")
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", _COMPILE_LAYOUT_FOR_GPU], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
 # -- edge cases and input validation -----------------------------------------------------------
 
 def test_empty_inputs():

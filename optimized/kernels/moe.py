@@ -2,7 +2,7 @@
 router and the routed experts, each public op beside its eager twin (`op_eager`).
 
     route   = router_input -> logits = F.linear(z, proj_w) (torch) -> softmax_topk
-    experts = grouping metadata (torch) -> grouped gate_up GEMM with gelu_tanh(gate) * up
+    experts = group_by_expert (one launch) -> grouped gate_up GEMM with gelu_tanh(gate) * up
               -> grouped down GEMM times the routing weight -> ordered combine
 
 Numerics. The kernels compute in float32 and round to the storage dtype exactly where the
@@ -42,7 +42,7 @@ from .common import (check_eps, check_float, check_same, check_weight, dot_args,
 
 __all__ = [
     "route", "route_eager", "router_input", "router_input_eager", "softmax_topk", "softmax_topk_eager",
-    "experts", "experts_eager",
+    "experts", "experts_eager", "group_by_expert", "group_by_expert_eager",
 ]
 
 _MAX_EXPERTS = 1024  # one row of logits per program row: BLOCK_E = next_power_of_2(E) lanes
@@ -298,12 +298,113 @@ def _combine_kernel(y, ids, out, n_tokens, H, E, TOP_K: tl.constexpr, ROWS: tl.c
     store_rounded(out + rows[:, None] * H + cols[None, :], acc, mask)
 
 
-def _group_by_expert(top_w: torch.Tensor, top_i: torch.Tensor, num_experts: int):
-    """(entries, offsets, weights, ids) of the layout described above, built on the device;
-    ids[f] is entry f's expert. All four contiguous: the combine kernel reads ids[t * k + j]."""
-    # Each token's experts in ascending id: the combine order. torch.sort keeps its input's
-    # strides (torch 2.13), so column-major ids would reach the combine column-major.
-    ids, slot = top_i.contiguous().sort(dim=1)
+# The layout in one launch (group_by_expert), for up to _LAYOUT_MAX_ENTRIES = N * top_k entries,
+# top_k <= _LAYOUT_MAX_TOP_K. Each program takes up to _LAYOUT_ROWS entries in router order
+# (o = t * top_k + j) and finds, with no sort and no communication between programs:
+#   - f, the entry's place in its token's row sorted by id: t * top_k + (ids below it in the row
+#     + equal ids in earlier slots), i.e. a stable sort; ids[f] and weights[f] are stored there;
+#   - its sorted position: (entries with a lower id) + (entries with an equal id and a lower o).
+#     Sorting the row-sorted ids stably orders equal ids by (t, place in row) = (t, j) = o, so this
+#     is the position torch's stable sort of the flattened ids gives f; entries[position] = f;
+#   - offsets[e] = (entries with an id below e) for its slice of e in [0, E]: searchsorted's
+#     left bound on the sorted ids.
+# Every comparison is exact integer work on the ids as given, so ids outside [0, E) land where
+# torch's sorts put them (before offsets[0] or from offsets[E] on, where no kernel reads).
+# The cost is quadratic: every program compares its entries (and its slice of offsets) with all
+# N * k ids, so the program count and each program's work both grow with N * k. At the bound,
+# 4096 entries make 128 programs of 32 entries (one wave on an H100's or H200's 132 SMs), each
+# comparing about 34 x 4096 pairs; past it a second wave and longer programs make it grow
+# quadratically, while torch's sorts grow about linearly: reasoning, not a measurement; the
+# bound is a constant to sweep. Decode at batch 1 (8 entries for 26B-A4B) is one program.
+_LAYOUT_MAX_ENTRIES = 4096
+_LAYOUT_MAX_TOP_K = 128  # the row comparison is a [ROWS, next_power_of_2(top_k)] tile
+_LAYOUT_ROWS = 32  # entries per program
+_LAYOUT_TILE = 8192  # elements of one program's comparison tiles per step, at most
+
+
+@triton.jit
+def _layout_kernel(top_w, stride_wt, stride_wj, top_i, stride_it, stride_ij, entries, offsets, weights, ids,
+                   n_entries, E, K: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK_OFF: tl.constexpr, CHUNK: tl.constexpr):
+    o = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = o < n_entries
+    t = (o // K).to(tl.int64)
+    j = o % K
+    key = tl.load(top_i + t * stride_it + j * stride_ij, mask=ok, other=0)
+
+    # Place in the row sorted by id, stably (ties only among ids outside [0, E)).
+    s = tl.arange(0, BLOCK_K)
+    s_ok = s < K
+    row = tl.load(top_i + t[:, None] * stride_it + s[None, :] * stride_ij, mask=ok[:, None] & s_ok[None, :],
+                  other=0)
+    # (The loop below binds names of its own: Triton takes a name bound before and inside a loop
+    # as loop-carried and refuses a change of shape; compiling for sm_90 said so, the interpreter not.)
+    ahead = (row < key[:, None]) | ((row == key[:, None]) & (s[None, :] < j[:, None]))
+    f = t * K + tl.sum((ahead & s_ok[None, :]).to(tl.int32), 1)
+    tl.store(ids + f, key, mask=ok)
+    tl.store(weights + f, tl.load(top_w + t * stride_wt + j * stride_wj, mask=ok), mask=ok)
+
+    # Sorted position of each entry, and offsets[e] for this program's slice of experts.
+    e = tl.program_id(0) * BLOCK_OFF + tl.arange(0, BLOCK_OFF)
+    pos = tl.zeros([ROWS], tl.int32)
+    below = tl.zeros([BLOCK_OFF], tl.int32)
+    for c0 in range(0, n_entries, CHUNK):
+        c = c0 + tl.arange(0, CHUNK)
+        c_ok = c < n_entries
+        other = tl.load(top_i + (c // K).to(tl.int64) * stride_it + (c % K) * stride_ij, mask=c_ok, other=0)
+        first = (other[None, :] < key[:, None]) | ((other[None, :] == key[:, None]) & (c[None, :] < o[:, None]))
+        pos += tl.sum((first & c_ok[None, :]).to(tl.int32), 1)
+        below += tl.sum(((other[None, :] < e[:, None]) & c_ok[None, :]).to(tl.int32), 1)
+    tl.store(entries + pos, f.to(tl.int32), mask=ok)
+    tl.store(offsets + e, below, mask=e <= E)
+
+
+def _layout_launch(top_w: torch.Tensor, top_i: torch.Tensor, num_experts: int):
+    """group_by_expert's kernel, for any size (group_by_expert keeps it to the bound above)."""
+    n, k = top_i.shape
+    m = n * k
+    dev = top_i.device
+    entries = torch.empty(m, dtype=torch.int32, device=dev)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
+    weights = torch.empty(m, dtype=top_w.dtype, device=dev)
+    ids = torch.empty((n, k), dtype=top_i.dtype, device=dev)
+    rows = min(_LAYOUT_ROWS, triton.next_power_of_2(max(m, 1)))
+    grid = max(triton.cdiv(m, rows), 1)
+    block_off = triton.next_power_of_2(triton.cdiv(num_experts + 1, grid))  # grid * block_off > E
+    chunk = min(triton.next_power_of_2(max(m, 1)), max(1, _LAYOUT_TILE // (rows + block_off)))
+    chunk = 1 << (chunk.bit_length() - 1)  # a power of two, for tl.arange
+    _layout_kernel[(grid,)](
+        top_w, top_w.stride(0), top_w.stride(1), top_i, top_i.stride(0), top_i.stride(1), entries, offsets,
+        weights, ids, m, num_experts, K=k, BLOCK_K=triton.next_power_of_2(k), ROWS=rows, BLOCK_OFF=block_off,
+        CHUNK=chunk, **launch_options(triton.next_power_of_2((rows + block_off) * chunk)))
+    return entries, offsets, weights, ids
+
+
+def group_by_expert(top_w: torch.Tensor, top_i: torch.Tensor, num_experts: int):
+    """The layout described above for a routing top_w, top_i [N, k] (any strides) over
+    num_experts experts: (entries int32 [N * k], offsets int32 [E + 1], weights [N * k] in top_w's
+    dtype, ids [N, k] in top_i's dtype), all contiguous and new. ids[t] is token t's row of ids
+    sorted ascending (stably), weights the same permutation of top_w's row, flattened. entries
+    lists the entries sorted stably by id and offsets[e] counts the ids below e, so expert e's
+    sorted rows are offsets[e]:offsets[e + 1]; ids outside [0, E) sort before or after them.
+    Contiguous because the combine kernel reads ids[t * k + j].
+
+    One launch of _layout_kernel up to _LAYOUT_MAX_ENTRIES entries (and top_k up to
+    _LAYOUT_MAX_TOP_K), else the twin's torch ops; either way bit for bit group_by_expert_eager's
+    result, with no device sync."""
+    if top_i.dim() != 2 or top_w.shape != top_i.shape:
+        raise ValueError(f"top_w and top_i must both be [N, k], got {list(top_w.shape)} and {list(top_i.shape)}")
+    n, k = top_i.shape
+    if 0 < n * k <= _LAYOUT_MAX_ENTRIES and k <= _LAYOUT_MAX_TOP_K:
+        return _layout_launch(top_w, top_i, num_experts)
+    return group_by_expert_eager(top_w, top_i, num_experts)
+
+
+def group_by_expert_eager(top_w: torch.Tensor, top_i: torch.Tensor, num_experts: int):
+    # Each token's experts in ascending id: the combine order. Stable, so that equal ids (only
+    # ever outside [0, E), which no kernel reads) still have one defined order. torch.sort keeps
+    # its input's strides (torch 2.13), so column-major ids would reach the combine column-major.
+    ids, slot = top_i.contiguous().sort(dim=1, stable=True)
     weights = top_w.gather(1, slot).reshape(-1)
     flat, entries = torch.sort(ids.reshape(-1), stable=True)
     # Expert e's rows start at the first sorted id >= e. (torch.bincount would read its input's
@@ -364,7 +465,7 @@ def experts(xe: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, gate_up:
     out = torch.empty((n, h), dtype=xe.dtype, device=xe.device)
     if n == 0:
         return out
-    entries, offsets, weights, ids = _group_by_expert(top_w, top_i, num_experts)
+    entries, offsets, weights, ids = group_by_expert(top_w, top_i, num_experts)
     act = torch.empty((n * top_k, inter), dtype=xe.dtype, device=xe.device)
     y = torch.empty((n * top_k, h), dtype=xe.dtype, device=xe.device)
 
