@@ -64,18 +64,19 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # the kernels work in ba
 # - Head dims <= 64 only occur in tiny test models: small blocks keep the interpreter quick and
 #   make short test sequences cross several key blocks and query tiles.
 # - Every entry was compiled for sm_90 ahead of time (Triton 3.9, no GPU at hand) and fits an
-#   H100's 227 KB of shared memory. An earlier note here said none spills registers; recompiled for
-#   sm_90a later (ptxas -v on Triton's PTX, Triton 3.9, default options), the bf16 entries do spill:
-#   extend D=512 988 bytes (1620 with the unmasked interior), D=256 420 (780); decode D=256 136-344,
-#   D=512 none. With the interior, (32, 32, 8, 2) at D=512 spilled 152 bytes, (64, 32, 8, 2) 496,
-#   (128, 32, 8, 2) at D=256 854: candidates of the sweep (bench/attention_bench.py --sweep).
+#   H100's 227 KB of shared memory. Recompiled for sm_90a (ptxas -v on Triton's PTX, Triton 3.9,
+#   default options) the bf16 entries spill some registers: extend (64, 32, 8, 2) at D=512 496
+#   bytes, (128, 32, 8, 2) at D=256 854; decode D=256 136-344, D=512 none. Spilling is not the
+#   whole story: these two were the fastest of the sweep all the same.
 # - 4-byte storage (float32 models on a GPU: a correctness path, "ieee" dots without tensor cores)
 #   needs much smaller tiles to stay out of local memory.
-# Timed on an H100 as tabled (docs/measurements.md, "Paged attention vs torch SDPA"): bf16 extend
-# at 110-125 TFLOP/s, full-layer decode at 60-99% of copy bandwidth from batch 8 and 16k keys.
-# Not tuned by a sweep yet: bench/attention_bench.py --extend-blocks/--decode-blocks times others.
+# bf16 extend at 256 and 512 chosen by `bench/attention_bench.py --sweep` on an H200
+# (docs/measurements.md, session 6; one 8192-token prefill, Hq 8, Hkv 1, window 512 at D=256):
+# D=512 (64, 32, 8, 2) 156 TFLOP/s against 119 for the earlier (32, 64, 8, 2); D=256 (128, 32, 8, 2)
+# 187 against 108 for (64, 64, 8, 2); both with the unmasked interior (without it 131 and 144).
+# The decode entries were within 5% of the sweep's best at batch 1/8/32 with 200 keys, so stay.
 _EXTEND_BLOCKS = {
-    2: {64: (16, 16, 4, 1), 128: (64, 64, 4, 2), 256: (64, 64, 8, 2), 512: (32, 64, 8, 2)},
+    2: {64: (16, 16, 4, 1), 128: (64, 64, 4, 2), 256: (128, 32, 8, 2), 512: (64, 32, 8, 2)},
     4: {64: (16, 16, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1), 512: (16, 16, 4, 1)},
 }
 _DECODE_BLOCKS = {
