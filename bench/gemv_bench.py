@@ -40,11 +40,13 @@ from oracle.kernel_check import Timer, copy_bandwidth  # noqa: E402
 ROTATE_BYTES = 200 << 20
 MAX_COPIES = 256
 
-# Launch settings tried, per row count: (BLOCK_N, BLOCK_K, DOT, num_warps, num_stages). Small
-# BLOCK_N without tl.dot for one row (many programs for N = 1536), tl.dot at 32 rows, both at 8.
+# Launch settings tried, per row count: (BLOCK_N, BLOCK_K, DOT, num_warps, num_stages); a row
+# count without its own list takes the nearest smaller one's. Small BLOCK_N without tl.dot for one
+# row (many programs for N = 1536), tl.dot at 32 rows, both at 8. The first H200 sweep
+# (docs/results/gemv_bench_h200.json) had BLOCK_K 1024 beat 512 everywhere at M = 1, hence 2048.
 GRID = {
-    1: [(2, 1024, False, 4, 3), (4, 512, False, 4, 3), (4, 1024, False, 4, 3), (8, 1024, False, 4, 3),
-        (8, 512, False, 8, 3), (16, 256, True, 4, 3)],
+    1: [(2, 1024, False, 4, 3), (4, 1024, False, 4, 3), (2, 2048, False, 4, 3), (4, 2048, False, 4, 3),
+        (4, 2048, False, 8, 3), (8, 2048, False, 8, 3), (16, 256, True, 4, 3)],
     8: [(2, 256, False, 4, 3), (4, 256, False, 4, 3), (16, 128, True, 4, 3), (16, 256, True, 4, 3),
         (32, 256, True, 8, 3)],
     32: [(16, 128, True, 4, 3), (16, 256, True, 4, 4), (32, 128, True, 4, 3), (32, 256, True, 8, 3)],
@@ -75,8 +77,9 @@ def shapes(model: str) -> list[tuple[str, str, int, int]]:
 
 
 def make_call(op, x, w, norm_w, up, settings):
-    """The call under test; settings=None is the baseline (gemv's unfused path: the norm or gated
-    GELU kernel and torch's F.linear), forced by setting the row limits to 0 around the call."""
+    """The call under test: the GEMV kernel with `settings`, or with settings=None the baseline,
+    gemv's unfused path (the norm or gated-GELU kernel and torch's F.linear; main() sets every row
+    limit to 0)."""
     if op == "rms_norm_linear":
         return lambda wi: gemv.rms_norm_linear(x, norm_w, 1e-6, wi, settings=settings)
     if op == "linear_gelu_mul":
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
         todo = [s for m in args.models for s in shapes(m)]
         rows_list, grid, repeats = args.rows, GRID, args.repeats
         copy_bw = copy_bandwidth(Timer(device, 10, warmup=2), device) if device.type != "cpu" else None
-    gemv.GEMV_MAX_ROWS = gemv.LINEAR_MAX_ROWS = max(rows_list)  # the kernel at every M swept
+    gemv.GEMV_MAX_ROWS = gemv.GATE_UP_MAX_ROWS = gemv.LINEAR_MAX_ROWS = 0  # settings=None: the unfused path
     print(f"# {device_name(device)}, bf16, copy bandwidth "
           f"{'-' if copy_bw is None else f'{copy_bw / 1e9:.0f} GB/s'}{' (interpreter)' if INTERPRETING else ''}")
     print("| shape | op | N x K | M | variant | us | GB/s | of copy | rel err |")
@@ -157,23 +160,17 @@ def main(argv=None) -> int:
             variants += [(f"gemv BN={bn} BK={bk} {'dot' if d else 'sum'} w{nw} s{ns}",
                           dict(BLOCK_N=bn, BLOCK_K=bk, DOT=d, num_warps=nw, num_stages=ns))
                          for bn, bk, d, nw, ns in grid.get(M, grid[max(g for g in grid if g <= M)])]
-            variants.append(("gemv default " + str(gemv.launch_settings(M, n)), "default"))
+            variants.append(("gemv default " + str(gemv.launch_settings(M, n)), gemv.launch_settings(M, n)))
             want = None
             for label, setting in variants:
-                if setting is None:
-                    limits = gemv.GEMV_MAX_ROWS, gemv.LINEAR_MAX_ROWS
-                    gemv.GEMV_MAX_ROWS = gemv.LINEAR_MAX_ROWS = 0
                 try:
-                    call = make_call(op, x, None, norm_w, up, None if setting in (None, "default") else setting)
+                    call = make_call(op, x, None, norm_w, up, setting)
                     us, out = timed(device, call, weights, repeats)
                 except Exception as e:  # a setting that does not compile (or run) is reported and skipped
                     print(f"| {name} | {op} | {n} x {k} | {M} | {label} | failed: {type(e).__name__}: "
                           f"{str(e).splitlines()[0][:120] if str(e) else ''} | | | |")
                     results.append(dict(shape=name, op=op, N=n, K=k, M=M, variant=label, error=repr(e)[:500]))
                     continue
-                finally:
-                    if setting is None:
-                        gemv.GEMV_MAX_ROWS, gemv.LINEAR_MAX_ROWS = limits
                 if want is None:
                     want = out
                 err = rel(out, want)
@@ -182,26 +179,28 @@ def main(argv=None) -> int:
                 print(f"| {name} | {op} | {n} x {k} | {M} | {label} | {us:.2f} | {gbps:.0f} | "
                       f"{'-' if share is None else f'{share:.0%}'} | {err:.1e} |", flush=True)
                 row = dict(shape=name, op=op, N=n, K=k, M=M, variant=label, us=us, gbps=gbps, copy_share=share,
-                           rel_err=err, settings=setting if isinstance(setting, dict) else None)
+                           rel_err=err, settings=setting)
                 results.append(row)
-                key = (name, M)
+                key = (name, n, k, M)
                 if setting is not None and err < 2e-2 and (key not in best or us < best[key]["us"]):
                     best[key] = row
         del weights
     print("\n## best GEMV setting per shape (against the baseline)")
     print("| shape | M | best | us | baseline us | speed-up | of copy |")
     print("|---|---|---|---|---|---|---|")
-    for (name, M), row in best.items():
-        base = next(r for r in results if r["shape"] == name and r["M"] == M and r["variant"].startswith("baseline"))
+    for (name, n, k, M), row in best.items():
+        base = next(r for r in results if (r["shape"], r["N"], r["K"], r["M"]) == (name, n, k, M)
+                    and r["variant"].startswith("baseline"))
         share = "-" if row["copy_share"] is None else f"{row['copy_share']:.0%}"
-        print(f"| {name} | {M} | {row['variant']} | {row['us']:.2f} | {base['us']:.2f} | "
+        print(f"| {name} {n} x {k} | {M} | {row['variant']} | {row['us']:.2f} | {base['us']:.2f} | "
               f"{base['us'] / row['us']:.2f}x | {share} |")
     print(f"\n# {time.perf_counter() - t_start:.0f} s")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(device=device_name(device), dtype="bfloat16", copy_bandwidth=copy_bw,
                                             rows=results, best=list(best.values()),
-                                            settings_table=gemv.SETTINGS, min_programs=gemv.MIN_PROGRAMS),
+                                            settings_table=gemv.SETTINGS, min_programs=gemv.MIN_PROGRAMS,
+                                            command=" ".join(sys.argv)),
                                        indent=1, default=str))
         print(f"wrote {args.out}")
     return 0

@@ -253,7 +253,8 @@ def build_cases(s: dict, dtype: torch.dtype, device: torch.device, gen: torch.Ge
 
 
 def _gemv_cases(s: dict, dtype, device, gen):
-    """The few-row GEMVs at min(T, gemv.GEMV_MAX_ROWS) rows (above it the ops are the unfused path):
+    """The few-row GEMVs at min(T, gemv.GEMV_MAX_ROWS) rows, the kernel forced by its launch settings
+    (an op whose limit is 0 or below the rows would otherwise take the unfused path):
     the input norm + q/k/v projection, gate_up + gated GELU (and the mlp_gate_up tap stored), the
     PLE gate (up a strided slice of the per-layer inputs), and a plain projection (down)."""
     H, Hq, Hkv, D, inter = s["H"], s["Hq"], s["Hkv"], s["D"], s["I"]
@@ -268,19 +269,23 @@ def _gemv_cases(s: dict, dtype, device, gen):
     w_down, w_gate = rnd(H, inter, scale=inter ** -0.5), rnd(P, H, scale=H ** -0.5)
     ple = rnd(m, 3, P)[:, 1, :]  # one layer's slice of [T, L, P]: rows strided
     n_qkv = w_qkv.shape[0]
+
+    def ls(n):
+        return gemv.launch_settings(m, n)
+
     return [
-        Case("rms_norm_linear", f"[{m}, {H}] x [{n_qkv}, {H}]", lambda: gemv.rms_norm_linear(x, nw, 1e-6, w_qkv),
+        Case("rms_norm_linear", f"[{m}, {H}] x [{n_qkv}, {H}]", lambda: gemv.rms_norm_linear(x, nw, 1e-6, w_qkv, settings=ls(n_qkv)),
              lambda: gemv.rms_norm_linear_eager(x, nw, 1e-6, w_qkv), lambda: ops.rms_norm_linear(x, nw, 1e-6, w_qkv),
              bytes=(w_qkv.numel() + m * H + m * n_qkv) * b, sum_len=H),
         Case("linear_gelu_mul", f"[{m}, {H}] x [{2 * inter}, {H}], gate_up stored",
-             lambda: gemv.linear_gelu_mul(x, w_gu, return_gate_up=True),
+             lambda: gemv.linear_gelu_mul(x, w_gu, return_gate_up=True, settings=ls(inter)),
              lambda: gemv.linear_gelu_mul_eager(x, w_gu, return_gate_up=True),
              lambda: ops.linear_gelu_mul(x, w_gu, return_gate_up=True),
              bytes=(w_gu.numel() + m * H + 3 * m * inter) * b, sum_len=H),
         Case("linear_gelu_mul (ple gate)", f"[{m}, {H}] x [{P}, {H}], up strided",
-             lambda: gemv.linear_gelu_mul(x, w_gate, ple), lambda: gemv.linear_gelu_mul_eager(x, w_gate, ple),
+             lambda: gemv.linear_gelu_mul(x, w_gate, ple, settings=ls(P)), lambda: gemv.linear_gelu_mul_eager(x, w_gate, ple),
              lambda: ops.linear_gelu_mul(x, w_gate, ple), bytes=(w_gate.numel() + m * H + 2 * m * P) * b, sum_len=H),
-        Case("linear", f"[{m}, {inter}] x [{H}, {inter}]", lambda: gemv.linear(act, w_down),
+        Case("linear", f"[{m}, {inter}] x [{H}, {inter}]", lambda: gemv.linear(act, w_down, settings=ls(H)),
              lambda: gemv.linear_eager(act, w_down), lambda: ops.linear(act, w_down),
              bytes=(w_down.numel() + m * inter + m * H) * b, sum_len=inter),
     ]

@@ -30,8 +30,8 @@ are rounded to the model dtype before the activation (as the unfused projection'
 and the activation rounds where `gelu_tanh_mul` rounds. Kernel and twin then differ by the
 order of the float32 sums: now and then one ULP of the storage dtype.
 
-Rows above GEMV_MAX_ROWS (prefill chunks) take the unfused path (the norm / activation kernels
-and torch's F.linear), where a GEMM beats a GEMV.
+Rows above the ops' limits (GEMV_MAX_ROWS and the others below; prefill chunks) take the unfused
+path (the norm / activation kernels and torch's F.linear), where cuBLAS is faster.
 """
 
 from __future__ import annotations
@@ -48,25 +48,36 @@ from .common import (check_eps, check_float, check_same, check_weight, dot_args,
                      store_rounded)
 from .norms import rms_norm as _rms_norm_kernel
 
-# Rows (tokens) up to which the fused ops (rms_norm_linear, linear_gelu_mul) run the GEMV kernel;
-# 0 turns them off (every call takes the unfused path). Read at each call.
-GEMV_MAX_ROWS = 16
-# The same for the plain `linear` (down, o_proj, PLE projection), which fuses nothing and so wins
-# only where the kernel reads the weight faster than cuBLAS does; bench/gemv_bench.py says where.
-LINEAR_MAX_ROWS = 16
+# Rows (tokens) up to which each op runs its GEMV kernel (above: the unfused path); 0 turns one
+# off. Read at each call (a captured decode graph keeps what it saw). Set from an H200 sweep of
+# bench/gemv_bench.py at M = 1, 8, 32 (docs/results/gemv_bench_h200.json, bf16, E2B shapes; the
+# baseline is the unfused path: norm / gated-GELU kernel + cuBLAS):
+# - rms_norm_linear and the PLE gate win or tie at M = 1 (qkv 6.7 vs 6.9 us sliding, 9.3 vs 9.1
+#   full; PLE gate 3.7 vs 6.6 us) and lose at M = 8 (qkv 11.4 vs 7.8 us): GEMV_MAX_ROWS = 1.
+# - the MLP's gate_up + gated GELU loses even at M = 1 (16.7 vs 15.0 us at I = 6144, 28.0 vs 25.3
+#   at 12288: cuBLAS streams these 19-38 MB weights faster): GATE_UP_MAX_ROWS = 0 until a sweep
+#   says otherwise (the kernel and its tests stay; settings= forces it).
+# - plain linear wins on small weights (o_proj 1536 x 2048: 5.1 vs 8.0 us; PLE projection 2.5 vs
+#   3.2 us; o_proj 1536 x 4096: 7.8 vs 8.5 us) and loses on the down projection (1536 x 6144: 10.4
+#   vs 10.1 us, 1536 x 12288: 19.2 vs 15.2 us): up to LINEAR_MAX_ROWS rows and LINEAR_MAX_WEIGHT
+#   weight elements.
+GEMV_MAX_ROWS = 1
+GATE_UP_MAX_ROWS = 0
+LINEAR_MAX_ROWS = 1
+LINEAR_MAX_WEIGHT = 8 << 20
 
 # Launch settings per shape class, read at each launch: the first entry whose `rows` covers M.
-# Not yet measured: chosen from the arithmetic above, to be replaced by bench/gemv_bench.py's best
-# settings from an H200 sweep. DOT=False up to 4 rows (BLOCK_M * BLOCK_N * BLOCK_K / threads = 32
-# float32 products per thread per step at 4 rows); tl.dot above. BLOCK_N is then halved, down to
-# its floor (16 with DOT, else 2), while the grid has fewer than MIN_PROGRAMS programs: two per SM
-# of an H200 (132 SMs), so that N = 1536 still fills the machine.
+# rows = 1 measured (H200 sweep above): BLOCK_K = 1024 beat 512 on every shape, 4 warps beat 8,
+# BLOCK_N 2-4 beat 8-16 and tl.dot (e.g. down 1536 x 6144: 10.4 us at BLOCK_N 2, 11.1 at 4, 12.6
+# at 8, 15.2 with tl.dot at 16). BLOCK_N is halved, down to its floor (16 with DOT, else 2), while
+# the grid has fewer than MIN_PROGRAMS programs: 512 puts N = 1536 at BLOCK_N = 2, as measured best.
+# The rows > 1 entries are not measured as defaults: at M = 8 the broadcast sum was 3-8x slower
+# than cuBLAS (its [8, BLOCK_N, BLOCK_K] products spill), tl.dot at BLOCK_N 16 1.2-2x slower.
 SETTINGS = [
-    dict(rows=1, BLOCK_N=8, BLOCK_K=1024, DOT=False, num_warps=4, num_stages=3),
-    dict(rows=4, BLOCK_N=4, BLOCK_K=256, DOT=False, num_warps=4, num_stages=3),
+    dict(rows=1, BLOCK_N=4, BLOCK_K=1024, DOT=False, num_warps=4, num_stages=3),
     dict(rows=32, BLOCK_N=16, BLOCK_K=256, DOT=True, num_warps=4, num_stages=3),
 ]
-MIN_PROGRAMS = 264
+MIN_PROGRAMS = 512
 # Under Triton's interpreter (CPU), which pays per program: few programs, whatever the shape.
 INTERPRETER_SETTINGS = dict(BLOCK_N=32, BLOCK_K=64, DOT=True, num_warps=4, num_stages=1)
 
@@ -192,8 +203,10 @@ def _check(x, w) -> None:
         raise ValueError(f"w must be [N, {x.shape[1]}] (x is {list(x.shape)}), got {list(w.shape)}")
 
 
-def _fused_rows(x, limit: int) -> bool:
-    return 0 < x.shape[0] <= limit
+def _fused_rows(x, limit: int, settings) -> bool:
+    """Whether to run the GEMV kernel: M within the op's limit, or launch settings given (tests,
+    benches: they force the kernel)."""
+    return 0 < x.shape[0] and (settings is not None or x.shape[0] <= limit)
 
 
 # -- rms_norm_linear ---------------------------------------------------------------------------
@@ -201,12 +214,12 @@ def _fused_rows(x, limit: int) -> bool:
 def rms_norm_linear(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, *,
                     settings: dict | None = None) -> torch.Tensor:
     """F.linear(rms_norm(x, norm_w, eps), w) for x [M, K], norm_w [K], w [N, K]: the input norm
-    computed in the GEMV's prologue (up to GEMV_MAX_ROWS rows). Returns a new contiguous [M, N]."""
+    computed in the GEMV's prologue (up to GEMV_MAX_ROWS rows, or always with `settings`). Returns a new contiguous [M, N]."""
     _check(x, w)
     check_eps(eps)
     check_weight("norm_w", norm_w, x.shape[1], x.device)
     check_same("x", x, norm_w=norm_w)
-    if not _fused_rows(x, GEMV_MAX_ROWS):
+    if not _fused_rows(x, GEMV_MAX_ROWS, settings):
         return F.linear(_rms_norm_kernel(x, norm_w, eps), w)
     out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
     _launch("norm", x, w, out, norm_w=norm_w, eps=eps, settings=settings)
@@ -243,7 +256,7 @@ def linear_gelu_mul(x: torch.Tensor, w: torch.Tensor, up: torch.Tensor | None = 
         inter = w.shape[0]
         if tuple(up.shape) != (M, inter):
             raise ValueError(f"up must be [{M}, {inter}] (rows of x, rows of w), got {list(up.shape)}")
-    if not _fused_rows(x, GEMV_MAX_ROWS):
+    if not _fused_rows(x, GEMV_MAX_ROWS if up is not None else GATE_UP_MAX_ROWS, settings):
         if up is None:
             gate_up = F.linear(x, w)
             act = _gelu_tanh_mul_kernel(gate_up[:, :inter], gate_up[:, inter:])
@@ -268,9 +281,10 @@ def linear_gelu_mul_eager(x: torch.Tensor, w: torch.Tensor, up: torch.Tensor | N
 # -- linear ------------------------------------------------------------------------------------
 
 def linear(x: torch.Tensor, w: torch.Tensor, *, settings: dict | None = None) -> torch.Tensor:
-    """x @ w.T for x [M, K], w [N, K] (up to LINEAR_MAX_ROWS rows; torch's F.linear above)."""
+    """x @ w.T for x [M, K], w [N, K] (up to LINEAR_MAX_ROWS rows and LINEAR_MAX_WEIGHT weight
+    elements; torch's F.linear otherwise)."""
     _check(x, w)
-    if not _fused_rows(x, LINEAR_MAX_ROWS):
+    if not _fused_rows(x, LINEAR_MAX_ROWS if w.numel() <= LINEAR_MAX_WEIGHT else 0, settings):
         return F.linear(x, w)
     out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
     _launch("linear", x, w, out, settings=settings)
