@@ -355,6 +355,11 @@ def _moe_cases(s: dict, dtype, device, gen):
              bytes=2 * T * H * b),
         Case("softmax_topk", f"[{T}, {E}] top {k}", lambda: dense(moe.softmax_topk(logits, pes, k)),
              lambda: dense(moe.softmax_topk_eager(logits, pes, k)), torch_softmax_topk, compare_dtype=torch.float32),
+        # Integers (and the weights, permuted): compared as float32, exact (ids < 2^24); any
+        # difference is a wrong layout.
+        Case("group_by_expert", f"[{T}, {k}] over {E} experts", lambda: moe.group_by_expert(top_w, top_i, E),
+             lambda: moe.group_by_expert_eager(top_w, top_i, E), compare_dtype=torch.float32,
+             bytes=T * k * (top_w.element_size() + top_i.element_size()) * 2 + T * k * 4 + (E + 1) * 4),
         Case("experts", f"[{T}, {H}], {E} experts, top {k}, I {inter}",
              lambda: moe.experts(xe, top_w, top_i, gate_up, down),
              lambda: moe.experts_eager(xe, top_w, top_i, gate_up, down),
