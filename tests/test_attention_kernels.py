@@ -376,6 +376,10 @@ def test_default_num_splits():
     assert default_num_splits(1, 1, 192, 32) == 6
     assert default_num_splits(32, 1, 512, 64) == 5
     assert default_num_splits(256, 1, 512, 64) == 2           # a full GPU keeps 256-key splits
+    # short=False (what decode_attention asks for under the interpreter): the long splits alone.
+    assert default_num_splits(1, 1, 192, 64, short=False) == 1
+    assert default_num_splits(1, 2, 512, 64, short=False) == 2
+    assert default_num_splits(1, 1, 32768, 64, short=False) == 64
     assert all(1 <= default_num_splits(b, h, k, n) <= 64
                for b in (1, 7, 64) for h in (1, 2) for k in (0, 1, 255, 10**6) for n in (16, 64))
 

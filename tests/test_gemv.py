@@ -169,6 +169,9 @@ def test_rows_above_the_limit_take_the_unfused_path(monkeypatch):
     gemv.rms_norm_linear(x[:1], nw, EPS, w)
     gemv.linear_gelu_mul(x[:4], w)
     monkeypatch.setattr(gemv, "LINEAR_MAX_ROWS", 8)
+    monkeypatch.setattr(gemv, "INTERPRETING", True)  # the plain GEMV stays off under the interpreter
+    gemv.linear(x, w)
+    monkeypatch.setattr(gemv, "INTERPRETING", False)
     gemv.linear(x, w)
     monkeypatch.setattr(gemv, "LINEAR_MAX_WEIGHT", w.numel() - 1)
     gemv.linear(x, w)

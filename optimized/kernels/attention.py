@@ -444,7 +444,7 @@ def _decode_merge_kernel(
     store_rounded(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, o, None)
 
 
-def default_num_splits(batch: int, kv_heads: int, max_keys: int, block_n: int = 64) -> int:
+def default_num_splits(batch: int, kv_heads: int, max_keys: int, block_n: int = 64, short: bool = True) -> int:
     """Flash-decoding split count from shapes alone (no device sync; fixed while a graph replays).
 
     Two candidates, the larger wins (at most _MAX_SPLITS):
@@ -455,12 +455,14 @@ def default_num_splits(batch: int, kv_heads: int, max_keys: int, block_n: int = 
       (_ONE_WAVE), as short as one key block of `block_n` keys. A 190-key request at batch 1 then
       runs as a few one-block programs in parallel instead of one program streaming them in turn.
     `max_keys` is the longest possible key range (a graph's full-width page table, or the window);
-    a request with fewer keys leaves splits empty, which exit at once and are never merged."""
+    a request with fewer keys leaves splits empty, which exit at once and are never merged.
+    short=False leaves the short splits out (decode_attention under Triton's interpreter, which
+    pays host time for every program, empty or not: they made the CPU main job 7 s slower)."""
     programs = max(batch * kv_heads, 1)
     keys = max(max_keys, 1)
     long = min(triton.cdiv(_TARGET_PROGRAMS, programs), triton.cdiv(keys, _MIN_KEYS_PER_SPLIT))
-    short = min(triton.cdiv(_ONE_WAVE, programs), triton.cdiv(keys, block_n))
-    return max(1, min(max(long, short), _MAX_SPLITS))
+    few = min(triton.cdiv(_ONE_WAVE, programs), triton.cdiv(keys, block_n)) if short else 1
+    return max(1, min(max(long, few), _MAX_SPLITS))
 
 
 def decode_attention(q, k_pool, v_pool, page_table, page_size, seq_lens, window=None,
@@ -489,7 +491,7 @@ def decode_attention(q, k_pool, v_pool, page_table, page_size, seq_lens, window=
         max_keys = page_table.shape[1] * page_size
         if window is not None:
             max_keys = min(max_keys, window)
-        num_splits = default_num_splits(batch, hkv, max_keys, block_n)
+        num_splits = default_num_splits(batch, hkv, max_keys, block_n, short=not INTERPRETING)
     g = hq // hkv
     block_h = max(16, triton.next_power_of_2(g))  # tl.dot wants at least 16 rows
     common = dict(G=g, D=d, BLOCK_H=block_h, BLOCK_N=block_n, HAS_WINDOW=window is not None,

@@ -284,7 +284,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, settings: dict | None = None) ->
     """x @ w.T for x [M, K], w [N, K] (up to LINEAR_MAX_ROWS rows and LINEAR_MAX_WEIGHT weight
     elements; torch's F.linear otherwise)."""
     _check(x, w)
-    if not _fused_rows(x, LINEAR_MAX_ROWS if w.numel() <= LINEAR_MAX_WEIGHT else 0, settings):
+    # Not under Triton's interpreter unless forced: there the kernel replaces a cheap torch matmul
+    # by an interpreted launch (three per decode layer). The fused rms_norm_linear and PLE gate,
+    # which replace an interpreted kernel, still run there.
+    fits = w.numel() <= LINEAR_MAX_WEIGHT and not INTERPRETING
+    if not _fused_rows(x, LINEAR_MAX_ROWS if fits else 0, settings):
         return F.linear(x, w)
     out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
     _launch("linear", x, w, out, settings=settings)
