@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         todo = [s for m in args.models for s in shapes(m)]
         rows_list, grid, repeats = args.rows, GRID, args.repeats
         copy_bw = copy_bandwidth(Timer(device, 10, warmup=2), device) if device.type != "cpu" else None
-    gemv.GEMV_MAX_ROWS = gemv.GATE_UP_MAX_ROWS = gemv.LINEAR_MAX_ROWS = 0  # settings=None: the unfused path
+    gemv.GEMV_MAX_ROWS = 0  # settings=None: the unfused path
     print(f"# {device_name(device)}, bf16, copy bandwidth "
           f"{'-' if copy_bw is None else f'{copy_bw / 1e9:.0f} GB/s'}{' (interpreter)' if INTERPRETING else ''}")
     print("| shape | op | N x K | M | variant | us | GB/s | of copy | rel err |")

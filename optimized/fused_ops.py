@@ -1,7 +1,8 @@
 """The fused Triton kernels under the names and signatures of `ops.py`, so the paged model can
 run on either set. Ops without a kernel (the embedding lookup, the RoPE frequencies, a bare
 gelu_tanh) come from `ops.py`. The GEMV ops (rms_norm_linear, linear_gelu_mul, linear) run their
-kernel up to gemv.GEMV_MAX_ROWS / LINEAR_MAX_ROWS rows and the unfused kernels + F.linear above."""
+kernel within gemv.GEMV_MAX_ROWS rows and GEMV_MAX_WEIGHT weight elements, the unfused kernels and
+F.linear past them."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The few-row GEMV kernels (optimized/kernels/gemv.py) against their eager twins (the unfused ops)
 on fresh random inputs: every mode, both inner products (tl.dot and the broadcast sum), float32
-and bfloat16, M = 1 .. GEMV_MAX_ROWS, odd N and K, strided inputs as the paged model passes them.
+and bfloat16, few rows, odd N and K, strided inputs as the paged model passes them.
 
 Tolerance: the kernel sums the K products in another order than torch's F.linear, in float32, so
 its float32 result differs by float32 rounding (bounded here relative to the output's scale);
@@ -150,32 +150,40 @@ def test_bfloat16_outputs_are_mostly_bit_identical():
         assert (got != want).float().mean() < 0.05
 
 
-def test_rows_above_the_limit_take_the_unfused_path(monkeypatch):
-    """Above an op's row limit (prefill) it is the unfused kernels + F.linear, exactly; 0 turns the
-    GEMV off at every row count; the plain linear also keeps weights over LINEAR_MAX_WEIGHT on F.linear."""
+def test_calls_past_the_limits_take_the_unfused_path(monkeypatch):
+    """Past GEMV_MAX_ROWS rows (prefill) or GEMV_MAX_WEIGHT weight elements it is the unfused
+    kernels + F.linear, exactly; GEMV_MAX_ROWS = 0 turns the kernel off; the plain linear stays on
+    F.linear under the interpreter unless forced."""
     gen = torch.Generator().manual_seed(2)
     calls = []
     monkeypatch.setattr(gemv, "_launch", lambda *a, **k: calls.append(a[0]))
     x, w, nw = rows_of(gen, 5, 24, torch.float32), weight(gen, 16, 24, torch.float32), norm_weight(gen, 24, torch.float32)
-    monkeypatch.setattr(gemv, "GEMV_MAX_ROWS", 0)
-    monkeypatch.setattr(gemv, "GATE_UP_MAX_ROWS", 4)
-    monkeypatch.setattr(gemv, "LINEAR_MAX_ROWS", 0)
+    up = rows_of(gen, 5, 16, torch.float32)
     F = torch.nn.functional
+    monkeypatch.setattr(gemv, "GEMV_MAX_ROWS", 4)  # 5 rows: past it
     assert torch.equal(gemv.rms_norm_linear(x, nw, EPS, w), F.linear(fused_ops.rms_norm(x, nw, EPS), w))
     gate_up = F.linear(x, w)
     assert torch.equal(gemv.linear_gelu_mul(x, w), fused_ops.gelu_tanh_mul(gate_up[:, :8], gate_up[:, 8:]))
-    assert torch.equal(gemv.linear(x[:1], w), torch.nn.functional.linear(x[:1], w))
+    assert torch.equal(gemv.linear_gelu_mul(x, w, up), fused_ops.gelu_tanh_mul(gate_up, up))
+    assert torch.equal(gemv.linear(x, w), F.linear(x, w))
     assert calls == []
-    gemv.rms_norm_linear(x[:1], nw, EPS, w)
+    monkeypatch.setattr(gemv, "GEMV_MAX_WEIGHT", w.numel() - 1)  # a weight past the limit
+    gemv.rms_norm_linear(x[:4], nw, EPS, w)
     gemv.linear_gelu_mul(x[:4], w)
-    monkeypatch.setattr(gemv, "LINEAR_MAX_ROWS", 8)
-    monkeypatch.setattr(gemv, "INTERPRETING", True)  # the plain GEMV stays off under the interpreter
-    gemv.linear(x, w)
+    assert calls == []
+    monkeypatch.setattr(gemv, "GEMV_MAX_WEIGHT", w.numel())
+    gemv.rms_norm_linear(x[:4], nw, EPS, w)
+    gemv.linear_gelu_mul(x[:4], w)
+    gemv.linear_gelu_mul(x[:4], w, up[:4])
+    monkeypatch.setattr(gemv, "INTERPRETING", True)
+    gemv.linear(x[:4], w)
     monkeypatch.setattr(gemv, "INTERPRETING", False)
-    gemv.linear(x, w)
-    monkeypatch.setattr(gemv, "LINEAR_MAX_WEIGHT", w.numel() - 1)
-    gemv.linear(x, w)
-    assert calls == ["gated", "linear"]
+    gemv.linear(x[:4], w)
+    assert calls == ["norm", "gated", "gated_up", "linear"]
+    monkeypatch.setattr(gemv, "GEMV_MAX_ROWS", 0)
+    gemv.rms_norm_linear(x[:1], nw, EPS, w)
+    gemv.linear(x[:1], w)
+    assert calls == ["norm", "gated", "gated_up", "linear"]
 
 
 def test_the_torch_ops_are_the_old_unfused_sequence():

@@ -30,8 +30,8 @@ are rounded to the model dtype before the activation (as the unfused projection'
 and the activation rounds where `gelu_tanh_mul` rounds. Kernel and twin then differ by the
 order of the float32 sums: now and then one ULP of the storage dtype.
 
-Rows above the ops' limits (GEMV_MAX_ROWS and the others below; prefill chunks) take the unfused
-path (the norm / activation kernels and torch's F.linear), where cuBLAS is faster.
+Calls past the limits (GEMV_MAX_ROWS, GEMV_MAX_WEIGHT below: prefill chunks, big weights) take
+the unfused path (the norm / activation kernels and torch's F.linear), where cuBLAS is faster.
 """
 
 from __future__ import annotations
@@ -48,33 +48,32 @@ from .common import (check_eps, check_float, check_same, check_weight, dot_args,
                      store_rounded)
 from .norms import rms_norm as _rms_norm_kernel
 
-# Rows (tokens) up to which each op runs its GEMV kernel (above: the unfused path); 0 turns one
-# off. Read at each call (a captured decode graph keeps what it saw). Set from an H200 sweep of
-# bench/gemv_bench.py at M = 1, 8, 32 (docs/results/gemv_bench_h200.json, bf16, E2B shapes; the
-# baseline is the unfused path: norm / gated-GELU kernel + cuBLAS):
-# - rms_norm_linear and the PLE gate win or tie at M = 1 (qkv 6.7 vs 6.9 us sliding, 9.3 vs 9.1
-#   full; PLE gate 3.7 vs 6.6 us) and lose at M = 8 (qkv 11.4 vs 7.8 us): GEMV_MAX_ROWS = 1.
-# - the MLP's gate_up + gated GELU loses even at M = 1 (16.7 vs 15.0 us at I = 6144, 28.0 vs 25.3
-#   at 12288: cuBLAS streams these 19-38 MB weights faster): GATE_UP_MAX_ROWS = 0 until a sweep
-#   says otherwise (the kernel and its tests stay; settings= forces it).
-# - plain linear wins on small weights (o_proj 1536 x 2048: 5.1 vs 8.0 us; PLE projection 2.5 vs
-#   3.2 us; o_proj 1536 x 4096: 7.8 vs 8.5 us) and loses on the down projection (1536 x 6144: 10.4
-#   vs 10.1 us, 1536 x 12288: 19.2 vs 15.2 us): up to LINEAR_MAX_ROWS rows and LINEAR_MAX_WEIGHT
-#   weight elements.
+# Which calls take the GEMV kernel (the others: the unfused path, cuBLAS): at most GEMV_MAX_ROWS
+# rows and a weight of at most GEMV_MAX_WEIGHT elements (the MLP's gate_up: both halves). Read at
+# each call (a captured decode graph keeps what it saw); GEMV_MAX_ROWS = 0 turns the kernel off.
+# From two H200 sweeps of bench/gemv_bench.py (docs/results/gemv_bench_h200*.json; bf16; baseline:
+# cuBLAS + the separate norm / gated-GELU kernel; us per call at M = 1, the kernel's best setting):
+# - the kernel wins on small weights, where a call is mostly launch, ramp and tail: E2B o_proj
+#   1536 x 2048 4.5 vs 7.7, qkv 2560 x 1536 (norm fused) 5.9 vs 7.0, down 1536 x 6144 8.6 vs 9.9,
+#   PLE gate 3.7 vs 6.6; 26B-A4B gate_up 2 x 2112 x 2816 (11.9M) 10.9 vs 13.2, o_proj 2816 x 4096
+#   (11.5M) 9.5 vs 11.1;
+# - cuBLAS streams big weights better: 26B-A4B qkv 8192 x 2816 (23M) 19.7 vs 17.5, every 31B
+#   projection (29-116M) 0.81-0.96x; E2B's gate_up (18.9M, 37.7M) ties (13.6 vs 14.4, 23.4 vs 23.4).
+#   One small loss inside the limit: 26B-A4B down 2816 x 2112 (5.9M) 7.9 vs 6.7.
+# - at M = 2 the kernel still wins on the smallest weights (o_proj 2048: 5.1 vs 7.4), at M = 4
+#   mostly and at M = 8 always loses (tl.dot path 1.2-2x slower): GEMV_MAX_ROWS = 1.
 GEMV_MAX_ROWS = 1
-GATE_UP_MAX_ROWS = 0
-LINEAR_MAX_ROWS = 1
-LINEAR_MAX_WEIGHT = 8 << 20
+GEMV_MAX_WEIGHT = 12 << 20
 
 # Launch settings per shape class, read at each launch: the first entry whose `rows` covers M.
-# rows = 1 measured (H200 sweep above): BLOCK_K = 1024 beat 512 on every shape, 4 warps beat 8,
-# BLOCK_N 2-4 beat 8-16 and tl.dot (e.g. down 1536 x 6144: 10.4 us at BLOCK_N 2, 11.1 at 4, 12.6
-# at 8, 15.2 with tl.dot at 16). BLOCK_N is halved, down to its floor (16 with DOT, else 2), while
+# rows = 1 measured (H200 sweeps above): BLOCK_K = 2048 beat 1024 and 1024 beat 512 on most
+# shapes, 4 warps beat 8, BLOCK_N 2-4 beat 8-16 and tl.dot (e.g. down 1536 x 6144: 10.4 us at
+# BLOCK_N 2, 11.1 at 4, 12.6 at 8, 15.2 with tl.dot at 16, all at BLOCK_K 1024; 8.6 at 2 / 2048). BLOCK_N is halved, down to its floor (16 with DOT, else 2), while
 # the grid has fewer than MIN_PROGRAMS programs: 512 puts N = 1536 at BLOCK_N = 2, as measured best.
 # The rows > 1 entries are not measured as defaults: at M = 8 the broadcast sum was 3-8x slower
 # than cuBLAS (its [8, BLOCK_N, BLOCK_K] products spill), tl.dot at BLOCK_N 16 1.2-2x slower.
 SETTINGS = [
-    dict(rows=1, BLOCK_N=4, BLOCK_K=1024, DOT=False, num_warps=4, num_stages=3),
+    dict(rows=1, BLOCK_N=4, BLOCK_K=2048, DOT=False, num_warps=4, num_stages=3),
     dict(rows=32, BLOCK_N=16, BLOCK_K=256, DOT=True, num_warps=4, num_stages=3),
 ]
 MIN_PROGRAMS = 512
@@ -203,10 +202,11 @@ def _check(x, w) -> None:
         raise ValueError(f"w must be [N, {x.shape[1]}] (x is {list(x.shape)}), got {list(w.shape)}")
 
 
-def _fused_rows(x, limit: int, settings) -> bool:
-    """Whether to run the GEMV kernel: M within the op's limit, or launch settings given (tests,
-    benches: they force the kernel)."""
-    return 0 < x.shape[0] and (settings is not None or x.shape[0] <= limit)
+def _use_kernel(x, w, settings) -> bool:
+    """Whether to run the GEMV kernel: M and the weight within the limits above, or launch
+    settings given (tests, benches: they force the kernel)."""
+    fits = x.shape[0] <= GEMV_MAX_ROWS and w.numel() <= GEMV_MAX_WEIGHT
+    return 0 < x.shape[0] and (settings is not None or fits)
 
 
 # -- rms_norm_linear ---------------------------------------------------------------------------
@@ -214,12 +214,12 @@ def _fused_rows(x, limit: int, settings) -> bool:
 def rms_norm_linear(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, *,
                     settings: dict | None = None) -> torch.Tensor:
     """F.linear(rms_norm(x, norm_w, eps), w) for x [M, K], norm_w [K], w [N, K]: the input norm
-    computed in the GEMV's prologue (up to GEMV_MAX_ROWS rows, or always with `settings`). Returns a new contiguous [M, N]."""
+    computed in the GEMV's prologue (within GEMV_MAX_ROWS and GEMV_MAX_WEIGHT, or always with `settings`). Returns a new contiguous [M, N]."""
     _check(x, w)
     check_eps(eps)
     check_weight("norm_w", norm_w, x.shape[1], x.device)
     check_same("x", x, norm_w=norm_w)
-    if not _fused_rows(x, GEMV_MAX_ROWS, settings):
+    if not _use_kernel(x, w, settings):
         return F.linear(_rms_norm_kernel(x, norm_w, eps), w)
     out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
     _launch("norm", x, w, out, norm_w=norm_w, eps=eps, settings=settings)
@@ -256,7 +256,7 @@ def linear_gelu_mul(x: torch.Tensor, w: torch.Tensor, up: torch.Tensor | None = 
         inter = w.shape[0]
         if tuple(up.shape) != (M, inter):
             raise ValueError(f"up must be [{M}, {inter}] (rows of x, rows of w), got {list(up.shape)}")
-    if not _fused_rows(x, GEMV_MAX_ROWS if up is not None else GATE_UP_MAX_ROWS, settings):
+    if not _use_kernel(x, w, settings):
         if up is None:
             gate_up = F.linear(x, w)
             act = _gelu_tanh_mul_kernel(gate_up[:, :inter], gate_up[:, inter:])
@@ -281,14 +281,13 @@ def linear_gelu_mul_eager(x: torch.Tensor, w: torch.Tensor, up: torch.Tensor | N
 # -- linear ------------------------------------------------------------------------------------
 
 def linear(x: torch.Tensor, w: torch.Tensor, *, settings: dict | None = None) -> torch.Tensor:
-    """x @ w.T for x [M, K], w [N, K] (up to LINEAR_MAX_ROWS rows and LINEAR_MAX_WEIGHT weight
-    elements; torch's F.linear otherwise)."""
+    """x @ w.T for x [M, K], w [N, K] (within GEMV_MAX_ROWS and GEMV_MAX_WEIGHT; torch's F.linear
+    otherwise)."""
     _check(x, w)
     # Not under Triton's interpreter unless forced: there the kernel replaces a cheap torch matmul
     # by an interpreted launch (three per decode layer). The fused rms_norm_linear and PLE gate,
     # which replace an interpreted kernel, still run there.
-    fits = w.numel() <= LINEAR_MAX_WEIGHT and not INTERPRETING
-    if not _fused_rows(x, LINEAR_MAX_ROWS if fits else 0, settings):
+    if not _use_kernel(x, w, settings) or (INTERPRETING and settings is None):
         return F.linear(x, w)
     out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
     _launch("linear", x, w, out, settings=settings)
