@@ -24,6 +24,7 @@ from optimized.kernels.attention import (
 )
 from reference.model import attend, attention_mask
 from reference.window import first_visible_key, visible
+from tests.sm90 import check_compiles
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS32 = torch.finfo(torch.float32).eps
@@ -658,54 +659,26 @@ def test_eager_checks_metadata_values(device):
 # Compiled for a GPU: the interpreter accepts code the compiler refuses (tests/test_fused_kernels.py)
 # ------------------------------------------------------------------------------------------
 
-_COMPILE_ATTENTION_FOR_GPU = r"""
-import os
-os.environ["TRITON_INTERPRET"] = "0"
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from optimized.kernels import attention as a
-
-def compile_for_sm90(fn, types, consts, num_warps, num_stages):
-    names = fn.arg_names
-    sig = {n: types.get(n, "i32") for n in names if n not in consts}
-    sig.update({n: "constexpr" for n in consts})
-    src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
-
-t = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", o_ptr="*bf16", page_table_ptr="*i32", cu_q_ptr="*i32",
-         seq_lens_ptr="*i32", softcap="fp32", lse_ptr="*fp32", part_ptr="*fp32")
-dot = dict(DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None)
-for d in (256, 512):  # the bf16 table entries of Gemma 4's head sizes, sliding (windowed) and full
-    bm, bn, w, st = a._EXTEND_BLOCKS[2][d]
-    for interior in (True, False):
-        compile_for_sm90(a._extend_kernel, t, dict(G=8, D=d, TOKENS=bm // 8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_B=64,
-                         HAS_WINDOW=d == 256, HAS_SOFTCAP=False, UNMASKED_INTERIOR=interior, **dot), w, st)
-    bn, w, st = a._DECODE_BLOCKS[2][d]
-    for final in (True, False):
-        compile_for_sm90(a._decode_split_kernel, dict(t, o_ptr="*bf16" if final else "*fp32"), dict(
-            G=8, D=d, BLOCK_H=16, BLOCK_N=bn, HAS_WINDOW=d == 256, HAS_SOFTCAP=False, FINAL=final, **dot), w, st)
-    compile_for_sm90(a._decode_merge_kernel, t, dict(D=d, BLOCK_S=64, BLOCK_N=bn, HAS_WINDOW=d == 256), 4, 3)
-print("compiled")
-"""
-
-
 def test_attention_kernels_compile_for_a_gpu():
     """Extend (with and without the unmasked interior), decode's split kernel (FINAL and partial)
-    and merge compile for sm_90 with the bf16 table settings of head sizes 256 and 512."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import triton.backends
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this Triton has no NVIDIA backend to compile with")
-    env = dict(os.environ, TRITON_INTERPRET="0",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                         os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-c", _COMPILE_ATTENTION_FOR_GPU], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    and merge compile for sm_90 with the bf16 table settings of head sizes 256 and 512
+    (tests/sm90.py says why)."""
+    check_compiles("""
+        from optimized.kernels import attention as a
+        t = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", o_ptr="*bf16", page_table_ptr="*i32",
+                 cu_q_ptr="*i32", seq_lens_ptr="*i32", softcap="fp32", lse_ptr="*fp32", part_ptr="*fp32")
+        dot = dict(DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None)
+        for d in (256, 512):  # the bf16 table entries of Gemma 4's head sizes, sliding (windowed) and full
+            bm, bn, w, st = a._EXTEND_BLOCKS[2][d]
+            for interior in (True, False):
+                compile_for_sm90(a._extend_kernel, t, dict(
+                    G=8, D=d, TOKENS=bm // 8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_B=64, HAS_WINDOW=d == 256,
+                    HAS_SOFTCAP=False, UNMASKED_INTERIOR=interior, **dot), num_warps=w, num_stages=st)
+            bn, w, st = a._DECODE_BLOCKS[2][d]
+            for final in (True, False):
+                compile_for_sm90(a._decode_split_kernel, dict(t, o_ptr="*bf16" if final else "*fp32"), dict(
+                    G=8, D=d, BLOCK_H=16, BLOCK_N=bn, HAS_WINDOW=d == 256, HAS_SOFTCAP=False, FINAL=final, **dot),
+                    num_warps=w, num_stages=st)
+            compile_for_sm90(a._decode_merge_kernel, t, dict(D=d, BLOCK_S=64, BLOCK_N=bn, HAS_WINDOW=d == 256),
+                             num_warps=4, num_stages=3)
+    """, timeout=600)

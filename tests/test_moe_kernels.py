@@ -41,6 +41,7 @@ from hypothesis import given, strategies as st
 
 from optimized.kernels import INTERPRETING, default_device, moe
 from reference.model import gelu_tanh, moe_experts, moe_route, rms_norm as reference_rms_norm
+from tests.sm90 import check_compiles
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DEVICE = default_device()
@@ -203,16 +204,22 @@ def test_route_twin_is_the_reference_up_to_ties(dtype):
 
 # -- experts -----------------------------------------------------------------------------------
 
-def draw_routing(gen: torch.Generator, n: int, E: int, k: int, kind: str, strided: bool):
-    """top_w float32 [n, k] and top_i [n, k] (distinct ids per row, in router order, not sorted).
-    "uniform": every expert equally likely; "skewed": low ids favoured, some experts idle, some
-    with many rows; "shared": all tokens on the same k experts (an expert spans several tiles)."""
+def drawn_ids(gen: torch.Generator, n: int, E: int, k: int, kind: str) -> torch.Tensor:
+    """[n, k] distinct expert ids per row, in router order: "uniform", "skewed" (low ids
+    favoured) or "shared" (every token on the same k experts)."""
     scores = torch.rand(n, E, generator=gen)
     if kind == "skewed":
         scores = scores * torch.linspace(8.0, 0.05, E)
     elif kind == "shared":
         scores = torch.rand(E, generator=gen).expand(n, E)
-    top_i = scores.topk(k, dim=-1).indices
+    return scores.topk(k, dim=-1).indices
+
+
+def draw_routing(gen: torch.Generator, n: int, E: int, k: int, kind: str, strided: bool):
+    """top_w float32 [n, k] and top_i [n, k] (distinct ids per row, in router order, not sorted).
+    "uniform": every expert equally likely; "skewed": low ids favoured, some experts idle, some
+    with many rows; "shared": all tokens on the same k experts (an expert spans several tiles)."""
+    top_i = drawn_ids(gen, n, E, k, kind)
     top_w = 0.05 + 1.5 * torch.rand(n, k, generator=gen)
     if strided:  # column-major storage, as a transposed [k, n] tensor would be
         top_i, top_w = top_i.t().contiguous().t(), top_w.t().contiguous().t()
@@ -324,12 +331,7 @@ def layout_ids(gen: torch.Generator, n: int, E: int, k: int, kind: str, dropped:
     if kind == "all":
         top_i = torch.stack([torch.randperm(E, generator=gen) for _ in range(n)])
     else:
-        scores = torch.rand(n, E, generator=gen)
-        if kind == "skewed":
-            scores = scores * torch.linspace(8.0, 0.05, E)
-        elif kind == "shared":
-            scores = torch.rand(E, generator=gen).expand(n, E)
-        top_i = scores.topk(k, dim=-1).indices
+        top_i = drawn_ids(gen, n, E, k, kind)
     if dropped:
         bad = torch.tensor([-1, -1, -7, E, E, E + 3])
         pick = bad[torch.randint(0, len(bad), top_i.shape, generator=gen)]
@@ -424,45 +426,17 @@ def test_experts_alike_through_either_layout(rows, monkeypatch):
                   experts_bound(xe, top_w, top_i, gate_up, down), identical=0.9)
 
 
-# Compiled in a fresh process with the interpreter off for an H100/H200 target, as
-# tests/test_fused_kernels.py does for its kernels: the interpreter misses compile-time rules.
-_COMPILE_LAYOUT_FOR_GPU = r"""
-import os
-os.environ["TRITON_INTERPRET"] = "0"
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from optimized.kernels import moe
-
-fn = moe._layout_kernel
-for w, i, k, rows, block_off, chunk in (("*fp32", "*i64", 8, 8, 256, 8), ("*bf16", "*i32", 8, 32, 8, 128),
-                                        ("*fp32", "*i64", 128, 1, 256, 1), ("*fp32", "*i32", 6, 32, 1, 128)):
-    types = dict(top_w=w, top_i=i, ids=i, weights=w, entries="*i32", offsets="*i32")
-    consts = dict(K=k, BLOCK_K=triton.next_power_of_2(k), ROWS=rows, BLOCK_OFF=block_off, CHUNK=chunk)
-    sig = {n: types.get(n, "i32") for n in fn.arg_names if n not in consts}
-    sig.update({n: "constexpr" for n in consts})
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, enable_fp_fusion=False))
-print("compiled")
-"""
-
-
 def test_layout_kernel_compiles_for_a_gpu():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import triton.backends
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this Triton has no NVIDIA backend to compile with")
-    env = dict(os.environ, TRITON_INTERPRET="0",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                         os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-c", _COMPILE_LAYOUT_FOR_GPU], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    """The layout kernel for sm_90 (tests/sm90.py says why; it caught a name reused with another
+    shape inside a loop, which the interpreter ran)."""
+    check_compiles("""
+        from optimized.kernels import moe
+        for w, i, k, rows, block_off, chunk in (("*fp32", "*i64", 8, 8, 256, 8), ("*bf16", "*i32", 8, 32, 8, 128),
+                                                ("*fp32", "*i64", 128, 1, 256, 1), ("*fp32", "*i32", 6, 32, 1, 128)):
+            types = dict(top_w=w, top_i=i, ids=i, weights=w, entries="*i32", offsets="*i32")
+            consts = dict(K=k, BLOCK_K=triton.next_power_of_2(k), ROWS=rows, BLOCK_OFF=block_off, CHUNK=chunk)
+            compile_for_sm90(moe._layout_kernel, types, consts, num_warps=4, enable_fp_fusion=False)
+    """)
 
 
 # -- edge cases and input validation -----------------------------------------------------------
