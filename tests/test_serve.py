@@ -424,8 +424,11 @@ def test_a_request_past_the_timeout_is_aborted_and_answered(monkeypatch):
     # Handlers poll far less often than tokens arrive, as on a GPU (tokens every few ms, polls
     # every 0.25 s): the deadline must hold on a stream that never goes quiet, not only on one that does.
     monkeypatch.setattr(serve_app, "POLL_S", 30.0)
+    # 60 tokens at >= 0.2 s a step outlive 3 s by far; 3 s (not 1) so that the stream's first
+    # token comes before the deadline on a busy CPU (else the answer is a plain 504, not a stream
+    # that ends in an error event: seen in CI with both cores busy).
     srv = make_server(_SlowEngine(Engine("tiny", dtype=torch.float32, device=DEVICE)), model_name="tiny",
-                      request_timeout=1.0)
+                      request_timeout=3.0)
     thread = run_server(srv)
     try:
         free = engine_stats(srv)["free_pages"]
