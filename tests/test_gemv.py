@@ -153,11 +153,12 @@ def test_bfloat16_outputs_are_mostly_bit_identical():
 
 def test_calls_past_the_limits_take_the_unfused_path(monkeypatch):
     """Past GEMV_MAX_ROWS rows (prefill) or GEMV_MAX_WEIGHT weight elements it is the unfused
-    kernels + F.linear, exactly; GEMV_MAX_ROWS = 0 turns the kernel off; the plain linear stays on
-    F.linear under the interpreter unless forced."""
+    kernels + F.linear, exactly; GEMV_MAX_ROWS = 0 turns the kernel off; under the interpreter
+    it runs only when forced."""
     gen = torch.Generator().manual_seed(2)
     calls = []
     monkeypatch.setattr(gemv, "_launch", lambda *a, **k: calls.append(a[0]))
+    monkeypatch.setattr(gemv, "INTERPRETING", False)  # the rule where kernels compile
     x, w, nw = rows_of(gen, 5, 24, torch.float32), weight(gen, 16, 24, torch.float32), norm_weight(gen, 24, torch.float32)
     up = rows_of(gen, 5, 16, torch.float32)
     F = torch.nn.functional
@@ -176,11 +177,14 @@ def test_calls_past_the_limits_take_the_unfused_path(monkeypatch):
     gemv.rms_norm_linear(x[:4], nw, EPS, w)
     gemv.linear_gelu_mul(x[:4], w)
     gemv.linear_gelu_mul(x[:4], w, up[:4])
-    monkeypatch.setattr(gemv, "INTERPRETING", True)
-    gemv.linear(x[:4], w)
-    monkeypatch.setattr(gemv, "INTERPRETING", False)
     gemv.linear(x[:4], w)
     assert calls == ["norm", "gated", "gated_up", "linear"]
+    monkeypatch.setattr(gemv, "INTERPRETING", True)
+    gemv.rms_norm_linear(x[:1], nw, EPS, w)
+    gemv.linear_gelu_mul(x[:1], w)
+    gemv.linear(x[:1], w)
+    assert calls == ["norm", "gated", "gated_up", "linear"]
+    monkeypatch.setattr(gemv, "INTERPRETING", False)
     monkeypatch.setattr(gemv, "GEMV_MAX_ROWS", 0)
     gemv.rms_norm_linear(x[:1], nw, EPS, w)
     gemv.linear(x[:1], w)
