@@ -74,10 +74,26 @@ def kernel_group(name: str) -> str:
     return name[:80]
 
 
-def profile_steps(engine: Engine, batch: int, steps: int, prompt: int, gen) -> dict:
-    """Kernel launches and device time per eager decode step at `batch`, from torch.profiler."""
+def device_kernels(engine: Engine, run) -> dict[str, tuple[int, float]]:
+    """Run `run()` (then wait for the device) under torch.profiler: {kernel group: (launches,
+    device us)}, each kernel's (or copy's) own span on the device; empty where there is no CUDA."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = engine.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        run()
+        sync(engine.device)
+    groups: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+            g = groups[kernel_group(e.name)]
+            g[0] += 1
+            g[1] += e.time_range.elapsed_us()
+    return {k: (n, us) for k, (n, us) in groups.items()}
+
+
+def profile_steps(engine: Engine, batch: int, steps: int, prompt: int, gen) -> dict:
+    """Kernel launches and device time per eager decode step at `batch`, from torch.profiler."""
     V = engine.config.vocab_size
     for _ in range(batch):
         engine.add_request(torch.randint(3, V, (prompt,), generator=gen).tolist(),
@@ -86,21 +102,11 @@ def profile_steps(engine: Engine, batch: int, steps: int, prompt: int, gen) -> d
         engine.step()
     engine.step()  # one decode step to settle
     sync(engine.device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
     t = time.perf_counter()
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            engine.step()
-        sync(engine.device)
+    groups = device_kernels(engine, lambda: [engine.step() for _ in range(steps)])
     wall_ms = 1e3 * (time.perf_counter() - t) / steps
     while engine.has_work():
         engine.step()
-    groups: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for e in prof.events():
-        if engine.device.type == "cuda" and e.device_type == torch.autograd.DeviceType.CUDA:
-            g = groups[kernel_group(e.name)]
-            g[0] += 1
-            g[1] += e.time_range.elapsed_us()  # a kernel's (or copy's) own span on the device
     rows = sorted(({"kernel": k, "launches_per_step": n / steps, "us_per_step": us / steps}
                    for k, (n, us) in groups.items()), key=lambda r: -r["us_per_step"])
     return {"batch": batch, "steps": steps, "wall_ms_per_step": wall_ms,

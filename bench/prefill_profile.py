@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from optimized.kernels import default_device, device_name  # noqa: E402  (first: it may switch on the interpreter)
 
 import torch  # noqa: E402
-from decode_profile import kernel_group  # noqa: E402
+from decode_profile import device_kernels  # noqa: E402
 from engine_bench import prefill_ms, sync  # noqa: E402
 from optimized.engine import Engine, SamplingParams  # noqa: E402
 from reference.weights import expected_shapes, resolve  # noqa: E402
@@ -79,22 +79,16 @@ def projection_flops(config, n: int) -> float:
 
 
 def profile_prefill(engine: Engine, n: int, gen) -> list[dict]:
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    """The kernels of one n-token prefill: name, group, launches, device us; largest first."""
     ids = torch.randint(3, engine.config.vocab_size, (n,), generator=gen).tolist()
     engine.add_request(ids, SamplingParams(max_new_tokens=1))
     sync(engine.device)
-    with profile(activities=activities) as prof:
+
+    def prefill():
         while engine.has_work():
             engine.step()
-        sync(engine.device)
-    kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for e in prof.events():
-        if engine.device.type == "cuda" and e.device_type == torch.autograd.DeviceType.CUDA:
-            k = kernels[kernel_group(e.name)]
-            k[0] += 1
-            k[1] += e.time_range.elapsed_us()
+
+    kernels = device_kernels(engine, prefill)
     return sorted(({"kernel": k, "group": group_of(k), "launches": c, "us": us} for k, (c, us) in kernels.items()),
                   key=lambda r: -r["us"])
 
