@@ -9,7 +9,8 @@ One run measures, on random weights of a real model shape in bf16:
   which a step reads one row per token) read once;
 - the engine's steady decode (tok/s and ms/step) at each batch size, decode steps replayed from
   device graphs where the device has them (bench/engine_bench.py's measure), with the engine's
-  overlap on and off (design note 32), interleaved run by run;
+  overlap on and off (design note 32), interleaved run by run; with --pdl both, also with programmatic dependent
+  launch on and off (optimized/kernels/pdl.py);
 - the profiler's view of eager decode steps at batch 1 (overlap off, so each profiled step is
   one step's kernels): kernel launches per step and device time per kernel (grouped by name),
   the table issue 12 asks for before and after each change;
@@ -35,6 +36,7 @@ from optimized.kernels import default_device, device_name, graphs_supported  # n
 import torch  # noqa: E402
 from engine_bench import decode_rate, sync  # noqa: E402
 from optimized.engine import Engine, SamplingParams  # noqa: E402
+from optimized.kernels import pdl  # noqa: E402
 from reference.weights import expected_shapes, resolve  # noqa: E402
 
 
@@ -146,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--pdl", choices=["on", "off", "both"], default="on",
+                   help="programmatic dependent launch (optimized/kernels/pdl.py) in the engine runs; both: side by side")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = default_device()
@@ -164,26 +168,34 @@ def main(argv=None) -> int:
           f"{' (MoE: the experts a batch routes to grow with the batch)' if config.enable_moe_block else ''}", flush=True)
 
     graphs = graphs_supported(device)
-    engine = Engine(config, weights=weights, dtype=dtype, device=device, graphs=graphs or False,
-                    max_requests=max(args.batch), max_context=args.prompt + args.new + 8)
-    decode_rate(engine, 1, args.prompt, 4, gen)  # warm-up: compilation
+    # One engine per PDL setting (its graphs keep the setting they were captured with).
+    pdl_settings = {"on": [True], "off": [False], "both": [True, False]}[args.pdl]
+    engines = {}
+    for setting in pdl_settings:
+        pdl.ENABLED = setting
+        engines[setting] = Engine(config, weights=weights, dtype=dtype, device=device, graphs=graphs or False,
+                                  max_requests=max(args.batch), max_context=args.prompt + args.new + 8)
+        decode_rate(engines[setting], 1, args.prompt, 4, gen)  # warm-up: compilation
+    out["pdl_supported"] = pdl.supported()
     out["engine"] = []
     for b in args.batch:
-        runs = {True: [], False: []}
-        for _ in range(args.repeats):  # overlap on and off interleaved, so drift hits both alike
-            for o in runs:
-                engine.overlap = o  # between runs: the engine is idle
-                runs[o].append(decode_rate(engine, b, args.prompt, args.new, gen))
-        for o, rs in runs.items():
+        runs = {(p_, o): [] for p_ in pdl_settings for o in (True, False)}
+        for _ in range(args.repeats):  # every variant in turn, so drift hits all alike
+            for p_, o in runs:
+                pdl.ENABLED = p_
+                engines[p_].overlap = o  # between runs: the engine is idle
+                runs[p_, o].append(decode_rate(engines[p_], b, args.prompt, args.new, gen))
+        for (p_, o), rs in runs.items():
             rate = statistics.median(r["tokens_per_s"] for r in rs)
             step_ms = statistics.median(r["step_ms"] for r in rs)
             floor_b = decode_bytes(config, dtype, b) / bw / 1e6
-            out["engine"].append(dict(batch=b, overlap=o, tokens_per_s=rate, step_ms=step_ms, floor_ms=floor_b,
-                                      floor_share=floor_b / step_ms))
-            print(f"engine{' (decode graphs)' if graphs else ''}, overlap {'on ' if o else 'off'}: batch {b}: "
-                  f"{rate:.0f} tok/s, {step_ms:.3f} ms/step, {100 * floor_b / step_ms:.0f}% of the floor "
-                  f"({floor_b:.3f} ms)", flush=True)
-    del engine
+            out["engine"].append(dict(batch=b, overlap=o, pdl=p_ and pdl.supported(), tokens_per_s=rate,
+                                      step_ms=step_ms, floor_ms=floor_b, floor_share=floor_b / step_ms))
+            print(f"engine{' (decode graphs)' if graphs else ''}, overlap {'on ' if o else 'off'}, PDL "
+                  f"{'on ' if p_ and pdl.supported() else 'off'}: batch {b}: {rate:.0f} tok/s, {step_ms:.3f} ms/step, "
+                  f"{100 * floor_b / step_ms:.0f}% of the floor ({floor_b:.3f} ms)", flush=True)
+    pdl.ENABLED = pdl_settings[0]
+    del engines
 
     eager = Engine(config, weights=weights, dtype=dtype, device=device, graphs=False, max_requests=1,
                    max_context=args.prompt + args.profile_steps + 8, overlap=False)

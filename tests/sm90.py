@@ -34,13 +34,15 @@ from triton.compiler import ASTSource
 
 
 def compile_for_sm90(fn, types, consts, **options):
-    """Compile `fn` for sm_90: `types` maps argument names to Triton types (others "i32"),
-    `consts` the constexpr arguments to their values, `options` e.g. num_warps."""
+    """Compile `fn` for sm_90 and return the compiled kernel: `types` maps argument names to
+    Triton types (others "i32"), `consts` the constexpr arguments to their values (those left out
+    take their defaults, e.g. PDL=False), `options` e.g. num_warps."""
     names = fn.arg_names
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
     sig = {n: types.get(n, "i32") for n in names if n not in consts}
     sig.update({n: "constexpr" for n in consts})
     src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 '''
 
 

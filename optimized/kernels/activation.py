@@ -15,6 +15,7 @@ import triton.language as tl
 from reference.model import gelu_tanh
 from .common import (check_float, check_same, gelu_tanh_f32, launch_options, round_to, rows_per_program,
                      store_rounded, tanh_f32)
+from .pdl import pdl_launch, pdl_start
 
 # Launch shape, read at each launch (bench/kernel_bench.py sweeps them): columns per program at
 # most, elements per program at most, elements per warp.
@@ -32,7 +33,8 @@ def _tile(n_rows, N, ROWS: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _gelu_tanh_mul_kernel(gate, up, out, n_rows, N, stride_gate, stride_up,
-                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                          ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     rows, cols, mask = _tile(n_rows, N, ROWS, BLOCK)
     g = tl.load(gate + rows[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up + rows[:, None] * stride_up + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -42,7 +44,8 @@ def _gelu_tanh_mul_kernel(gate, up, out, n_rows, N, stride_gate, stride_up,
 
 @triton.jit
 def _softcap_kernel(x, out, n_rows, N, stride_x, stride_out, cap,
-                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                    ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     rows, cols, mask = _tile(n_rows, N, ROWS, BLOCK)
     dtype = out.dtype.element_ty
     v = tl.load(x + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -68,7 +71,7 @@ def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if out.numel():
         grid, rows, block = _grid(*gate.shape)
         _gelu_tanh_mul_kernel[grid](gate, up, out, gate.shape[0], gate.shape[1], gate.stride(0), up.stride(0),
-                                    ROWS=rows, BLOCK=block, **launch_options(rows * block, WARP_ELEMS))
+                                    ROWS=rows, BLOCK=block, **launch_options(rows * block, WARP_ELEMS), **pdl_launch())
     return out
 
 
@@ -93,7 +96,7 @@ def softcap(logits: torch.Tensor, cap: float, *, out: torch.Tensor | None = None
     if out.numel():
         grid, rows, block = _grid(*logits.shape)
         _softcap_kernel[grid](logits, out, logits.shape[0], logits.shape[1], logits.stride(0), out.stride(0),
-                              float(cap), ROWS=rows, BLOCK=block, **launch_options(rows * block, WARP_ELEMS))
+                              float(cap), ROWS=rows, BLOCK=block, **launch_options(rows * block, WARP_ELEMS), **pdl_launch())
     return out
 
 

@@ -40,6 +40,7 @@ from reference.window import first_visible_key, visible
 
 from . import INTERPRETING
 from .common import dot_args, segment_tile, store_rounded
+from .pdl import pdl_launch, pdl_start
 
 if INTERPRETING and type(tl.zeros).__name__ != "InterpretedFunction":
     # Triton's own library (tl.zeros, tl.cdiv, ...) is made of @jit functions defined when triton
@@ -237,8 +238,9 @@ def _extend_kernel(
     G: tl.constexpr, D: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UNMASKED_INTERIOR: tl.constexpr,
+    UNMASKED_INTERIOR: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     kvh = tl.program_id(1)
 
     # Tiles are numbered request by request, TOKENS new tokens per tile; the grid is an upper
@@ -336,7 +338,7 @@ def extend_attention(q, k_pool, v_pool, page_table, page_size, cu_seqlens_q, seq
         G=g, D=d, TOKENS=tokens, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_B=extend_block_b(batch), HAS_WINDOW=window is not None,
         HAS_SOFTCAP=softcap is not None, **dot_args(q.dtype), UNMASKED_INTERIOR=EXTEND_UNMASKED_INTERIOR,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch(),
     )
     return out
 
@@ -367,10 +369,11 @@ def _decode_split_kernel(
     stride_pt, page_size, window, softcap,
     G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FINAL: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """One (request, kv head, split). FINAL: a single split, which writes the normalised output
     in the output dtype; otherwise writes a float32 partial output and its log2-sum-exp2."""
+    pdl_start(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -423,9 +426,11 @@ def _decode_merge_kernel(
     part_ptr, lse_ptr, o_ptr, seq_lens_ptr, n_splits, window,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Combine the splits of one (request, query head) that hold keys: weights 2^(lse_s - max lse).
     Entries of the empty splits were never written (they may hold anything) and are not read."""
+    pdl_start(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     _, _, n_used = _decode_splits(tl.load(seq_lens_ptr + b), window, n_splits, HAS_WINDOW, BLOCK_N)
@@ -505,18 +510,19 @@ def decode_attention(q, k_pool, v_pool, page_table, page_size, seq_lens, window=
     if num_splits == 1:  # no partials, no merge: write the output directly
         _decode_split_kernel[(batch, hkv, 1)](
             q, k_pool, v_pool, out, out, *args, *q_strides,
-            out.stride(0), out.stride(1), 0, 0, 0, *tail, FINAL=True, **common)
+            out.stride(0), out.stride(1), 0, 0, 0, *tail, FINAL=True, **common, **pdl_launch())
         return out
 
     part, lse = _split_buffers(batch, hq, num_splits, d, q.device)
     _decode_split_kernel[(batch, hkv, num_splits)](
         q, k_pool, v_pool, part, lse, *args, *q_strides,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        *tail, FINAL=False, **common)
+        *tail, FINAL=False, **common, **pdl_launch())
     _decode_merge_kernel[(batch, hq)](
         part, lse, out, seq_lens, num_splits, window or 0, part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        D=d, BLOCK_S=merge_block_s(num_splits), BLOCK_N=block_n, HAS_WINDOW=window is not None)
+        D=d, BLOCK_S=merge_block_s(num_splits), BLOCK_N=block_n, HAS_WINDOW=window is not None,
+        **pdl_launch())
     return out
 
 

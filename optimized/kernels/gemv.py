@@ -46,6 +46,7 @@ from . import INTERPRETING
 from .activation import gelu_tanh_mul as _gelu_tanh_mul_kernel
 from .common import (check_eps, check_float, check_same, check_weight, dot_args, gelu_tanh_f32, round_to,
                      store_rounded)
+from .pdl import pdl_launch, pdl_start
 from .norms import rms_norm as _rms_norm_kernel
 
 # Which calls take the GEMV kernel (the others: the unfused path, cuBLAS): at most GEMV_MAX_ROWS
@@ -92,11 +93,12 @@ _MODES = {"linear": 0, "norm": 1, "gated": 2, "gated_up": 3}
 def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, M, N, K, k_float, stride_x, stride_w, stride_up, eps,
                  MODE: tl.constexpr, STORE_GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False):
     """MODE 0: out = x @ w.T; 1: out = rms_norm(x, norm_w) @ w.T; 2: w = [gate; up] (N gate rows,
     then N up rows), out = gelu(x @ gate.T) * (x @ up.T), gate_up_out [M, 2N] the two products
     (STORE_GATE_UP); 3: out = gelu(x @ w.T) * up[M, N]. K is a runtime argument (k_float the
     same as a float32 number, for the norm's mean) so that one compiled kernel serves every K."""
+    pdl_start(PDL)
     dtype = out.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -191,7 +193,8 @@ def _launch(mode: str, x, w, out, *, norm_w=None, eps=0.0, up=None, gate_up=None
         x, w, w if norm_w is None else norm_w, out if up is None else up, out, out if gate_up is None else gate_up,
         M, N, K, float(K), x.stride(0), w.stride(0), 0 if up is None else up.stride(0), float(eps),
         MODE=_MODES[mode], STORE_GATE_UP=gate_up is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=K % block_k == 0, DOT=use_dot, **dot_args(x.dtype), enable_fp_fusion=False, **s)
+        EVEN_K=K % block_k == 0, DOT=use_dot, **dot_args(x.dtype), enable_fp_fusion=False, **s,
+        **pdl_launch())
 
 
 # -- checks ------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import triton.language as tl
 from reference.model import compute_dtype, moe_experts, moe_router_input
 from .common import (check_eps, check_float, check_same, check_weight, dot_args, gelu_tanh_f32, launch_options,
                      rms_rows, round_to, rows_per_program, segment_tile, store_rounded)
+from .pdl import pdl_launch, pdl_start
 
 __all__ = [
     "route", "route_eager", "router_input", "router_input_eager", "softmax_topk", "softmax_topk_eager",
@@ -61,7 +62,8 @@ _COMBINE_BLOCK = 1024  # columns per combine program, at most
 
 @triton.jit
 def _router_input_kernel(r, scale, z, n_rows, stride_r, eps, factor,
-                         N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                         N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     # z = rms_norm(r) * scale * factor, each of the three ops rounded to the dtype as in torch.
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
@@ -76,7 +78,8 @@ def _router_input_kernel(r, scale, z, n_rows, stride_r, eps, factor,
 @triton.jit
 def _softmax_topk_kernel(logits, stride_l, expert_scale, top_w, top_i, n_rows,
                          E: tl.constexpr, K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                         ROWS: tl.constexpr):
+                         ROWS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     cols = tl.arange(0, BLOCK_E)
@@ -126,7 +129,7 @@ def router_input(r: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tens
         rows = rows_per_program(n, block)
         _router_input_kernel[(triton.cdiv(n, rows),)](
             r, scale, z, n, r.stride(0), eps, h ** -0.5, N=h, BLOCK=block, ROWS=rows,
-            **launch_options(rows * block))
+            **launch_options(rows * block), **pdl_launch())
     return z
 
 
@@ -157,7 +160,7 @@ def softmax_topk(logits: torch.Tensor, per_expert_scale: torch.Tensor, top_k: in
         _softmax_topk_kernel[(triton.cdiv(n, rows),)](
             logits, logits.stride(0), per_expert_scale, top_w, top_i, n,
             E=e, K=top_k, BLOCK_E=block, BLOCK_K=triton.next_power_of_2(top_k), ROWS=rows,
-            **launch_options(rows * block))
+            **launch_options(rows * block), **pdl_launch())
     return top_w, top_i
 
 
@@ -217,7 +220,8 @@ def _expert_tile(offsets, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(x, stride_x, w, stride_we, stride_wn, entries, offsets, act, H, I, E,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_E: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BLOCK_E: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     # act[row] = gelu_tanh(x[tok] @ Wg.T) * (x[tok] @ Wu.T) for expert e's Wg = w[e, :I], Wu = w[e, I:].
     expert, row0, row_end = _expert_tile(offsets, E, BLOCK_M, BLOCK_E)
     if expert >= E:
@@ -252,7 +256,8 @@ def _gate_up_kernel(x, stride_x, w, stride_we, stride_wn, entries, offsets, act,
 @triton.jit
 def _down_kernel(act, w, stride_we, stride_wn, entries, offsets, weights, y, H, I, E,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     # y[entry] = ((act[row] @ Wd.T) * weight[entry]).to(dtype) for expert e's Wd = w[e].
     expert, row0, row_end = _expert_tile(offsets, E, BLOCK_M, BLOCK_E)
     if expert >= E:
@@ -281,7 +286,8 @@ def _down_kernel(act, w, stride_we, stride_wn, entries, offsets, weights, y, H, 
 
 
 @triton.jit
-def _combine_kernel(y, ids, out, n_tokens, H, E, TOP_K: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _combine_kernel(y, ids, out, n_tokens, H, E, TOP_K: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     # out[t] = (((0 + y[t, 0]) + y[t, 1]) + ...), rounded after every add, as index_add_ does.
     # Entries with an id outside [0, E) were never computed; like the reference, skip them.
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -325,7 +331,8 @@ _LAYOUT_TILE = 8192  # elements of one program's comparison tiles per step, at m
 @triton.jit
 def _layout_kernel(top_w, stride_wt, stride_wj, top_i, stride_it, stride_ij, entries, offsets, weights, ids,
                    n_entries, E, K: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK_OFF: tl.constexpr, CHUNK: tl.constexpr):
+                   BLOCK_OFF: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     o = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     ok = o < n_entries
     t = (o // K).to(tl.int64)
@@ -376,7 +383,7 @@ def _layout_launch(top_w: torch.Tensor, top_i: torch.Tensor, num_experts: int):
     _layout_kernel[(grid,)](
         top_w, top_w.stride(0), top_w.stride(1), top_i, top_i.stride(0), top_i.stride(1), entries, offsets,
         weights, ids, m, num_experts, K=k, BLOCK_K=triton.next_power_of_2(k), ROWS=rows, BLOCK_OFF=block_off,
-        CHUNK=chunk, **launch_options(triton.next_power_of_2((rows + block_off) * chunk)))
+        CHUNK=chunk, **launch_options(triton.next_power_of_2((rows + block_off) * chunk)), **pdl_launch())
     return entries, offsets, weights, ids
 
 
@@ -479,16 +486,18 @@ def experts(xe: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, gate_up:
     _gate_up_kernel[(tiles, triton.cdiv(inter, bn))](
         xe, xe.stride(0), gate_up, gate_up.stride(0), gate_up.stride(1), entries, offsets, act, h, inter,
         num_experts, TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-        enable_fp_fusion=False, **common)
+        enable_fp_fusion=False, **common, **pdl_launch())
     bn, bk, warps, stages = _gemm_blocks(h, inter, xe.element_size())
     _down_kernel[(tiles, triton.cdiv(h, bn))](
         act, down, down.stride(0), down.stride(1), entries, offsets, weights, y, h, inter, num_experts,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, enable_fp_fusion=False, **common)
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, enable_fp_fusion=False, **common,
+        **pdl_launch())
 
     block = min(triton.next_power_of_2(h), _COMBINE_BLOCK)
     rows = rows_per_program(n, block)
     _combine_kernel[(triton.cdiv(n, rows), triton.cdiv(h, block))](
-        y, ids, out, n, h, num_experts, TOP_K=top_k, ROWS=rows, BLOCK=block, **launch_options(rows * block))
+        y, ids, out, n, h, num_experts, TOP_K=top_k, ROWS=rows, BLOCK=block, **launch_options(rows * block),
+        **pdl_launch())
     return out
 
 

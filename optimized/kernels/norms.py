@@ -24,6 +24,7 @@ import triton.language as tl
 from reference.model import rms_norm as _reference_rms_norm
 from .common import (check_eps, check_float, check_same, check_weight, launch_options, rms_rows, round_to,
                      rows_per_program, store_rounded)
+from .pdl import pdl_launch, pdl_start
 
 # Launch shape, read at each launch (bench/kernel_bench.py sweeps them): elements per program at
 # most (unless one row is wider), and elements per warp.
@@ -49,7 +50,8 @@ def _norm_rows(src, stride_t, stride_h, w, dst, first_row, n_rows, eps,
 @triton.jit
 def _rms_norm_kernel(x, w, out, n_rows, stride_t, stride_h, eps,
                      H: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                     HAS_WEIGHT: tl.constexpr):
+                     HAS_WEIGHT: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     first_row = tl.program_id(0).to(tl.int64) * ROWS
     _norm_rows(x, stride_t, stride_h, w, out, first_row, n_rows, eps, H, N, BLOCK, ROWS, HAS_WEIGHT)
 
@@ -58,7 +60,8 @@ def _rms_norm_kernel(x, w, out, n_rows, stride_t, stride_h, eps,
 def _qkv_norm_kernel(q, k, v, q_w, k_w, q_out, k_out, v_out, T,
                      stride_q0, stride_q1, stride_k0, stride_k1, stride_v0, stride_v1, eps,
                      HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                     ROWS: tl.constexpr):
+                     ROWS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     # Programs cover the q rows (token, head), then the k rows, then the v rows; HKV == 0 is the
     # q-only launch.
     pid = tl.program_id(0).to(tl.int64)
@@ -76,7 +79,8 @@ def _qkv_norm_kernel(q, k, v, q_w, k_w, q_out, k_out, v_out, T,
 
 @triton.jit
 def _add_rms_norm_kernel(x, res, x_w, w, res_out, out, n_rows, stride_x, stride_res, eps,
-                         N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NORM_X: tl.constexpr):
+                         N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NORM_X: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
@@ -93,7 +97,8 @@ def _add_rms_norm_kernel(x, res, x_w, w, res_out, out, n_rows, stride_x, stride_
 @triton.jit
 def _post_ffn_kernel(m, m2, res, w1, w2, w, scalar, out, normed, n_rows, stride_m, stride_m2, stride_res, eps,
                      N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                     MOE: tl.constexpr, HAS_SCALAR: tl.constexpr, STORE_NORMED: tl.constexpr):
+                     MOE: tl.constexpr, HAS_SCALAR: tl.constexpr, STORE_NORMED: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
@@ -131,7 +136,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
         _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
             x3, x if weight is None else weight, out, n_rows, x3.stride(0), x3.stride(1), eps,
             H=x3.shape[1], N=n, BLOCK=block, ROWS=rows, HAS_WEIGHT=weight is not None,
-            **launch_options(rows * block, WARP_ELEMS))
+            **launch_options(rows * block, WARP_ELEMS), **pdl_launch())
     return out
 
 
@@ -165,7 +170,7 @@ def qkv_norm(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
             q, kk, vv, q_weight, q_weight if k_weight is None else k_weight,
             q_out, q_out if k_out is None else k_out, q_out if v_out is None else v_out, T,
             q.stride(0), q.stride(1), kk.stride(0), kk.stride(1), vv.stride(0), vv.stride(1), eps,
-            HQ=hq, HKV=hkv, D=d, BLOCK=block, ROWS=rows, **launch_options(rows * block, WARP_ELEMS))
+            HQ=hq, HKV=hkv, D=d, BLOCK=block, ROWS=rows, **launch_options(rows * block, WARP_ELEMS), **pdl_launch())
     return q_out, k_out, v_out
 
 
@@ -234,7 +239,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         _add_rms_norm_kernel[(triton.cdiv(x.shape[0], rows),)](
             x, residual, weight if x_weight is None else x_weight, weight, new_residual, out,
             x.shape[0], x.stride(0), residual.stride(0), eps,
-            N=n, BLOCK=block, ROWS=rows, NORM_X=x_weight is not None, **launch_options(rows * block, WARP_ELEMS))
+            N=n, BLOCK=block, ROWS=rows, NORM_X=x_weight is not None, **launch_options(rows * block, WARP_ELEMS), **pdl_launch())
     return new_residual, out
 
 
@@ -273,7 +278,7 @@ def _post_ffn(branches, residual, w_dense, w_moe, weight, eps, scalar, return_no
             residual if scalar is None else scalar, out, out if normed is None else normed,
             residual.shape[0], m.stride(0), m2.stride(0), residual.stride(0), eps,
             N=n, BLOCK=block, ROWS=rows, MOE=moe, HAS_SCALAR=scalar is not None, STORE_NORMED=return_normed,
-            **launch_options(rows * block, WARP_ELEMS))
+            **launch_options(rows * block, WARP_ELEMS), **pdl_launch())
     return (out, normed) if return_normed else out
 
 

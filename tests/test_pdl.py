@@ -1,0 +1,91 @@
+"""Programmatic dependent launch (optimized/kernels/pdl.py): where it is on, that every kernel
+compiles with it for sm_90, and that a chain of dependent kernels gives the same bits with and
+without it (on a GPU, in a CUDA graph, as decode runs them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optimized.kernels import INTERPRETING, pdl
+from sm90 import check_compiles
+
+ON_SM90 = torch.cuda.is_available() and not INTERPRETING and torch.cuda.get_device_capability()[0] >= 9
+
+
+def test_pdl_is_off_where_kernels_do_not_compile_for_sm90():
+    assert pdl.pdl_launch() == (dict(PDL=True, launch_pdl=True) if ON_SM90 else dict(PDL=False))
+
+
+def test_pdl_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    assert pdl.pdl_launch() == dict(PDL=False)
+
+
+def test_every_kernel_compiles_with_pdl_for_sm90():
+    """Each kernel family's decode kernels with PDL=True: the wait and the trigger are in the PTX."""
+    check_compiles("""
+        import triton.language as tl
+        from optimized.kernels import activation, attention, gemv, moe, norms
+        on = dict(PDL=True)
+        bf = lambda *names: {n: "*bf16" for n in names}
+        compiled = [
+            compile_for_sm90(norms._rms_norm_kernel, dict(bf("x", "w", "out"), eps="fp32"),
+                             dict(H=1, N=1536, BLOCK=2048, ROWS=1, HAS_WEIGHT=True, **on), launch_pdl=True),
+            compile_for_sm90(activation._gelu_tanh_mul_kernel, bf("gate", "up", "out"),
+                             dict(ROWS=1, BLOCK=1024, **on), launch_pdl=True),
+            compile_for_sm90(gemv._gemv_kernel, dict(bf("x", "w", "norm_w", "up", "out", "gate_up_out"),
+                                                     k_float="fp32", eps="fp32"),
+                             dict(MODE=1, STORE_GATE_UP=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, EVEN_K=True,
+                                  DOT=False, DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None, **on),
+                             num_warps=4, launch_pdl=True),
+            compile_for_sm90(attention._decode_merge_kernel, dict(part_ptr="*fp32", lse_ptr="*fp32", o_ptr="*bf16",
+                                                                  seq_lens_ptr="*i32"),
+                             dict(D=256, BLOCK_S=16, BLOCK_N=64, HAS_WINDOW=True, **on), launch_pdl=True),
+            compile_for_sm90(moe._combine_kernel, bf("y", "out") | dict(ids="*i32"),
+                             dict(TOP_K=8, ROWS=1, BLOCK=1024, **on), launch_pdl=True),
+        ]
+        for k in compiled:
+            ptx = k.asm["ptx"]
+            assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx, k.name
+            assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global"), k.name  # waits before it reads
+    """)
+
+
+@pytest.mark.skipif(not ON_SM90, reason="PDL needs a CUDA GPU of compute capability 9 or more")
+def test_a_graphed_decode_step_is_bit_identical_with_and_without_pdl(monkeypatch):
+    """Ten steps of the fused decode chain (norm + q/k/v GEMV, attention, o_proj, gated MLP) of a
+    small random model, captured in a CUDA graph with PDL on and off: the same bits."""
+    from optimized.kernels import gemv, norms
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h, inter = 1536, 6144
+    ws = [torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+          for n, k in ((2 * inter, h), (h, inter), (2560, h))] * 4
+    norm_w = 1 + 0.1 * torch.randn(h, generator=gen, device="cuda", dtype=torch.bfloat16)
+    x0 = torch.randn(1, h, generator=gen, device="cuda", dtype=torch.bfloat16)
+
+    def chain(x):
+        for i in range(0, len(ws), 3):
+            a = gemv.linear_gelu_mul(norms.rms_norm(x, norm_w, 1e-6), ws[i])
+            x = x + gemv.linear(a, ws[i + 1])
+            x = x + gemv.rms_norm_linear(x, norm_w, 1e-6, ws[i + 2])[:, :h]
+        return x
+
+    outs = []
+    for enabled in (False, True):
+        monkeypatch.setattr(pdl, "ENABLED", enabled)
+        x = x0.clone()
+        chain(x)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = chain(x)
+        results = []
+        for _ in range(10):
+            graph.replay()
+            results.append(y.clone())
+            x.copy_(y)
+        torch.cuda.synchronize()
+        outs.append(torch.stack(results))
+    assert torch.equal(outs[0], outs[1])
