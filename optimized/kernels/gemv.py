@@ -90,6 +90,47 @@ _MODES = {"linear": 0, "norm": 1, "gated": 2, "gated_up": 3}
 # -- kernel ------------------------------------------------------------------------------------
 
 @triton.jit
+def _load_weights(w_rows, up_rows, kk, col_ok, K, MODE: tl.constexpr, EVEN_K: tl.constexpr):
+    """The weight tile at columns kk of the program's rows, and (MODE 2) of the matching up rows
+    (else the same tile again, never read)."""
+    if EVEN_K:
+        w_mask = col_ok[:, None]
+    else:
+        w_mask = col_ok[:, None] & (kk < K)[None, :]
+    wv = tl.load(w_rows + kk[None, :], mask=w_mask, other=0.0)
+    uv = wv
+    if MODE == 2:
+        uv = tl.load(up_rows + kk[None, :], mask=w_mask, other=0.0)
+    return wv, uv
+
+
+@triton.jit
+def _accumulate(acc, acc_up, x_rows, norm_w, rstd, wv, uv, kk, row_ok, K, MODE: tl.constexpr, EVEN_K: tl.constexpr,
+                DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc (and acc_up, MODE 2) plus the products of the rows' x at columns kk (normed, MODE 1)
+    with the weight tiles wv (uv)."""
+    dtype = wv.dtype  # the model dtype: x, w and out share it
+    if EVEN_K:
+        x_mask = row_ok[:, None]
+    else:
+        x_mask = row_ok[:, None] & (kk < K)[None, :]
+    xv = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+    if MODE == 1:
+        nw = tl.load(norm_w + kk, mask=kk < K, other=0.0).to(tl.float32)
+        xv = round_to(xv * rstd[:, None] * nw[None, :], dtype)  # the normed input, as stored unfused
+    if DOT:
+        xd = xv.to(DOT_DTYPE)
+        acc = tl.dot(xd, tl.trans(wv.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
+        if MODE == 2:
+            acc_up = tl.dot(xd, tl.trans(uv.to(DOT_DTYPE)), acc_up, input_precision=DOT_PRECISION)
+    else:
+        acc += tl.sum(xv[:, None, :] * wv.to(tl.float32)[None, :, :], axis=2)
+        if MODE == 2:
+            acc_up += tl.sum(xv[:, None, :] * uv.to(tl.float32)[None, :, :], axis=2)
+    return acc, acc_up
+
+
+@triton.jit
 def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, M, N, K, k_float, stride_x, stride_w, stride_up, eps,
                  MODE: tl.constexpr, STORE_GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -97,8 +138,12 @@ def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, M, N, K, k_float, stride_x,
     """MODE 0: out = x @ w.T; 1: out = rms_norm(x, norm_w) @ w.T; 2: w = [gate; up] (N gate rows,
     then N up rows), out = gelu(x @ gate.T) * (x @ up.T), gate_up_out [M, 2N] the two products
     (STORE_GATE_UP); 3: out = gelu(x @ w.T) * up[M, N]. K is a runtime argument (k_float the
-    same as a float32 number, for the norm's mean) so that one compiled kernel serves every K."""
-    pdl_start(PDL)
+    same as a float32 number, for the norm's mean) so that one compiled kernel serves every K.
+
+    The first BLOCK_K columns of the program's weight rows are loaded before `pdl_start`: no
+    kernel writes weights, so with PDL (pdl.py) their stream starts while the previous kernel
+    still runs; everything else is read after the wait. One row's E2B projections (K = 1536 <=
+    BLOCK_K = 2048) then have their whole weight slab in flight before the wait returns."""
     dtype = out.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -108,6 +153,8 @@ def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, M, N, K, k_float, stride_x,
     x_rows = x + rows.to(tl.int64)[:, None] * stride_x
     w_rows = w + cols.to(tl.int64)[:, None] * stride_w
     up_rows = w + (cols + N).to(tl.int64)[:, None] * stride_w  # MODE 2: the matching up rows
+    wv, uv = _load_weights(w_rows, up_rows, ks, col_ok, K, MODE, EVEN_K)
+    pdl_start(PDL)
 
     if MODE == 1:  # each program recomputes the rows' RMS over K (x is M x K, from L2)
         sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -118,33 +165,17 @@ def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, M, N, K, k_float, stride_x,
             sum_sq += tl.sum(xv * xv, axis=1)
         # rms_rows' op order (common.py), the norms kernel's
         rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sum_sq, k_float) + eps))
+    else:
+        rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)  # not read
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + ks
-        if EVEN_K:
-            x_mask = row_ok[:, None]
-            w_mask = col_ok[:, None]
-        else:
-            x_mask = row_ok[:, None] & (kk < K)[None, :]
-            w_mask = col_ok[:, None] & (kk < K)[None, :]
-        xv = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        if MODE == 1:
-            nw = tl.load(norm_w + kk, mask=kk < K, other=0.0).to(tl.float32)
-            xv = round_to(xv * rstd[:, None] * nw[None, :], dtype)  # the normed input, as stored unfused
-        wv = tl.load(w_rows + kk[None, :], mask=w_mask, other=0.0)
-        if MODE == 2:
-            uv = tl.load(up_rows + kk[None, :], mask=w_mask, other=0.0)
-        if DOT:
-            xd = xv.to(DOT_DTYPE)
-            acc = tl.dot(xd, tl.trans(wv.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
-            if MODE == 2:
-                acc_up = tl.dot(xd, tl.trans(uv.to(DOT_DTYPE)), acc_up, input_precision=DOT_PRECISION)
-        else:
-            acc += tl.sum(xv[:, None, :] * wv.to(tl.float32)[None, :, :], axis=2)
-            if MODE == 2:
-                acc_up += tl.sum(xv[:, None, :] * uv.to(tl.float32)[None, :, :], axis=2)
+    acc, acc_up = _accumulate(acc, acc_up, x_rows, norm_w, rstd, wv, uv, ks, row_ok, K, MODE, EVEN_K, DOT,
+                              DOT_DTYPE, DOT_PRECISION)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        wv, uv = _load_weights(w_rows, up_rows, k0 + ks, col_ok, K, MODE, EVEN_K)
+        acc, acc_up = _accumulate(acc, acc_up, x_rows, norm_w, rstd, wv, uv, k0 + ks, row_ok, K, MODE, EVEN_K,
+                                  DOT, DOT_DTYPE, DOT_PRECISION)
 
     mask = row_ok[:, None] & col_ok[None, :]
     out_ptrs = out + rows.to(tl.int64)[:, None] * N + cols[None, :]
