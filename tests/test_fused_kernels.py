@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, strategies as st
 
-from optimized.kernels import activation, default_device, norms, rope
+from optimized.kernels import INTERPRETING, activation, default_device, norms, rope
+from optimized.kernels.common import tanh_f32
 from reference.config import RopeSpec
 from reference.model import apply_rope as reference_apply_rope, rope_cos_sin, rope_inv_freq
 from tests.sm90 import check_compiles
@@ -216,6 +219,54 @@ def test_softcap(dtype, seed, rows, width, cap, strided, in_place):
     else:
         got = activation.softcap(logits, cap)
     assert_matches(got, want, cap * ulp(t))
+
+
+@triton.jit
+def _tanh_f32_kernel(x, out, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out + i, tanh_f32(tl.load(x + i, mask=i < n, other=0.0)), mask=i < n)
+
+
+def _f32_range(lo: float, hi: float, stride: int) -> torch.Tensor:
+    """Every `stride`-th float32 in [lo, hi) (0 <= lo < hi), by bit pattern."""
+    bits = torch.tensor([lo, hi], dtype=torch.float32).view(torch.int32).tolist()
+    return torch.arange(bits[0], bits[1], stride, dtype=torch.int32).view(torch.float32)
+
+
+def test_tanh_f32_is_within_2_ulp_of_the_correctly_rounded_tanh():
+    """tanh_f32 (common.py) on a dense grid: float32 in [0, 12) at a stride (tiny values, the
+    polynomial, the exp branch, saturation), every float32 near the branch switch at |z| = 0.55,
+    both signs, and the special values. Within 2 ULP of float64 tanh rounded to float32, odd
+    (bit for bit, so tanh(-0) = -0), NaN stays NaN, +-inf gives +-1. The bound is the interpreter's
+    (its tl.exp is numpy's, under 1 ULP); a GPU's tl.exp is ex2.approx (CUDA documents __expf
+    within 2 + floor(1.173 |x|) ULP), which near the switch can add about 1.7 ULP: 4 there,
+    a bound derived from that document, not measured."""
+    pos = torch.cat([_f32_range(0.0, 12.0, 4099), _f32_range(0.545, 0.555, 1), _f32_range(0.3, 1.2, 257),
+                     torch.tensor([0.0, 1e-45, 1e-38, 1e-20, 2.0**-12, 0.55, 9.0, 9.02, 10.0, 44.0, 88.0, 1e4, 3e38])])
+    x = torch.cat([pos, -pos]).to(DEVICE)
+    out = torch.empty_like(x)
+    block = 4096
+    _tanh_f32_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), BLOCK=block)
+    got, x = out.cpu(), x.cpu()
+    want = torch.tanh(x.double()).float()
+
+    def ordinal(t):  # float32 -> integers in float order (+0 and -0 both 0)
+        i = t.view(torch.int32).long()
+        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+    err = (ordinal(got) - ordinal(want)).abs()
+    bound = 2 if INTERPRETING else 4
+    worst = int(err.argmax())
+    assert int(err.max()) <= bound, f"{int(err.max())} ULP at {x[worst].item()!r}: {got[worst].item()!r} " \
+                                    f"vs {want[worst].item()!r}"
+    n = pos.numel()
+    assert torch.equal(got[n:].view(torch.int32), (-got[:n]).view(torch.int32)), "not odd bit for bit"
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0], device=DEVICE)
+    out = torch.empty_like(specials)
+    _tanh_f32_kernel[(1,)](specials, out, 4, BLOCK=4)
+    got = out.cpu()
+    assert got[0].isnan() and got[1].item() == 1.0 and got[2].item() == -1.0
+    assert got[3].item() == 0.0 and str(got[3].item()) == "-0.0"
 
 
 # -- RoPE --------------------------------------------------------------------------------------
