@@ -11,7 +11,7 @@ One run measures, on random weights of a real model shape in bf16:
   device graphs where the device has them (bench/engine_bench.py's measure), with the engine's
   overlap on and off (design note 32), interleaved run by run; with --pdl both, also with programmatic dependent
   launch on and off (optimized/kernels/pdl.py);
-- the profiler's view of eager decode steps at batch 1 (overlap off, so each profiled step is
+- the profiler's view of eager decode steps at batch 1 and 32 (overlap off, so each profiled step is
   one step's kernels): kernel launches per step and device time per kernel (grouped by name),
   the table issue 12 asks for before and after each change;
 - transformers' `generate` (sdpa, greedy) on the same shape at the same batch sizes.
@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--profile-steps", type=int, default=8)
+    p.add_argument("--profile-batch", nargs="+", type=int, default=[1, 32], help="batch sizes of the eager profiles")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--quick", action="store_true")
@@ -156,6 +157,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type != "cpu" else torch.float32
     if args.quick:
         args.model, args.batch, args.prompt, args.new, args.profile_steps, args.repeats = "tiny", [1, 2], 8, 4, 2, 1
+        args.profile_batch = [1, 2]
     config, weights = resolve(args.model, dtype, device, 0)
     gen = torch.Generator().manual_seed(0)
     out = {"device": device_name(device), "model": args.model, "dtype": str(dtype), "torch": torch.__version__,
@@ -197,18 +199,20 @@ def main(argv=None) -> int:
     pdl.ENABLED = pdl_settings[0]
     del engines
 
-    eager = Engine(config, weights=weights, dtype=dtype, device=device, graphs=False, max_requests=1,
-                   max_context=args.prompt + args.profile_steps + 8, overlap=False)
-    decode_rate(eager, 1, args.prompt, 4, gen)
-    prof = profile_steps(eager, 1, args.profile_steps, args.prompt, gen)
-    del eager
-    out["profile_batch1_eager"] = prof
-    print(f"eager decode, batch 1: {prof['launches_per_step']:.0f} kernel launches per step, device "
-          f"{prof['device_ms_per_step']:.3f} ms, wall {prof['wall_ms_per_step']:.3f} ms per step")
-    print(f"{'kernel':80s} {'launches':>9s} {'us/step':>9s} {'share':>6s}")
-    total_us = max(1e-9, 1e3 * prof["device_ms_per_step"])
-    for r in prof["kernels"][:25]:
-        print(f"{r['kernel']:80s} {r['launches_per_step']:9.1f} {r['us_per_step']:9.1f} {100 * r['us_per_step'] / total_us:5.1f}%")
+    for b in args.profile_batch:
+        eager = Engine(config, weights=weights, dtype=dtype, device=device, graphs=False, max_requests=b,
+                       max_context=args.prompt + args.profile_steps + 8, overlap=False)
+        decode_rate(eager, b, args.prompt, 4, gen)
+        prof = profile_steps(eager, b, args.profile_steps, args.prompt, gen)
+        del eager
+        out[f"profile_batch{b}_eager"] = prof
+        print(f"eager decode, batch {b}: {prof['launches_per_step']:.0f} kernel launches per step, device "
+              f"{prof['device_ms_per_step']:.3f} ms, wall {prof['wall_ms_per_step']:.3f} ms per step")
+        print(f"{'kernel':80s} {'launches':>9s} {'us/step':>9s} {'share':>6s}")
+        total_us = max(1e-9, 1e3 * prof["device_ms_per_step"])
+        for r in prof["kernels"][:25]:
+            print(f"{r['kernel']:80s} {r['launches_per_step']:9.1f} {r['us_per_step']:9.1f} "
+                  f"{100 * r['us_per_step'] / total_us:5.1f}%")
 
     if not args.no_transformers:
         out["transformers"] = []

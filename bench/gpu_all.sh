@@ -20,7 +20,8 @@
 #   tp               tensor parallel at world size 1 over NCCL: bench/tp_check.py and check --tp 1 [240] -> tp_check.json, tp.log
 #   prefill          bench/prefill_profile.py: an 8k E2B prefill's wall time and kernel table by group [180]
 #                                                                           -> prefill_profile.json, prefill.log
-#   profile          bench/decode_profile.py: floor, engine, kernel table, transformers (e2b; PROFILE_MODELS
+#   profile          bench/decode_profile.py: floor, engine (PDL on and off), kernel tables at batch 1 and 32,
+#                    transformers (e2b; PROFILE_MODELS
 #                    adds 31b, 26b-a4b) [300] -> decode_profile_<model>.json, decode_profile.log
 #   graphs           decode graphs against eager decode, bench/graph_check.py [300] -> graphs.log
 #   attention        paged attention vs SDPA, bench/attention_bench.py [560] -> attention.json, attention.log
@@ -188,7 +189,7 @@ stage_profile() {
   for model in "${models[@]}"; do
     local extra=()
     [ "$model" = e2b ] || extra=(--no-transformers)
-    run $((t / ${#models[@]})) python3 bench/decode_profile.py --model "$model" "${extra[@]}" \
+    run $((t / ${#models[@]})) python3 bench/decode_profile.py --model "$model" --pdl both "${extra[@]}" \
         --out "$OUT/decode_profile_$model.json" 2>&1 | tee -a "$OUT/decode_profile.log" || rc=1
   done
   return $rc
