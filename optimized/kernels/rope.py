@@ -25,11 +25,42 @@ import triton
 import triton.language as tl
 
 from reference.model import apply_rope as _reference_apply_rope
+from . import INTERPRETING
 from .common import (check_float, check_same, launch_options, round_to, rows_per_program,
                      store_rounded)
 from .norms import check_qkv, qkv_norm_eager
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+
+# Compiled, a cast rounds float32 to bfloat16 to nearest even (cvt.rn.bf16x2.f32, one instruction
+# for two values), as common.round_to's integer ops do (about 6 instructions a value: shift, and,
+# add, mask, NaN test and select; the same bits as torch's round-to-nearest-even cast on all
+# 4,278,190,082 non-NaN float32 values, checked when this was written); only the interpreter
+# truncates. NaNs: the cast gives a NaN where round_to keeps the float32 NaN; every rounded value
+# here goes through float32 arithmetic or a store's cast before it is written, so the bits
+# written are the same. In the q/k/v kernel at E2B prefill (bench/rope_isa.py, sm_90 SASS, 16
+# warps as it was then) this took the q programs from 88.4 to 62.5 instructions an element.
+_CAST_ROUNDS: tl.constexpr = tl.constexpr(not INTERPRETING)
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """common.round_to, with the cast where compiled (above)."""
+    if _CAST_ROUNDS and DTYPE == tl.bfloat16:
+        y = x.to(tl.bfloat16).to(tl.float32)
+    else:
+        y = round_to(x, DTYPE)
+    return y
+
+
+@triton.jit
+def _store_rounded(ptrs, x, mask):
+    """common.store_rounded: compiled, one cast (round_to then the cast of its exact result
+    rounds the same way twice)."""
+    if _CAST_ROUNDS:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+    else:
+        store_rounded(ptrs, x, mask)
 
 
 @triton.jit
@@ -40,7 +71,7 @@ def _cos_sin(positions, inv_freq, tokens, token_ok,
     cols = tl.arange(0, BLOCK)
     pos = tl.load(positions + tokens, mask=token_ok, other=0).to(tl.float32)
     angle = pos[:, None] * tl.load(inv_freq + cols, mask=cols < HALF, other=0.0)[None, :]
-    return round_to(tl.cos(angle), DTYPE), round_to(tl.sin(angle), DTYPE)
+    return _round_to(tl.cos(angle), DTYPE), _round_to(tl.sin(angle), DTYPE)
 
 
 @triton.jit
@@ -48,8 +79,8 @@ def _rotate_halves(lo, hi, cos, sin, DTYPE: tl.constexpr):
     """x * cos + rotate_half(x) * sin of a head row given as its two float32 halves, with
     rotate_half(x) = cat(-hi, lo) and every product rounded to DTYPE (the sum is rounded on
     store). Returns the two halves."""
-    new_lo = round_to(lo * cos, DTYPE) - round_to(hi * sin, DTYPE)
-    new_hi = round_to(hi * cos, DTYPE) + round_to(lo * sin, DTYPE)
+    new_lo = _round_to(lo * cos, DTYPE) - _round_to(hi * sin, DTYPE)
+    new_hi = _round_to(hi * cos, DTYPE) + _round_to(lo * sin, DTYPE)
     return new_lo, new_hi
 
 
@@ -78,8 +109,8 @@ def _rope_kernel(x, positions, inv_freq, out, T, stride_t, stride_h,
         h = tl.program_id(1) * HEADS + i
         lo, hi = _rotate(x + (tokens * stride_t + h * stride_h)[:, None] + cols[None, :], cos, sin, mask, HALF, dtype)
         dst = out + ((tokens * H + h) * (2 * HALF))[:, None] + cols[None, :]
-        store_rounded(dst, lo, mask)
-        store_rounded(dst + HALF, hi, mask)
+        _store_rounded(dst, lo, mask)
+        _store_rounded(dst + HALF, hi, mask)
 
 
 @triton.jit
@@ -104,8 +135,8 @@ def _store_kv_kernel(k, v, positions, inv_freq, slots, k_pool, v_pool, T, num_sl
         k_dst = k_pool + (slot * stride_kp0 + h * stride_kp1)[:, None]
         if ROPE:
             lo, hi = _rotate(k_src + half_cols[None, :], cos, sin, half_mask, D // 2, dtype)
-            store_rounded(k_dst + half_cols[None, :], lo, half_mask)
-            store_rounded(k_dst + D // 2 + half_cols[None, :], hi, half_mask)
+            _store_rounded(k_dst + half_cols[None, :], lo, half_mask)
+            _store_rounded(k_dst + D // 2 + half_cols[None, :], hi, half_mask)
         else:  # a copy, bit for bit
             tl.store(k_dst + cols[None, :], tl.load(k_src + cols[None, :], mask=mask), mask=mask)
         v_row = tl.load(v + (tokens * stride_v0 + h * stride_v1)[:, None] + cols[None, :], mask=mask)
@@ -282,15 +313,28 @@ def _norm_rope_store(lo, hi, inv, w, cos, sin, dst, mask, cols, HALF: tl.constex
     ok = cols < HALF
     w_lo = tl.load(w + cols, mask=ok, other=0.0).to(tl.float32)[None, None, :]
     w_hi = tl.load(w + HALF + cols, mask=ok, other=0.0).to(tl.float32)[None, None, :]
-    lo, hi = _rotate_halves(round_to(lo * inv * w_lo, dtype), round_to(hi * inv * w_hi, dtype), cos, sin, dtype)
-    store_rounded(dst, lo, mask)
-    store_rounded(dst + HALF, hi, mask)
+    lo, hi = _rotate_halves(_round_to(lo * inv * w_lo, dtype), _round_to(hi * inv * w_hi, dtype), cos, sin, dtype)
+    _store_rounded(dst, lo, mask)
+    _store_rounded(dst + HALF, hi, mask)
 
 
 @triton.jit
-def _q_heads(q, stride_q0, stride_q1, q_w, q_out, tokens, in_range, cols, cos, sin, group, eps,
-             HQ: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HEADS: tl.constexpr):
-    """q_norm + RoPE of query heads group * HEADS.. of the tokens, into contiguous q_out [T, HQ, D]."""
+def _tile_cos_sin(positions, inv_freq, tile, T, TOKENS: tl.constexpr, HALF: tl.constexpr,
+                  BLOCK_HALF: tl.constexpr, DTYPE: tl.constexpr):
+    """(tokens, in range, cols, cos, sin) of token tile `tile`: cos/sin as [TOKENS, 1, BLOCK_HALF]."""
+    tokens = tile.to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
+    in_range = tokens < T
+    cos, sin = _cos_sin(positions, inv_freq, tokens, in_range, HALF, BLOCK_HALF, DTYPE)
+    return tokens, in_range, tl.arange(0, BLOCK_HALF), cos[:, None, :], sin[:, None, :]
+
+
+@triton.jit
+def _q_heads(q, stride_q0, stride_q1, q_w, q_out, positions, inv_freq, tile, group, T, eps,
+             HQ: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+             TOKENS: tl.constexpr, HEADS: tl.constexpr):
+    """q_norm + RoPE of query heads group * HEADS.. of token tile `tile`, into contiguous q_out [T, HQ, D]."""
+    tokens, in_range, cols, cos, sin = _tile_cos_sin(positions, inv_freq, tile, T, TOKENS, HALF, BLOCK_HALF,
+                                                     q_out.dtype.element_ty)
     heads = group * HEADS + tl.arange(0, HEADS)
     mask = in_range[:, None, None] & (heads < HQ)[None, :, None] & (cols < HALF)[None, None, :]
     lo, hi = _load_halves(_head_ptrs(q, stride_q0, stride_q1, tokens, heads, cols), mask, HALF)
@@ -299,12 +343,14 @@ def _q_heads(q, stride_q0, stride_q1, q_w, q_out, tokens, in_range, cols, cos, s
 
 
 @triton.jit
-def _kv_heads(k, v, stride_k0, stride_k1, stride_v0, stride_v1, k_w, slots, k_pool, v_pool,
-              stride_kp0, stride_kp1, stride_vp0, stride_vp1, tokens, in_range, cols, cos, sin, group,
-              num_slots, eps, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HEADS: tl.constexpr,
-              V_IS_K: tl.constexpr):
-    """k_norm + RoPE and v_norm of key/value heads group * HEADS.. of the tokens, into the pools
-    at their slots; a slot outside [1, num_slots) (0 is the padding sink) is never written."""
+def _kv_heads(k, v, stride_k0, stride_k1, stride_v0, stride_v1, k_w, positions, inv_freq, slots, k_pool, v_pool,
+              stride_kp0, stride_kp1, stride_vp0, stride_vp1, tile, group, T, num_slots, eps, HKV: tl.constexpr,
+              D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, TOKENS: tl.constexpr,
+              HEADS: tl.constexpr, V_IS_K: tl.constexpr):
+    """k_norm + RoPE and v_norm of key/value heads group * HEADS.. of token tile `tile`, into the
+    pools at their slots; a slot outside [1, num_slots) (0 is the padding sink) is never written."""
+    tokens, in_range, cols, cos, sin = _tile_cos_sin(positions, inv_freq, tile, T, TOKENS, HALF, BLOCK_HALF,
+                                                     k_pool.dtype.element_ty)
     heads = group * HEADS + tl.arange(0, HEADS)
     slot = tl.load(slots + tokens, mask=in_range, other=0).to(tl.int64)
     ok = in_range & (slot >= 1) & (slot < num_slots)
@@ -320,8 +366,8 @@ def _kv_heads(k, v, stride_k0, stride_k1, stride_v0, stride_v1, k_w, slots, k_po
     _norm_rope_store(lo, hi, inv, k_w, cos, sin, _head_ptrs(k_pool, stride_kp0, stride_kp1, slot, heads, cols),
                      mask, cols, HALF)
     v_dst = _head_ptrs(v_pool, stride_vp0, stride_vp1, slot, heads, cols)
-    store_rounded(v_dst, v_lo, mask)
-    store_rounded(v_dst + HALF, v_hi, mask)
+    _store_rounded(v_dst, v_lo, mask)
+    _store_rounded(v_dst + HALF, v_hi, mask)
 
 
 @triton.jit
@@ -331,31 +377,53 @@ def _qkv_norm_rope_store_kernel(
         stride_kp0, stride_kp1, stride_vp0, stride_vp1,
         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
         TOKENS: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, Q_GROUPS: tl.constexpr,
-        V_IS_K: tl.constexpr):
-    # Axis 0: tiles of TOKENS tokens. Axis 1: Q_GROUPS groups of Q_HEADS query heads, then groups
-    # of KV_HEADS key/value heads (none in the q-only launch). A program holds its whole group as
-    # one [TOKENS, HEADS, BLOCK_HALF] tile per half: the cos/sin of its tokens, the costly part,
-    # are computed once and shared by the heads, and no head waits on another. HALF = D // 2.
-    # The two branches only call helpers: names bound in both branches of a runtime `if` must
-    # have one type when compiled, and their tiles differ (Q_HEADS vs KV_HEADS heads).
-    tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
-    cols = tl.arange(0, BLOCK_HALF)
-    in_range = tokens < T
-    cos, sin = _cos_sin(positions, inv_freq, tokens, in_range, HALF, BLOCK_HALF, q_out.dtype.element_ty)
-    group = tl.program_id(1)
-    if group < Q_GROUPS:
-        _q_heads(q, stride_q0, stride_q1, q_w, q_out, tokens, in_range, cols, cos[:, None, :], sin[:, None, :],
-                 group, eps, HQ, D, HALF, Q_HEADS)
+        V_IS_K: tl.constexpr, KV_TOKENS: tl.constexpr = 1, KV_GROUPS: tl.constexpr = 1):
+    # One axis: first the q programs, token tile by token tile, each with Q_GROUPS groups of
+    # Q_HEADS query heads of TOKENS tokens; then the K/V programs (none in the q-only launch,
+    # HKV = 0), each with KV_GROUPS groups of KV_HEADS key/value heads of KV_TOKENS tokens, more
+    # tokens than a q program where it has fewer heads, so both hold tiles of about the same size
+    # (the launch has one number of warps for both). A program holds its group as one
+    # [tokens, heads, BLOCK_HALF] tile per half: the cos/sin of its tokens, the costly part, are
+    # computed once, in the program's branch (shapes differ), and shared by the heads, and no
+    # head waits on another. HALF = D // 2. The branches only call helpers: names bound in both
+    # branches of a runtime `if` must have one type when compiled, and their tiles differ.
+    pid = tl.program_id(0)
+    q_programs = tl.cdiv(T, TOKENS) * Q_GROUPS
+    if HKV == 0:
+        _q_heads(q, stride_q0, stride_q1, q_w, q_out, positions, inv_freq, pid // Q_GROUPS, pid % Q_GROUPS, T,
+                 eps, HQ, D, HALF, BLOCK_HALF, TOKENS, Q_HEADS)
+    elif pid < q_programs:
+        _q_heads(q, stride_q0, stride_q1, q_w, q_out, positions, inv_freq, pid // Q_GROUPS, pid % Q_GROUPS, T,
+                 eps, HQ, D, HALF, BLOCK_HALF, TOKENS, Q_HEADS)
     else:
-        _kv_heads(k, v, stride_k0, stride_k1, stride_v0, stride_v1, k_w, slots, k_pool, v_pool,
-                  stride_kp0, stride_kp1, stride_vp0, stride_vp1, tokens, in_range, cols, cos[:, None, :],
-                  sin[:, None, :], group - Q_GROUPS, num_slots, eps, HKV, D, HALF, KV_HEADS, V_IS_K)
+        _kv_heads(k, v, stride_k0, stride_k1, stride_v0, stride_v1, k_w, positions, inv_freq, slots, k_pool,
+                  v_pool, stride_kp0, stride_kp1, stride_vp0, stride_vp1, (pid - q_programs) // KV_GROUPS,
+                  (pid - q_programs) % KV_GROUPS, T, num_slots, eps, HKV, D, HALF, BLOCK_HALF, KV_TOKENS,
+                  KV_HEADS, V_IS_K)
 
 
-# Launch shape of the fused q/k/v kernel, read at each launch: elements (both halves, all heads of
-# a group) per program at most, unless one token's group is wider; elements per warp.
+# Launch shape of the fused q/k/v kernel, read at each launch (qkv_launch): elements (both halves,
+# all heads of a group) per program at most, unless one token's group is wider; elements per warp
+# below QKV_MANY_TOKENS tokens; from QKV_MANY_TOKENS on, a program has one thread per column of a
+# half-row (BLOCK_HALF / 32 warps: 4 at head size 256, 8 at 512) instead.
+#
+# Why, from bench/rope_isa.py (the kernel compiled for sm_90 without a GPU; SASS instructions of
+# all a program's threads per element written, E2B bf16, T = 8192, q + K/V launch, head 256 / 512):
+# as it was, 16 warps and the K/V programs as many tokens wide as the q programs: 135.5 / 136.6
+# (K/V programs 329 / el: 2 elements a thread). With the casts that round (_round_to) and K/V
+# programs of KV_TOKENS: 48.8 / 50.2 at 16 warps; with one thread per half-row column: 21.0 /
+# 24.2. With 16 warps a thread holds 8 elements, so what it does once (addresses, the row
+# reductions across warps, cos/sin) weighs 8x; and there the compiler keeps cos/sin in the tile's
+# layout, where every warp along the heads computes them again, while at one thread a column it
+# computes them once per column and shares them through shared memory (TTGIR). Measured too:
+# head 512 at 4 warps (32 elements a thread) 27.8, at 2 warps 20.8 but 204 registers a thread;
+# head 256 at 8 warps 40.3. Decode launches keep 16 warps: a few programs, one an SM, where a
+# launch's time is its programs' latency, i.e. a thread's instruction count (2-4x more at 4-8
+# warps). GPU time not measured (no GPU where this was chosen); QKV_MANY_TOKENS is a guess at
+# where a launch has several programs an SM (an H200 has 132 SMs).
 QKV_TILE = 4096
 QKV_WARP_ELEMS = 256
+QKV_MANY_TOKENS = 256
 
 
 def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
@@ -391,21 +459,32 @@ def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor
         # stand-ins, never read, in the q-only launch
         kk, vv, kp, vp, sl = (k, v, k_pool, v_pool, out_slots) if hkv else (q, q, q_out, q_out, positions)
         v_is_k = bool(hkv) and v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
-        block_half = triton.next_power_of_2(d // 2)
-        most_heads = max(1, QKV_TILE // (2 * block_half))
-        q_heads = min(triton.next_power_of_2(hq), most_heads)
-        kv_heads = min(triton.next_power_of_2(max(hkv, 1)), most_heads)
-        tokens = rows_per_program(T, 2 * block_half * q_heads, QKV_TILE)
-        q_groups = triton.cdiv(hq, q_heads)
-        grid = (triton.cdiv(T, tokens), q_groups + triton.cdiv(hkv, kv_heads))
+        grid, consts, options = qkv_launch(T, hq, hkv, d, v_is_k)
         _qkv_norm_rope_store_kernel[grid](
             q, kk, vv, q_weight, q_weight if k_weight is None else k_weight, positions, inv_freq, sl, q_out, kp, vp,
             T, kp.shape[0], eps, q.stride(0), q.stride(1), kk.stride(0), kk.stride(1), vv.stride(0), vv.stride(1),
-            kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
-            HQ=hq, HKV=hkv, D=d, HALF=d // 2, BLOCK_HALF=block_half, TOKENS=tokens, Q_HEADS=q_heads,
-            KV_HEADS=kv_heads, Q_GROUPS=q_groups, V_IS_K=v_is_k,
-            **launch_options(tokens * q_heads * 2 * block_half, QKV_WARP_ELEMS))
+            kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), **consts, **options)
     return q_out
+
+
+def qkv_launch(T: int, hq: int, hkv: int, d: int, v_is_k: bool = False) -> tuple[tuple[int], dict, dict]:
+    """(grid, constexpr arguments, launch options) of _qkv_norm_rope_store_kernel for T tokens,
+    hq query and hkv key/value heads (0 in the q-only launch) of size d; bench/rope_isa.py
+    compiles the kernel with these to count its instructions."""
+    block_half = triton.next_power_of_2(d // 2)
+    most_heads = max(1, QKV_TILE // (2 * block_half))
+    q_heads = min(triton.next_power_of_2(hq), most_heads)
+    kv_heads = min(triton.next_power_of_2(max(hkv, 1)), most_heads)
+    tokens = rows_per_program(T, 2 * block_half * q_heads, QKV_TILE)
+    kv_tokens = rows_per_program(T, 2 * block_half * kv_heads, QKV_TILE)
+    q_groups, kv_groups = triton.cdiv(hq, q_heads), triton.cdiv(hkv, kv_heads)
+    grid = (triton.cdiv(T, tokens) * q_groups + triton.cdiv(T, kv_tokens) * kv_groups,)
+    consts = dict(HQ=hq, HKV=hkv, D=d, HALF=d // 2, BLOCK_HALF=block_half, TOKENS=tokens, Q_HEADS=q_heads,
+                  Q_GROUPS=q_groups, KV_TOKENS=kv_tokens, KV_HEADS=kv_heads, KV_GROUPS=max(kv_groups, 1),
+                  V_IS_K=v_is_k)
+    tile = tokens * q_heads * 2 * block_half
+    warp_elems = tile * 32 // block_half if T >= QKV_MANY_TOKENS else QKV_WARP_ELEMS
+    return grid, consts, launch_options(tile, warp_elems)
 
 
 def qkv_norm_rope_store_eager(q, k, v, q_weight, k_weight, eps, positions, inv_freq, k_pool=None, v_pool=None,
