@@ -25,42 +25,11 @@ import triton
 import triton.language as tl
 
 from reference.model import apply_rope as _reference_apply_rope
-from . import INTERPRETING
 from .common import (check_float, check_same, launch_options, round_to, rows_per_program,
                      store_rounded)
 from .norms import check_qkv, qkv_norm_eager
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
-
-# Compiled, a cast rounds float32 to bfloat16 to nearest even (cvt.rn.bf16x2.f32, one instruction
-# for two values), as common.round_to's integer ops do (about 6 instructions a value: shift, and,
-# add, mask, NaN test and select; the same bits as torch's round-to-nearest-even cast on all
-# 4,278,190,082 non-NaN float32 values, checked when this was written); only the interpreter
-# truncates. NaNs: the cast gives a NaN where round_to keeps the float32 NaN; every rounded value
-# here goes through float32 arithmetic or a store's cast before it is written, so the bits
-# written are the same. In the q/k/v kernel at E2B prefill (bench/rope_isa.py, sm_90 SASS, 16
-# warps as it was then) this took the q programs from 88.4 to 62.5 instructions an element.
-_CAST_ROUNDS: tl.constexpr = tl.constexpr(not INTERPRETING)
-
-
-@triton.jit
-def _round_to(x, DTYPE: tl.constexpr):
-    """common.round_to, with the cast where compiled (above)."""
-    if _CAST_ROUNDS and DTYPE == tl.bfloat16:
-        y = x.to(tl.bfloat16).to(tl.float32)
-    else:
-        y = round_to(x, DTYPE)
-    return y
-
-
-@triton.jit
-def _store_rounded(ptrs, x, mask):
-    """common.store_rounded: compiled, one cast (round_to then the cast of its exact result
-    rounds the same way twice)."""
-    if _CAST_ROUNDS:
-        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
-    else:
-        store_rounded(ptrs, x, mask)
 
 
 @triton.jit
@@ -71,7 +40,7 @@ def _cos_sin(positions, inv_freq, tokens, token_ok,
     cols = tl.arange(0, BLOCK)
     pos = tl.load(positions + tokens, mask=token_ok, other=0).to(tl.float32)
     angle = pos[:, None] * tl.load(inv_freq + cols, mask=cols < HALF, other=0.0)[None, :]
-    return _round_to(tl.cos(angle), DTYPE), _round_to(tl.sin(angle), DTYPE)
+    return round_to(tl.cos(angle), DTYPE), round_to(tl.sin(angle), DTYPE)
 
 
 @triton.jit
@@ -79,8 +48,8 @@ def _rotate_halves(lo, hi, cos, sin, DTYPE: tl.constexpr):
     """x * cos + rotate_half(x) * sin of a head row given as its two float32 halves, with
     rotate_half(x) = cat(-hi, lo) and every product rounded to DTYPE (the sum is rounded on
     store). Returns the two halves."""
-    new_lo = _round_to(lo * cos, DTYPE) - _round_to(hi * sin, DTYPE)
-    new_hi = _round_to(hi * cos, DTYPE) + _round_to(lo * sin, DTYPE)
+    new_lo = round_to(lo * cos, DTYPE) - round_to(hi * sin, DTYPE)
+    new_hi = round_to(hi * cos, DTYPE) + round_to(lo * sin, DTYPE)
     return new_lo, new_hi
 
 
@@ -109,8 +78,8 @@ def _rope_kernel(x, positions, inv_freq, out, T, stride_t, stride_h,
         h = tl.program_id(1) * HEADS + i
         lo, hi = _rotate(x + (tokens * stride_t + h * stride_h)[:, None] + cols[None, :], cos, sin, mask, HALF, dtype)
         dst = out + ((tokens * H + h) * (2 * HALF))[:, None] + cols[None, :]
-        _store_rounded(dst, lo, mask)
-        _store_rounded(dst + HALF, hi, mask)
+        store_rounded(dst, lo, mask)
+        store_rounded(dst + HALF, hi, mask)
 
 
 @triton.jit
@@ -135,8 +104,8 @@ def _store_kv_kernel(k, v, positions, inv_freq, slots, k_pool, v_pool, T, num_sl
         k_dst = k_pool + (slot * stride_kp0 + h * stride_kp1)[:, None]
         if ROPE:
             lo, hi = _rotate(k_src + half_cols[None, :], cos, sin, half_mask, D // 2, dtype)
-            _store_rounded(k_dst + half_cols[None, :], lo, half_mask)
-            _store_rounded(k_dst + D // 2 + half_cols[None, :], hi, half_mask)
+            store_rounded(k_dst + half_cols[None, :], lo, half_mask)
+            store_rounded(k_dst + D // 2 + half_cols[None, :], hi, half_mask)
         else:  # a copy, bit for bit
             tl.store(k_dst + cols[None, :], tl.load(k_src + cols[None, :], mask=mask), mask=mask)
         v_row = tl.load(v + (tokens * stride_v0 + h * stride_v1)[:, None] + cols[None, :], mask=mask)
@@ -313,9 +282,9 @@ def _norm_rope_store(lo, hi, inv, w, cos, sin, dst, mask, cols, HALF: tl.constex
     ok = cols < HALF
     w_lo = tl.load(w + cols, mask=ok, other=0.0).to(tl.float32)[None, None, :]
     w_hi = tl.load(w + HALF + cols, mask=ok, other=0.0).to(tl.float32)[None, None, :]
-    lo, hi = _rotate_halves(_round_to(lo * inv * w_lo, dtype), _round_to(hi * inv * w_hi, dtype), cos, sin, dtype)
-    _store_rounded(dst, lo, mask)
-    _store_rounded(dst + HALF, hi, mask)
+    lo, hi = _rotate_halves(round_to(lo * inv * w_lo, dtype), round_to(hi * inv * w_hi, dtype), cos, sin, dtype)
+    store_rounded(dst, lo, mask)
+    store_rounded(dst + HALF, hi, mask)
 
 
 @triton.jit
@@ -366,8 +335,8 @@ def _kv_heads(k, v, stride_k0, stride_k1, stride_v0, stride_v1, k_w, positions, 
     _norm_rope_store(lo, hi, inv, k_w, cos, sin, _head_ptrs(k_pool, stride_kp0, stride_kp1, slot, heads, cols),
                      mask, cols, HALF)
     v_dst = _head_ptrs(v_pool, stride_vp0, stride_vp1, slot, heads, cols)
-    _store_rounded(v_dst, v_lo, mask)
-    _store_rounded(v_dst + HALF, v_hi, mask)
+    store_rounded(v_dst, v_lo, mask)
+    store_rounded(v_dst + HALF, v_hi, mask)
 
 
 @triton.jit
@@ -407,20 +376,20 @@ def _qkv_norm_rope_store_kernel(
 # below QKV_MANY_TOKENS tokens; from QKV_MANY_TOKENS on, a program has one thread per column of a
 # half-row (BLOCK_HALF / 32 warps: 4 at head size 256, 8 at 512) instead.
 #
-# Why, from bench/rope_isa.py (the kernel compiled for sm_90 without a GPU; SASS instructions of
-# all a program's threads per element written, E2B bf16, T = 8192, q + K/V launch, head 256 / 512):
-# as it was, 16 warps and the K/V programs as many tokens wide as the q programs: 135.5 / 136.6
-# (K/V programs 329 / el: 2 elements a thread). With the casts that round (_round_to) and K/V
-# programs of KV_TOKENS: 48.8 / 50.2 at 16 warps; with one thread per half-row column: 21.0 /
-# 24.2. With 16 warps a thread holds 8 elements, so what it does once (addresses, the row
-# reductions across warps, cos/sin) weighs 8x; and there the compiler keeps cos/sin in the tile's
-# layout, where every warp along the heads computes them again, while at one thread a column it
-# computes them once per column and shares them through shared memory (TTGIR). Measured too:
-# head 512 at 4 warps (32 elements a thread) 27.8, at 2 warps 20.8 but 204 registers a thread;
-# head 256 at 8 warps 40.3. Decode launches keep 16 warps: a few programs, one an SM, where a
-# launch's time is its programs' latency, i.e. a thread's instruction count (2-4x more at 4-8
-# warps). GPU time not measured (no GPU where this was chosen); QKV_MANY_TOKENS is a guess at
-# where a launch has several programs an SM (an H200 has 132 SMs).
+# Why, from bench/rope_isa.py (the kernel compiled for sm_90 without a GPU; SASS instructions of all
+# a program's threads per element written, E2B bf16, T = 8192, q + K/V launch, head 256 / 512): as
+# it was, 16 warps and the K/V programs as many tokens wide as the q programs: 135.5 / 136.6 (K/V
+# programs 329 / el: 2 elements a thread). With bf16 rounded by the cast (common.round_to where
+# compiled; the q programs 88.4 -> 62.5 at 16 warps) and K/V programs of KV_TOKENS: 48.8 / 50.2 at
+# 16 warps; with one thread per half-row column: 21.0 / 24.2. With 16 warps a thread holds 8
+# elements, so what it does once (addresses, the row reductions across warps, cos/sin) weighs 8x;
+# and there the compiler keeps cos/sin in the tile's layout, where every warp along the heads
+# computes them again, while at one thread a column it computes them once per column and shares them
+# through shared memory (TTGIR). Measured too: head 512 at 4 warps (32 elements a thread) 27.8, at 2
+# warps 20.8 but 204 registers a thread; head 256 at 8 warps 40.3. Decode launches keep 16 warps: a
+# few programs, one an SM, where a launch's time is its programs' latency, i.e. a thread's
+# instruction count (2-4x more at 4-8 warps). GPU time not measured (no GPU where this was chosen);
+# QKV_MANY_TOKENS is a guess at where a launch has several programs an SM (an H200 has 132 SMs).
 QKV_TILE = 4096
 QKV_WARP_ELEMS = 256
 QKV_MANY_TOKENS = 256
