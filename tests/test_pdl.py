@@ -27,7 +27,7 @@ def test_every_kernel_compiles_with_pdl_for_sm90():
     and the wait comes before any read (the GEMV's weight prefetch excepted)."""
     check_compiles("""
         import triton.language as tl
-        from optimized.kernels import activation, attention, gemv, moe, norms
+        from optimized.kernels import activation, attention, gemv, moe, norms, rope
         on = dict(PDL=True)
         bf = lambda *names: {n: "*bf16" for n in names}
         compiled = [
@@ -46,6 +46,11 @@ def test_every_kernel_compiles_with_pdl_for_sm90():
             compile_for_sm90(moe._combine_kernel, bf("y", "out") | dict(ids="*i32"),
                              dict(TOP_K=8, ROWS=1, BLOCK=1024, **on), launch_pdl=True),
         ]
+        _, consts, options = rope.qkv_launch(1, 8, 1, 256)
+        compiled.append(compile_for_sm90(
+            rope._qkv_norm_rope_store_kernel,
+            dict(bf("q", "k", "v", "q_w", "k_w", "q_out", "k_pool", "v_pool"), positions="*i32", inv_freq="*fp32",
+                 slots="*i32", eps="fp32"), dict(consts, **on), **options, launch_pdl=True))
         for k in compiled:
             ptx = k.asm["ptx"]
             assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx, k.name

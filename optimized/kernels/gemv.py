@@ -46,8 +46,8 @@ from . import INTERPRETING
 from .activation import gelu_tanh_mul as _gelu_tanh_mul_kernel
 from .common import (check_eps, check_float, check_same, check_weight, dot_args, gelu_tanh_f32, round_to,
                      store_rounded)
-from .pdl import pdl_launch, pdl_start
 from .norms import rms_norm as _rms_norm_kernel
+from .pdl import pdl_launch, pdl_start
 
 # Which calls take the GEMV kernel (the others: the unfused path, cuBLAS): at most GEMV_MAX_ROWS
 # rows and a weight of at most GEMV_MAX_WEIGHT elements (the MLP's gate_up: both halves). Read at

@@ -28,6 +28,7 @@ from reference.model import apply_rope as _reference_apply_rope
 from .common import (check_float, check_same, launch_options, round_to, rows_per_program,
                      store_rounded)
 from .norms import check_qkv, qkv_norm_eager
+from .pdl import pdl_launch, pdl_start
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -67,7 +68,8 @@ def _rotate(src, cos, sin, mask, HALF: tl.constexpr, DTYPE: tl.constexpr):
 @triton.jit
 def _rope_kernel(x, positions, inv_freq, out, T, stride_t, stride_h,
                  H: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, TOKENS: tl.constexpr,
-                 HEADS: tl.constexpr):
+                 HEADS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
     cols = tl.arange(0, BLOCK)
     token_ok = tokens < T
@@ -87,7 +89,8 @@ def _store_kv_kernel(k, v, positions, inv_freq, slots, k_pool, v_pool, T, num_sl
                      stride_k0, stride_k1, stride_v0, stride_v1,
                      stride_kp0, stride_kp1, stride_vp0, stride_vp1,
                      H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                     TOKENS: tl.constexpr, HEADS: tl.constexpr, ROPE: tl.constexpr):
+                     TOKENS: tl.constexpr, HEADS: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
     slot = tl.load(slots + tokens, mask=tokens < T, other=0).to(tl.int64)
     token_ok = (tokens < T) & (slot >= 1) & (slot < num_slots)  # slot 0 is the padding sink: never written
@@ -182,7 +185,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor)
         grid, tokens, heads = _grid(T, h, block)
         _rope_kernel[grid](x, positions, inv_freq, out, T, x.stride(0), x.stride(1),
                            H=h, HALF=d // 2, BLOCK=block, TOKENS=tokens, HEADS=heads,
-                           **launch_options(tokens * block, WARP_ELEMS))
+                           **launch_options(tokens * block, WARP_ELEMS), **pdl_launch())
     return out
 
 
@@ -210,7 +213,7 @@ def _launch_store(k, v, positions, inv_freq, k_pool, v_pool, out_slots, rope: bo
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         H=h, D=d, BLOCK_D=block_d, BLOCK_HALF=max(block_d // 2, 1), TOKENS=tokens, HEADS=heads, ROPE=rope,
-        **launch_options(tokens * block_d, WARP_ELEMS))
+        **launch_options(tokens * block_d, WARP_ELEMS), **pdl_launch())
 
 
 def rope_and_store_kv(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -346,7 +349,7 @@ def _qkv_norm_rope_store_kernel(
         stride_kp0, stride_kp1, stride_vp0, stride_vp1,
         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
         TOKENS: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, Q_GROUPS: tl.constexpr,
-        V_IS_K: tl.constexpr, KV_TOKENS: tl.constexpr = 1, KV_GROUPS: tl.constexpr = 1):
+        V_IS_K: tl.constexpr, KV_TOKENS: tl.constexpr = 1, KV_GROUPS: tl.constexpr = 1, PDL: tl.constexpr = False):
     # One axis: first the q programs, token tile by token tile, each with Q_GROUPS groups of
     # Q_HEADS query heads of TOKENS tokens; then the K/V programs (none in the q-only launch,
     # HKV = 0), each with KV_GROUPS groups of KV_HEADS key/value heads of KV_TOKENS tokens, more
@@ -356,6 +359,7 @@ def _qkv_norm_rope_store_kernel(
     # computed once, in the program's branch (shapes differ), and shared by the heads, and no
     # head waits on another. HALF = D // 2. The branches only call helpers: names bound in both
     # branches of a runtime `if` must have one type when compiled, and their tiles differ.
+    pdl_start(PDL)
     pid = tl.program_id(0)
     q_programs = tl.cdiv(T, TOKENS) * Q_GROUPS
     if HKV == 0:
@@ -432,7 +436,7 @@ def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor
         _qkv_norm_rope_store_kernel[grid](
             q, kk, vv, q_weight, q_weight if k_weight is None else k_weight, positions, inv_freq, sl, q_out, kp, vp,
             T, kp.shape[0], eps, q.stride(0), q.stride(1), kk.stride(0), kk.stride(1), vv.stride(0), vv.stride(1),
-            kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), **consts, **options)
+            kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), **consts, **options, **pdl_launch())
     return q_out
 
 
