@@ -9,7 +9,7 @@ import pytest
 import torch
 import triton
 
-from optimized.kernels import default_device, rope
+from optimized.kernels import INTERPRETING, default_device, rope
 from reference.config import RopeSpec
 from reference.model import rope_inv_freq
 from tests.sm90 import check_compiles
@@ -41,7 +41,8 @@ def test_qkv_launch_covers_every_token_and_head(T, hq, hkv, d):
 @pytest.mark.parametrize("mode", ["qkv", "k_eq_v", "q_only"])
 def test_qkv_norm_rope_store_is_the_same_in_any_tiling(monkeypatch, mode, dtype):
     """Many small programs (ragged last token tiles on both sides, K/V programs wider than q's,
-    several head groups) write what one program a side writes, bit for bit."""
+    several head groups) write what one program a side writes, bit for bit (float32 compiled:
+    within a few ULP, see below)."""
     gen = torch.Generator().manual_seed(11)
     T, hq, hkv, d, num_slots = 23, 4, 1, 32, 60
     fused = (torch.randn(T, (hq + 2 * hkv) * d + 5, generator=gen) * 3).to(dtype)[:, 5:]
@@ -68,9 +69,14 @@ def test_qkv_norm_rope_store_is_the_same_in_any_tiling(monkeypatch, mode, dtype)
     small_grid, small, _ = rope.qkv_launch(T, hq, hkv, d)
     assert small["Q_GROUPS"] == 2 and small["KV_TOKENS"] > small["TOKENS"] and small_grid[0] > 20
     (q_one, pools_one), (q_many, pools_many) = run(1 << 16), run(64)
-    assert torch.equal(q_one, q_many)
-    for one, many in zip(pools_one, pools_many):
-        assert torch.equal(one, many)
+    for one, many in zip((q_one, *pools_one), (q_many, *pools_many)):
+        if dtype == torch.float32 and not INTERPRETING:
+            # Compiled, a row's float32 sum of squares is added in an order that follows the
+            # tile's layout (seen on an H200: not bit-equal across tilings); the rounding to
+            # bfloat16 absorbs that, float32 shows it as a few ULP.
+            torch.testing.assert_close(one, many, rtol=4e-7, atol=1e-6)
+        else:
+            assert torch.equal(one, many)
 
 
 def test_qkv_launches_compile_for_a_gpu():

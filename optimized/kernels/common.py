@@ -101,37 +101,30 @@ def rms_rows(x, w, cols, N: tl.constexpr, eps, HAS_WEIGHT: tl.constexpr):
 @triton.jit
 def tanh_f32(z):
     """float32 tanh from tl.exp, the one transcendental every backend and the interpreter share
-    (Triton's interpreter has no libdevice), and explicit FMAs (tl.fma: one rounding everywhere,
-    and kept fused under enable_fp_fusion=False). With a = |z|:
-    - a < 0.55: a + a^3 P(a^2), P of degree 4 fitted minimax to tanh's relative error on
-      [0, 0.55] (fit error 3e-2 ULP), by Horner with FMAs;
-    - else (1 - u) / (1 + u), u = exp(-2a) in (0, 0.333]: 1 + u * W with W = -2 / (1 + u) from a
-      linear start in u (1% off) and two Newton steps on h = (1 + u) / 2 (7e-10 off), all FMAs. No
-      division: div_rn's slow-path test, call and correction cost more than this whole branch.
-    The sign is copied from z (so tanh(-0) = -0, as torch's); NaN stays NaN, +-inf gives +-1.
-    Measured against float64 tanh with the interpreter's exp (numpy's) on 21.3M points (float32 in
-    [0, 12) every 256th, every one in [0.3, 1.2], [-12, 0] every 4099th): at most 2 ULP from the
-    correctly rounded tanh, 1.92 ULP from the exact value, 1778 points at 2 ULP (the former Taylor
-    z^17 + div_rn version: 2 ULP, 2.19 from exact, 8560 points at 2). On a GPU tl.exp is
-    ex2.approx, whose error enters the exp branch about as it entered the former one.
-    sm_90 SASS compiled without a GPU (bench/activation_isa.py; bf16 _gelu_tanh_mul_kernel, 8
-    elements a thread, enable_fp_fusion=False): 22 instructions a tanh, the kernel 60.4 per
-    element (PTX 62.4), formerly 78.4 (PTX 70.6; tanh about 40, with div_rn's slow-path branch)."""
+    (Triton's interpreter has no libdevice). 1 - 2 / (exp(2|z|) + 1) loses its relative accuracy
+    near 0, so |z| < 0.55 (where tanh reaches 0.5) takes the Taylor series instead, truncated
+    after z^17 (relative error < 6e-9). Within 2 float32 ULP of the correctly rounded tanh.
+
+    Tried and reverted (2980388): a degree-4 minimax polynomial below 0.55 and exp(-2|z|) with a
+    Newton reciprocal in FMAs above, no division: 22 instructions instead of about 40 (sm_90 SASS,
+    bench/activation_isa.py), within 2 ULP under the interpreter and 4 on an H200. But on the
+    H200 the float32 scenario `fault-prefix-reuse-after-eviction` then failed its parity check
+    (layers.4.out 1.93x its budget; it passes with this version): its errors, each small, did not
+    average out over the MLP's sums as these do. A cheaper tanh must pass the GPU suite in float32."""
     a = tl.abs(z)
-    x = a * a
-    p = tl.fma(-0.006453031208366156, x, 0.02121126279234886)
-    p = tl.fma(p, x, -0.053890615701675415)
-    p = tl.fma(p, x, 0.13333013653755188)
-    p = tl.fma(p, x, -0.3333333432674408)
-    small = tl.fma(a * x, p, a)
-    u = tl.exp(a * -2.0)
-    h = tl.fma(u, 0.5, 0.5)
-    w = tl.fma(u, 1.4850482940673828, -1.9794273376464844)
-    w = tl.fma(w, tl.fma(h, w, 1.0), w)
-    w = tl.fma(w, tl.fma(h, w, 1.0), w)
-    t = tl.where(a < 0.55, small, tl.fma(u, w, 1.0))
-    sign = z.to(tl.uint32, bitcast=True) & 0x80000000
-    return (t.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    large = 1.0 - tl.div_rn(2.0, tl.exp(2.0 * a) + 1.0)
+    a2 = a * a
+    p = 6404582.0 / 10854718875.0
+    p = p * a2 - 929569.0 / 638512875.0
+    p = p * a2 + 21844.0 / 6081075.0
+    p = p * a2 - 1382.0 / 155925.0
+    p = p * a2 + 62.0 / 2835.0
+    p = p * a2 - 17.0 / 315.0
+    p = p * a2 + 2.0 / 15.0
+    p = p * a2 - 1.0 / 3.0
+    small = a + a * a2 * p
+    t = tl.where(a < 0.55, small, large)
+    return tl.where(z < 0, -t, t)
 
 
 @triton.jit
