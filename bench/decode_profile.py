@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--pdl", choices=["on", "off", "both"], default="on",
-                   help="programmatic dependent launch (optimized/kernels/pdl.py) in the engine runs; both: side by side")
+                   help="programmatic dependent launch (optimized/kernels/pdl.py) in the engine runs; "
+                        "both: side by side")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = default_device()

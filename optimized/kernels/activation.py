@@ -96,7 +96,8 @@ def softcap(logits: torch.Tensor, cap: float, *, out: torch.Tensor | None = None
     if out.numel():
         grid, rows, block = _grid(*logits.shape)
         _softcap_kernel[grid](logits, out, logits.shape[0], logits.shape[1], logits.stride(0), out.stride(0),
-                              float(cap), ROWS=rows, BLOCK=block, **launch_options(rows * block, WARP_ELEMS), **pdl_launch())
+                              float(cap), ROWS=rows, BLOCK=block, **launch_options(rows * block, WARP_ELEMS),
+                              **pdl_launch())
     return out
 
 

@@ -220,7 +220,8 @@ def _expert_tile(offsets, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(x, stride_x, w, stride_we, stride_wn, entries, offsets, act, H, I, E,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_E: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+                    BLOCK_E: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    PDL: tl.constexpr = False):
     pdl_start(PDL)
     # act[row] = gelu_tanh(x[tok] @ Wg.T) * (x[tok] @ Wu.T) for expert e's Wg = w[e, :I], Wu = w[e, I:].
     expert, row0, row_end = _expert_tile(offsets, E, BLOCK_M, BLOCK_E)
@@ -286,7 +287,8 @@ def _down_kernel(act, w, stride_we, stride_wn, entries, offsets, weights, y, H, 
 
 
 @triton.jit
-def _combine_kernel(y, ids, out, n_tokens, H, E, TOP_K: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def _combine_kernel(y, ids, out, n_tokens, H, E, TOP_K: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                    PDL: tl.constexpr = False):
     pdl_start(PDL)
     # out[t] = (((0 + y[t, 0]) + y[t, 1]) + ...), rounded after every add, as index_add_ does.
     # Entries with an id outside [0, E) were never computed; like the reference, skip them.

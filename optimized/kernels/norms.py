@@ -79,7 +79,8 @@ def _qkv_norm_kernel(q, k, v, q_w, k_w, q_out, k_out, v_out, T,
 
 @triton.jit
 def _add_rms_norm_kernel(x, res, x_w, w, res_out, out, n_rows, stride_x, stride_res, eps,
-                         N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NORM_X: tl.constexpr, PDL: tl.constexpr = False):
+                         N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NORM_X: tl.constexpr,
+                         PDL: tl.constexpr = False):
     pdl_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
@@ -97,7 +98,8 @@ def _add_rms_norm_kernel(x, res, x_w, w, res_out, out, n_rows, stride_x, stride_
 @triton.jit
 def _post_ffn_kernel(m, m2, res, w1, w2, w, scalar, out, normed, n_rows, stride_m, stride_m2, stride_res, eps,
                      N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                     MOE: tl.constexpr, HAS_SCALAR: tl.constexpr, STORE_NORMED: tl.constexpr, PDL: tl.constexpr = False):
+                     MOE: tl.constexpr, HAS_SCALAR: tl.constexpr, STORE_NORMED: tl.constexpr,
+                     PDL: tl.constexpr = False):
     pdl_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
@@ -239,7 +241,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         _add_rms_norm_kernel[(triton.cdiv(x.shape[0], rows),)](
             x, residual, weight if x_weight is None else x_weight, weight, new_residual, out,
             x.shape[0], x.stride(0), residual.stride(0), eps,
-            N=n, BLOCK=block, ROWS=rows, NORM_X=x_weight is not None, **launch_options(rows * block, WARP_ELEMS), **pdl_launch())
+            N=n, BLOCK=block, ROWS=rows, NORM_X=x_weight is not None, **launch_options(rows * block, WARP_ELEMS),
+            **pdl_launch())
     return new_residual, out
 
 
