@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from optimized.kernels import INTERPRETING, pdl
-from sm90 import check_compiles
+from tests.sm90 import check_compiles
 
 ON_SM90 = torch.cuda.is_available() and not INTERPRETING and torch.cuda.get_device_capability()[0] >= 9
 
