@@ -1,6 +1,6 @@
 """The fused q/k/v epilogue's launch shape (rope.qkv_launch): query programs and K/V programs in
 one axis, the K/V ones wider in tokens, fewer warps at prefill sizes (rope.py says why, with the
-instruction counts of bench/rope_isa.py). Its numerics are tested in test_fused_kernels.py; here:
+instruction counts of bench/isa_count.py qkv). Its numerics are tested in test_fused_kernels.py; here:
 the tiling does not change a bit, and the launches it makes compile for sm_90."""
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def tanh_f32(z):
 
     Tried and reverted (2980388): a degree-4 minimax polynomial below 0.55 and exp(-2|z|) with a
     Newton reciprocal in FMAs above, no division: 22 instructions instead of about 40 (sm_90 SASS,
-    bench/activation_isa.py), within 2 ULP under the interpreter and 4 on an H200. But on the
+    bench/isa_count.py activation), within 2 ULP under the interpreter and 4 on an H200. But on the
     H200 the float32 scenario `fault-prefix-reuse-after-eviction` then failed its parity check
     (layers.4.out 1.93x its budget; it passes with this version): its errors, each small, did not
     average out over the MLP's sums as these do. A cheaper tanh must pass the GPU suite in float32."""

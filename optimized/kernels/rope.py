@@ -380,7 +380,7 @@ def _qkv_norm_rope_store_kernel(
 # below QKV_MANY_TOKENS tokens; from QKV_MANY_TOKENS on, a program has one thread per column of a
 # half-row (BLOCK_HALF / 32 warps: 4 at head size 256, 8 at 512) instead.
 #
-# Why, from bench/rope_isa.py (the kernel compiled for sm_90 without a GPU; SASS instructions of all
+# Why, from bench/isa_count.py qkv (the kernel compiled for sm_90 without a GPU; SASS instructions of all
 # a program's threads per element written, E2B bf16, T = 8192, q + K/V launch, head 256 / 512): as
 # it was, 16 warps and the K/V programs as many tokens wide as the q programs: 135.5 / 136.6 (K/V
 # programs 329 / el: 2 elements a thread). With bf16 rounded by the cast (common.round_to where
@@ -442,7 +442,7 @@ def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor
 
 def qkv_launch(T: int, hq: int, hkv: int, d: int, v_is_k: bool = False) -> tuple[tuple[int], dict, dict]:
     """(grid, constexpr arguments, launch options) of _qkv_norm_rope_store_kernel for T tokens,
-    hq query and hkv key/value heads (0 in the q-only launch) of size d; bench/rope_isa.py
+    hq query and hkv key/value heads (0 in the q-only launch) of size d; bench/isa_count.py qkv
     compiles the kernel with these to count its instructions."""
     block_half = triton.next_power_of_2(d // 2)
     most_heads = max(1, QKV_TILE // (2 * block_half))
