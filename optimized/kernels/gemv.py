@@ -143,7 +143,8 @@ def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, M, N, K, k_float, stride_x,
     The first BLOCK_K columns of the program's weight rows are loaded before `pdl_start`: no
     kernel writes weights, so with PDL (pdl.py) their stream starts while the previous kernel
     still runs; everything else is read after the wait. One row's E2B projections (K = 1536 <=
-    BLOCK_K = 2048) then have their whole weight slab in flight before the wait returns."""
+    BLOCK_K = 2048) then have their whole weight slab in flight before the wait returns. Measured
+    on an H200 it gained nothing visible (a batch-1 step 2.594 -> 2.587 ms, design note 40)."""
     dtype = out.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
