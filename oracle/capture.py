@@ -471,6 +471,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(text)
     except json.JSONDecodeError as e:
         raise CaptureError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # json's parser recurses once per nested array or object
+        raise CaptureError(f"{path}: not valid JSON (nested too deeply)") from None
     _expect(isinstance(manifest, dict), str(path), "expected a JSON object")
     _expect(manifest.get("format") == FORMAT, str(path), f"format is {manifest.get('format')!r}, expected {FORMAT!r}")
     version = manifest.get("schema_version")

@@ -629,6 +629,8 @@ def cmd_report(args) -> int:
         return _refuse(BadInput(f"{src}: no report.json to render"))
     except (OSError, UnicodeDecodeError) as e:
         return _refuse(BadInput(f"{src}: cannot read ({e})"))
+    except RecursionError:  # json's parser recurses once per nested array or object
+        return _refuse(BadInput(f"{src}: not valid JSON (nested too deeply)"))
     # Whatever report.json holds is input here: a hand-edited one must not end in a traceback.
     except ReportError as e:  # the facts do not fit the schema (oracle/facts.py): the field's path
         return _refuse(BadInput(f"{src}: cannot render ({e})"))

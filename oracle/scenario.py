@@ -284,6 +284,8 @@ def load(path: str | Path) -> Scenario:
         raise ScenarioError(f"{path}: no such scenario file") from None
     except json.JSONDecodeError as e:
         raise ScenarioError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # json's parser recurses once per nested array or object
+        raise ScenarioError(f"{path}: not valid JSON (nested too deeply)") from None
     except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
         raise ScenarioError(f"{path}: cannot read the scenario file ({e.strerror if isinstance(e, OSError) else e})") \
             from None

@@ -114,6 +114,10 @@ class Gemma4Config:
             raise ConfigError(f"{path}: no config.json") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:  # json's parser recurses once per nested array or object
+            raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         return _from_hf_dict(raw)

@@ -132,6 +132,7 @@ CLI_CASES = [
     ("scenario-missing", ["check", "--scenario", "{d}/nope.json", "--out", "{out}"], "no such scenario file"),
     ("scenario-is-a-directory", ["check", "--scenario", "{d}", "--out", "{out}"], "cannot read"),
     ("scenario-not-json", ["check", "--scenario", "{d}/not-json.json", "--out", "{out}"], "not valid JSON"),
+    ("scenario-nested-too-deeply", ["check", "--scenario", "{d}/nested.json", "--out", "{out}"], "nested too deeply"),
     ("scenario-negative-length", ["check", "--scenario", "{d}/negative-length.json", "--out", "{out}"],
      "requests[0].length"),
     ("scenario-unknown-field", ["check", "--scenario", "{d}/unknown-field.json", "--out", "{out}"], "colour"),
@@ -153,6 +154,10 @@ CLI_CASES = [
     ("model-unknown", ["check", "no-such-model", "--out", "{out}"], "no-such-model"),
     ("checkpoint-no-config", ["check", "{d}/empty-checkpoint", "--out", "{out}"], "config.json"),
     ("checkpoint-config-not-json", ["info", "{d}/config-not-json"], "not valid JSON"),
+    ("checkpoint-config-nested-too-deeply", ["info", "{d}/config-nested"], "nested too deeply"),
+    ("checkpoint-config-nested-too-deeply-check", ["check", "{d}/config-nested", "--out", "{out}"],
+     "nested too deeply"),
+    ("checkpoint-config-not-utf8-check", ["check", "{d}/config-not-utf8", "--out", "{out}"], "UTF-8"),
     ("checkpoint-config-field-missing", ["check", "{d}/config-field-missing", "--out", "{out}"], "vocab_size"),
     ("checkpoint-config-is-a-directory", ["info", "{d}/config-is-a-directory"], "config.json"),
     ("checkpoint-no-weights", ["check", "{d}/no-weights", "--out", "{out}"], "safetensors"),
@@ -162,10 +167,13 @@ CLI_CASES = [
     ("diff-no-such-capture", ["diff", "{d}/nope", "{d}/capture", "--out", "{out}"], "no capture directory"),
     ("diff-manifest-not-json", ["diff", "{d}/capture", "{d}/capture-bad-manifest", "--out", "{out}"],
      "not valid JSON"),
+    ("diff-manifest-nested-too-deeply", ["diff", "{d}/capture", "{d}/capture-nested-manifest", "--out", "{out}"],
+     "nested too deeply"),
     ("diff-corrupt-tensor-file", ["diff", "{d}/capture", "{d}/capture-corrupt", "--out", "{out}"], "sha256"),
     ("diff-no-model-config", ["diff", "{d}/capture", "{d}/capture-no-config", "--out", "{out}"], "model_config"),
     ("report-no-report-json", ["report", "{d}/empty-checkpoint", "--out", "{out}"], "no report.json"),
     ("report-json-not-an-object", ["report", "{d}/bad-report", "--out", "{out}"], "cannot render"),
+    ("report-json-nested-too-deeply", ["report", "{d}/nested-report", "--out", "{out}"], "nested too deeply"),
 ]
 
 
@@ -189,6 +197,8 @@ def bad_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad-inputs")
     (d / "a-file").write_text("not a directory\n")
     (d / "not-json.json").write_text("{oops")
+    nested = "[" * 100_000  # json's parser recurses per level: a RecursionError, not a JSONDecodeError
+    (d / "nested.json").write_text(nested)
     files = {
         "negative-length": _scenario(length=-1),
         "unknown-field": _scenario(colour="red"),
@@ -206,6 +216,10 @@ def bad_dir(tmp_path_factory):
     (d / "empty-checkpoint").mkdir()
     (d / "config-not-json").mkdir()
     (d / "config-not-json" / "config.json").write_text("{oops")
+    (d / "config-nested").mkdir()
+    (d / "config-nested" / "config.json").write_text(nested)
+    (d / "config-not-utf8").mkdir()
+    (d / "config-not-utf8" / "config.json").write_bytes(b'{"model_type": "\xff"}')
     (d / "config-field-missing").mkdir()
     (d / "config-field-missing" / "config.json").write_text(json.dumps({"model_type": "gemma4_text"}))
     (d / "config-is-a-directory" / "config.json").mkdir(parents=True)
@@ -218,9 +232,10 @@ def bad_dir(tmp_path_factory):
     builder = CaptureBuilder(capture_metadata(tiny, path="reference", dtype=torch.float32))
     builder.add("r0", "embed", torch.arange(3), torch.randn(3, tiny.hidden_size))
     save_capture(builder.build(), d / "capture")
-    for name in ("capture-bad-manifest", "capture-corrupt", "capture-no-config"):
+    for name in ("capture-bad-manifest", "capture-nested-manifest", "capture-corrupt", "capture-no-config"):
         save_capture(builder.build(), d / name)
     (d / "capture-bad-manifest" / "manifest.json").write_text("{oops")
+    (d / "capture-nested-manifest" / "manifest.json").write_text(nested)
     tensors = d / "capture-corrupt" / "request-00000.safetensors"
     data = bytearray(tensors.read_bytes())
     data[-1] ^= 0xFF
@@ -230,6 +245,8 @@ def bad_dir(tmp_path_factory):
     (d / "capture-no-config" / "manifest.json").write_text(json.dumps(manifest))
     (d / "bad-report").mkdir()
     (d / "bad-report" / "report.json").write_text("[1, 2]")
+    (d / "nested-report").mkdir()
+    (d / "nested-report" / "report.json").write_text(nested)
     return d
 
 
