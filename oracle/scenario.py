@@ -121,11 +121,17 @@ class Scenario:
 # --------------------------------------------------------------------------------------
 
 
-def _int(where: str, v: Any, minimum: int, optional: bool = False):
+# A request's seed seeds a torch.Generator, which takes at most a uint64.
+MAX_SEED = 2**64 - 1
+
+
+def _int(where: str, v: Any, minimum: int, optional: bool = False, maximum: int | None = None):
     if v is None and optional:
         return None
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise ScenarioError(f"{where}: expected an integer >= {minimum}, got {v!r}")
+    if maximum is not None and v > maximum:
+        raise ScenarioError(f"{where}: expected an integer <= {maximum}, got {v!r}")
     return v
 
 
@@ -147,7 +153,7 @@ def from_dict(d: Any) -> Scenario:
     model = ModelSpec(
         source=str(m.get("source", "tiny")), seed=_int("model.seed", m.get("seed", 0), 0),
         dtype=m.get("dtype", "float32"), device=str(m.get("device", "cpu")))
-    if model.dtype not in DTYPES:
+    if not isinstance(model.dtype, str) or model.dtype not in DTYPES:
         raise ScenarioError(f"model.dtype: {model.dtype!r} is not one of {sorted(DTYPES)}")
     e = _only("engine", d.get("engine", {}), {"page_size", "chunk_size", "num_pages", "page_order_seed",
                                               "token_budget", "max_requests", "decode"})
@@ -159,7 +165,7 @@ def from_dict(d: Any) -> Scenario:
         token_budget=_int("engine.token_budget", e.get("token_budget"), 1, optional=True),
         max_requests=_int("engine.max_requests", e.get("max_requests"), 1, optional=True),
         decode=e.get("decode", "auto"))
-    if engine.decode not in DECODE_MODES:
+    if not isinstance(engine.decode, str) or engine.decode not in DECODE_MODES:
         raise ScenarioError(f"engine.decode: {engine.decode!r} is not one of {list(DECODE_MODES)}")
     reqs = d.get("requests")
     if not isinstance(reqs, list) or not reqs:
@@ -186,7 +192,7 @@ def from_dict(d: Any) -> Scenario:
         prefix_len = 0
         if prefix is not None:
             prefix = _only(f"{where}.prefix_from", prefix, {"request", "length", "finished"})
-            if prefix.get("request") not in seen:
+            if not isinstance(prefix.get("request"), str) or prefix["request"] not in seen:
                 raise ScenarioError(f"{where}.prefix_from.request: {prefix.get('request')!r} is not an earlier request")
             prefix_len = _int(f"{where}.prefix_from.length", prefix.get("length"), 1)
             donor = parsed[seen[prefix["request"]]]
@@ -205,7 +211,7 @@ def from_dict(d: Any) -> Scenario:
                                     f"{own + prefix_len}, got {chunks!r}")
             chunks = tuple(chunks)
         parsed.append(RequestSpec(
-            id=rid, length=length, seed=_int(f"{where}.seed", r.get("seed", 0), 0), tokens=tokens,
+            id=rid, length=length, seed=_int(f"{where}.seed", r.get("seed", 0), 0, maximum=MAX_SEED), tokens=tokens,
             new_tokens=_int(f"{where}.new_tokens", r.get("new_tokens", 0), 0),
             arrival=_int(f"{where}.arrival", r.get("arrival", 0), 0), chunks=chunks, prefix_from=prefix))
         seen[rid] = i

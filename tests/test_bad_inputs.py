@@ -147,6 +147,11 @@ CLI_CASES = [
     ("scenario-pool-too-small", ["check", "--scenario", "{d}/small-pool.json", "--out", "{out}"],
      "engine.num_pages"),
     ("scenario-dtype", ["check", "--scenario", "{d}/bad-dtype.json", "--out", "{out}"], "model.dtype"),
+    ("scenario-dtype-a-list", ["check", "--scenario", "{d}/dtype-a-list.json", "--out", "{out}"], "model.dtype"),
+    ("scenario-prefix-request-a-list", ["check", "--scenario", "{d}/prefix-request-a-list.json", "--out", "{out}"],
+     "prefix_from.request"),
+    ("scenario-seed-past-uint64", ["check", "--scenario", "{d}/seed-past-uint64.json", "--out", "{out}"],
+     "requests[0].seed"),
     ("scenario-device-not-here", ["check", "--scenario", "{d}/on-cuda.json", "--out", "{out}"], "model.device", CUDA),
     ("scenario-capture-past-max", ["capture", "--scenario", "{d}/past-max-positions.json", "--path", "truth",
                                    "--out", "{out}"], "requests[0].length"),
@@ -209,6 +214,10 @@ def bad_dir(tmp_path_factory):
         "outside-vocab": {"name": "bad", "requests": [{"tokens": [5, 999]}]},
         "small-pool": {**_scenario(length=20), "engine": {"page_size": 4, "num_pages": 3}},
         "bad-dtype": {**_scenario(), "model": {"dtype": "fp8"}},
+        "dtype-a-list": {**_scenario(), "model": {"dtype": ["float32"]}},  # was TypeError: unhashable
+        "prefix-request-a-list": {"name": "bad", "requests": [{"length": 4}, {"length": 2, "prefix_from": {
+            "request": ["r0"], "length": 2}}]},
+        "seed-past-uint64": _scenario(seed=2**64),  # was torch.Generator's ValueError
         "on-cuda": {**_scenario(), "model": {"device": "cuda"}},
     }
     for name, raw in files.items():
