@@ -479,6 +479,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     _expect(version == SCHEMA_VERSION, str(path),
             f"schema version {version!r} is not the supported {SCHEMA_VERSION}")
     _expect(isinstance(manifest.get("metadata"), dict), str(path), "metadata is missing or not an object")
+    dtype = manifest["metadata"].get("dtype")
+    _expect(dtype is None or isinstance(dtype, str), str(path), f"metadata.dtype: expected a string, got {dtype!r}")
     _expect(isinstance(manifest.get("requests"), list), str(path), "requests is missing or not a list")
     return manifest
 
@@ -517,7 +519,7 @@ def _load_request(path: Path, entry: dict[str, Any]) -> RequestCapture:
         except TapNameError as e:
             raise CaptureError(f"{path}: {e}") from None
         _expect(tap not in req.taps, name, f"tap {tap!r} listed twice")
-        _expect(key in tensors, name, f"tensor {key!r} of tap {tap!r} is missing")
+        _expect(isinstance(key, str) and key in tensors, name, f"tensor {key!r} of tap {tap!r} is missing")
         tensor = tensors[key]
         _expect(list(tensor.shape) == meta.get("shape"), name,
                 f"tap {tap!r} has shape {list(tensor.shape)}, manifest records {meta.get('shape')!r}")

@@ -174,6 +174,9 @@ CLI_CASES = [
      "not valid JSON"),
     ("diff-manifest-nested-too-deeply", ["diff", "{d}/capture", "{d}/capture-nested-manifest", "--out", "{out}"],
      "nested too deeply"),
+    ("diff-tap-key-a-list", ["diff", "{d}/capture", "{d}/capture-tap-key-a-list", "--out", "{out}"], "tensor ['x']"),
+    ("diff-truth-dtype-a-list", ["diff", "{d}/capture", "{d}/capture", "--truth", "{d}/capture-dtype-a-list", "--out",
+                                 "{out}"], "metadata.dtype"),
     ("diff-corrupt-tensor-file", ["diff", "{d}/capture", "{d}/capture-corrupt", "--out", "{out}"], "sha256"),
     ("diff-no-model-config", ["diff", "{d}/capture", "{d}/capture-no-config", "--out", "{out}"], "model_config"),
     ("report-no-report-json", ["report", "{d}/empty-checkpoint", "--out", "{out}"], "no report.json"),
@@ -241,8 +244,14 @@ def bad_dir(tmp_path_factory):
     builder = CaptureBuilder(capture_metadata(tiny, path="reference", dtype=torch.float32))
     builder.add("r0", "embed", torch.arange(3), torch.randn(3, tiny.hidden_size))
     save_capture(builder.build(), d / "capture")
-    for name in ("capture-bad-manifest", "capture-nested-manifest", "capture-corrupt", "capture-no-config"):
+    for name in ("capture-bad-manifest", "capture-nested-manifest", "capture-corrupt", "capture-no-config",
+                 "capture-tap-key-a-list", "capture-dtype-a-list"):
         save_capture(builder.build(), d / name)
+    for name, edit in (("capture-tap-key-a-list", lambda m: m["requests"][0]["taps"][0].update(key=["x"])),
+                       ("capture-dtype-a-list", lambda m: m["metadata"].update(dtype=["float32"]))):
+        manifest = json.loads((d / name / "manifest.json").read_text())  # each was TypeError: unhashable
+        edit(manifest)
+        (d / name / "manifest.json").write_text(json.dumps(manifest))
     (d / "capture-bad-manifest" / "manifest.json").write_text("{oops")
     (d / "capture-nested-manifest" / "manifest.json").write_text(nested)
     tensors = d / "capture-corrupt" / "request-00000.safetensors"
