@@ -268,6 +268,8 @@ def check_fits(scenario: Scenario, config) -> None:
     otherwise run for minutes, or fail allocating its masks)."""
     limit = config.max_position_embeddings
     e = scenario.engine
+    if e.page_size > limit:  # the pool is sized in pages: a huge one fails allocating it, minutes in
+        raise ScenarioError(f"engine.page_size: {e.page_size} is past the model's max_position_embeddings {limit}")
     for i, r in enumerate(scenario.requests):
         prompt = _prompt_len(r)  # lengths before any prompt is drawn: a huge one is refused unbuilt
         total = prompt + r.new_tokens
