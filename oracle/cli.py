@@ -246,9 +246,11 @@ def _check_before_work(scenarios, faults=()) -> None:
 
 
 def _check_memory(sc, cfg) -> None:
-    """Refuse a request that cannot fit in this machine's memory at all, rather than fail minutes
-    in. A lower bound: the float64 truth forward holds one layer's dense [T, T] mask and its
-    [Hq, T, T] attention scores at once (reference/model.py), on the scenario's device."""
+    """Refuse a scenario that cannot fit in this machine's memory at all, rather than fail minutes
+    in. Lower bounds: the float64 truth forward holds one layer's dense [T, T] mask and its
+    [Hq, T, T] attention scores at once (reference/model.py), on the scenario's device; the
+    optimized path's pools hold engine.num_pages pages of K and V rows for every layer that
+    stores its own K/V."""
     import os
 
     import torch
@@ -263,6 +265,14 @@ def _check_memory(sc, cfg) -> None:
             return
     else:
         total = torch.get_device_module(device).get_device_properties(device).total_memory
+    e = sc.engine
+    if e.num_pages is not None:
+        row = sum(2 * s.num_kv_heads * s.head_dim for s in cfg.layers if not s.kv_shared)
+        need = e.num_pages * e.page_size * row * (4 if sc.model.dtype == "float32" else 2)  # an exact int, any size
+        if need > total:
+            raise ScenarioError(f"engine.num_pages: {e.num_pages} pages of {e.page_size} slots need at least "
+                                f"{need >> 30} GiB for the K/V pools; this machine's {device.type} memory is "
+                                f"{total >> 30} GiB")
     for i, r in enumerate(sc.requests):
         positions = (len(r.tokens) if r.tokens is not None else r.length) + r.new_tokens
         if r.prefix_from:

@@ -147,6 +147,7 @@ CLI_CASES = [
     ("scenario-pool-too-small", ["check", "--scenario", "{d}/small-pool.json", "--out", "{out}"],
      "engine.num_pages"),
     ("scenario-page-size-huge", ["check", "--scenario", "{d}/huge-page.json", "--out", "{out}"], "engine.page_size"),
+    ("scenario-num-pages-huge", ["check", "--scenario", "{d}/huge-pool.json", "--out", "{out}"], "engine.num_pages"),
     ("scenario-dtype", ["check", "--scenario", "{d}/bad-dtype.json", "--out", "{out}"], "model.dtype"),
     ("scenario-dtype-a-list", ["check", "--scenario", "{d}/dtype-a-list.json", "--out", "{out}"], "model.dtype"),
     ("scenario-prefix-request-a-list", ["check", "--scenario", "{d}/prefix-request-a-list.json", "--out", "{out}"],
@@ -219,6 +220,7 @@ def bad_dir(tmp_path_factory):
         "small-pool": {**_scenario(length=20), "engine": {"page_size": 4, "num_pages": 3}},
         "bad-dtype": {**_scenario(), "model": {"dtype": "fp8"}},
         "huge-page": {**_scenario(), "engine": {"page_size": 10**30}},  # was torch.zeros' overflow, in the run
+        "huge-pool": {**_scenario(), "engine": {"num_pages": 10**30}},  # was range()'s OverflowError, in the run
         "dtype-a-list": {**_scenario(), "model": {"dtype": ["float32"]}},  # was TypeError: unhashable
         "prefix-request-a-list": {"name": "bad", "requests": [{"length": 4}, {"length": 2, "prefix_from": {
             "request": ["r0"], "length": 2}}]},
