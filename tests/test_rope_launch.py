@@ -80,14 +80,14 @@ def test_qkv_norm_rope_store_is_the_same_in_any_tiling(monkeypatch, mode, dtype)
 
 
 def test_qkv_launches_compile_for_a_gpu():
-    """The E2B launches, prefill and decode, as qkv_launch makes them, compile for sm_90
-    (tests/sm90.py says why)."""
+    """The E2B launches, prefill and decode, and a 31B-like full layer (32 q heads, 4 K=V heads),
+    as qkv_launch makes them, compile for sm_90 (tests/sm90.py says why)."""
     check_compiles("""
         from optimized.kernels import rope
         t = {n: "*bf16" for n in ("q", "k", "v", "q_w", "k_w", "q_out", "k_pool", "v_pool")}
         t.update(positions="*i64", inv_freq="*fp32", slots="*i64", eps="fp32")
         for T in (1, 8192):
-            for hkv, d, v_is_k in ((1, 256, False), (1, 512, True), (0, 512, False)):
-                _, consts, options = rope.qkv_launch(T, 8, hkv, d, v_is_k)
+            for hq, hkv, d, v_is_k in ((8, 1, 256, False), (8, 1, 512, True), (8, 0, 512, False), (32, 4, 512, True)):
+                _, consts, options = rope.qkv_launch(T, hq, hkv, d, v_is_k)
                 compile_for_sm90(rope._qkv_norm_rope_store_kernel, t, consts, **options)
     """)

@@ -349,7 +349,7 @@ def _qkv_norm_rope_store_kernel(
         stride_kp0, stride_kp1, stride_vp0, stride_vp1,
         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
         TOKENS: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, Q_GROUPS: tl.constexpr,
-        V_IS_K: tl.constexpr, KV_TOKENS: tl.constexpr = 1, KV_GROUPS: tl.constexpr = 1, PDL: tl.constexpr = False):
+        V_IS_K: tl.constexpr, KV_TOKENS: tl.constexpr, KV_GROUPS: tl.constexpr, PDL: tl.constexpr = False):
     # One axis: first the q programs, token tile by token tile, each with Q_GROUPS groups of
     # Q_HEADS query heads of TOKENS tokens; then the K/V programs (none in the q-only launch,
     # HKV = 0), each with KV_GROUPS groups of KV_HEADS key/value heads of KV_TOKENS tokens, more
