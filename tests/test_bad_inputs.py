@@ -319,6 +319,44 @@ def test_cli_bad_input_in_a_real_process(bad_dir):
         assert len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr, proc.stderr
 
 
+def test_a_request_arriving_at_step_10_to_the_30_runs_without_counting_the_idle_steps(tmp_path, capsys, monkeypatch,
+                                                                                        device):
+    # Was a hang: the scripted scheduler counted every idle step one schedule() call at a time. It now
+    # jumps to the next arrival when nothing runs; a regression fails here at once, not after 10**30 calls.
+    import json
+
+    from optimized.engine.scheduler import Scheduler
+    from oracle.cli import main
+
+    calls = []
+    schedule = Scheduler.schedule
+
+    def counted(self):
+        plan = schedule(self)
+        calls.append((self.step_count - 1, sorted(s.seq.rid for s in plan)))  # (the step it ran, who ran)
+        assert len(calls) < 100, "idle steps counted one by one"
+        return plan
+
+    monkeypatch.setattr(Scheduler, "schedule", counted)
+    big = 10**30
+    path = tmp_path / "late.json"
+    path.write_text(json.dumps({"name": "late", "model": {"source": "tiny", "device": str(device)}, "requests": [
+        {"id": "r0", "length": 2, "seed": 1, "new_tokens": 1, "arrival": big},
+        # waits for its donor, which arrives later, then for it to finish: both skipped to, not counted
+        {"id": "r1", "length": 1, "seed": 2, "arrival": 3, "prefix_from": {"request": "r0", "length": 1}},
+        {"id": "r2", "length": 1, "seed": 3, "arrival": big + 9, "prefix_from": {"request": "r0", "length": 2,
+                                                                                 "finished": True}}]}))
+    code = main(["check", "--scenario", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err, err
+    # The steps counting one by one reaches (r0 prefills and samples, then feeds its last token; r1 starts
+    # with it), with at most one idle call between jumps.
+    assert [c for c in calls if c[1]] == [(big, [0, 1]), (big + 1, [0]), (big + 9, [2])], calls
+    assert len(calls) <= 6, calls
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["arrival"] for r in report["scenarios"][0]["scenario"]["requests"]] == [big, 3, big + 9]
+
+
 # -- the HTTP server: a 4xx naming the field, and it keeps answering ---------------------------
 
 # (id, path, raw body, status, words the error message must hold). Complements

@@ -91,7 +91,8 @@ class Script:
 
     splits: prefill chunk lengths summing to the prompt; boundaries are absolute, so after a
       reused prefix that ends mid-chunk the rest of that chunk comes first.
-    arrivals: the first step (counting every schedule() call, idle ones too) it may start at.
+    arrivals: the first step it may start at (steps count every schedule() call, idle ones too; a
+      run with nothing to do until the next arrival skips straight to it, as if counted).
     donors: the one request whose written prefix it may reuse; it waits until that one started.
       A donor that has finished lends through the prefix cache, up to the tokens it wrote.
     """
@@ -129,7 +130,8 @@ class Scheduler:
         self._finished_written: dict[int, list[int]] = {}  # scripted runs: what finished donors wrote
 
     def schedule(self) -> list[Scheduled]:
-        step, self.step_count = self.step_count, self.step_count + 1
+        step = self._next_step()
+        self.step_count = step + 1
         budget = self.token_budget if self.token_budget is not None else float("inf")
         out: list[Scheduled] = []
         self._cache_prompts()
@@ -152,6 +154,22 @@ class Scheduler:
             self.running.append(seq)
             budget -= self._add_chunk(out, seq, budget)
         return out
+
+    def _next_step(self) -> int:
+        """The step this schedule() call runs: the next one, or, when a scripted run is idle (nothing
+        running, no waiting request may start yet), the first later arrival. Every step skipped
+        would have scheduled nothing, as the waiting requests and their donors stay as they are
+        until one starts, so the schedule is the same as counting them one by one; a request
+        that arrives at step 10**9 then costs no 10**9 idle calls."""
+        step = self.step_count
+        if self.script is None or self.running or not self.waiting:
+            return step
+        if any(self._may_start(seq, step) for seq in self.waiting):
+            return step
+        later = [a for seq in self.waiting if (a := self.script.arrivals.get(seq.rid, 0)) > step]
+        # None later: every waiting request waits for a donor that waits too, which cannot be (a
+        # donor comes first and, with none of its own, starts at its arrival); count on as before.
+        return min(later) if later else step
 
     def _may_start(self, seq: Sequence, step: int) -> bool:
         """Scripted requests wait for their arrival step and for their donor to have started."""
