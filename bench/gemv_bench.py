@@ -40,18 +40,20 @@ from oracle.kernel_check import Timer, copy_bandwidth  # noqa: E402
 ROTATE_BYTES = 200 << 20
 MAX_COPIES = 256
 
-# Launch settings tried, per row count: (BLOCK_N, BLOCK_K, DOT, num_warps, num_stages); a row
-# count without its own list takes the nearest smaller one's. Small BLOCK_N without tl.dot for one
-# row (many programs for N = 1536), tl.dot at 32 rows, both at 8. The first H200 sweep
-# (docs/results/gemv_bench_h200.json) had BLOCK_K 1024 beat 512 everywhere at M = 1, hence 2048.
+# Launch settings tried, per row count: (BLOCK_N, BLOCK_K, DOT, num_warps, num_stages, SPLIT_K); a
+# row count without its own list takes the nearest smaller one's. Small BLOCK_N without tl.dot for
+# one row (many programs for N = 1536), tl.dot with split-K at 8 and 32 rows (96 tiles of 16 for
+# N = 1536 fill few SMs unsplit). The first H200 sweep (docs/results/gemv_bench_h200.json) had
+# BLOCK_K 1024 beat 512 everywhere at M = 1, hence 2048.
 GRID = {
-    1: [(2, 1024, False, 4, 3), (4, 1024, False, 4, 3), (2, 2048, False, 4, 3), (4, 2048, False, 4, 3),
-        (4, 2048, False, 8, 3), (8, 2048, False, 8, 3), (16, 256, True, 4, 3)],
-    8: [(2, 256, False, 4, 3), (4, 256, False, 4, 3), (16, 128, True, 4, 3), (16, 256, True, 4, 3),
-        (32, 256, True, 8, 3)],
-    32: [(16, 128, True, 4, 3), (16, 256, True, 4, 4), (32, 128, True, 4, 3), (32, 256, True, 8, 3)],
+    1: [(2, 2048, False, 4, 3, 1), (4, 2048, False, 4, 3, 1), (4, 512, False, 4, 3, 2), (4, 512, False, 4, 3, 4),
+        (8, 512, False, 4, 3, 4), (16, 256, True, 4, 3, 4)],
+    8: [(16, 256, True, 4, 3, 1), (16, 256, True, 4, 3, 2), (16, 256, True, 4, 3, 4), (16, 128, True, 4, 3, 8),
+        (32, 256, True, 4, 3, 4), (16, 512, True, 4, 3, 2), (16, 256, True, 8, 3, 4)],
+    32: [(16, 256, True, 4, 3, 1), (16, 256, True, 4, 3, 2), (16, 256, True, 4, 3, 4), (16, 128, True, 4, 3, 8),
+         (32, 256, True, 4, 3, 4), (32, 128, True, 4, 3, 4), (16, 256, True, 8, 3, 4), (64, 128, True, 4, 3, 4)],
 }
-QUICK_GRID = {1: [(4, 32, False, 4, 1), (16, 32, True, 4, 1)], 3: [(16, 32, True, 4, 1)]}
+QUICK_GRID = {1: [(4, 32, False, 4, 1, 1), (16, 32, True, 4, 1, 2)], 3: [(16, 32, True, 4, 1, 2)]}
 
 
 def shapes(model: str) -> list[tuple[str, str, int, int]]:
@@ -157,9 +159,9 @@ def main(argv=None) -> int:
             out_cols = n
             traffic = w_bytes + 2 * M * k + 2 * M * out_cols + (2 * M * n if op == "ple_gate" else 0)
             variants = [("baseline (unfused, cuBLAS)", None)]
-            variants += [(f"gemv BN={bn} BK={bk} {'dot' if d else 'sum'} w{nw} s{ns}",
-                          dict(BLOCK_N=bn, BLOCK_K=bk, DOT=d, num_warps=nw, num_stages=ns))
-                         for bn, bk, d, nw, ns in grid.get(M, grid[max(g for g in grid if g <= M)])]
+            variants += [(f"gemv BN={bn} BK={bk} {'dot' if d else 'sum'} w{nw} s{ns} split{sk}",
+                          dict(BLOCK_N=bn, BLOCK_K=bk, DOT=d, num_warps=nw, num_stages=ns, SPLIT_K=sk))
+                         for bn, bk, d, nw, ns, sk in grid.get(M, grid[max(g for g in grid if g <= M)])]
             variants.append(("gemv default " + str(gemv.launch_settings(M, n)), gemv.launch_settings(M, n)))
             want = None
             for label, setting in variants:

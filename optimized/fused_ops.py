@@ -1,8 +1,8 @@
 """The fused Triton kernels under the names and signatures of `ops.py`, so the paged model can
 run on either set. Ops without a kernel (the embedding lookup, the RoPE frequencies, a bare
 gelu_tanh) come from `ops.py`. The GEMV ops (rms_norm_linear, linear_gelu_mul, linear) run their
-kernel within gemv.GEMV_MAX_ROWS rows and GEMV_MAX_WEIGHT weight elements, the unfused kernels and
-F.linear past them."""
+kernel within gemv's row and weight limits (GEMV_MAX_ROWS, FUSED_MAX_ROWS, GEMV_MAX_WEIGHT), the
+unfused kernels and F.linear past them."""
 
 from __future__ import annotations
 

@@ -253,35 +253,40 @@ def build_cases(s: dict, dtype: torch.dtype, device: torch.device, gen: torch.Ge
 
 
 def _gemv_cases(s: dict, dtype, device, gen):
-    """The few-row GEMVs at min(T, gemv.GEMV_MAX_ROWS) rows, the kernel forced by its launch settings
-    (an op whose limit is 0 or below the rows would otherwise take the unfused path):
-    the input norm + q/k/v projection, gate_up + gated GELU (and the mlp_gate_up tap stored), the
-    PLE gate (up a strided slice of the per-layer inputs), and a plain projection (down)."""
+    """The few-row GEMVs at the rows the model gives them (min(T, the op's row limit)), the kernel
+    forced by its launch settings (an op whose limit is 0 or below the rows would otherwise take
+    the unfused path): the input norm + q/k/v projection and gate_up + gated GELU (the mlp_gate_up
+    tap stored) at FUSED_MAX_ROWS, the PLE gate (up a strided slice of the per-layer inputs) and a
+    plain projection (down) at GEMV_MAX_ROWS, split over K where compiled."""
     H, Hq, Hkv, D, inter = s["H"], s["Hq"], s["Hkv"], s["D"], s["I"]
-    m, P, b = min(s["T"], max(gemv.GEMV_MAX_ROWS, 1)), 256 if H >= 1024 else 8, torch.finfo(dtype).bits // 8
+    P, b = 256 if H >= 1024 else 8, torch.finfo(dtype).bits // 8
+    m1 = min(s["T"], max(min(gemv.FUSED_MAX_ROWS, gemv.GEMV_MAX_ROWS), 1))  # the fused norm / gate_up
+    m = min(s["T"], max(gemv.GEMV_MAX_ROWS, 1))
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device=gen.device) * scale).to(device=device, dtype=dtype)
 
     x, act = rnd(m, H), rnd(m, inter)
+    x1 = x[:m1]
     nw = (0.5 + torch.rand(H, generator=gen, device=gen.device)).to(device=device, dtype=dtype)
     w_qkv, w_gu = rnd((Hq + 2 * Hkv) * D, H, scale=H ** -0.5), rnd(2 * inter, H, scale=H ** -0.5)
     w_down, w_gate = rnd(H, inter, scale=inter ** -0.5), rnd(P, H, scale=H ** -0.5)
     ple = rnd(m, 3, P)[:, 1, :]  # one layer's slice of [T, L, P]: rows strided
     n_qkv = w_qkv.shape[0]
 
-    def ls(n):
-        return gemv.launch_settings(m, n)
+    def ls(n, rows=m):
+        return gemv.launch_settings(rows, n)
 
     return [
-        Case("rms_norm_linear", f"[{m}, {H}] x [{n_qkv}, {H}]", lambda: gemv.rms_norm_linear(x, nw, 1e-6, w_qkv, settings=ls(n_qkv)),
-             lambda: gemv.rms_norm_linear_eager(x, nw, 1e-6, w_qkv), lambda: ops.rms_norm_linear(x, nw, 1e-6, w_qkv),
-             bytes=(w_qkv.numel() + m * H + m * n_qkv) * b, sum_len=H),
-        Case("linear_gelu_mul", f"[{m}, {H}] x [{2 * inter}, {H}], gate_up stored",
-             lambda: gemv.linear_gelu_mul(x, w_gu, return_gate_up=True, settings=ls(inter)),
-             lambda: gemv.linear_gelu_mul_eager(x, w_gu, return_gate_up=True),
-             lambda: ops.linear_gelu_mul(x, w_gu, return_gate_up=True),
-             bytes=(w_gu.numel() + m * H + 3 * m * inter) * b, sum_len=H),
+        Case("rms_norm_linear", f"[{m1}, {H}] x [{n_qkv}, {H}]",
+             lambda: gemv.rms_norm_linear(x1, nw, 1e-6, w_qkv, settings=ls(n_qkv, m1)),
+             lambda: gemv.rms_norm_linear_eager(x1, nw, 1e-6, w_qkv), lambda: ops.rms_norm_linear(x1, nw, 1e-6, w_qkv),
+             bytes=(w_qkv.numel() + m1 * H + m1 * n_qkv) * b, sum_len=H),
+        Case("linear_gelu_mul", f"[{m1}, {H}] x [{2 * inter}, {H}], gate_up stored",
+             lambda: gemv.linear_gelu_mul(x1, w_gu, return_gate_up=True, settings=ls(inter, m1)),
+             lambda: gemv.linear_gelu_mul_eager(x1, w_gu, return_gate_up=True),
+             lambda: ops.linear_gelu_mul(x1, w_gu, return_gate_up=True),
+             bytes=(w_gu.numel() + m1 * H + 3 * m1 * inter) * b, sum_len=H),
         Case("linear_gelu_mul (ple gate)", f"[{m}, {H}] x [{P}, {H}], up strided",
              lambda: gemv.linear_gelu_mul(x, w_gate, ple, settings=ls(P)), lambda: gemv.linear_gelu_mul_eager(x, w_gate, ple),
              lambda: ops.linear_gelu_mul(x, w_gate, ple), bytes=(w_gate.numel() + m * H + 2 * m * P) * b, sum_len=H),

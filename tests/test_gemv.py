@@ -30,6 +30,8 @@ SCALE_ULPS = {torch.float32: 64.0, torch.bfloat16: 2.0}
 SETTINGS = {
     "dot": dict(BLOCK_N=16, BLOCK_K=32, DOT=True, num_warps=4, num_stages=1),
     "sum": dict(BLOCK_N=4, BLOCK_K=32, DOT=False, num_warps=4, num_stages=1),
+    "dot-split": dict(BLOCK_N=16, BLOCK_K=16, DOT=True, num_warps=4, num_stages=1, SPLIT_K=3),
+    "sum-split": dict(BLOCK_N=4, BLOCK_K=16, DOT=False, num_warps=4, num_stages=1, SPLIT_K=4),
     "module": None,
 }
 
@@ -153,8 +155,9 @@ def test_bfloat16_outputs_are_mostly_bit_identical():
 
 def test_calls_past_the_limits_take_the_unfused_path(monkeypatch):
     """Past GEMV_MAX_ROWS rows (prefill) or GEMV_MAX_WEIGHT weight elements it is the unfused
-    kernels + F.linear, exactly; GEMV_MAX_ROWS = 0 turns the kernel off; under the interpreter
-    it runs only when forced."""
+    kernels + F.linear, exactly; the input norm + qkv and the stacked gate_up take the kernel only
+    within FUSED_MAX_ROWS; GEMV_MAX_ROWS = 0 turns the kernel off; under the interpreter it runs
+    only when forced."""
     gen = torch.Generator().manual_seed(2)
     calls = []
     monkeypatch.setattr(gemv, "_launch", lambda *a, **k: calls.append(a[0]))
@@ -163,19 +166,28 @@ def test_calls_past_the_limits_take_the_unfused_path(monkeypatch):
     up = rows_of(gen, 5, 16, torch.float32)
     F = torch.nn.functional
     monkeypatch.setattr(gemv, "GEMV_MAX_ROWS", 4)  # 5 rows: past it
+    monkeypatch.setattr(gemv, "FUSED_MAX_ROWS", 2)
     assert torch.equal(gemv.rms_norm_linear(x, nw, EPS, w), F.linear(fused_ops.rms_norm(x, nw, EPS), w))
     gate_up = F.linear(x, w)
     assert torch.equal(gemv.linear_gelu_mul(x, w), fused_ops.gelu_tanh_mul(gate_up[:, :8], gate_up[:, 8:]))
     assert torch.equal(gemv.linear_gelu_mul(x, w, up), fused_ops.gelu_tanh_mul(gate_up, up))
     assert torch.equal(gemv.linear(x, w), F.linear(x, w))
     assert calls == []
+    gemv.rms_norm_linear(x[:3], nw, EPS, w)  # 3 rows: past FUSED_MAX_ROWS, within GEMV_MAX_ROWS
+    gemv.linear_gelu_mul(x[:3], w)
+    assert calls == []
+    gemv.linear_gelu_mul(x[:3], w, up[:3])
+    gemv.linear(x[:3], w)
+    assert calls == ["gated_up", "linear"]
+    calls.clear()
     monkeypatch.setattr(gemv, "GEMV_MAX_WEIGHT", w.numel() - 1)  # a weight past the limit
-    gemv.rms_norm_linear(x[:4], nw, EPS, w)
-    gemv.linear_gelu_mul(x[:4], w)
+    gemv.rms_norm_linear(x[:2], nw, EPS, w)
+    gemv.linear_gelu_mul(x[:2], w)
+    gemv.linear(x[:2], w)
     assert calls == []
     monkeypatch.setattr(gemv, "GEMV_MAX_WEIGHT", w.numel())
-    gemv.rms_norm_linear(x[:4], nw, EPS, w)
-    gemv.linear_gelu_mul(x[:4], w)
+    gemv.rms_norm_linear(x[:2], nw, EPS, w)
+    gemv.linear_gelu_mul(x[:2], w)
     gemv.linear_gelu_mul(x[:4], w, up[:4])
     gemv.linear(x[:4], w)
     assert calls == ["norm", "gated", "gated_up", "linear"]
@@ -201,6 +213,37 @@ def test_the_torch_ops_are_the_old_unfused_sequence():
     assert torch.equal(gu, gate_up) and torch.equal(act, ops.gelu_tanh_mul(gate_up[:, :8], gate_up[:, 8:]))
     assert torch.equal(ops.linear_gelu_mul(x, w, up), ops.gelu_tanh_mul(gate_up, up))
     assert torch.equal(ops.rms_norm_linear(x, nw, EPS, w), torch.nn.functional.linear(ops.rms_norm(x, nw, EPS), w))
+
+
+@pytest.mark.parametrize("setting", ["dot-split", "sum-split"])
+def test_split_k_is_deterministic_and_leaves_its_counters_at_zero(setting):
+    """Whichever program of a tile finishes last adds the partial sums in one order: repeated calls
+    (on a GPU, racing programs) give the same bits; every ticket counter is back at 0 after each
+    call, so the next call (or graph replay) starts clean. Sizes where compiled: many tiles and
+    splits racing."""
+    gen = torch.Generator().manual_seed(9)
+    m, n, k = (8, 1536, 2048) if DEVICE.type != "cpu" else (5, 40, 96)
+    s = dict(SETTINGS[setting], BLOCK_K=256) if DEVICE.type != "cpu" else SETTINGS[setting]
+    x, w = rows_of(gen, m, k, torch.bfloat16), weight(gen, 2 * n, k, torch.bfloat16)
+    first = gemv.linear_gelu_mul(x, w, settings=s, return_gate_up=True)
+    for _ in range(3 if DEVICE.type == "cpu" else 50):
+        again = gemv.linear_gelu_mul(x, w, settings=s, return_gate_up=True)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+        assert int(gemv._split_scratch[x.device][1].abs().sum()) == 0
+    want = gemv.linear_gelu_mul_eager(x, w, return_gate_up=True)
+    assert_close(first[1], want[1])
+
+
+def test_split_k_runs_unsplit_where_its_scratch_is_too_small(monkeypatch):
+    """A call whose partial sums would not fit the fixed scratch runs unsplit: same result, no
+    scratch touched."""
+    gen = torch.Generator().manual_seed(3)
+    x, w = rows_of(gen, 3, 64, torch.float32), weight(gen, 24, 64, torch.float32)
+    split = gemv.linear(x, w, settings=SETTINGS["dot-split"])
+    monkeypatch.setattr(gemv, "SPLIT_PARTIAL_FLOATS", 1)
+    monkeypatch.setattr(gemv, "_split_scratch", {})
+    assert_close(gemv.linear(x, w, settings=SETTINGS["dot-split"]), split)
+    assert gemv._split_scratch == {}
 
 
 def test_cuda_graph_style_zero_rows_and_empty_outputs():
@@ -237,27 +280,40 @@ def test_fused_ops_export_the_gemv_ops_under_the_torch_ops_names():
         assert getattr(fused_ops, name) is getattr(gemv, name) and callable(getattr(ops, name))
 
 
-def test_launch_settings_fill_the_machine_and_respect_the_dot_floor(monkeypatch):
+def test_launch_settings_fill_the_machine(monkeypatch):
+    """One row: the broadcast sum, BLOCK_N halved (down to 2) until MIN_PROGRAMS programs; more rows:
+    tl.dot at BLOCK_N >= 16, split over K."""
     monkeypatch.setattr(gemv, "INTERPRETING", False)
     for rows in (1, 4, 8, 16, 32):
         for n in (256, 1536, 2560, 12288):
             s = gemv.launch_settings(rows, n)
-            assert s["BLOCK_N"] >= (16 if s["DOT"] else 2)
-            floor = 16 if s["DOT"] else 2
-            assert s["BLOCK_N"] == floor or -(-n // s["BLOCK_N"]) >= gemv.MIN_PROGRAMS
+            if rows == 1:
+                assert not s["DOT"] and s["SPLIT_K"] == 1
+                assert s["BLOCK_N"] == 2 or -(-n // s["BLOCK_N"]) >= gemv.MIN_PROGRAMS
+            else:
+                assert s["DOT"] and s["BLOCK_N"] >= 16 and s["SPLIT_K"] > 1
 
 
 def test_the_gemv_kernels_compile_for_a_gpu():
-    """Every mode, both inner products, for sm_90 (tests/sm90.py says why)."""
+    """Every mode, both inner products, unsplit and split-K, for sm_90 (tests/sm90.py says why);
+    split-K's ticket is an acq_rel atomic after a barrier and the last program reads the partials
+    past L1."""
     check_compiles("""
         from optimized.kernels import gemv
         t = {n: "*bf16" for n in ("x", "w", "norm_w", "up", "out", "gate_up_out")}
-        t.update(k_float="fp32", eps="fp32")
+        t.update(k_float="fp32", eps="fp32", partials="*fp32", counters="*i32")
         for mode in range(4):  # linear, norm, gated (stacked), gated (external up)
-            for block_m, block_n, block_k, dot in ((1, 4, 2048, False), (8, 2, 256, False), (16, 16, 256, True),
-                                                   (32, 32, 128, True)):
-                compile_for_sm90(gemv._gemv_kernel, t, dict(
+            for block_m, block_n, block_k, dot, split in ((1, 4, 2048, False, 1), (8, 2, 256, False, 1),
+                                                          (16, 16, 256, True, 1), (32, 32, 128, True, 1),
+                                                          (1, 4, 256, False, 4), (32, 16, 256, True, 3)):
+                k = compile_for_sm90(gemv._gemv_kernel, t, dict(
                     MODE=mode, STORE_GATE_UP=mode == 2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                    EVEN_K=mode % 2 == 0, DOT=dot, DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None),
+                    EVEN_K=mode % 2 == 0, DOT=dot, DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None, SPLIT_K=split),
                     num_warps=4, num_stages=3, enable_fp_fusion=False)
+                ptx = k.asm["ptx"]
+                if split > 1:
+                    ticket = ptx.index("atom.global.gpu.acq_rel.add")
+                    assert "bar.sync" in ptx[:ticket] and "ld.global.cg" in ptx[ticket:], "split-K's ordering"
+                else:
+                    assert "atom." not in ptx
     """)

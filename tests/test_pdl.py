@@ -35,11 +35,12 @@ def test_every_kernel_compiles_with_pdl_for_sm90():
                              dict(H=1, N=1536, BLOCK=2048, ROWS=1, HAS_WEIGHT=True, **on), launch_pdl=True),
             compile_for_sm90(activation._gelu_tanh_mul_kernel, bf("gate", "up", "out"),
                              dict(ROWS=1, BLOCK=1024, **on), launch_pdl=True),
-            compile_for_sm90(gemv._gemv_kernel, dict(bf("x", "w", "norm_w", "up", "out", "gate_up_out"),
-                                                     k_float="fp32", eps="fp32"),
-                             dict(MODE=1, STORE_GATE_UP=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, EVEN_K=True,
-                                  DOT=False, DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None, **on),
-                             num_warps=4, launch_pdl=True),
+            *(compile_for_sm90(gemv._gemv_kernel, dict(bf("x", "w", "norm_w", "up", "out", "gate_up_out"),
+                                                       k_float="fp32", eps="fp32", partials="*fp32", counters="*i32"),
+                               dict(MODE=mode, STORE_GATE_UP=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                    EVEN_K=True, DOT=dot, DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None, SPLIT_K=split,
+                                    **on), num_warps=4, launch_pdl=True)
+              for mode, block_m, block_n, block_k, dot, split in ((1, 1, 4, 2048, False, 1), (0, 16, 32, 256, True, 4))),
             compile_for_sm90(attention._decode_merge_kernel, dict(part_ptr="*fp32", lse_ptr="*fp32", o_ptr="*bf16",
                                                                   seq_lens_ptr="*i32"),
                              dict(D=256, BLOCK_S=16, BLOCK_N=64, HAS_WINDOW=True, **on), launch_pdl=True),
@@ -57,13 +58,17 @@ def test_every_kernel_compiles_with_pdl_for_sm90():
             # Each waits before it reads, but the GEMV, which streams its first weight tile first.
             first_read_waits = ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
             assert first_read_waits == (k.name != "_gemv_kernel"), k.name
+            if "atom." in ptx:  # split-K's ticket, after the wait like every other access
+                assert ptx.index("griddepcontrol.wait") < ptx.index("atom."), k.name
     """)
 
 
 @pytest.mark.skipif(not ON_SM90, reason="PDL needs a CUDA GPU of compute capability 9 or more")
-def test_a_graphed_decode_step_is_bit_identical_with_and_without_pdl(monkeypatch):
-    """Ten steps of the fused decode chain (norm + q/k/v GEMV, attention, o_proj, gated MLP) of a
-    small random model, captured in a CUDA graph with PDL on and off: the same bits."""
+@pytest.mark.parametrize("rows", [1, 8])
+def test_a_graphed_decode_step_is_bit_identical_with_and_without_pdl(monkeypatch, rows):
+    """Ten steps of the fused decode chain (norm + q/k/v GEMV, o_proj, gated MLP) of a small random
+    model, captured in a CUDA graph with PDL on and off: the same bits. At 8 rows the projections
+    within the GEMV's limits run split over K (ticket counters and partial sums between programs)."""
     from optimized.kernels import gemv, norms
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -71,7 +76,7 @@ def test_a_graphed_decode_step_is_bit_identical_with_and_without_pdl(monkeypatch
     ws = [torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) * k ** -0.5
           for n, k in ((2 * inter, h), (h, inter), (2560, h))] * 4
     norm_w = 1 + 0.1 * torch.randn(h, generator=gen, device="cuda", dtype=torch.bfloat16)
-    x0 = torch.randn(1, h, generator=gen, device="cuda", dtype=torch.bfloat16)
+    x0 = torch.randn(rows, h, generator=gen, device="cuda", dtype=torch.bfloat16)
 
     def chain(x):
         for i in range(0, len(ws), 3):

@@ -20,8 +20,9 @@ Two inner products, a launch setting (DOT) chooses:
   BLOCK_M per weight element, fine for one or a few rows, compute-bound at tens of rows.
 - DOT=True: tl.dot with the rows padded to BLOCK_M >= 16 (tensor cores; the padding costs
   nothing that matters in a memory-bound loop), BLOCK_N >= 16. For the larger row counts.
-Split-K (more programs for N = 1536 at the dot path's BLOCK_N floor) is not done: a deterministic
-one needs a second pass or an in-kernel fix-up; see the notes in bench/gemv_bench.py.
+- SPLIT_K > 1: the K loop split over that many programs per output tile, so that a few rows on a
+  narrow output (N = 1536 is 48 tiles of 32) still fill the machine; deterministic, in one launch
+  (the kernel's docstring says how).
 
 Numerics (shared/DESIGN.md, the bf16 rule): every load is upcast to float32 (dot operands are
 the storage dtype only where compiled, `dot_args`), the norm is the norms kernel's float32 math
@@ -30,8 +31,8 @@ are rounded to the model dtype before the activation (as the unfused projection'
 and the activation rounds where `gelu_tanh_mul` rounds. Kernel and twin then differ by the
 order of the float32 sums: now and then one ULP of the storage dtype.
 
-Calls past the limits (GEMV_MAX_ROWS, GEMV_MAX_WEIGHT below: prefill chunks, big weights) take
-the unfused path (the norm / activation kernels and torch's F.linear), where cuBLAS is faster.
+Calls past the limits (GEMV_MAX_ROWS, FUSED_MAX_ROWS, GEMV_MAX_WEIGHT below: prefill chunks,
+batches for the fused norm and gate_up, big weights) take the unfused path (the norm / activation kernels and torch's F.linear), where cuBLAS is faster.
 """
 
 from __future__ import annotations
@@ -49,35 +50,45 @@ from .common import (check_eps, check_float, check_same, check_weight, dot_args,
 from .norms import rms_norm as _rms_norm_kernel
 from .pdl import pdl_launch, pdl_start
 
-# Which calls take the GEMV kernel (the others: the unfused path, cuBLAS): at most GEMV_MAX_ROWS
-# rows and a weight of at most GEMV_MAX_WEIGHT elements (the MLP's gate_up: both halves). Read at
-# each call (a captured decode graph keeps what it saw); GEMV_MAX_ROWS = 0 turns the kernel off.
-# From two H200 sweeps of bench/gemv_bench.py (docs/results/gemv_bench_h200*.json; bf16; baseline:
-# cuBLAS + the separate norm / gated-GELU kernel; us per call at M = 1, the kernel's best setting):
-# - the kernel wins on small weights, where a call is mostly launch, ramp and tail: E2B o_proj
-#   1536 x 2048 4.5 vs 7.7, qkv 2560 x 1536 (norm fused) 5.9 vs 7.0, down 1536 x 6144 8.6 vs 9.9,
-#   PLE gate 3.7 vs 6.6; 26B-A4B gate_up 2 x 2112 x 2816 (11.9M) 10.9 vs 13.2, o_proj 2816 x 4096
-#   (11.5M) 9.5 vs 11.1;
+# Which calls take the GEMV kernel (the others: the unfused path, cuBLAS): a weight of at most
+# GEMV_MAX_WEIGHT elements (the MLP's gate_up: both halves) and at most GEMV_MAX_ROWS rows for the
+# plain projection and the PLE gate, FUSED_MAX_ROWS for the input norm + qkv and the stacked
+# gate_up (their fused work grows with the rows: each program recomputes the rows' norm, or holds
+# two accumulators). Read at each call (a captured decode graph keeps what it saw);
+# GEMV_MAX_ROWS = 0 turns the kernel off.
+# From H200 sweeps of bench/gemv_bench.py (docs/results/gemv_bench_h200*.json; bf16; baseline:
+# cuBLAS + the separate norm / gated-GELU kernel; us per call, the kernel's default setting):
+# - one row: the kernel wins on small weights, where a call is mostly launch, ramp and tail: E2B
+#   o_proj 1536 x 2048 3.5 vs 8.0, qkv 2560 x 1536 (norm fused) 5.9 vs 7.0, down 1536 x 6144 8.0 vs
+#   10.0, PLE gate 1.7 vs 7.3; 26B-A4B gate_up 2 x 2112 x 2816 (11.9M) 10.9 vs 13.2, o_proj 2816 x
+#   4096 (11.5M) 9.5 vs 11.1;
 # - cuBLAS streams big weights better: 26B-A4B qkv 8192 x 2816 (23M) 19.7 vs 17.5, every 31B
-#   projection (29-116M) 0.81-0.96x; E2B's gate_up (18.9M, 37.7M) ties (13.6 vs 14.4, 23.4 vs 23.4).
+#   projection (29-116M) 0.81-0.96x; E2B's gate_up (18.9M, 37.7M) ties (24.8 vs 24.2 at 37.7M).
 #   One small loss inside the limit: 26B-A4B down 2816 x 2112 (5.9M) 7.9 vs 6.7.
-# - at M = 2 the kernel still wins on the smallest weights (o_proj 2048: 5.1 vs 7.4), at M = 4
-#   mostly and at M = 8 always loses (tl.dot path 1.2-2x slower): GEMV_MAX_ROWS = 1.
-GEMV_MAX_ROWS = 1
+# - 8 and 32 rows (split-K, gemv_bench_split_h200_s8.json), M = 8 / 32: o_proj 2048 5.2 vs 6.0 /
+#   6.3 vs 6.2, o_proj 4096 7.3 vs 8.7 / 8.6 vs 9.0, down 6144 9.3 vs 10.1 / 10.4 vs 10.4, PLE gate
+#   3.7 vs 7.3 / 4.4 vs 7.5 (the activation's launch saved), PLE proj 2.0 vs 3.2 / 2.1 vs 3.3;
+#   but the norm-fused qkv (each program re-reads the rows for their RMS) 14.9 vs 9.4 at M = 8
+#   and the stacked gate_up 17.9 vs 15.0 lose: FUSED_MAX_ROWS = 1.
+GEMV_MAX_ROWS = 32
+FUSED_MAX_ROWS = 1
 GEMV_MAX_WEIGHT = 12 << 20
 
 # Launch settings per shape class, read at each launch: the first entry whose `rows` covers M.
-# rows = 1 measured (H200 sweeps above): BLOCK_K = 2048 beat 1024 and 1024 beat 512 on most
-# shapes, 4 warps beat 8, BLOCK_N 2-4 beat 8-16 and tl.dot (e.g. down 1536 x 6144: 10.4 us at
-# BLOCK_N 2, 11.1 at 4, 12.6 at 8, 15.2 with tl.dot at 16, all at BLOCK_K 1024; 8.6 at 2 / 2048). BLOCK_N is halved, down to its floor (16 with DOT, else 2), while
-# the grid has fewer than MIN_PROGRAMS programs: 512 puts N = 1536 at BLOCK_N = 2, as measured best.
-# The rows > 1 entries are not measured as defaults: at M = 8 the broadcast sum was 3-8x slower
-# than cuBLAS (its [8, BLOCK_N, BLOCK_K] products spill), tl.dot at BLOCK_N 16 1.2-2x slower.
+# One row, the broadcast sum (H200 sweeps above): BLOCK_K = 2048 beat 1024 and 1024 beat 512 on
+# most shapes, 4 warps beat 8, BLOCK_N 2-4 beat 8-16 and tl.dot; BLOCK_N is halved, down to 2,
+# while the grid has fewer than MIN_PROGRAMS programs: 384 keeps N = 1536 at BLOCK_N 4 (down 6144
+# 8.0 us against 8.3 at 2, PLE proj 1.5 against 1.9; o_proj 4096 6.1 against 6.0) and puts the
+# 256-wide PLE gate at 2. Split-K did not help at one row (o_proj 2048 5.0 at 4 splits against
+# 3.5 unsplit). 2-32 rows, tl.dot: BLOCK_N 32 with 4 splits was best or within 3% of the best on
+# every shape that takes the kernel at 8 rows and all but o_proj 2048 at 32 (6.3 against 5.6 at
+# BLOCK_N 16 unsplit); unsplit BLOCK_N 16 (96 tiles for N = 1536) lost on the larger weights (down
+# 6144 at 32 rows 13.7 against 10.4).
 SETTINGS = [
-    dict(rows=1, BLOCK_N=4, BLOCK_K=2048, DOT=False, num_warps=4, num_stages=3),
-    dict(rows=32, BLOCK_N=16, BLOCK_K=256, DOT=True, num_warps=4, num_stages=3),
+    dict(rows=1, BLOCK_N=4, BLOCK_K=2048, DOT=False, num_warps=4, num_stages=3, SPLIT_K=1),
+    dict(rows=32, BLOCK_N=32, BLOCK_K=256, DOT=True, num_warps=4, num_stages=3, SPLIT_K=4),
 ]
-MIN_PROGRAMS = 512
+MIN_PROGRAMS = 384
 # Under Triton's interpreter (CPU; the kernel runs there only when forced, i.e. in its tests),
 # which pays for every program and every op: one program over a test model's whole width.
 # Measured here (tiny, one row): the input norm + qkv 68 ms a call at BLOCK_N 32 / BLOCK_K 64,
@@ -131,53 +142,11 @@ def _accumulate(acc, acc_up, x_rows, norm_w, rstd, wv, uv, kk, row_ok, K, MODE: 
 
 
 @triton.jit
-def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, M, N, K, k_float, stride_x, stride_w, stride_up, eps,
-                 MODE: tl.constexpr, STORE_GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False):
-    """MODE 0: out = x @ w.T; 1: out = rms_norm(x, norm_w) @ w.T; 2: w = [gate; up] (N gate rows,
-    then N up rows), out = gelu(x @ gate.T) * (x @ up.T), gate_up_out [M, 2N] the two products
-    (STORE_GATE_UP); 3: out = gelu(x @ w.T) * up[M, N]. K is a runtime argument (k_float the
-    same as a float32 number, for the norm's mean) so that one compiled kernel serves every K.
-
-    The first BLOCK_K columns of the program's weight rows are loaded before `pdl_start`: no
-    kernel writes weights, so with PDL (pdl.py) their stream starts while the previous kernel
-    still runs; everything else is read after the wait. One row's E2B projections (K = 1536 <=
-    BLOCK_K = 2048) then have their whole weight slab in flight before the wait returns. Measured
-    on an H200 it gained nothing visible (a batch-1 step 2.594 -> 2.587 ms, design note 40)."""
+def _epilogue(acc, acc_up, out, gate_up_out, up, rows, cols, row_ok, col_ok, N, stride_up, MODE: tl.constexpr,
+              STORE_GATE_UP: tl.constexpr):
+    """The output tile from the finished float32 sums: stored rounded (MODE 0, 1), or the gate (and
+    up) rounded to the model dtype, the activation and the product (MODE 2, 3)."""
     dtype = out.dtype.element_ty
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    ks = tl.arange(0, BLOCK_K)
-    x_rows = x + rows.to(tl.int64)[:, None] * stride_x
-    w_rows = w + cols.to(tl.int64)[:, None] * stride_w
-    up_rows = w + (cols + N).to(tl.int64)[:, None] * stride_w  # MODE 2: the matching up rows
-    wv, uv = _load_weights(w_rows, up_rows, ks, col_ok, K, MODE, EVEN_K)
-    pdl_start(PDL)
-
-    if MODE == 1:  # each program recomputes the rows' RMS over K (x is M x K, from L2)
-        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + ks) < K
-            xv = tl.load(x_rows + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            xv = xv.to(tl.float32)
-            sum_sq += tl.sum(xv * xv, axis=1)
-        # rms_rows' op order (common.py), the norms kernel's
-        rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sum_sq, k_float) + eps))
-    else:
-        rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)  # not read
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc, acc_up = _accumulate(acc, acc_up, x_rows, norm_w, rstd, wv, uv, ks, row_ok, K, MODE, EVEN_K, DOT,
-                              DOT_DTYPE, DOT_PRECISION)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        wv, uv = _load_weights(w_rows, up_rows, k0 + ks, col_ok, K, MODE, EVEN_K)
-        acc, acc_up = _accumulate(acc, acc_up, x_rows, norm_w, rstd, wv, uv, k0 + ks, row_ok, K, MODE, EVEN_K,
-                                  DOT, DOT_DTYPE, DOT_PRECISION)
-
     mask = row_ok[:, None] & col_ok[None, :]
     out_ptrs = out + rows.to(tl.int64)[:, None] * N + cols[None, :]
     if MODE <= 1:
@@ -197,6 +166,91 @@ def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, M, N, K, k_float, stride_x,
         store_rounded(out_ptrs, g * u, mask)
 
 
+@triton.jit
+def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, partials, counters, M, N, K, k_float, k_split, stride_x,
+                 stride_w, stride_up, eps, MODE: tl.constexpr, STORE_GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr = False):
+    """MODE 0: out = x @ w.T; 1: out = rms_norm(x, norm_w) @ w.T; 2: w = [gate; up] (N gate rows,
+    then N up rows), out = gelu(x @ gate.T) * (x @ up.T), gate_up_out [M, 2N] the two products
+    (STORE_GATE_UP); 3: out = gelu(x @ w.T) * up[M, N]. K is a runtime argument (k_float the
+    same as a float32 number, for the norm's mean) so that one compiled kernel serves every K.
+
+    Split-K (SPLIT_K > 1; grid axis 1): program (t, s) sums columns [s * k_split, (s + 1) * k_split)
+    of output tile t, stores its float32 sums in `partials` and takes a ticket from counters[t];
+    the program that draws the last ticket adds the SPLIT_K partial sums in the order s = 0, 1, ...
+    (so the result is the same whichever program finishes last), runs the epilogue and sets the
+    counter back to 0 for the next call. One launch, deterministic: what lets few-row calls on
+    narrow outputs (N = 1536 at BLOCK_N 16: 96 tiles) fill the machine.
+
+    The first BLOCK_K columns of the program's weight rows are loaded before `pdl_start`: no
+    kernel writes weights, so with PDL (pdl.py) their stream starts while the previous kernel
+    still runs; everything else is read after the wait. One row's E2B projections (K = 1536 <=
+    BLOCK_K = 2048) then have their whole weight slab in flight before the wait returns. Measured
+    on an H200 it gained nothing visible (a batch-1 step 2.594 -> 2.587 ms, design note 40)."""
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    tile = tl.program_id(0)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    k_lo = tl.program_id(1) * k_split  # the launcher makes every split non-empty
+    k_hi = tl.minimum(k_lo + k_split, K)
+    x_rows = x + rows.to(tl.int64)[:, None] * stride_x
+    w_rows = w + cols.to(tl.int64)[:, None] * stride_w
+    up_rows = w + (cols + N).to(tl.int64)[:, None] * stride_w  # MODE 2: the matching up rows
+    wv, uv = _load_weights(w_rows, up_rows, k_lo + ks, col_ok, K, MODE, EVEN_K)
+    pdl_start(PDL)
+
+    if MODE == 1:  # each program recomputes the rows' RMS over K (x is M x K, from L2)
+        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + ks) < K
+            xv = tl.load(x_rows + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            xv = xv.to(tl.float32)
+            sum_sq += tl.sum(xv * xv, axis=1)
+        # rms_rows' op order (common.py), the norms kernel's
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sum_sq, k_float) + eps))
+    else:
+        rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)  # not read
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc, acc_up = _accumulate(acc, acc_up, x_rows, norm_w, rstd, wv, uv, k_lo + ks, row_ok, K, MODE, EVEN_K, DOT,
+                              DOT_DTYPE, DOT_PRECISION)
+    for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+        wv, uv = _load_weights(w_rows, up_rows, k0 + ks, col_ok, K, MODE, EVEN_K)
+        acc, acc_up = _accumulate(acc, acc_up, x_rows, norm_w, rstd, wv, uv, k0 + ks, row_ok, K, MODE, EVEN_K,
+                                  DOT, DOT_DTYPE, DOT_PRECISION)
+
+    if SPLIT_K == 1:
+        _epilogue(acc, acc_up, out, gate_up_out, up, rows, cols, row_ok, col_ok, N, stride_up, MODE, STORE_GATE_UP)
+    else:
+        # partials[s, t, 0 or 1 (up), BLOCK_M, BLOCK_N], float32; every row stored (padding rows
+        # are zeros), so no mask
+        tile_offs = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tile_size = 2 * BLOCK_M * BLOCK_N
+        mine = partials + (tl.program_id(1) * tl.num_programs(0) + tile).to(tl.int64) * tile_size
+        tl.store(mine + tile_offs, acc)
+        if MODE == 2:
+            tl.store(mine + BLOCK_M * BLOCK_N + tile_offs, acc_up)
+        # Every thread's stores before the ticket, the ticket's release making them visible at
+        # device scope; the last program's acquire orders its reads after all the others' stores.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counters + tile, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                theirs = partials + (s * tl.num_programs(0) + tile).to(tl.int64) * tile_size
+                acc += tl.load(theirs + tile_offs, cache_modifier=".cg")
+                if MODE == 2:
+                    acc_up += tl.load(theirs + BLOCK_M * BLOCK_N + tile_offs, cache_modifier=".cg")
+            tl.atomic_xchg(counters + tile, 0)  # ready for the next call (graph replays included)
+            _epilogue(acc, acc_up, out, gate_up_out, up, rows, cols, row_ok, col_ok, N, stride_up, MODE,
+                      STORE_GATE_UP)
+
+
 # -- launch ------------------------------------------------------------------------------------
 
 def launch_settings(rows: int, n: int) -> dict:
@@ -205,10 +259,33 @@ def launch_settings(rows: int, n: int) -> dict:
         return dict(INTERPRETER_SETTINGS)
     s = dict(next((e for e in SETTINGS if rows <= e["rows"]), SETTINGS[-1]))
     s.pop("rows")
-    floor = 16 if s["DOT"] else 2
-    while s["BLOCK_N"] > floor and triton.cdiv(n, s["BLOCK_N"]) < MIN_PROGRAMS:
+    while not s["DOT"] and s["BLOCK_N"] > 2 and triton.cdiv(n, s["BLOCK_N"]) < MIN_PROGRAMS:
         s["BLOCK_N"] //= 2
     return s
+
+
+# Split-K scratch, one per device (calls on one device run one after another on its stream; with
+# PDL a kernel touches it only after the previous grid has finished): float32 partial sums and a
+# ticket counter per output tile, which the last program of a tile sets back to 0. Allocated once
+# at a fixed size, never grown, so a captured graph's pointers stay valid; a call that needs more
+# (or, first met inside a graph capture, where a zeroed allocation cannot run) runs unsplit.
+SPLIT_PARTIAL_FLOATS = 2 << 20
+SPLIT_TILES = 4096
+_split_scratch: dict = {}
+
+
+def _scratch(device: torch.device, floats: int, tiles: int):
+    """(partials, counters) for a split-K launch, or None where it does not fit or cannot be made."""
+    if floats > SPLIT_PARTIAL_FLOATS or tiles > SPLIT_TILES:
+        return None
+    got = _split_scratch.get(device)
+    if got is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        got = (torch.empty(SPLIT_PARTIAL_FLOATS, dtype=torch.float32, device=device),
+               torch.zeros(SPLIT_TILES, dtype=torch.int32, device=device))
+        _split_scratch[device] = got
+    return got
 
 
 def _launch(mode: str, x, w, out, *, norm_w=None, eps=0.0, up=None, gate_up=None, settings=None) -> None:
@@ -216,17 +293,28 @@ def _launch(mode: str, x, w, out, *, norm_w=None, eps=0.0, up=None, gate_up=None
     N = out.shape[1]
     s = dict(launch_settings(M, N) if settings is None else settings)
     block_n, block_k, use_dot = s.pop("BLOCK_N"), s.pop("BLOCK_K"), s.pop("DOT")
+    split_k = s.pop("SPLIT_K", 1)
     block_k = min(block_k, triton.next_power_of_2(K))
     block_m = max(triton.next_power_of_2(M), 16 if use_dot else 1)
     if use_dot:
         block_n = max(block_n, 16)
         block_k = max(block_k, 16)
-    _gemv_kernel[(triton.cdiv(N, block_n),)](
+    tiles = triton.cdiv(N, block_n)
+    # K in split_k runs of whole BLOCK_K steps, none empty (fewer splits where K is short)
+    k_split = triton.cdiv(triton.cdiv(K, block_k), max(split_k, 1)) * block_k
+    split_k = triton.cdiv(K, k_split)
+    scratch = None
+    if split_k > 1:
+        scratch = _scratch(x.device, split_k * tiles * 2 * block_m * block_n, tiles)
+        if scratch is None:
+            split_k, k_split = 1, K
+    partials, counters = scratch if scratch is not None else (out, out)
+    _gemv_kernel[(tiles, split_k)](
         x, w, w if norm_w is None else norm_w, out if up is None else up, out, out if gate_up is None else gate_up,
-        M, N, K, float(K), x.stride(0), w.stride(0), 0 if up is None else up.stride(0), float(eps),
-        MODE=_MODES[mode], STORE_GATE_UP=gate_up is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=K % block_k == 0, DOT=use_dot, **dot_args(x.dtype), enable_fp_fusion=False, **s,
-        **pdl_launch())
+        partials, counters, M, N, K, float(K), k_split, x.stride(0), w.stride(0), 0 if up is None else up.stride(0),
+        float(eps), MODE=_MODES[mode], STORE_GATE_UP=gate_up is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, EVEN_K=K % block_k == 0, DOT=use_dot, **dot_args(x.dtype), SPLIT_K=split_k,
+        enable_fp_fusion=False, **s, **pdl_launch())
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -240,13 +328,14 @@ def _check(x, w) -> None:
         raise ValueError(f"w must be [N, {x.shape[1]}] (x is {list(x.shape)}), got {list(w.shape)}")
 
 
-def _use_kernel(x, w, settings) -> bool:
-    """Whether to run the GEMV kernel: M and the weight within the limits above, or launch
+def _use_kernel(x, w, settings, max_rows: int) -> bool:
+    """Whether to run the GEMV kernel: M within min(max_rows, GEMV_MAX_ROWS) and the weight within
+    GEMV_MAX_WEIGHT, or launch
     settings given (tests, benches: they force the kernel). Never unforced under Triton's
     interpreter: there it is slower than the unfused path by the interpreter's cost per op (the
     fused input norm + qkv 8 ms a call against 4 at tiny, a decode-heavy test 20.9 s against
     16.9), and the unfused path is what it replaces; the kernel's own tests force it."""
-    fits = x.shape[0] <= GEMV_MAX_ROWS and w.numel() <= GEMV_MAX_WEIGHT and not INTERPRETING
+    fits = x.shape[0] <= min(max_rows, GEMV_MAX_ROWS) and w.numel() <= GEMV_MAX_WEIGHT and not INTERPRETING
     return 0 < x.shape[0] and (settings is not None or fits)
 
 
@@ -255,12 +344,13 @@ def _use_kernel(x, w, settings) -> bool:
 def rms_norm_linear(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, *,
                     settings: dict | None = None) -> torch.Tensor:
     """F.linear(rms_norm(x, norm_w, eps), w) for x [M, K], norm_w [K], w [N, K]: the input norm
-    computed in the GEMV's prologue (within GEMV_MAX_ROWS and GEMV_MAX_WEIGHT, or always with `settings`). Returns a new contiguous [M, N]."""
+    computed in the GEMV's prologue (within FUSED_MAX_ROWS and GEMV_MAX_WEIGHT, or always with
+    `settings`). Returns a new contiguous [M, N]."""
     _check(x, w)
     check_eps(eps)
     check_weight("norm_w", norm_w, x.shape[1], x.device)
     check_same("x", x, norm_w=norm_w)
-    if not _use_kernel(x, w, settings):
+    if not _use_kernel(x, w, settings, FUSED_MAX_ROWS):
         return F.linear(_rms_norm_kernel(x, norm_w, eps), w)
     out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
     _launch("norm", x, w, out, norm_w=norm_w, eps=eps, settings=settings)
@@ -297,7 +387,7 @@ def linear_gelu_mul(x: torch.Tensor, w: torch.Tensor, up: torch.Tensor | None = 
         inter = w.shape[0]
         if tuple(up.shape) != (M, inter):
             raise ValueError(f"up must be [{M}, {inter}] (rows of x, rows of w), got {list(up.shape)}")
-    if not _use_kernel(x, w, settings):
+    if not _use_kernel(x, w, settings, FUSED_MAX_ROWS if up is None else GEMV_MAX_ROWS):
         if up is None:
             gate_up = F.linear(x, w)
             act = _gelu_tanh_mul_kernel(gate_up[:, :inter], gate_up[:, inter:])
@@ -325,7 +415,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, settings: dict | None = None) ->
     """x @ w.T for x [M, K], w [N, K] (within GEMV_MAX_ROWS and GEMV_MAX_WEIGHT; torch's F.linear
     otherwise)."""
     _check(x, w)
-    if not _use_kernel(x, w, settings):
+    if not _use_kernel(x, w, settings, GEMV_MAX_ROWS):
         return F.linear(x, w)
     out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
     _launch("linear", x, w, out, settings=settings)
