@@ -61,6 +61,29 @@ def test_greedy_is_argmax_with_ties_to_the_lowest_id():
     assert sample_batch(logits, with_lp, [0, 0], [0, 0], [[], []]).tokens == [1, 0]
 
 
+def test_a_temperature_or_top_p_too_small_for_float32_is_the_greedy_limit():
+    # x / 1e-320 (0 in float32) was all infinities and NaN, and argmax took id 0; such rows now get the
+    # limit t -> 0 (the most likely ids), and rows beside them draw as before.
+    logits = torch.tensor([[-20.0, -3.0, -1.0, -7.0], [-20.0, -3.0, -1.0, -7.0], [0.0, 5.0, 5.0, 1.0]])
+    for t in (1e-320, 5e-324, 1e-40, 1e-30):
+        params = [SamplingParams(temperature=t), SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=t)]
+        for step in range(20):
+            tokens = sample_batch(logits, params, [1, 2, 3], [step] * 3, [[]] * 3).tokens
+            assert tokens[:2] == [2, 2] and tokens[2] in (1, 2)
+    # top_p 1e-320 is 0 in float32 and cut even the most likely id: the gather at index -1 raised.
+    for p in (1e-320, 5e-324):
+        params = [SamplingParams(temperature=1.0, top_p=p), SamplingParams(temperature=1e-320, top_p=p)]
+        assert sample_batch(logits[:2], params, [1, 2], [0, 0], [[], []]).tokens == [2, 2]
+
+
+def test_numbers_past_float64_are_refused_and_big_ones_become_floats():
+    # An integer temperature of 10**30 reached torch.tensor as an int and overflowed in an engine step.
+    assert SamplingParams(temperature=10**30).temperature == 1e30 and type(SamplingParams(top_p=1).top_p) is float
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**{name: 10**400})
+
+
 def test_penalties_and_logit_bias():
     logits = torch.tensor([[0.0, 1.0, 0.5, -5.0]])
 

@@ -196,6 +196,21 @@ def test_generate_returns_logprobs_when_asked(server):
     assert all(len(e["top_logprobs"]) == 2 for e in reply["output_logprobs"])
 
 
+def test_extreme_temperatures_and_top_p_are_answered_and_keep_the_engine_up(server, p1_alone):
+    # Temperature 10**30, a JSON integer, overflowed the sampler's float tensor inside an engine step:
+    # the engine thread died and every later request got 503. 1e-320 (0 in float32) drew token id 0, and
+    # top_p 1e-320 cut every id, killing the engine on a gather at index -1.
+    greedy = p1_alone["output_ids"][:1]
+    for extreme in ({"temperature": 10**30}, {"temperature": 1e-320}, {"temperature": 1.0, "top_p": 1e-320}):
+        status, reply = call(server, "/v1/completions", {"prompt": P1, "max_tokens": 1, "seed": 5, **extreme})
+        assert status == 200 and len(reply["choices"][0]["token_ids"]) == 1, (extreme, reply)
+        if extreme != {"temperature": 10**30}:  # the limit of a vanishing temperature or nucleus: greedy
+            assert reply["choices"][0]["token_ids"] == greedy, (extreme, reply)
+    status, reply = call(server, "/generate", {"input_ids": P1, "sampling": {"temperature": 10**400}})
+    assert status == 400 and "temperature" in error_of(reply)  # past float64: refused, not inf
+    assert call(server, "/health") == (200, {"status": "ok"})
+
+
 def test_client_disconnect_aborts_its_request(server):
     idle = engine_stats(server)
     assert idle["waiting"] == idle["running"] == idle["requests_in_cache"] == 0

@@ -27,6 +27,9 @@ import torch
 from ..batch import host_to_device, pinnable
 
 MAX_LOGPROBS = 20  # top-n logprobs a request may ask for (OpenAI's chat limit)
+# Below it x / temperature may overflow float32 for real logits (|x| up to 1e30 even here): _draw
+# checks those rows (only when some row's temperature is this small, so others pay nothing).
+TINY_TEMPERATURE = 1e-8
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,17 @@ class SamplingParams:
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             bad("max_new_tokens", "an integer >= 1")
+        # JSON integers arrive as Python ints of any size, and the sampler's tensors take float64 at
+        # most (temperature 10**30 overflowed torch.tensor in a step, killing a server's engine).
+        numbers = {"temperature": "a finite number >= 0", "top_p": "a number in (0, 1]",
+                   "presence_penalty": "a number in [-2, 2]", "frequency_penalty": "a number in [-2, 2]",
+                   "min_p": "a number in [0, 1]"}
+        for name, want in numbers.items():
+            if is_num(getattr(self, name)):
+                try:
+                    object.__setattr__(self, name, float(getattr(self, name)))
+                except OverflowError:
+                    bad(name, want)
         if not is_num(self.temperature) or not 0 <= self.temperature < float("inf"):
             bad("temperature", "a finite number >= 0")
         if not is_int(self.top_k) or self.top_k < 0:
@@ -120,7 +134,7 @@ def _logit_bias(value) -> tuple[tuple[int, float], ...]:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise ValueError(f"logit_bias must be an object mapping token ids to biases, got {value!r}")
         key, bias = pair
-        if isinstance(key, str) and key.isdigit():
+        if isinstance(key, str) and key.isascii() and key.isdigit():  # not "²" (int() refuses) nor "١" (takes)
             key = int(key)
         if isinstance(key, bool) or not isinstance(key, int) or key < 0:
             raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {pair[0]!r}")
@@ -274,7 +288,14 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps
     """Sampled rows [S, V]: temperature, top_k, top_p and min_p cuts, then argmax(x + Gumbel noise),
     which draws from softmax of what is left."""
     dev, V = x.device, x.shape[1]
-    x = x / _on(dev, [p.temperature for p in params])[:, None]
+    temperatures = [p.temperature for p in params]
+    scaled = x / _on(dev, temperatures)[:, None]
+    if min(temperatures) < TINY_TEMPERATURE:
+        # A temperature this small (1e-320 is 0 in float32) overflows x / t to infinities and NaN, and
+        # argmax then took id 0. Such a row gets the limit t -> 0 instead: its most likely ids, tied.
+        limit = torch.where(x == x.max(dim=-1, keepdim=True).values, 0.0, float("-inf"))
+        scaled = torch.where(torch.isfinite(scaled).all(dim=-1, keepdim=True), scaled, limit)
+    x = scaled
     ks = [p.top_k if 0 < p.top_k < V else V for p in params]
     ps = [p.top_p for p in params]
     if any(k < V for k in ks) or any(p < 1 for p in ps):
@@ -285,7 +306,9 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps
         before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely ids
         top_p = _on(dev, ps)
         cut = (before >= top_p[:, None]) & (top_p < 1)[:, None]
-        keep = (~cut & (sv > float("-inf"))).sum(dim=-1)  # >= 1: the most likely id always stays
+        # The most likely id always stays: a top_p below float32's range (1e-320) is 0 there and cut
+        # it too, and keep - 1 = -1 then failed the gather in an engine step.
+        keep = (~cut & (sv > float("-inf"))).sum(dim=-1).clamp_min(1)
         floor = sv.gather(1, (keep - 1)[:, None])
         x = x.masked_fill(x < floor, float("-inf"))
     if any(p.min_p > 0 for p in params):
