@@ -243,6 +243,12 @@ BAD_REQUESTS = [
     ("POST", "/generate", b"\xff\xfe", 400, "UTF-8"),
     ("POST", "/generate", b"[" * 100_000, 400, "not valid JSON"),  # too deep to parse: refused, not a crash
     ("POST", "/generate", b"", 400, "not valid JSON"),
+    # An unpaired surrogate escape is valid JSON but not text: the tokenizer raised TypeError, and an error
+    # quoting it (an unknown field's name) could not be encoded as UTF-8. Both were 500s.
+    ("POST", "/v1/completions", b'{"prompt": "hi \\ud800"}', 400, "prompt: holds an unpaired UTF-16 surrogate"),
+    ("POST", "/generate", b'{"input_ids": [1], "\\udc00": 1}', 400, "body (a field name): holds an unpaired"),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": '
+     b'"\\ud83d"}]}]}', 400, "messages[0].content[0].text: holds an unpaired"),
     ("POST", "/generate", {"input_ids": [1], "colour": 1}, 400, "colour: unknown field"),
     ("POST", "/generate", {"input_ids": [1], "text": "a"}, 400, "exactly one of input_ids"),
     ("POST", "/generate", {}, 400, "exactly one of input_ids"),

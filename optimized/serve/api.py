@@ -19,6 +19,7 @@ the stop string or the stop token that ended it, while the token ids (`output_id
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -107,6 +108,31 @@ def _bool(body: dict, key: str, default: bool = False) -> bool:
     if not isinstance(v, bool):
         raise bad(f"{key}: must be true or false, got {v!r}", key)
     return v
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unpaired_surrogate(body) -> str | None:
+    """Where a parsed JSON body holds an unpaired UTF-16 surrogate ("\\ud800" alone: valid JSON, not
+    Unicode text), as a field path ("messages[0].content"), or None. The tokenizer refuses such a
+    string, and an answer or error that quoted it could not be encoded as UTF-8 (both were 500s).
+    Iterative: a body json accepted may nest deeper than this stack has room for."""
+    stack = [("", body)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return where or "body"
+        elif isinstance(v, dict):
+            for k, x in reversed(v.items()):
+                if _SURROGATE.search(k):
+                    return f"{where or 'body'} (a field name)"
+                stack.append((f"{where}.{k}" if where else k, x))
+        elif isinstance(v, list):
+            stack.extend((f"{where or 'body'}[{i}]", v[i]) for i in reversed(range(len(v)))
+                         if isinstance(v[i], (str, list, dict)))
+    return None
 
 
 def _token_ids(v, key: str, ctx: Context) -> list[int]:

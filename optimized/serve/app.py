@@ -119,6 +119,9 @@ def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, crea
             raise ApiError(400, f"body: not valid JSON ({e})") from None
         if not isinstance(body, dict):
             raise ApiError(400, f"body: must be a JSON object, got {type(body).__name__}")
+        if b"\\u" in data and (where := api.unpaired_surrogate(body)) is not None:  # only an escape makes one
+            raise ApiError(400, f"{where}: holds an unpaired UTF-16 surrogate (an escape in \\ud800-\\udfff "
+                                f"without its pair), which is not Unicode text", where.split(" ")[0])
         return body
 
     def timed_out(started: float) -> ApiError | None:
