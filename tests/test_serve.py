@@ -640,6 +640,19 @@ def test_chat_completion_and_stream(text_server, text_dir):
     assert status == 400 and "tool turns are not supported" in error_of(reply)
 
 
+@needs_tokenizers
+def test_text_errors_name_the_field_the_client_sent(text_server):
+    # Text that encodes to no tokens got the engine's "the prompt must be a non-empty list of token
+    # ids", naming no field; max_completion_tokens errors said max_tokens, which the client never sent.
+    status, reply = call(text_server, "/generate", {"text": " ", "add_special_tokens": False})
+    assert status == 400 and error_of(reply) == "text: encodes to no tokens" and reply["error"]["param"] == "text"
+    for bad_value in (-1, "x", 10**30):
+        status, reply = call(text_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}],
+                                                                   "max_completion_tokens": bad_value})
+        assert status == 400 and error_of(reply).startswith("max_completion_tokens: "), reply
+        assert reply["error"]["param"] == "max_completion_tokens"
+
+
 @pytest.mark.parametrize("stops,pieces,want", [
     (["\n\n"], ["a\n", "\nb"], ["a", ""]),  # split over two pieces: the first "\n" is held back
     (["\n\n"], ["a\n", "b"], ["a", "\nb", ""]),  # ...and released when the next piece rules the stop out

@@ -184,6 +184,8 @@ def parse_generate(body: dict, ctx: Context) -> Job:
         prompt = _token_ids(body["input_ids"], "input_ids", ctx)
     else:
         prompt = _encode(ctx, body["text"], "text", add_special_tokens)
+        if not prompt:  # was the engine's rejection, which names no field
+            raise bad("text: encodes to no tokens", "text")
     sampling = body.get("sampling", {})
     try:
         params = SamplingParams.from_dict(sampling)
@@ -430,17 +432,23 @@ def parse_chat(body: dict, ctx: Context) -> Job:
         raise bad(str(e), "messages") from None
     # The template writes its own <bos>; encoding must not add a second (as apply_chat_template).
     prompt = tokenizer.encode(text, add_special_tokens=False)
+    given_as = None
     if body.get("max_completion_tokens") is not None:  # OpenAI's newer name for max_tokens
         if body.get("max_tokens") is not None:
             raise bad("max_completion_tokens: give it or max_tokens, not both", "max_completion_tokens")
-        body = {**body, "max_tokens": body["max_completion_tokens"]}
+        body, given_as = {**body, "max_tokens": body["max_completion_tokens"]}, "max_completion_tokens"
     want = _bool(body, "logprobs")
     top = _int_in(body, "top_logprobs", 0, MAX_LOGPROBS)
     if top is not None and not want:
         raise bad("top_logprobs: needs logprobs: true", "top_logprobs")
     # No limit given: as much as the context has room for (OpenAI's chat default).
-    return _openai_common(body, ctx, "chat", [prompt], max(1, ctx.max_context - len(prompt)), "messages",
-                          (top or 0) if want else None)
+    try:
+        return _openai_common(body, ctx, "chat", [prompt], max(1, ctx.max_context - len(prompt)), "messages",
+                              (top or 0) if want else None)
+    except ApiError as e:  # an error about max_tokens names the field the client sent (it said max_tokens)
+        if e.param == "max_tokens" and given_as is not None and e.message.startswith("max_tokens"):
+            e.message, e.param = given_as + e.message[len("max_tokens"):], given_as
+        raise
 
 
 # -- tokenizer endpoints ---------------------------------------------------------------------
