@@ -156,14 +156,15 @@ def test_bfloat16_outputs_are_mostly_bit_identical():
 def test_calls_past_the_limits_take_the_unfused_path(monkeypatch):
     """Past GEMV_MAX_ROWS rows (prefill) or GEMV_MAX_WEIGHT weight elements it is the unfused
     kernels + F.linear, exactly; the input norm + qkv and the stacked gate_up take the kernel only
-    within FUSED_MAX_ROWS; GEMV_MAX_ROWS = 0 turns the kernel off; under the interpreter it runs
-    only when forced."""
+    within FUSED_MAX_ROWS, and float32 models within FLOAT32_MAX_ROWS; GEMV_MAX_ROWS = 0 turns the
+    kernel off; under the interpreter it runs only when forced."""
     gen = torch.Generator().manual_seed(2)
     calls = []
     monkeypatch.setattr(gemv, "_launch", lambda *a, **k: calls.append(a[0]))
     monkeypatch.setattr(gemv, "INTERPRETING", False)  # the rule where kernels compile
-    x, w, nw = rows_of(gen, 5, 24, torch.float32), weight(gen, 16, 24, torch.float32), norm_weight(gen, 24, torch.float32)
-    up = rows_of(gen, 5, 16, torch.float32)
+    bf = torch.bfloat16
+    x, w, nw = rows_of(gen, 5, 24, bf), weight(gen, 16, 24, bf), norm_weight(gen, 24, bf)
+    up = rows_of(gen, 5, 16, bf)
     F = torch.nn.functional
     monkeypatch.setattr(gemv, "GEMV_MAX_ROWS", 4)  # 5 rows: past it
     monkeypatch.setattr(gemv, "FUSED_MAX_ROWS", 2)
@@ -176,9 +177,13 @@ def test_calls_past_the_limits_take_the_unfused_path(monkeypatch):
     gemv.rms_norm_linear(x[:3], nw, EPS, w)  # 3 rows: past FUSED_MAX_ROWS, within GEMV_MAX_ROWS
     gemv.linear_gelu_mul(x[:3], w)
     assert calls == []
+    gemv.linear_gelu_mul(x[:3].float(), w.float(), up[:3].float())  # float32: one row only
+    gemv.linear(x[:3].float(), w.float())
+    assert calls == []
+    gemv.linear(x[:1].float(), w.float())
     gemv.linear_gelu_mul(x[:3], w, up[:3])
     gemv.linear(x[:3], w)
-    assert calls == ["gated_up", "linear"]
+    assert calls == ["linear", "gated_up", "linear"]
     calls.clear()
     monkeypatch.setattr(gemv, "GEMV_MAX_WEIGHT", w.numel() - 1)  # a weight past the limit
     gemv.rms_norm_linear(x[:2], nw, EPS, w)
