@@ -31,8 +31,9 @@ are rounded to the model dtype before the activation (as the unfused projection'
 and the activation rounds where `gelu_tanh_mul` rounds. Kernel and twin then differ by the
 order of the float32 sums: now and then one ULP of the storage dtype.
 
-Calls past the limits (GEMV_MAX_ROWS, FUSED_MAX_ROWS, GEMV_MAX_WEIGHT below: prefill chunks,
-batches for the fused norm and gate_up, big weights) take the unfused path (the norm / activation kernels and torch's F.linear), where cuBLAS is faster.
+Calls past the limits (GEMV_MAX_ROWS, FUSED_MAX_ROWS, FLOAT32_MAX_ROWS, GEMV_MAX_WEIGHT below:
+prefill chunks, batches for the fused norm and gate_up, big weights) take the unfused path (the
+norm / activation kernels and torch's F.linear), where cuBLAS is faster.
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ def _epilogue(acc, acc_up, out, gate_up_out, up, rows, cols, row_ok, col_ok, N, 
 def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, partials, counters, M, N, K, k_float, k_split, stride_x,
                  stride_w, stride_up, eps, MODE: tl.constexpr, STORE_GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr = False):
+                 DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+                 PDL: tl.constexpr = False):
     """MODE 0: out = x @ w.T; 1: out = rms_norm(x, norm_w) @ w.T; 2: w = [gate; up] (N gate rows,
     then N up rows), out = gelu(x @ gate.T) * (x @ up.T), gate_up_out [M, 2N] the two products
     (STORE_GATE_UP); 3: out = gelu(x @ w.T) * up[M, N]. K is a runtime argument (k_float the
