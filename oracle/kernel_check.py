@@ -253,15 +253,15 @@ def build_cases(s: dict, dtype: torch.dtype, device: torch.device, gen: torch.Ge
 
 
 def _gemv_cases(s: dict, dtype, device, gen):
-    """The few-row GEMVs at the rows the model gives them (min(T, the op's row limit)), the kernel
-    forced by its launch settings (an op whose limit is 0 or below the rows would otherwise take
-    the unfused path): the input norm + q/k/v projection and gate_up + gated GELU (the mlp_gate_up
-    tap stored) at FUSED_MAX_ROWS, the PLE gate (up a strided slice of the per-layer inputs) and a
-    plain projection (down) at GEMV_MAX_ROWS, split over K where compiled."""
+    """The few-row GEMVs at the most rows the model runs them at (min(T, gemv.row_limit), at least
+    one), the kernel forced by its launch settings (an op whose limit is 0 or below the rows would
+    otherwise take the unfused path): the input norm + q/k/v projection and gate_up + gated GELU
+    (the mlp_gate_up tap stored), the PLE gate (up a strided slice of the per-layer inputs) and a
+    plain projection (down; these two split over K where compiled, past one row)."""
     H, Hq, Hkv, D, inter = s["H"], s["Hq"], s["Hkv"], s["D"], s["I"]
     P, b = 256 if H >= 1024 else 8, torch.finfo(dtype).bits // 8
-    m1 = min(s["T"], max(min(gemv.FUSED_MAX_ROWS, gemv.GEMV_MAX_ROWS), 1))  # the fused norm / gate_up
-    m = min(s["T"], max(gemv.GEMV_MAX_ROWS, 1))
+    m1 = min(s["T"], max(gemv.row_limit(True, dtype), 1))  # the fused norm / gate_up
+    m = min(s["T"], max(gemv.row_limit(False, dtype), 1))
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device=gen.device) * scale).to(device=device, dtype=dtype)

@@ -208,6 +208,16 @@ def test_calls_past_the_limits_take_the_unfused_path(monkeypatch):
     assert calls == ["norm", "gated", "gated_up", "linear"]
 
 
+def test_row_limits_per_op_and_dtype(monkeypatch):
+    """The plain projection and the PLE gate up to GEMV_MAX_ROWS, the fused norm and stacked gate_up
+    up to FUSED_MAX_ROWS, float32 up to FLOAT32_MAX_ROWS; GEMV_MAX_ROWS = 0 is off for all."""
+    bf, f32 = torch.bfloat16, torch.float32
+    assert (gemv.row_limit(False, bf), gemv.row_limit(True, bf)) == (gemv.GEMV_MAX_ROWS, gemv.FUSED_MAX_ROWS)
+    assert gemv.row_limit(False, f32) == gemv.FLOAT32_MAX_ROWS == 1
+    monkeypatch.setattr(gemv, "GEMV_MAX_ROWS", 0)
+    assert gemv.row_limit(False, bf) == gemv.row_limit(True, bf) == gemv.row_limit(False, f32) == 0
+
+
 def test_the_torch_ops_are_the_old_unfused_sequence():
     """ops.py's versions (fused=False) are the previous op sequence bit for bit."""
     gen = torch.Generator().manual_seed(4)

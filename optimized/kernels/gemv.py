@@ -338,16 +338,21 @@ def _check(x, w) -> None:
         raise ValueError(f"w must be [N, {x.shape[1]}] (x is {list(x.shape)}), got {list(w.shape)}")
 
 
-def _use_kernel(x, w, settings, max_rows: int) -> bool:
-    """Whether to run the GEMV kernel: M within min(max_rows, GEMV_MAX_ROWS) and the weight within
-    GEMV_MAX_WEIGHT, or launch
-    settings given (tests, benches: they force the kernel). Never unforced under Triton's
-    interpreter: there it is slower than the unfused path by the interpreter's cost per op (the
-    fused input norm + qkv 8 ms a call against 4 at tiny, a decode-heavy test 20.9 s against
-    16.9), and the unfused path is what it replaces; the kernel's own tests force it."""
-    if x.dtype == torch.float32:  # FLOAT32_MAX_ROWS says why
-        max_rows = min(max_rows, FLOAT32_MAX_ROWS)
-    fits = x.shape[0] <= min(max_rows, GEMV_MAX_ROWS) and w.numel() <= GEMV_MAX_WEIGHT and not INTERPRETING
+def row_limit(fused: bool, dtype: torch.dtype) -> int:
+    """The most rows a call takes the kernel at, unforced: FUSED_MAX_ROWS for the input norm + qkv
+    and the stacked gate_up (fused=True), GEMV_MAX_ROWS for the plain projection and the PLE gate;
+    float32 models at most FLOAT32_MAX_ROWS. The kernel testbed builds its cases from it too."""
+    limit = min(FUSED_MAX_ROWS, GEMV_MAX_ROWS) if fused else GEMV_MAX_ROWS
+    return min(limit, FLOAT32_MAX_ROWS) if dtype == torch.float32 else limit
+
+
+def _use_kernel(x, w, settings, fused: bool) -> bool:
+    """Whether to run the GEMV kernel: M within row_limit and the weight within GEMV_MAX_WEIGHT,
+    or launch settings given (tests, benches: they force the kernel). Never unforced under
+    Triton's interpreter: there it is slower than the unfused path by the interpreter's cost per
+    op (the fused input norm + qkv 8 ms a call against 4 at tiny, a decode-heavy test 20.9 s
+    against 16.9), and the unfused path is what it replaces; the kernel's own tests force it."""
+    fits = x.shape[0] <= row_limit(fused, x.dtype) and w.numel() <= GEMV_MAX_WEIGHT and not INTERPRETING
     return 0 < x.shape[0] and (settings is not None or fits)
 
 
@@ -362,7 +367,7 @@ def rms_norm_linear(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.
     check_eps(eps)
     check_weight("norm_w", norm_w, x.shape[1], x.device)
     check_same("x", x, norm_w=norm_w)
-    if not _use_kernel(x, w, settings, FUSED_MAX_ROWS):
+    if not _use_kernel(x, w, settings, fused=True):
         return F.linear(_rms_norm_kernel(x, norm_w, eps), w)
     out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
     _launch("norm", x, w, out, norm_w=norm_w, eps=eps, settings=settings)
@@ -399,7 +404,7 @@ def linear_gelu_mul(x: torch.Tensor, w: torch.Tensor, up: torch.Tensor | None = 
         inter = w.shape[0]
         if tuple(up.shape) != (M, inter):
             raise ValueError(f"up must be [{M}, {inter}] (rows of x, rows of w), got {list(up.shape)}")
-    if not _use_kernel(x, w, settings, FUSED_MAX_ROWS if up is None else GEMV_MAX_ROWS):
+    if not _use_kernel(x, w, settings, fused=up is None):
         if up is None:
             gate_up = F.linear(x, w)
             act = _gelu_tanh_mul_kernel(gate_up[:, :inter], gate_up[:, inter:])
@@ -427,7 +432,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, settings: dict | None = None) ->
     """x @ w.T for x [M, K], w [N, K] (within GEMV_MAX_ROWS and GEMV_MAX_WEIGHT; torch's F.linear
     otherwise)."""
     _check(x, w)
-    if not _use_kernel(x, w, settings, GEMV_MAX_ROWS):
+    if not _use_kernel(x, w, settings, fused=False):
         return F.linear(x, w)
     out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
     _launch("linear", x, w, out, settings=settings)
