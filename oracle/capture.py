@@ -473,6 +473,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise CaptureError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:  # json's parser recurses once per nested array or object
         raise CaptureError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # past json's own errors: an integer of more than 4300 digits
+        raise CaptureError(f"{path}: not valid JSON ({e})") from None
     _expect(isinstance(manifest, dict), str(path), "expected a JSON object")
     _expect(manifest.get("format") == FORMAT, str(path), f"format is {manifest.get('format')!r}, expected {FORMAT!r}")
     version = manifest.get("schema_version")

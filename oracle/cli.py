@@ -127,7 +127,7 @@ def _gib(n: int) -> str:
 def _config(source: str):
     """A preset's or checkpoint directory's config. An unreadable config.json (a directory, no
     permission) raises CheckpointError like a missing one, not an OSError traceback."""
-    from reference import PRESETS, CheckpointError, load_config
+    from reference import PRESETS, CheckpointError, ConfigError, load_config
 
     if source in PRESETS:
         return PRESETS[source]
@@ -136,7 +136,11 @@ def _config(source: str):
                               "directory")
     try:
         return load_config(source)
-    except (OSError, UnicodeDecodeError) as e:
+    except (CheckpointError, ConfigError):
+        raise
+    # OSError: a directory, no permission. ValueError: what json cannot parse past its own
+    # errors, such as an integer of more than 4300 digits (sys.get_int_max_str_digits).
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{source}: cannot read config.json ({e})") from None
 
 
@@ -223,7 +227,7 @@ def _check_before_work(scenarios, faults=()) -> None:
     path supports it, each scenario fits it, an injected MoE fault has experts to break. Raises the
     input error that names the field."""
     from optimized.kernels import check_supported
-    from reference import CheckpointError, resolve
+    from reference import CheckpointError, ConfigError, resolve
 
     from .faults import MOE_FAULTS
     from .scenario import ScenarioError, check_fits
@@ -231,7 +235,11 @@ def _check_before_work(scenarios, faults=()) -> None:
     for sc in scenarios:
         try:
             cfg, _ = resolve(sc.model.source, dtype=sc.dtype, device="meta", seed=sc.model.seed)
-        except OSError as e:  # a config.json that is a directory, a file without permission
+        except (CheckpointError, ConfigError):
+            raise
+        # OSError: a config.json that is a directory, a file without permission. ValueError: one
+        # json cannot turn into numbers (an integer of more than 4300 digits).
+        except (OSError, ValueError) as e:
             raise CheckpointError(f"{sc.model.source}: cannot read the checkpoint ({e})") from None
         check_supported(cfg)
         moe = [f.name for f in faults if f.name in MOE_FAULTS]

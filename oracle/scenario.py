@@ -297,6 +297,8 @@ def load(path: str | Path) -> Scenario:
     except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
         raise ScenarioError(f"{path}: cannot read the scenario file ({e.strerror if isinstance(e, OSError) else e})") \
             from None
+    except ValueError as e:  # past json's own errors: an integer of more than 4300 digits
+        raise ScenarioError(f"{path}: not valid JSON ({e})") from None
     try:
         return from_dict(raw)
     except ScenarioError as e:

@@ -184,6 +184,14 @@ CLI_CASES = [
     ("report-no-report-json", ["report", "{d}/empty-checkpoint", "--out", "{out}"], "no report.json"),
     ("report-json-not-an-object", ["report", "{d}/bad-report", "--out", "{out}"], "cannot render"),
     ("report-json-nested-too-deeply", ["report", "{d}/nested-report", "--out", "{out}"], "nested too deeply"),
+    # An integer past 4300 digits: json raises a plain ValueError, not a JSONDecodeError (was a traceback)
+    ("scenario-integer-past-4300-digits", ["check", "--scenario", "{d}/huge-integer.json", "--out", "{out}"],
+     "not valid JSON"),
+    ("checkpoint-integer-past-4300-digits", ["info", "{d}/config-huge-integer"], "config.json"),
+    ("checkpoint-integer-past-4300-digits-check", ["check", "{d}/config-huge-integer", "--out", "{out}"],
+     "config-huge-integer"),
+    ("diff-manifest-integer-past-4300-digits", ["diff", "{d}/capture", "{d}/capture-huge-integer", "--out", "{out}"],
+     "not valid JSON"),
 ]
 
 
@@ -209,6 +217,8 @@ def bad_dir(tmp_path_factory):
     (d / "not-json.json").write_text("{oops")
     nested = "[" * 100_000  # json's parser recurses per level: a RecursionError, not a JSONDecodeError
     (d / "nested.json").write_text(nested)
+    huge = "1" + "0" * 5000  # past sys.get_int_max_str_digits(): json's int() raises ValueError
+    (d / "huge-integer.json").write_text('{"requests": [{"length": %s}]}' % huge)
     files = {
         "negative-length": _scenario(length=-1),
         "unknown-field": _scenario(colour="red"),
@@ -240,6 +250,9 @@ def bad_dir(tmp_path_factory):
     (d / "config-field-missing" / "config.json").write_text(json.dumps({"model_type": "gemma4_text"}))
     (d / "config-is-a-directory" / "config.json").mkdir(parents=True)
     tiny = reference.PRESETS["tiny"]
+    (d / "config-huge-integer").mkdir()
+    (d / "config-huge-integer" / "config.json").write_text(
+        json.dumps(tiny.to_hf_dict()).replace('"vocab_size": 256', f'"vocab_size": {huge}'))
     (d / "no-weights").mkdir()
     (d / "no-weights" / "config.json").write_text(json.dumps(tiny.to_hf_dict()))
     odd = tiny.replace(head_dim=24)  # the reference runs it; the optimized path cannot
@@ -249,7 +262,7 @@ def bad_dir(tmp_path_factory):
     builder.add("r0", "embed", torch.arange(3), torch.randn(3, tiny.hidden_size))
     save_capture(builder.build(), d / "capture")
     for name in ("capture-bad-manifest", "capture-nested-manifest", "capture-corrupt", "capture-no-config",
-                 "capture-tap-key-a-list", "capture-dtype-a-list"):
+                 "capture-tap-key-a-list", "capture-dtype-a-list", "capture-huge-integer"):
         save_capture(builder.build(), d / name)
     for name, edit in (("capture-tap-key-a-list", lambda m: m["requests"][0]["taps"][0].update(key=["x"])),
                        ("capture-dtype-a-list", lambda m: m["metadata"].update(dtype=["float32"]))):
@@ -258,6 +271,8 @@ def bad_dir(tmp_path_factory):
         (d / name / "manifest.json").write_text(json.dumps(manifest))
     (d / "capture-bad-manifest" / "manifest.json").write_text("{oops")
     (d / "capture-nested-manifest" / "manifest.json").write_text(nested)
+    manifest = d / "capture-huge-integer" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"schema_version": 1', f'"schema_version": {huge}', 1))
     tensors = d / "capture-corrupt" / "request-00000.safetensors"
     data = bytearray(tensors.read_bytes())
     data[-1] ^= 0xFF
