@@ -48,6 +48,15 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _path(text: str) -> str:
+    """An argparse type for a file or directory: an empty string would mean the current
+    directory, or be taken as not given (`--out ""` fell back to the default, a `diff` capture
+    "" crashed), so it is refused."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
 def _port(text: str) -> int:
     port = _int_at_least(0)(text)
     if port > 65535:
@@ -810,7 +819,7 @@ def _add_model_args(p, scenarios: bool = True) -> None:
     # With scenarios, no defaults: a scenario file keeps its own model fields unless a flag is
     # given explicitly (None = not given); _scenarios fills in tiny / float32 / seed 0.
     override = " (overrides a scenario file's model.{})" if scenarios else ""
-    p.add_argument("model", nargs="?", default=None if scenarios else "tiny",
+    p.add_argument("model", type=_path, nargs="?", default=None if scenarios else "tiny",
                    help="preset name (`tiny`, `tiny-moe`, `e2b`, ...) or checkpoint directory (default: "
                         + ("the main job: the three test architectures tiny, tiny-kv-eq-v, tiny-moe; a fault's "
                            "own scenario on tiny)" if scenarios else "tiny)") + override.format("source"))
@@ -822,7 +831,7 @@ def _add_model_args(p, scenarios: bool = True) -> None:
     p.add_argument("--seed", type=_int_at_least(0), default=None if scenarios else 0,
                    help="seed of a preset's random weights (default: 0)" + override.format("seed"))
     if scenarios:
-        p.add_argument("--scenario", action="append", default=[], metavar="FILE_OR_NAME",
+        p.add_argument("--scenario", type=_path, action="append", default=[], metavar="FILE_OR_NAME",
                        help="a scenario JSON file or a built-in scenario name (`gemma4-testbed scenarios` lists "
                             "them; repeatable; default: the built-in set)")
 
@@ -833,7 +842,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = sub.add_parser("info", help="print a preset's or checkpoint's config and memory plan")
-    info.add_argument("model", nargs="?", default="tiny", help="preset name or checkpoint directory (default: tiny)")
+    info.add_argument("model", type=_path, nargs="?", default="tiny",
+                      help="preset name or checkpoint directory (default: tiny)")
     info.add_argument("--page-size", type=positive, default=16,
                       help="KV page size in tokens for the memory plan (default: 16)")
     info.add_argument("--context", type=positive, nargs="+", default=[4096, 32768, 131072], metavar="TOKENS",
@@ -843,8 +853,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="run scenarios on both paths, judge parity, write the HTML report")
     _add_model_args(check)
-    check.add_argument("--out", metavar="DIR", help="report directory (default: reports/check-<model>-<dtype>, "
-                                                    "with -inject-<fault> when --inject is given)")
+    check.add_argument("--out", type=_path, metavar="DIR",
+                       help="report directory (default: reports/check-<model>-<dtype>, with -inject-<fault> when "
+                            "--inject is given)")
     check.add_argument("--kernels", action="store_true",
                        help="also run the kernel testbed (see `kernels`) and put its table in the report")
     check.add_argument("--inject", action="append", default=[], metavar="FAULT",
@@ -871,17 +882,18 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--path", required=True, choices=["truth", "reference", "optimized"],
                          help="which path's taps to keep: truth (the reference in float64), reference (the "
                               "reference in the compared dtype) or optimized (the paged path)")
-    capture.add_argument("--out", required=True, metavar="DIR", help="capture directory to create")
+    capture.add_argument("--out", type=_path, required=True, metavar="DIR", help="capture directory to create")
     capture.add_argument("--overwrite", action="store_true",
                          help="replace DIR if it holds a capture (never a directory that is not one)")
     capture.set_defaults(func=cmd_capture)
 
     diff = sub.add_parser("diff", help="judge a candidate capture against a baseline capture")
-    diff.add_argument("baseline", help="capture directory taken as correct (e.g. --path reference)")
-    diff.add_argument("candidate", help="capture directory to judge (e.g. --path optimized)")
-    diff.add_argument("--truth", metavar="DIR", help="a float64 truth capture; without it the baseline is the truth "
-                                                     "and budgets are the per-dtype floors alone")
-    diff.add_argument("--out", metavar="DIR", help="write an HTML report into this directory")
+    diff.add_argument("baseline", type=_path, help="capture directory taken as correct (e.g. --path reference)")
+    diff.add_argument("candidate", type=_path, help="capture directory to judge (e.g. --path optimized)")
+    diff.add_argument("--truth", type=_path, metavar="DIR",
+                      help="a float64 truth capture; without it the baseline is the truth and budgets are the "
+                           "per-dtype floors alone")
+    diff.add_argument("--out", type=_path, metavar="DIR", help="write an HTML report into this directory")
     diff.set_defaults(func=cmd_diff)
 
     kernels = sub.add_parser("kernels", help="every Triton kernel against its eager twin on this device")
@@ -893,7 +905,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="input sizes: small, or a preset's shapes at 2048 tokens (default: small on CPU, e2b on GPU)")
     kernels.add_argument("--repeats", type=positive, default=5,
                          help="timed runs per kernel; the table shows the median (default: 5)")
-    kernels.add_argument("--out", default="reports/kernels", metavar="DIR",
+    kernels.add_argument("--out", type=_path, default="reports/kernels", metavar="DIR",
                          help="directory to write DIR/kernels.json into (default: reports/kernels)")
     kernels.set_defaults(func=cmd_kernels)
 
@@ -927,8 +939,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     report = sub.add_parser("report", help="re-render report.html from a report directory's report.json")
-    report.add_argument("directory", help="a report directory (holding report.json)")
-    report.add_argument("--out", metavar="DIR", help="write into another directory")
+    report.add_argument("directory", type=_path, help="a report directory (holding report.json)")
+    report.add_argument("--out", type=_path, metavar="DIR", help="write into another directory")
     report.set_defaults(func=cmd_report)
     return parser
 

@@ -192,6 +192,14 @@ CLI_CASES = [
      "config-huge-integer"),
     ("diff-manifest-integer-past-4300-digits", ["diff", "{d}/capture", "{d}/capture-huge-integer", "--out", "{out}"],
      "not valid JSON"),
+    # An empty path: `diff` crashed on a KeyError; --out "" / --truth "" were taken as not given
+    ("diff-candidate-empty", ["diff", "{d}/capture", ""], "candidate"),
+    ("diff-truth-empty", ["diff", "{d}/capture", "{d}/capture", "--truth", ""], "--truth"),
+    ("diff-out-empty", ["diff", "{d}/capture", "{d}/capture", "--out", ""], "--out"),
+    ("check-out-empty", ["check", "--scenario", "one-shot-prefill", "--out", ""], "--out"),
+    ("check-model-empty", ["check", "", "--out", "{out}"], "model"),
+    ("capture-out-empty", ["capture", "--scenario", "one-shot-prefill", "--path", "truth", "--out", ""], "--out"),
+    ("report-directory-empty", ["report", ""], "directory"),
 ]
 
 
