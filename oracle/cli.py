@@ -91,14 +91,22 @@ def resolve_device(name: str, where: str = "--device") -> str:
     return str(device)
 
 
-def _check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+REPORT_FILES = ("report.json", "report.html")
+
+
+def _check_out_dir(path: str | Path, flag: str = "--out", files: tuple[str, ...] = REPORT_FILES) -> Path:
     """Refuse, before any work, an output directory that cannot be created or written: an existing
-    file, a file among its parents, a read-only parent. Creates nothing."""
+    file, a file among its parents, a read-only parent, or one of the `files` the command writes
+    there that exists as something other than a file (a directory: replacing it fails after the
+    run, with the other file already written). Creates nothing."""
     import os
 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise BadInput(f"{flag} {path}: exists and is not a directory")
+    for name in files:
+        if (path / name).exists() and not (path / name).is_file():
+            raise BadInput(f"{flag} {path}: {path / name} exists and is not a file")
     existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
     if not existing.is_dir():
         raise BadInput(f"{flag} {path}: cannot be created, {existing} is not a directory")
@@ -647,7 +655,7 @@ def cmd_report(args) -> int:
 
     src = Path(args.directory) / "report.json"
     try:
-        out = _check_out_dir(args.out or args.directory)
+        out = _check_out_dir(args.out or args.directory, "--out" if args.out else "DIRECTORY")
         facts = json.loads(src.read_text())
         html, _ = write_report(facts, out)
     except BadInput as e:
@@ -676,7 +684,7 @@ def cmd_kernels(args) -> int:
 
     try:
         device = torch.device(resolve_device(args.device))
-        out = _check_out_dir(args.out)
+        out = _check_out_dir(args.out, files=("kernels.json",))
     except BadInput as e:
         return _refuse(e)
     size = args.size or ("small" if device.type == "cpu" else "e2b")

@@ -79,6 +79,9 @@ def write_report(facts: Mapping[str, Any] | Facts, directory: str | os.PathLike)
     html = _render(checked)
     data = json.dumps(checked.to_dict(), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
     directory = Path(directory)
+    for target in (directory / "report.json", directory / "report.html"):
+        if target.exists() and not target.is_file():  # checked before either is written
+            raise ReportError(f"{target}: exists and is not a file")
     directory.mkdir(parents=True, exist_ok=True)
     json_path = write_atomic(directory / "report.json", data)
     html_path = write_atomic(directory / "report.html", html)

@@ -86,6 +86,17 @@ def test_reports_and_captures_are_written_with_the_umask_modes(tmp_path, umask_0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["capture", "report"]  # no temporaries left
 
 
+def test_write_report_refuses_a_report_file_that_is_a_directory_before_writing_either(tmp_path):
+    from oracle.report import ReportError, write_report
+
+    facts = {"title": "t", "verdict": "parity", "summary": "s", "scenarios": [], "command": "c",
+             "environment": {"versions": {}, "device": "cpu", "dtype": "float32", "git": None, "host": ""}}
+    (tmp_path / "report.html").mkdir()
+    with pytest.raises(ReportError, match="report.html: exists and is not a file"):
+        write_report(facts, tmp_path)  # was IsADirectoryError, after report.json was written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+
+
 # -- the CLI: every malformed input is one line, exit 2, before any work ----------------------
 
 CUDA = "torch.cuda.is_available()"  # a marker: the case needs a machine without CUDA
@@ -200,6 +211,15 @@ CLI_CASES = [
     ("check-model-empty", ["check", "", "--out", "{out}"], "model"),
     ("capture-out-empty", ["capture", "--scenario", "one-shot-prefill", "--path", "truth", "--out", ""], "--out"),
     ("report-directory-empty", ["report", ""], "directory"),
+    # A file the command writes exists as a directory: was an IsADirectoryError traceback after the
+    # whole run, with report.json already replaced beside the missing report.html
+    ("check-report-html-a-directory", ["check", "--scenario", "one-shot-prefill", "--out", "{d}/html-a-directory"],
+     "report.html"),
+    ("diff-report-json-a-directory", ["diff", "{d}/capture", "{d}/capture", "--out", "{d}/json-a-directory"],
+     "report.json"),
+    ("report-html-a-directory", ["report", "{d}/html-a-directory"], "DIRECTORY"),
+    ("kernels-json-a-directory", ["kernels", "--out", "{d}/kernels-json-a-directory"], "kernels.json"),
+    ("report-directory-a-file", ["report", "{d}/a-file"], "DIRECTORY"),  # was named --out, which was not given
 ]
 
 
@@ -257,6 +277,9 @@ def bad_dir(tmp_path_factory):
     (d / "config-field-missing").mkdir()
     (d / "config-field-missing" / "config.json").write_text(json.dumps({"model_type": "gemma4_text"}))
     (d / "config-is-a-directory" / "config.json").mkdir(parents=True)
+    for name, file in (("html-a-directory", "report.html"), ("json-a-directory", "report.json"),
+                       ("kernels-json-a-directory", "kernels.json")):
+        (d / name / file).mkdir(parents=True)
     tiny = reference.PRESETS["tiny"]
     (d / "config-huge-integer").mkdir()
     (d / "config-huge-integer" / "config.json").write_text(
