@@ -192,3 +192,50 @@ def test_prompt_logprobs_are_complete_when_the_prompt_is_shared(model):
             if e.prompt_logprobs is not None:
                 got[e.rid] = e.prompt_logprobs
     assert all(lp is not None for rid in first for lp, _ in got[rid][1:])
+
+
+def test_stop_ids_are_checked_as_a_set_and_duplicates_are_harmless():
+    """The engine checked each generated token with `token in stop_token_ids`, a scan of the whole
+    tuple: a request with millions of stop ids (they fit in an 8 MB body) slowed every step. The
+    check is now a set built once per request; duplicates are dropped, order kept."""
+    from types import SimpleNamespace
+
+    p = SamplingParams(stop_token_ids=[7, 3, 7, 7, 3, 9], ignore_eos=True)
+    assert p.stop_token_ids == (7, 3, 9) and p.stop_set == frozenset({3, 7, 9})
+    assert p == SamplingParams(stop_token_ids=(7, 3, 9), ignore_eos=True)  # the set is no field
+
+    class NoScan(tuple):
+        def __contains__(self, item):
+            raise AssertionError("the per-token check scanned stop_token_ids")
+
+        def __iter__(self):
+            raise AssertionError("the per-token check scanned stop_token_ids")
+
+    object.__setattr__(p, "stop_token_ids", NoScan((7, 3, 9)))
+    engine = SimpleNamespace(config=SimpleNamespace(eos_token_id=(1,)))
+    seq = SimpleNamespace(params=p, tokens=[5], max_new_tokens=4)
+    reason = Engine._finish_reason
+    assert [reason(engine, seq, t) for t in (3, 9, 1, 5)] == ["stop", "stop", None, None]
+
+
+def test_choices_share_checked_params_and_logit_bias_tensors():
+    """n choices get the request's params under their own seeds without checking them again, and
+    logit_bias reaches the device once per request, not rebuilt from its pairs every step."""
+    p = SamplingParams(logit_bias={"3": 10, 1: -5.5}, stop_token_ids=[4, 4], seed=5)
+    q = p.with_seed(6)
+    assert q.seed == 6 and p.seed == 5 and q == SamplingParams(logit_bias={3: 10, 1: -5.5}, stop_token_ids=[4], seed=6)
+    with pytest.raises(ValueError, match="seed"):
+        p.with_seed(-1)
+    ids, biases = p.bias_tensors(torch.device("cpu"))
+    assert ids.tolist() == [1, 3] and biases.tolist() == [-5.5, 10.0]
+    assert p.bias_tensors(torch.device("cpu"))[0] is ids  # built once
+    logits = torch.zeros(3, 6)
+    plain = SamplingParams(logprobs=0)
+    d = sample_batch(logits, [plain, p, SamplingParams(logit_bias={5: 1.0}, logprobs=0)], [0] * 3, [0] * 3, [[]] * 3)
+    assert d.tokens == [0, 3, 5]
+    assert d.logprobs[0] == pytest.approx(-torch.log(torch.tensor(6.0)).item(), abs=1e-5)
+
+
+def test_a_rejected_huge_list_is_quoted_short():
+    with pytest.raises(ValueError, match=r"stop_token_ids must be a list of token ids, got \[0, 0.*characters\)$"):
+        SamplingParams(stop_token_ids=[0] * 100_000 + ["x"])

@@ -477,7 +477,7 @@ class Engine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.config.eos_token_id):
+        if token in p.stop_set or (not p.ignore_eos and token in self.config.eos_token_id):
             return "stop"
         if len(seq.tokens) >= seq.max_new_tokens:
             return "length"

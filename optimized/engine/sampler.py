@@ -19,6 +19,7 @@ the same number for a greedy and a sampled request, and what lm-eval sums for a 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, fields
 
@@ -39,7 +40,7 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0  # 1: no nucleus cut
     seed: int | None = None  # None: a seed drawn from the engine's own generator
-    stop_token_ids: tuple[int, ...] = ()  # besides the model's eos ids
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's eos ids (duplicates dropped; `stop_set`: as a set)
     ignore_eos: bool = False  # True: only stop_token_ids and max_new_tokens end the request
     # OpenAI semantics: subtract presence_penalty once from every id already generated, and
     # frequency_penalty times the number of times it was generated (the prompt does not count).
@@ -52,7 +53,7 @@ class SamplingParams:
 
     def __post_init__(self):
         def bad(name, want):
-            raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+            raise ValueError(f"{name} must be {want}, got {_short(getattr(self, name))}")
 
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
@@ -84,7 +85,11 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
                 is_int(t) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "a list of token ids")
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        # Duplicates are dropped (order kept), and the engine checks each generated token against a
+        # set built here once: `token in tuple` scanned the whole list per token, and a request with
+        # millions of stop ids (they fit the 8 MB body limit) slowed every other request's steps.
+        object.__setattr__(self, "stop_token_ids", tuple(dict.fromkeys(self.stop_token_ids)))
+        object.__setattr__(self, "stop_set", frozenset(self.stop_token_ids))  # not a field: no eq, repr
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", "true or false")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -108,6 +113,25 @@ class SamplingParams:
             raise ValueError(f"unknown sampling parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**d)
 
+    def with_seed(self, seed: int | None) -> "SamplingParams":
+        """These parameters under another seed, the rest not checked again (n choices of one
+        request: checking a vocabulary-sized logit_bias took most of a second per choice)."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+            raise ValueError(f"seed must be null or an integer in [0, 2^63), got {_short(seed)}")
+        new = copy.copy(self)
+        object.__setattr__(new, "seed", seed)
+        return new
+
+    def bias_tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """logit_bias as (ids, biases) float32 tensors on `device`, built once per request and device
+        (rebuilding them from up to a vocabulary of pairs took the host milliseconds every step)."""
+        cache = self.__dict__.setdefault("_bias_tensors", {})
+        key = str(device)
+        if key not in cache:
+            ids, biases = zip(*self.logit_bias)
+            cache[key] = (_on(device, ids, dtype=torch.long), _on(device, biases, dtype=torch.float32))
+        return cache[key]
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
@@ -123,23 +147,29 @@ class SamplingParams:
                 raise ValueError(f"{name} token ids must lie in [0, {vocab_size}), got {sorted(ids)[-3:]}")
 
 
+def _short(value, limit: int = 120) -> str:
+    """repr(value), cut to `limit` characters: a rejected list may hold millions of entries."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def _logit_bias(value) -> tuple[tuple[int, float], ...]:
     """{id: bias} or [(id, bias), ...] -> sorted ((id, bias), ...); ids as ints or digit strings
     (JSON object keys are strings), biases finite numbers in [-100, 100]."""
     items = value.items() if isinstance(value, dict) else value
     if not isinstance(items, (list, tuple, type({}.items()))):
-        raise ValueError(f"logit_bias must be an object mapping token ids to biases, got {value!r}")
+        raise ValueError(f"logit_bias must be an object mapping token ids to biases, got {_short(value)}")
     out = {}
     for pair in items:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ValueError(f"logit_bias must be an object mapping token ids to biases, got {value!r}")
+            raise ValueError(f"logit_bias must be an object mapping token ids to biases, got {_short(value)}")
         key, bias = pair
         if isinstance(key, str) and key.isascii() and key.isdigit():  # not "²" (int() refuses) nor "١" (takes)
             key = int(key)
         if isinstance(key, bool) or not isinstance(key, int) or key < 0:
-            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {pair[0]!r}")
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {_short(pair[0])}")
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
-            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {key}")
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {_short(bias)} for token {key}")
         out[key] = float(bias)
     return tuple(sorted(out.items()))
 
@@ -276,11 +306,11 @@ def _penalize(x: torch.Tensor, params: list[SamplingParams], generated: list[lis
         freq = _on(x.device, [p.frequency_penalty for p in params])
         pres = _on(x.device, [p.presence_penalty for p in params])
         x -= freq[:, None] * counts + pres[:, None] * (counts > 0)
-    biased = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias]
-    if biased:
-        r, t, b = zip(*biased)
-        x.index_put_((_on(x.device, r), _on(x.device, t)),
-                     _on(x.device, b, dtype=x.dtype), accumulate=True)
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
+    if biased:  # each row's ids are distinct, so one index_put_ adds every bias once
+        t, b = zip(*(params[i].bias_tensors(x.device) for i in biased))
+        r = torch.cat([torch.full_like(ids, i) for i, ids in zip(biased, t)])
+        x.index_put_((r, torch.cat(t)), torch.cat(b).to(x.dtype), accumulate=True)
     return x
 
 
