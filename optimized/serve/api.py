@@ -135,6 +135,22 @@ def unpaired_surrogate(body) -> str | None:
     return None
 
 
+def find_value(body, target) -> str | None:
+    """The field path ("stop_token_ids[3]") of the first place that holds the object `target`
+    (by identity), or None. Iterative, as unpaired_surrogate."""
+    stack = [("", body)]
+    while stack:
+        where, v = stack.pop()
+        if v is target:
+            return where or "body"
+        if isinstance(v, dict):
+            for k, x in reversed(v.items()):
+                stack.append((f"{where}.{k}" if where else k, x))
+        elif isinstance(v, list):
+            stack.extend((f"{where or 'body'}[{i}]", v[i]) for i in reversed(range(len(v))))
+    return None
+
+
 def _token_ids(v, key: str, ctx: Context) -> list[int]:
     if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
         raise bad(f"{key}: must be a list of integer token ids", key)

@@ -53,8 +53,37 @@ def _version() -> str:
         return "unknown"
 
 
+class _Constant(ValueError):
+    """NaN, Infinity or -Infinity in a body: json.loads takes them, JSON does not."""
+
+
 def _no_constants(name):
-    raise ValueError(f"{name} is not valid JSON")
+    raise _Constant(f"{name} is not valid JSON")
+
+
+class _Huge:
+    """Where json.loads met an integer past Python's int max_str_digits limit (int() refuses it)."""
+
+
+def _huge_number(data: bytes) -> ApiError:
+    """The 400 for a body with an integer of more digits than int() takes (4300 by default), naming
+    its field where a second parse, which keeps such numbers as markers, finds it."""
+    limit = sys.get_int_max_str_digits()
+    huge = _Huge()
+
+    def parse_int(text: str):
+        return huge if len(text.lstrip("-")) > limit else int(text)
+
+    where = None
+    try:
+        where = api.find_value(json.loads(data.decode("utf-8"), parse_int=parse_int,
+                                          parse_constant=_no_constants), huge)
+    except (ValueError, RecursionError):  # the body is also broken elsewhere: say what is certain
+        pass
+    if where is None:
+        return ApiError(400, f"body: a number in the body has more than {limit} digits")
+    where = where.encode("utf-8", "backslashreplace").decode("utf-8")  # a key may hold a lone surrogate
+    return ApiError(400, f"{where}: a number with more than {limit} digits", where.split(" ")[0])
 
 
 def _error(e: ApiError, headers: dict | None = None) -> JSONResponse:
@@ -116,6 +145,8 @@ def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, crea
         except UnicodeDecodeError:
             raise ApiError(400, "body: not UTF-8 text") from None
         except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            if type(e) is ValueError and sys.get_int_max_str_digits() > 0:
+                raise _huge_number(data) from None  # int() refused one (its wording names Python's limit)
             raise ApiError(400, f"body: not valid JSON ({e})") from None
         if not isinstance(body, dict):
             raise ApiError(400, f"body: must be a JSON object, got {type(body).__name__}")
