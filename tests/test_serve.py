@@ -271,6 +271,11 @@ BAD_REQUESTS = [
     ("POST", "/v1/completions", {"prompt": [1], "top_p": 2}, 400, "top_p"),
     ("POST", "/v1/completions", {"prompt": [1], "seed": "x"}, 400, "seed"),
     ("POST", "/v1/completions", {"prompt": [1], "stop_token_ids": [999]}, 400, "stop_token_ids"),
+    # Longer than the vocabulary: refused before anything walks it (millions fit in 8 MB).
+    ("POST", "/v1/completions", {"prompt": [1], "stop_token_ids": [3] * 257}, 400,
+     "stop_token_ids: at most 256 entries"),
+    ("POST", "/generate", {"input_ids": [1], "sampling": {"logit_bias": {str(i): 1 for i in range(300)}}}, 400,
+     "sampling.logit_bias: at most 256 entries"),
     # An integer past int()'s 4300 digits got Python's own wording ("Exceeds the limit ... use
     # sys.set_int_max_str_digits()"); it names the field now, or says plainly what is wrong.
     ("POST", "/v1/completions", b'{"prompt": [1], "stop_token_ids": [1, ' + b"9" * 4301 + b"]}", 400,
@@ -279,6 +284,11 @@ BAD_REQUESTS = [
      "sampling.seed: a number with more than 4300 digits"),
     ("POST", "/v1/completions", b'{"prompt": [1], "seed": ' + b"9" * 5000 + b", oops}", 400,
      "body: a number in the body has more than 4300 digits"),
+    # Errors about max_tokens said max_new_tokens, the engine's name, which the client never sent.
+    ("POST", "/v1/completions", {"prompt": [1], "max_tokens": -1}, 400, "max_tokens: must be an integer >= 1"),
+    ("POST", "/v1/completions", {"prompt": [1], "max_tokens": 5000}, 400,
+     "max_tokens: a prompt of 1 tokens + max_tokens 5000 = 5001 positions exceeds max_context 4096"),
+    ("POST", "/v1/completions", {"prompt": [1] * 4090}, 400, "+ the default max_tokens 16 = 4106 positions"),
     ("POST", "/v1/completions", {"prompt": [1], "stream": "yes"}, 400, "stream: must be true or false"),
     ("POST", "/v1/completions", {"prompt": [1], "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("POST", "/v1/completions", {"prompt": [1], "n": 0}, 400, "n: must be an integer in [1, 128]"),
@@ -317,6 +327,8 @@ def test_bad_requests_are_answered_and_named(server, method, path, body, status,
     assert got == status, reply
     assert words in error_of(reply)
     assert "max_str_digits" not in error_of(reply)
+    if path.startswith("/v1/"):  # the OpenAI endpoints have no max_new_tokens
+        assert "max_new_tokens" not in error_of(reply)
 
 
 def test_transport_errors(server):
@@ -660,6 +672,15 @@ def test_text_errors_name_the_field_the_client_sent(text_server):
                                                                    "max_completion_tokens": bad_value})
         assert status == 400 and error_of(reply).startswith("max_completion_tokens: "), reply
         assert reply["error"]["param"] == "max_completion_tokens"
+    # max_tokens 0 on chat was refused with "0 only with echo: true", a field chat does not have;
+    # past the context, the count was called max_new_tokens.
+    for key, value, words in (("max_tokens", 0, "max_tokens: must be >= 1 for chat completions, got 0"),
+                              ("max_completion_tokens", 0, "max_completion_tokens: must be >= 1 for chat"),
+                              ("max_completion_tokens", 5000, "+ max_completion_tokens 5000 = ")):
+        status, reply = call(text_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                                   key: value})
+        assert status == 400 and words in error_of(reply) and reply["error"]["param"] == key, reply
+        assert "echo" not in error_of(reply) and "max_new_tokens" not in error_of(reply)
 
 
 @pytest.mark.parametrize("stops,pieces,want", [

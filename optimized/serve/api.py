@@ -162,8 +162,9 @@ def _token_ids(v, key: str, ctx: Context) -> list[int]:
     return v
 
 
-def _fits(job: Job, ctx: Context, prompt_key: str, new_key: str) -> Job:
-    """Each prompt's positions within max_context, said of the field the client can change."""
+def _fits(job: Job, ctx: Context, prompt_key: str, new_key: str, new_label: str | None = None) -> Job:
+    """Each prompt's positions within max_context, said of the field the client can change.
+    new_label: how the message names the token count (the client's field; default new_key)."""
     new = job.params[0].max_new_tokens
     for i, prompt in enumerate(job.prompts):
         total = len(prompt) + new
@@ -171,7 +172,7 @@ def _fits(job: Job, ctx: Context, prompt_key: str, new_key: str) -> Job:
             key = prompt_key if len(prompt) >= ctx.max_context else new_key
             if key == prompt_key and len(job.prompts) > 1:
                 key = f"{prompt_key}[{i}]"
-            raise bad(f"{key}: a prompt of {len(prompt)} tokens + max_new_tokens {new} = "
+            raise bad(f"{key}: a prompt of {len(prompt)} tokens + {new_label or new_key} {new} = "
                       f"{total} positions exceeds max_context {ctx.max_context}", key)
     return job
 
@@ -203,13 +204,16 @@ def parse_generate(body: dict, ctx: Context) -> Job:
         if not prompt:  # was the engine's rejection, which names no field
             raise bad("text: encodes to no tokens", "text")
     sampling = body.get("sampling", {})
+    if isinstance(sampling, dict):
+        for name in ID_LISTS:
+            _at_most_vocab(sampling.get(name), f"sampling.{name}", ctx)
     try:
         params = SamplingParams.from_dict(sampling)
     except ValueError as e:
         raise bad(f"sampling: {e}", "sampling") from None
     _check_vocab(params, ctx, "sampling")
     prompt_key = "input_ids" if "input_ids" in body else "text"
-    return _fits(Job("generate", [prompt], [params]), ctx, prompt_key, "sampling.max_new_tokens")
+    return _fits(Job("generate", [prompt], [params]), ctx, prompt_key, "sampling.max_new_tokens", "max_new_tokens")
 
 
 def _check_vocab(params: SamplingParams, ctx: Context, where: str | None = None) -> None:
@@ -219,7 +223,18 @@ def _check_vocab(params: SamplingParams, ctx: Context, where: str | None = None)
         params.check_vocab(ctx.vocab_size)
     except ValueError as e:
         key = where or str(e).split(" ")[0]
-        raise bad(f"{key}: {e}", key) from None
+        raise bad(f"{key}: {str(e).removeprefix(f'{key} ')}", key) from None
+
+
+ID_LISTS = ("stop_token_ids", "logit_bias")  # fields that hold token ids, each at most once
+
+
+def _at_most_vocab(v, key: str, ctx: Context) -> None:
+    """A list of stop ids, or logit_bias, longer than the vocabulary: refused before anything walks
+    it (a body of 8 MB holds millions of ids, and checking them blocked the server for seconds)."""
+    if ctx.vocab_size is not None and isinstance(v, (list, dict)) and len(v) > ctx.vocab_size:
+        raise bad(f"{key}: at most {ctx.vocab_size} entries (the vocabulary's size; each id counts once), "
+                  f"got {len(v)}", key)
 
 
 # -- OpenAI-compatible -----------------------------------------------------------------------
@@ -346,7 +361,10 @@ def _stops(body: dict, ctx: Context) -> tuple[str, ...]:
 
 
 def _openai_common(body: dict, ctx: Context, kind: str, prompts: list[list[int]], default_max: int,
-                   prompt_key: str, logprobs: int | None = None, echo: bool = False) -> Job:
+                   prompt_key: str, logprobs: int | None = None, echo: bool = False,
+                   max_key: str = "max_tokens") -> Job:
+    """max_key: what the client called body["max_tokens"] (chat: max_completion_tokens, maybe), so
+    every message about it names that field."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model: must be a string", "model")
@@ -371,30 +389,39 @@ def _openai_common(body: dict, ctx: Context, kind: str, prompts: list[list[int]]
     chosen = {}
     drop_tokens = False
     if body.get("max_tokens") == 0 and not isinstance(body.get("max_tokens"), bool):
+        if kind == "chat":
+            raise bad(f"{max_key}: must be >= 1 for chat completions, got 0", max_key)
         if not echo:
             raise bad("max_tokens: must be >= 1 (0 only with echo: true, to score the prompt)", "max_tokens")
         body, drop_tokens = {**body, "max_tokens": 1}, True
     for api_name, name in SAMPLING_FIELDS.items():
         if body.get(api_name) is None:
             continue
+        key = max_key if api_name == "max_tokens" else api_name
+        if name in ID_LISTS:
+            _at_most_vocab(body[api_name], key, ctx)
         try:  # one field at a time, so the error names the field the client sent
             one = SamplingParams.from_dict({name: body[api_name]})
         except ValueError as e:
-            raise bad(f"{api_name}: {e}", api_name) from None
-        _check_vocab(one, ctx)
-        chosen[name] = body[api_name]
+            # "max_new_tokens must be ..." named the engine's field, one the client never sent
+            message = str(e).removeprefix(f"{name} ")
+            raise bad(f"{key}: {message}", key) from None
+        _check_vocab(one, ctx, key)
+        chosen[name] = getattr(one, name)  # checked and normalized once (stop ids deduplicated), not per choice
+    given = "max_new_tokens" in chosen
     chosen.setdefault("max_new_tokens", default_max)
     if logprobs is not None:
         chosen["logprobs"] = logprobs
         if echo:
             chosen["prompt_logprobs"] = logprobs
     seed = chosen.pop("seed", None)
-    params = [SamplingParams.from_dict({**chosen, "seed": None if seed is None else (seed + i) % 2 ** 63})
+    base = SamplingParams.from_dict({**chosen, "seed": seed})  # checked once, not once per choice
+    params = [base.with_seed(None if seed is None else (seed + i) % 2 ** 63)
               for i in range(n * len(prompts))]  # n > 1: distinct seeds, choice 0 keeps the one given
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     job = Job(kind, prompts, params, n, stream, include_usage, f"{prefix}-{uuid.uuid4().hex}", stop=stop,
               echo=echo, logprobs=logprobs, drop_tokens=drop_tokens)
-    return _fits(job, ctx, prompt_key, "max_tokens")
+    return _fits(job, ctx, prompt_key, max_key, max_key if given else f"the default {max_key}")
 
 
 def _completion_prompts(body: dict, ctx: Context) -> tuple[list[list[int]], list[str | None]]:
@@ -448,23 +475,19 @@ def parse_chat(body: dict, ctx: Context) -> Job:
         raise bad(str(e), "messages") from None
     # The template writes its own <bos>; encoding must not add a second (as apply_chat_template).
     prompt = tokenizer.encode(text, add_special_tokens=False)
-    given_as = None
+    max_key = "max_tokens"
     if body.get("max_completion_tokens") is not None:  # OpenAI's newer name for max_tokens
         if body.get("max_tokens") is not None:
             raise bad("max_completion_tokens: give it or max_tokens, not both", "max_completion_tokens")
-        body, given_as = {**body, "max_tokens": body["max_completion_tokens"]}, "max_completion_tokens"
+        body, max_key = {**body, "max_tokens": body["max_completion_tokens"]}, "max_completion_tokens"
     want = _bool(body, "logprobs")
     top = _int_in(body, "top_logprobs", 0, MAX_LOGPROBS)
     if top is not None and not want:
         raise bad("top_logprobs: needs logprobs: true", "top_logprobs")
-    # No limit given: as much as the context has room for (OpenAI's chat default).
-    try:
-        return _openai_common(body, ctx, "chat", [prompt], max(1, ctx.max_context - len(prompt)), "messages",
-                              (top or 0) if want else None)
-    except ApiError as e:  # an error about max_tokens names the field the client sent (it said max_tokens)
-        if e.param == "max_tokens" and given_as is not None and e.message.startswith("max_tokens"):
-            e.message, e.param = given_as + e.message[len("max_tokens"):], given_as
-        raise
+    # No limit given: as much as the context has room for (OpenAI's chat default). Errors about
+    # the limit name the field the client sent.
+    return _openai_common(body, ctx, "chat", [prompt], max(1, ctx.max_context - len(prompt)), "messages",
+                          (top or 0) if want else None, max_key=max_key)
 
 
 # -- tokenizer endpoints ---------------------------------------------------------------------
