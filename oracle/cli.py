@@ -606,46 +606,108 @@ def cmd_diff(args) -> int:
 
     try:
         out = _check_out_dir(args.out) if args.out else None
-        loaded = {}
+        loaded, paths = {}, {}
         for role, path in (("baseline", args.baseline), ("candidate", args.candidate), ("truth", args.truth)):
             if path:
                 _say(f"diff: loading the {role} capture {path}")
-                loaded[role] = load_capture(path)
+                loaded[role], paths[role] = load_capture(path), path
         base, cand = loaded["baseline"], loaded["candidate"]
         raw_config = cand.metadata.get("model_config")
         if not isinstance(raw_config, dict):
             raise CaptureError(f"{args.candidate}: metadata.model_config: missing, so there is no model to judge by")
         config = Gemma4Config.from_hf_dict(raw_config)
+        _check_diff_inputs(loaded, paths)
         _say(f"diff: comparing {len(cand.requests)} request(s)")
         comparison = compare(loaded.get("truth", base), base, cand, config)
+        facts = _diff_facts(args, cand, comparison) if out else None  # before any verdict is printed
     except (CaptureError, CompareError, ConfigError, BadInput) as e:
         return _refuse(e)
     print(comparison.summary())
     if out:
-        from .facts import Comparison as FactsComparison
-        from .facts import Environment, Facts, FactsError, ScenarioFacts
-
-        scenario = cand.metadata.get("scenario") or {}
-        try:
-            facts = Facts(
-                title=f"diff {args.baseline} {args.candidate}",
-                verdict="parity" if comparison.passed else "divergence",
-                summary=comparison.summary().splitlines()[0],
-                scenarios=[ScenarioFacts(name=str(scenario.get("name", "capture")), passed=comparison.passed,
-                                         scenario=scenario, layout=None,
-                                         comparison=FactsComparison.load(comparison.to_dict(),
-                                                                         "facts.scenarios[0].comparison"))],
-                environment=Environment.load({"versions": cand.metadata.get("versions", {}),
-                                              "device": cand.metadata.get("device"),
-                                              "dtype": cand.metadata.get("dtype"), "git": cand.metadata.get("git"),
-                                              "host": ""}, "facts.environment"),
-                command=_command_line(args.argv),
-            )
-        except FactsError as e:
-            return _refuse(BadInput(f"{args.candidate}: metadata does not fit the report: {e}"))
         html, _ = write_report(facts, out)
         print(f"report: {html}")
     return EXIT_OK if comparison.passed else EXIT_DIVERGED
+
+
+def _check_diff_inputs(loaded: dict, paths: dict) -> None:
+    """Captures `diff` cannot judge, named by their path: one (the truth, else the baseline) with
+    no request, which would judge nothing and say PARITY; a baseline or truth of another model
+    than the candidate's (compare's own check names its roles, not the paths given)."""
+    from .capture import CaptureError
+
+    truth = "truth" if "truth" in loaded else "baseline"
+    if not loaded[truth].requests:
+        raise CaptureError(f"{paths[truth]}: the {truth} capture holds no request, so there is nothing to judge")
+    _check_same_prompts(loaded, paths)
+    want = loaded["candidate"].metadata.get("model_config")
+    for role in ("baseline", "truth"):
+        got = loaded[role].metadata.get("model_config") if role in loaded else None
+        if isinstance(got, dict) and got != want:
+            fields = sorted(k for k in {*got, *want} if got.get(k) != want.get(k))
+            shown = ", ".join(f"{k} {got.get(k)!r} vs {want.get(k)!r}" for k in fields[:3])
+            more = ", ..." if len(fields) > 3 else ""
+            raise CaptureError(f"{paths[role]}: the {role} capture is of another model than the candidate "
+                               f"{paths['candidate']} (metadata.model_config: {shown}{more})")
+
+
+def _check_same_prompts(loaded: dict, paths: dict) -> None:
+    """Captures of other prompts or other random weights than the candidate's (another scenario,
+    a request's seed or length changed) differ everywhere: that is no divergence to report, so
+    where both captures' metadata.scenario say what ran, those must agree (a preset's
+    model.seed, and per request id in both its prompt: tokens, length, seed, prefix_from)."""
+    from .capture import CaptureError
+
+    def spec(capture) -> tuple:
+        sc = capture.metadata.get("scenario")
+        if not isinstance(sc, dict):
+            return None, {}
+        model = sc.get("model") if isinstance(sc.get("model"), dict) else {}
+        requests = sc.get("requests") if isinstance(sc.get("requests"), list) else []
+        prompts = {r.get("id"): {k: r.get(k) for k in ("tokens", "length", "seed", "prefix_from")}
+                   for r in requests if isinstance(r, dict) and isinstance(r.get("id"), str)}
+        return model.get("seed"), prompts
+
+    seed, prompts = spec(loaded["candidate"])
+    for role in ("baseline", "truth"):
+        if role not in loaded:
+            continue
+        other_seed, other = spec(loaded[role])
+        if seed is not None and other_seed is not None and seed != other_seed:
+            raise CaptureError(f"{paths[role]}: the {role} capture ran model.seed {other_seed!r}, the candidate "
+                               f"{paths['candidate']} {seed!r} (other weights: metadata.scenario.model.seed)")
+        for rid in other.keys() & prompts.keys():
+            fields = [k for k in other[rid] if other[rid][k] != prompts[rid][k]]
+            if fields:
+                shown = ", ".join(f"{k} {other[rid][k]!r} vs {prompts[rid][k]!r}" for k in fields)
+                raise CaptureError(f"{paths[role]}: request {rid!r} of the {role} capture has another prompt than "
+                                   f"in the candidate {paths['candidate']} (metadata.scenario.requests: {shown})")
+
+
+def _diff_facts(args, cand, comparison):
+    """The report's facts for `diff --out`; BadInput where the candidate's metadata does not fit."""
+    from .facts import Comparison as FactsComparison
+    from .facts import Environment, Facts, FactsError, ScenarioFacts
+
+    scenario = cand.metadata.get("scenario") or {}
+    if not isinstance(scenario, dict):
+        raise BadInput(f"{args.candidate}: metadata.scenario: expected an object, got {type(scenario).__name__}")
+    try:
+        return Facts(
+            title=f"diff {args.baseline} {args.candidate}",
+            verdict="parity" if comparison.passed else "divergence",
+            summary=comparison.summary().splitlines()[0],
+            scenarios=[ScenarioFacts(name=str(scenario.get("name", "capture")), passed=comparison.passed,
+                                     scenario=scenario, layout=None,
+                                     comparison=FactsComparison.load(comparison.to_dict(),
+                                                                     "facts.scenarios[0].comparison"))],
+            environment=Environment.load({"versions": cand.metadata.get("versions", {}),
+                                          "device": cand.metadata.get("device"),
+                                          "dtype": cand.metadata.get("dtype"), "git": cand.metadata.get("git"),
+                                          "host": ""}, "facts.environment"),
+            command=_command_line(args.argv),
+        )
+    except FactsError as e:
+        raise BadInput(f"{args.candidate}: metadata does not fit the report: {e}") from None
 
 
 def cmd_report(args) -> int:

@@ -220,6 +220,16 @@ CLI_CASES = [
     ("report-html-a-directory", ["report", "{d}/html-a-directory"], "DIRECTORY"),
     ("kernels-json-a-directory", ["kernels", "--out", "{d}/kernels-json-a-directory"], "kernels.json"),
     ("report-directory-a-file", ["report", "{d}/a-file"], "DIRECTORY"),  # was named --out, which was not given
+    # captures diff cannot judge
+    ("diff-no-request", ["diff", "{d}/capture-empty", "{d}/capture-empty", "--out", "{out}"],
+     "nothing to judge"),  # was "PARITY: 0 taps in 0 requests", exit 0
+    ("diff-scenario-a-string", ["diff", "{d}/capture", "{d}/capture-scenario-a-string", "--out", "{out}"],
+     "metadata.scenario"),  # was an AttributeError traceback
+    ("diff-versions-a-string", ["diff", "{d}/capture", "{d}/capture-versions-a-string", "--out", "{out}"],
+     "metadata does not fit"),  # after the verdict was printed
+    ("diff-other-model", ["diff", "{d}/capture-other-model", "{d}/capture"], "capture-other-model"),  # named "truth"
+    ("diff-other-prompt", ["diff", "{d}/capture-prompt-a", "{d}/capture-prompt-b"], "length 3 vs 4"),  # was exit 1
+    ("diff-other-weights", ["diff", "{d}/capture-prompt-a", "{d}/capture-seed-1"], "model.seed"),  # was exit 1
 ]
 
 
@@ -292,11 +302,26 @@ def bad_dir(tmp_path_factory):
     builder = CaptureBuilder(capture_metadata(tiny, path="reference", dtype=torch.float32))
     builder.add("r0", "embed", torch.arange(3), torch.randn(3, tiny.hidden_size))
     save_capture(builder.build(), d / "capture")
+    save_capture(CaptureBuilder(capture_metadata(tiny, path="reference", dtype=torch.float32)).build(),
+                 d / "capture-empty")
+    moe = reference.PRESETS["tiny-moe"]
+    other = CaptureBuilder(capture_metadata(moe, path="reference", dtype=torch.float32))
+    other.add("r0", "embed", torch.arange(3), torch.randn(3, moe.hidden_size))
+    save_capture(other.build(), d / "capture-other-model")
     for name in ("capture-bad-manifest", "capture-nested-manifest", "capture-corrupt", "capture-no-config",
-                 "capture-tap-key-a-list", "capture-dtype-a-list", "capture-huge-integer"):
+                 "capture-tap-key-a-list", "capture-dtype-a-list", "capture-huge-integer",
+                 "capture-scenario-a-string", "capture-versions-a-string", "capture-prompt-a", "capture-prompt-b",
+                 "capture-seed-1"):
         save_capture(builder.build(), d / name)
+    prompt = {"model": {"seed": 0}, "requests": [{"id": "r0", "length": 3, "seed": 1}]}
     for name, edit in (("capture-tap-key-a-list", lambda m: m["requests"][0]["taps"][0].update(key=["x"])),
-                       ("capture-dtype-a-list", lambda m: m["metadata"].update(dtype=["float32"]))):
+                       ("capture-dtype-a-list", lambda m: m["metadata"].update(dtype=["float32"])),
+                       ("capture-scenario-a-string", lambda m: m["metadata"].update(scenario="x")),
+                       ("capture-versions-a-string", lambda m: m["metadata"].update(versions="x")),
+                       ("capture-prompt-a", lambda m: m["metadata"].update(scenario=prompt)),
+                       ("capture-prompt-b", lambda m: m["metadata"].update(scenario={
+                           **prompt, "requests": [{"id": "r0", "length": 4, "seed": 1}]})),
+                       ("capture-seed-1", lambda m: m["metadata"].update(scenario={**prompt, "model": {"seed": 1}}))):
         manifest = json.loads((d / name / "manifest.json").read_text())  # each was TypeError: unhashable
         edit(manifest)
         (d / name / "manifest.json").write_text(json.dumps(manifest))
