@@ -34,8 +34,8 @@ def _seconds(text: str) -> float | None:
     return value or None
 
 
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= minimum; argparse's error names the flag."""
+def _int_at_least(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer >= minimum (and <= maximum); argparse's error names the flag."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -43,6 +43,8 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {maximum}, got {value}")
         return value
 
     return parse
@@ -55,6 +57,10 @@ def _path(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("expected a path, got an empty string")
     return text
+
+
+# `kernels --repeats`: a median of 1000 is as steady as it gets; 10**30 ran until killed.
+MAX_REPEATS = 1000
 
 
 def _port(text: str) -> int:
@@ -172,6 +178,9 @@ def cmd_info(args) -> int:
         cfg = _config(args.model)
     except (CheckpointError, ConfigError) as e:
         return _refuse(e)
+    if args.page_size > cfg.max_position_embeddings:  # a plan of one page bigger than any sequence
+        return _refuse(BadInput(f"--page-size: {args.page_size} is past the model's max_position_embeddings "
+                                f"{cfg.max_position_embeddings}"))
     too_long = [c for c in args.context if c > cfg.max_position_embeddings]
     if too_long:
         return _refuse(BadInput(f"--context: {too_long[0]} is past the model's max_position_embeddings "
@@ -298,6 +307,13 @@ def _check_memory(sc, cfg) -> None:
             raise ScenarioError(f"engine.num_pages: {e.num_pages} pages of {e.page_size} slots need at least "
                                 f"{need >> 30} GiB for the K/V pools; this machine's {device.type} memory is "
                                 f"{total >> 30} GiB")
+    if e.max_requests is not None:  # the engine's request table: a row of max_context int32 per request
+        longest = max((len(r.tokens) if r.tokens is not None else r.length) + r.new_tokens
+                      + (r.prefix_from["length"] if r.prefix_from else 0) for r in sc.requests)
+        need = e.max_requests * (4 * longest + 36)  # and a free-row list: a pointer and an int each
+        if need > total:
+            raise ScenarioError(f"engine.max_requests: {e.max_requests} request rows of {longest} positions need at "
+                                f"least {need >> 30} GiB; this machine's {device.type} memory is {total >> 30} GiB")
     for i, r in enumerate(sc.requests):
         positions = (len(r.tokens) if r.tokens is not None else r.length) + r.new_tokens
         if r.prefix_from:
@@ -973,8 +989,8 @@ def build_parser() -> argparse.ArgumentParser:
                          choices=["float32", "bfloat16", "float16"], help="dtypes to test (default: float32 bfloat16)")
     kernels.add_argument("--size", choices=["small", "e2b", "e4b", "31b", "26b-a4b"],
                          help="input sizes: small, or a preset's shapes at 2048 tokens (default: small on CPU, e2b on GPU)")
-    kernels.add_argument("--repeats", type=positive, default=5,
-                         help="timed runs per kernel; the table shows the median (default: 5)")
+    kernels.add_argument("--repeats", type=_int_at_least(1, MAX_REPEATS), default=5,
+                         help=f"timed runs per kernel, at most {MAX_REPEATS}; the table shows the median (default: 5)")
     kernels.add_argument("--out", type=_path, default="reports/kernels", metavar="DIR",
                          help="directory to write DIR/kernels.json into (default: reports/kernels)")
     kernels.set_defaults(func=cmd_kernels)

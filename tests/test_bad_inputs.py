@@ -220,6 +220,13 @@ CLI_CASES = [
     ("report-html-a-directory", ["report", "{d}/html-a-directory"], "DIRECTORY"),
     ("kernels-json-a-directory", ["kernels", "--out", "{d}/kernels-json-a-directory"], "kernels.json"),
     ("report-directory-a-file", ["report", "{d}/a-file"], "DIRECTORY"),  # was named --out, which was not given
+    # huge numbers and odd names
+    ("scenario-max-requests-huge", ["check", "--scenario", "{d}/huge-max-requests.json", "--out", "{out}"],
+     "engine.max_requests"),  # was torch.zeros' overflow in the run, a traceback
+    ("capture-max-requests-huge", ["capture", "--scenario", "{d}/huge-max-requests.json", "--path", "truth",
+                                   "--out", "{out}"], "engine.max_requests"),
+    ("info-page-size-huge", ["info", "--page-size", str(10**30)], "--page-size"),  # printed 8e23 GiB
+    ("kernels-repeats-huge", ["kernels", "--repeats", str(10**30), "--out", "{out}"], "--repeats"),  # ran on
     # captures diff cannot judge
     ("diff-no-request", ["diff", "{d}/capture-empty", "{d}/capture-empty", "--out", "{out}"],
      "nothing to judge"),  # was "PARITY: 0 taps in 0 requests", exit 0
@@ -274,6 +281,7 @@ def bad_dir(tmp_path_factory):
             "request": ["r0"], "length": 2}}]},
         "seed-past-uint64": _scenario(seed=2**64),  # was torch.Generator's ValueError
         "on-cuda": {**_scenario(), "model": {"device": "cuda"}},
+        "huge-max-requests": {**_scenario(), "engine": {"max_requests": 10**30}},
     }
     for name, raw in files.items():
         (d / f"{name}.json").write_text(json.dumps(raw))
