@@ -150,8 +150,11 @@ def from_dict(d: Any) -> Scenario:
     if not isinstance(name, str) or not name:
         raise ScenarioError(f"name: expected a non-empty string, got {name!r}")
     m = _only("model", d.get("model", {}), {"source", "seed", "dtype", "device"})
+    source = m.get("source", "tiny")
+    if not isinstance(source, str) or not source:  # "" is the current directory, null was 'None'
+        raise ScenarioError(f"model.source: expected a preset name or checkpoint directory, got {source!r}")
     model = ModelSpec(
-        source=str(m.get("source", "tiny")), seed=_int("model.seed", m.get("seed", 0), 0),
+        source=source, seed=_int("model.seed", m.get("seed", 0), 0),
         dtype=m.get("dtype", "float32"), device=str(m.get("device", "cpu")))
     if not isinstance(model.dtype, str) or model.dtype not in DTYPES:
         raise ScenarioError(f"model.dtype: {model.dtype!r} is not one of {sorted(DTYPES)}")

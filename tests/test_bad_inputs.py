@@ -225,6 +225,9 @@ CLI_CASES = [
      "engine.max_requests"),  # was torch.zeros' overflow in the run, a traceback
     ("capture-max-requests-huge", ["capture", "--scenario", "{d}/huge-max-requests.json", "--path", "truth",
                                    "--out", "{out}"], "engine.max_requests"),
+    ("scenario-source-empty", ["check", "--scenario", "{d}/source-empty.json", "--out", "{out}"],
+     "model.source"),  # was "config.json: no config.json" (the current directory)
+    ("scenario-source-null", ["check", "--scenario", "{d}/source-null.json", "--out", "{out}"], "model.source"),
     ("info-page-size-huge", ["info", "--page-size", str(10**30)], "--page-size"),  # printed 8e23 GiB
     ("kernels-repeats-huge", ["kernels", "--repeats", str(10**30), "--out", "{out}"], "--repeats"),  # ran on
     # captures diff cannot judge
@@ -282,6 +285,8 @@ def bad_dir(tmp_path_factory):
         "seed-past-uint64": _scenario(seed=2**64),  # was torch.Generator's ValueError
         "on-cuda": {**_scenario(), "model": {"device": "cuda"}},
         "huge-max-requests": {**_scenario(), "engine": {"max_requests": 10**30}},
+        "source-empty": {**_scenario(), "model": {"source": ""}},
+        "source-null": {**_scenario(), "model": {"source": None}},
     }
     for name, raw in files.items():
         (d / f"{name}.json").write_text(json.dumps(raw))
