@@ -522,6 +522,14 @@ class Facts(_Schema):
         facts = super().load(data, path)
         if facts.verdict not in VERDICTS:
             raise FactsError(f"{path}.verdict: must be one of {VERDICTS}, got {facts.verdict!r}")
+        if facts.verdict == "parity":
+            # A hand-edited report.json must not pass for parity (`report` exits 0 on it) while a
+            # scenario or kernel in it failed.
+            kernels = [] if facts.kernels is ABSENT or facts.kernels is None else facts.kernels
+            failed = [f"{path}.scenarios[{i}] ({s.name})" for i, s in enumerate(facts.scenarios) if not s.passed]
+            failed += [f"{path}.kernels[{i}] ({k.name})" for i, k in enumerate(kernels) if k.passed is False]
+            if failed:
+                raise FactsError(f"{path}.verdict: 'parity', but {', '.join(failed[:3])} did not pass")
         return facts
 
 

@@ -97,6 +97,23 @@ def test_write_report_refuses_a_report_file_that_is_a_directory_before_writing_e
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
 
 
+def test_a_parity_verdict_over_a_failed_scenario_or_kernel_is_refused():
+    """`report` exits 0 on a parity verdict: a hand-edited report.json that says parity while a
+    scenario or kernel in it failed must not render (it did, exit 0)."""
+    from oracle.report import ReportError, write_report
+
+    env = {"versions": {}, "device": "cpu", "dtype": "float32", "git": None, "host": ""}
+    facts = {"title": "t", "verdict": "parity", "summary": "s", "command": "c", "environment": env,
+             "scenarios": [{"name": "a", "passed": True}, {"name": "b", "passed": False}]}
+    with pytest.raises(ReportError, match=r"verdict: 'parity', but facts.scenarios\[1\] \(b\) did not pass"):
+        write_report(facts, None)
+    facts["scenarios"][1]["passed"] = True
+    facts["kernels"] = [{"name": "gemv", "shape": [1], "dtype": "float32", "max_ulp": 0, "max_rel": 0, "passed": False,
+                         "time_us": 1, "eager_us": 1, "unfused_us": 1}]
+    with pytest.raises(ReportError, match=r"facts.kernels\[0\] \(gemv\) did not pass"):
+        write_report(facts, None)
+
+
 # -- the CLI: every malformed input is one line, exit 2, before any work ----------------------
 
 CUDA = "torch.cuda.is_available()"  # a marker: the case needs a machine without CUDA
