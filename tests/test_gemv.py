@@ -249,14 +249,19 @@ def test_split_k_is_deterministic_and_leaves_its_counters_at_zero(setting):
     assert_close(first[1], want[1])
 
 
-def test_split_k_runs_unsplit_where_its_scratch_is_too_small(monkeypatch):
-    """A call whose partial sums would not fit the fixed scratch runs unsplit: same result, no
-    scratch touched."""
+def test_split_k_runs_unsplit_where_its_scratch_is_too_small_or_cannot_be_made(monkeypatch):
+    """A call whose partial sums would not fit the fixed scratch, or that would first make it inside
+    a graph capture, runs unsplit: same result, no scratch touched."""
     gen = torch.Generator().manual_seed(3)
     x, w = rows_of(gen, 3, 64, torch.float32), weight(gen, 24, 64, torch.float32)
     split = gemv.linear(x, w, settings=SETTINGS["dot-split"])
     monkeypatch.setattr(gemv, "SPLIT_PARTIAL_FLOATS", 1)
     monkeypatch.setattr(gemv, "_split_scratch", {})
+    assert_close(gemv.linear(x, w, settings=SETTINGS["dot-split"]), split)
+    assert gemv._split_scratch == {}
+    # Nor is the scratch first made inside a graph capture (its zeroing would be recorded, not run).
+    monkeypatch.setattr(gemv, "SPLIT_PARTIAL_FLOATS", 2 << 20)
+    monkeypatch.setattr(gemv, "capturing", lambda device: True)
     assert_close(gemv.linear(x, w, settings=SETTINGS["dot-split"]), split)
     assert gemv._split_scratch == {}
 

@@ -134,6 +134,15 @@ def graphs_supported(device: torch.device) -> bool:
     return hasattr(module, "CUDAGraph") and hasattr(module, "graph")
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether the device's current stream is recording a graph (by capability, not by vendor):
+    work enqueued now is recorded, not run, so e.g. a zeroed allocation would stay unzeroed."""
+    if device.type == "cpu":
+        return False
+    check = getattr(torch.get_device_module(device), "is_current_stream_capturing", None)
+    return bool(check is not None and check())
+
+
 def capture_graph(device: torch.device, fn, pool=None):
     """Record fn() into a device graph on a side stream; returns (graph, what fn returned).
 

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from reference.model import gelu_tanh as _reference_gelu_tanh, rms_norm as _reference_rms_norm
-from . import INTERPRETING
+from . import INTERPRETING, capturing
 from .activation import gelu_tanh_mul as _gelu_tanh_mul_kernel
 from .common import (check_eps, check_float, check_same, check_weight, dot_args, gelu_tanh_f32, round_to,
                      store_rounded)
@@ -290,7 +290,7 @@ def _scratch(device: torch.device, floats: int, tiles: int):
         return None
     got = _split_scratch.get(device)
     if got is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if capturing(device):
             return None
         got = (torch.empty(SPLIT_PARTIAL_FLOATS, dtype=torch.float32, device=device),
                torch.zeros(SPLIT_TILES, dtype=torch.int32, device=device))
