@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load as tensors_from_bytes
 from safetensors.torch import save as tensors_to_bytes
 
-from reference.fileio import fresh_dir, fsync_dir, write_durably
+from reference.fileio import fresh_dir, fsync_dir, parse_json, write_durably
 
 from .taps import TapNameError, parse_tap
 
@@ -347,7 +347,7 @@ def _check_request(request_id: str, req: RequestCapture) -> None:
 
 def _is_capture_dir(path: Path) -> bool:
     try:
-        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format") == FORMAT
+        return parse_json((path / MANIFEST).read_text(encoding="utf-8")).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -468,13 +468,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise CaptureError(f"{path}: unreadable ({e})") from None
     try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CaptureError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:  # json's parser recurses once per nested array or object
-        raise CaptureError(f"{path}: not valid JSON (nested too deeply)") from None
-    except ValueError as e:  # past json's own errors: an integer of more than 4300 digits
-        raise CaptureError(f"{path}: not valid JSON ({e})") from None
+        manifest = parse_json(text)
+    except ValueError as e:
+        raise CaptureError(f"{path}: {e}") from None
     _expect(isinstance(manifest, dict), str(path), "expected a JSON object")
     _expect(manifest.get("format") == FORMAT, str(path), f"format is {manifest.get('format')!r}, expected {FORMAT!r}")
     version = manifest.get("schema_version")

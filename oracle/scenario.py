@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from reference.fileio import parse_json
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -290,18 +292,14 @@ def check_fits(scenario: Scenario, config) -> None:
 def load(path: str | Path) -> Scenario:
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
+        raw = parse_json(path.read_text())
     except FileNotFoundError:
         raise ScenarioError(f"{path}: no such scenario file") from None
-    except json.JSONDecodeError as e:
-        raise ScenarioError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:  # json's parser recurses once per nested array or object
-        raise ScenarioError(f"{path}: not valid JSON (nested too deeply)") from None
     except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
         raise ScenarioError(f"{path}: cannot read the scenario file ({e.strerror if isinstance(e, OSError) else e})") \
             from None
-    except ValueError as e:  # past json's own errors: an integer of more than 4300 digits
-        raise ScenarioError(f"{path}: not valid JSON ({e})") from None
+    except ValueError as e:  # parse_json's: not valid JSON (why)
+        raise ScenarioError(f"{path}: {e}") from None
     try:
         return from_dict(raw)
     except ScenarioError as e:

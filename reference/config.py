@@ -9,10 +9,11 @@ Everything a forward needs per layer is derived once, in `LayerSpec`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .fileio import parse_json
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -109,15 +110,15 @@ class Gemma4Config:
     def from_json_file(cls, path: str | Path) -> Gemma4Config:
         path = Path(path)
         try:
-            raw = json.loads(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             raise ConfigError(f"{path}: no config.json") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        except RecursionError:  # json's parser recurses once per nested array or object
-            raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+        try:
+            raw = parse_json(text)
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         return _from_hf_dict(raw)

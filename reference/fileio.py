@@ -8,18 +8,34 @@
   less the umask, i.e. 0644/0755 under the usual 022. Not tempfile.mkstemp/mkdtemp: their
   0600/0700 would become the mode of a report, capture or checkpoint once renamed into place.
 
+And the one way files are parsed as JSON (`parse_json`): every way json fails, as one
+ValueError whose message says what is wrong, for the readers to name their file.
+
 It lives in reference/ (depending on nothing but the standard library) so that reference/ and
 oracle/ both import it without breaking the one-way import rule (reference <- optimized <- oracle).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
 from typing import Callable
 
 __all__ = ["write_atomic", "write_durably", "fresh_dir", "fsync_dir"]
+
+
+def parse_json(text: str):
+    """json.loads(text); any failure is a ValueError "not valid JSON (why)": json's own errors, a
+    nesting deeper than the recursion limit (its parser recurses once per array or object), an
+    integer of more digits than int() takes (4300 by default; json raises a plain ValueError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise ValueError(f"not valid JSON ({e})") from None
 
 
 def write_atomic(target: str | os.PathLike, content: bytes | str | Callable[[Path], None]) -> Path:

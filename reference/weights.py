@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, Gemma4Config
-from .fileio import write_atomic
+from .fileio import parse_json, write_atomic
 from .presets import PRESETS
 
 Weights = dict[str, torch.Tensor]
@@ -286,9 +286,9 @@ def _checkpoint_files(path: Path) -> list[Path]:
     single = path / "model.safetensors"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = parse_json(index.read_text())["weight_map"]
             files = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
         for f in files:
             if not isinstance(f, str) or "/" in f or f.startswith("."):
