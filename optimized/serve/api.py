@@ -113,42 +113,33 @@ def _bool(body: dict, key: str, default: bool = False) -> bool:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def unpaired_surrogate(body) -> str | None:
-    """Where a parsed JSON body holds an unpaired UTF-16 surrogate ("\\ud800" alone: valid JSON, not
-    Unicode text), as a field path ("messages[0].content"), or None. The tokenizer refuses such a
-    string, and an answer or error that quoted it could not be encoded as UTF-8 (both were 500s).
-    Iterative: a body json accepted may nest deeper than this stack has room for."""
+def _fields(body):
+    """(field path, value) of every value in a parsed JSON body, depth first in document order, and
+    ("<object's path> (a field name)", key) for each object's keys before its values. Iterative:
+    a body json accepted may nest deeper than this stack has room for."""
     stack = [("", body)]
     while stack:
         where, v = stack.pop()
-        if isinstance(v, str):
-            if _SURROGATE.search(v):
-                return where or "body"
-        elif isinstance(v, dict):
-            for k, x in reversed(v.items()):
-                if _SURROGATE.search(k):
-                    return f"{where or 'body'} (a field name)"
-                stack.append((f"{where}.{k}" if where else k, x))
+        yield where or "body", v
+        if isinstance(v, dict):
+            for k in v:
+                yield f"{where or 'body'} (a field name)", k
+            stack.extend((f"{where}.{k}" if where else k, x) for k, x in reversed(v.items()))
         elif isinstance(v, list):
-            stack.extend((f"{where or 'body'}[{i}]", v[i]) for i in reversed(range(len(v)))
-                         if isinstance(v[i], (str, list, dict)))
-    return None
+            stack.extend((f"{where or 'body'}[{i}]", v[i]) for i in reversed(range(len(v))))
+
+
+def unpaired_surrogate(body) -> str | None:
+    """Where a parsed JSON body holds an unpaired UTF-16 surrogate ("\\ud800" alone: valid JSON, not
+    Unicode text), as a field path ("messages[0].content"), or None. The tokenizer refuses such a
+    string, and an answer or error that quoted it could not be encoded as UTF-8 (both were 500s)."""
+    return next((where for where, v in _fields(body) if isinstance(v, str) and _SURROGATE.search(v)), None)
 
 
 def find_value(body, target) -> str | None:
     """The field path ("stop_token_ids[3]") of the first place that holds the object `target`
-    (by identity), or None. Iterative, as unpaired_surrogate."""
-    stack = [("", body)]
-    while stack:
-        where, v = stack.pop()
-        if v is target:
-            return where or "body"
-        if isinstance(v, dict):
-            for k, x in reversed(v.items()):
-                stack.append((f"{where}.{k}" if where else k, x))
-        elif isinstance(v, list):
-            stack.extend((f"{where or 'body'}[{i}]", v[i]) for i in reversed(range(len(v))))
-    return None
+    (by identity), or None."""
+    return next((where for where, v in _fields(body) if v is target), None)
 
 
 def _token_ids(v, key: str, ctx: Context) -> list[int]:
