@@ -642,6 +642,7 @@ def _check_diff_inputs(loaded: dict, paths: dict) -> None:
     no request, which would judge nothing and say PARITY; a baseline or truth of another model
     than the candidate's (compare's own check names its roles, not the paths given)."""
     from .capture import CaptureError
+    from .compare import config_difference
 
     truth = "truth" if "truth" in loaded else "baseline"
     if not loaded[truth].requests:
@@ -650,12 +651,9 @@ def _check_diff_inputs(loaded: dict, paths: dict) -> None:
     want = loaded["candidate"].metadata.get("model_config")
     for role in ("baseline", "truth"):
         got = loaded[role].metadata.get("model_config") if role in loaded else None
-        if isinstance(got, dict) and got != want:
-            fields = sorted(k for k in {*got, *want} if got.get(k) != want.get(k))
-            shown = ", ".join(f"{k} {got.get(k)!r} vs {want.get(k)!r}" for k in fields[:3])
-            more = ", ..." if len(fields) > 3 else ""
+        if isinstance(got, dict) and (differ := config_difference(got, want)):
             raise CaptureError(f"{paths[role]}: the {role} capture is of another model than the candidate "
-                               f"{paths['candidate']} (metadata.model_config: {shown}{more})")
+                               f"{paths['candidate']} (metadata.model_config: {differ})")
 
 
 def _check_same_prompts(loaded: dict, paths: dict) -> None:

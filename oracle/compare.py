@@ -724,14 +724,25 @@ def _layer_growth(rows: list[TapRow], config) -> dict[str, Any]:
 
 
 def _check_same_model(config, **captures: Capture) -> None:
-    want = _canonical(config.to_hf_dict())
+    want = config.to_hf_dict()
     for name, capture in captures.items():
         got = capture.metadata.get("model_config")
-        if got is not None and _canonical(got) != want:
-            raise CompareError(f"the {name} capture was taken with another model config than the one given")
+        if got is not None and (differ := config_difference(got, want)):
+            raise CompareError(f"the {name} capture was taken with another model config than the one given "
+                               f"({differ})")
 
 
-def _canonical(d: dict) -> str:
+def config_difference(got: Mapping, want: Mapping, shown: int = 3) -> str | None:
+    """Where two model configs (config.json dicts) differ, as "field got vs want, ..." (the first
+    `shown` fields in name order), or None where they are the same."""
+    fields = sorted(k for k in {*got, *want} if _canonical(got.get(k)) != _canonical(want.get(k)))
+    if not fields:
+        return None
+    text = ", ".join(f"{k} {got.get(k)!r} vs {want.get(k)!r}" for k in fields[:shown])
+    return text + (", ..." if len(fields) > shown else "")
+
+
+def _canonical(d) -> str:
     return json.dumps(d, sort_keys=True, default=list)
 
 
