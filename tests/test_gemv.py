@@ -390,4 +390,16 @@ def test_the_gemv_kernels_compile_for_a_gpu():
                     assert "bar.sync" in ptx[:ticket] and "ld.global.cg" in ptx[ticket:], "split-K's ordering"
                 else:
                     assert "atom." not in ptx
+        # the projections with the row pass after them (MODE 0): a second ticket, the output read past L1
+        t.update(res="*bf16", tail_w1="*bf16", tail_w2="*bf16", scalar="*bf16", res_out="*bf16", tail_out="*bf16",
+                 tail_counter="*i32")
+        for tail, split in ((1, 1), (2, 1), (1, 4), (2, 3)):
+            k = compile_for_sm90(gemv._gemv_kernel, t, dict(
+                MODE=0, STORE_GATE_UP=False, BLOCK_M=1 if split == 1 else 16, BLOCK_N=4 if split == 1 else 32,
+                BLOCK_K=2048 if split == 1 else 256, EVEN_K=True, DOT=split > 1, DOT_DTYPE=tl.bfloat16,
+                DOT_PRECISION=None, SPLIT_K=split, TAIL=tail, HAS_SCALAR=tail == 2, STORE_NORMED=tail == 2,
+                TAIL_N=1536, TAIL_BLOCK=2048, TAIL_ROWS=1), num_warps=4, num_stages=3, enable_fp_fusion=False)
+            ptx = k.asm["ptx"]
+            last = ptx.rindex("atom.global.gpu.acq_rel.add")
+            assert "bar.sync" in ptx[:last] and "ld.global.cg" in ptx[last:], "the tail's ordering"
     """)

@@ -194,11 +194,11 @@ def _tail(out, res, tail_w1, tail_w2, scalar, res_out, tail_out, tail_counter, M
                 rows = r0 + tl.arange(0, TAIL_ROWS).to(tl.int64)
                 if TAIL == 1:
                     add_rms_norm_rows(out, res, tail_w1, tail_w2, res_out, tail_out, rows, M, TAIL_N, stride_res,
-                                      eps, TAIL_N, TAIL_BLOCK, True, ".cg")
+                                      eps, TAIL_N, TAIL_BLOCK, True, True)
                 else:
                     post_ffn_rows(out, out, res, tail_w1, tail_w1, tail_w1, scalar, res_out, tail_out, rows, M,
                                   TAIL_N, TAIL_N, stride_res, eps, TAIL_N, TAIL_BLOCK, False, HAS_SCALAR,
-                                  STORE_NORMED, ".cg")
+                                  STORE_NORMED, True)
             tl.atomic_xchg(tail_counter, 0)  # ready for the next call (graph replays included)
 
 
