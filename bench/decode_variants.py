@@ -2,13 +2,14 @@
 per variant (its decode graphs keep the settings they were captured with), the variants taken in
 turn within each repeat so that drift hits all alike, medians reported.
 
-    python bench/decode_variants.py --model e2b --set base: --set tail1:gemv.TAIL_MAX_ROWS=1 \\
-        --set gateup:gemv.TAIL_MAX_ROWS=1,gemv.GEMV_MAX_WEIGHT=40000000 --out reports/variants.json
+    python bench/decode_variants.py --model e2b --set base: --set gateup:gemv.GEMV_MAX_WEIGHT=40000000 \\
+        --set nogemv:gemv.GEMV_MAX_ROWS=0 --out reports/variants.json
 
 A variant is NAME:MODULE.CONSTANT=VALUE[,...] with MODULE a module of optimized/kernels and VALUE
 a Python literal; NAME: alone runs the modules as they are. Settings are applied before each of
-the variant's runs (and its engine's construction) and the defaults restored after. Also
-`--greedy-check`: every variant's greedy tokens for one batch must equal the first variant's.
+the variant's runs (and its engine's construction) and the defaults restored after.
+`--greedy-check B` first compares each variant's greedy tokens for a batch of B with the first
+variant's; the exit status is 1 where any differ.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1))
-    return 0
+    return 0 if all(out.get("greedy_same", {}).values()) else 1
 
 
 if __name__ == "__main__":

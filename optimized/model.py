@@ -129,11 +129,9 @@ class PagedGemma4:
         p = f"layers.{spec.index}."
         capturing = emit is not _no_emit
         a = self.attention(spec, x, batch, emit)
-        # o_proj, x = x + post_attention_norm(its output), and the pre-feed-forward norm of the
-        # result: one GEMV launch at decode.
-        x, h = self._row_parallel(o.linear_add_rms_norm, o.add_rms_norm, a, w[p + "self_attn.o_proj.weight"], x,
-                                  w[p + "pre_feedforward_layernorm.weight"], eps,
-                                  x_weight=w[p + "post_attention_layernorm.weight"])
+        # x = x + post_attention_norm(a), and the pre-feed-forward norm of the result, in one pass.
+        x, h = o.add_rms_norm(a, x, w[p + "pre_feedforward_layernorm.weight"], eps,
+                              x_weight=w[p + "post_attention_layernorm.weight"])
         emit(p + "attn_out", x)
 
         # gate_up projection and gelu_tanh(gate) * up in one op (one GEMV launch at decode); when
@@ -143,10 +141,10 @@ class PagedGemma4:
             act, gate_up = act
             emit(p + "mlp_gate_up", gate_up)
         emit(p + "mlp_act", act)
+        m = o.linear(act, w[p + "mlp.down_proj.weight"])  # a partial sum under tensor parallelism
         # layer_scalar joins the post-FFN pass unless the PLE block sits between the add and the scale.
         scalar = None if ple is not None else w[p + "layer_scalar"]
         if cfg.enable_moe_block:
-            m = o.linear(act, w[p + "mlp.down_proj.weight"])  # a partial sum under tensor parallelism
             top_w, top_i = o.route(x, w[p + "router.scale"], w[p + "router.proj.weight"],
                                    w[p + "router.per_expert_scale"], cfg.top_k_experts, eps)
             if capturing:  # the router's choice, as the reference records it: int64, ascending per row
@@ -157,10 +155,9 @@ class PagedGemma4:
             out = o.post_ffn_moe_residual_scale(
                 m, moe, x, w[p + "post_feedforward_layernorm_1.weight"], w[p + "post_feedforward_layernorm_2.weight"],
                 w[p + "post_feedforward_layernorm.weight"], eps, scalar, return_normed=capturing)
-        else:  # the down projection and the post-FFN pass: one GEMV launch at decode
-            out = self._row_parallel(o.linear_post_ffn_residual_scale, o.post_ffn_residual_scale, act,
-                                     w[p + "mlp.down_proj.weight"], x, w[p + "post_feedforward_layernorm.weight"], eps,
-                                     scalar, return_normed=capturing)
+        else:
+            out = o.post_ffn_residual_scale(self._all_reduce(m), x, w[p + "post_feedforward_layernorm.weight"],
+                                            eps, scalar, return_normed=capturing)
         if capturing:
             out, normed = out
             emit(p + "mlp_out", normed)
@@ -169,17 +166,15 @@ class PagedGemma4:
         if ple is not None:
             g = o.linear_gelu_mul(x, w[p + "per_layer_input_gate.weight"], ple[:, spec.index, :])
             # x = (x + post_per_layer_input_norm(projection)) * layer_scalar: the post-FFN pass's
-            # math exactly (norm, add, scale, each rounded as there), so the same op and kernel,
-            # here with the projection in the same launch.
-            x = o.linear_post_ffn_residual_scale(g, w[p + "per_layer_projection.weight"], x,
-                                                 w[p + "post_per_layer_input_norm.weight"], eps, w[p + "layer_scalar"])
+            # math exactly (norm, add, scale, each rounded as there), so the same op and kernel.
+            x = o.post_ffn_residual_scale(o.linear(g, w[p + "per_layer_projection.weight"]), x,
+                                          w[p + "post_per_layer_input_norm.weight"], eps, w[p + "layer_scalar"])
         emit(p + "out", x)
         return x
 
     def attention(self, spec: LayerSpec, h, batch: ForwardBatch, emit) -> torch.Tensor:
-        """The attention heads' output [N, heads * head_dim] (before o_proj, which the layer fuses
-        with the norms after it) for the residual stream h [N, H], input_layernorm included (fused
-        into the q/k/v projection: one GEMV launch at decode)."""
+        """The attention block of the residual stream h [N, H], input_layernorm included (fused into
+        the q/k/v projection: one GEMV launch at decode)."""
         w, o, eps = self.w, self.ops, self.config.rms_norm_eps
         p = f"layers.{spec.index}."
         N, hd, Hq = h.shape[0], spec.head_dim, self.config.num_attention_heads
@@ -209,15 +204,11 @@ class PagedGemma4:
             out = extend_attention(q, k_pool, v_pool, pages, batch.page_size, batch.cu_seqlens_q,
                                    batch.seq_lens, window=spec.window)
         emit(p + "o", out)
-        return out.reshape(N, -1)
+        return self._all_reduce(o.linear(out.reshape(N, -1), w[a + "o_proj.weight"]))
 
-    def _row_parallel(self, fused_op, row_op, x, w, residual, *args, **kwargs):
-        """row_op(x @ w.T summed over the ranks, residual, *args): the projection and the row pass
-        after it in one op (fused_op: one GEMV launch at decode) without tensor parallelism; under
-        it the partial sums are all-reduced in between."""
-        if self.tp is None:
-            return fused_op(x, w, residual, *args, **kwargs)
-        return row_op(self.tp.all_reduce(self.ops.linear(x, w)), residual, *args, **kwargs)
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """A row-parallel projection's output summed over the ranks (itself without tp)."""
+        return x if self.tp is None else self.tp.all_reduce(x)
 
     def _all_reduce_pair(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two partial sums in one all-reduce: the dense MLP's and the experts' outputs, which are

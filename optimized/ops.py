@@ -124,18 +124,6 @@ def post_ffn_moe_residual_scale(m_dense, m_moe, residual, w_dense, w_moe, weight
     return post_ffn_residual_scale(m, residual, weight, eps, scalar, return_normed=return_normed)
 
 
-def linear_add_rms_norm(x, w, residual, weight, eps: float, *, x_weight):
-    """add_rms_norm(x @ w.T, residual, weight, eps, x_weight=x_weight): o_proj and the sandwich
-    step after attention (one GEMV launch when fused)."""
-    return add_rms_norm(F.linear(x, w), residual, weight, eps, x_weight=x_weight)
-
-
-def linear_post_ffn_residual_scale(x, w, residual, weight, eps: float, scalar=None, *, return_normed=False):
-    """post_ffn_residual_scale(x @ w.T, ...): the down (or PLE) projection and the post-FFN pass
-    (one GEMV launch when fused)."""
-    return post_ffn_residual_scale(F.linear(x, w), residual, weight, eps, scalar, return_normed=return_normed)
-
-
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap
 

@@ -256,15 +256,12 @@ def _gemv_cases(s: dict, dtype, device, gen):
     """The few-row GEMVs at the most rows the model runs them at (min(T, gemv.row_limit), at least
     one), the kernel forced by its launch settings (an op whose limit is 0 or below the rows would
     otherwise take the unfused path): the input norm + q/k/v projection and gate_up + gated GELU
-    (the mlp_gate_up tap stored), the PLE gate (up a strided slice of the per-layer inputs), a
-    plain projection (down; these two split over K where compiled, past one row), and the
-    projections with the row pass after them in the same launch (o_proj + the sandwich norms,
-    down + the post-FFN pass with layer_scalar and the normed branch) at TAIL_MAX_ROWS."""
+    (the mlp_gate_up tap stored), the PLE gate (up a strided slice of the per-layer inputs) and a
+    plain projection (down; these two split over K where compiled, past one row)."""
     H, Hq, Hkv, D, inter = s["H"], s["Hq"], s["Hkv"], s["D"], s["I"]
     P, b = 256 if H >= 1024 else 8, torch.finfo(dtype).bits // 8
     m1 = min(s["T"], max(gemv.row_limit(True, dtype), 1))  # the fused norm / gate_up
     m = min(s["T"], max(gemv.row_limit(False, dtype), 1))
-    mt = min(s["T"], max(gemv.TAIL_MAX_ROWS, 1))  # the projections with the row pass
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device=gen.device) * scale).to(device=device, dtype=dtype)
@@ -275,8 +272,6 @@ def _gemv_cases(s: dict, dtype, device, gen):
     w_qkv, w_gu = rnd((Hq + 2 * Hkv) * D, H, scale=H ** -0.5), rnd(2 * inter, H, scale=H ** -0.5)
     w_down, w_gate = rnd(H, inter, scale=inter ** -0.5), rnd(P, H, scale=H ** -0.5)
     ple = rnd(m, 3, P)[:, 1, :]  # one layer's slice of [T, L, P]: rows strided
-    attn, w_o, res = rnd(mt, Hq * D), rnd(H, Hq * D, scale=(Hq * D) ** -0.5), rnd(mt, H)
-    nw2, scalar = nw.flip(0), rnd(1).abs()
     n_qkv = w_qkv.shape[0]
 
     def ls(n, rows=m):
@@ -298,18 +293,6 @@ def _gemv_cases(s: dict, dtype, device, gen):
         Case("linear", f"[{m}, {inter}] x [{H}, {inter}]", lambda: gemv.linear(act, w_down, settings=ls(H)),
              lambda: gemv.linear_eager(act, w_down), lambda: ops.linear(act, w_down),
              bytes=(w_down.numel() + m * inter + m * H) * b, sum_len=inter),
-        Case("linear_add_rms_norm", f"[{mt}, {Hq * D}] x [{H}, {Hq * D}], both norms",
-             lambda: gemv.linear_add_rms_norm(attn, w_o, res, nw, 1e-6, x_weight=nw2, settings=ls(H, mt)),
-             lambda: gemv.linear_add_rms_norm_eager(attn, w_o, res, nw, 1e-6, x_weight=nw2),
-             lambda: ops.linear_add_rms_norm(attn, w_o, res, nw, 1e-6, x_weight=nw2),
-             bytes=(w_o.numel() + mt * Hq * D + 3 * mt * H) * b, sum_len=Hq * D),
-        Case("linear_post_ffn_residual_scale", f"[{mt}, {inter}] x [{H}, {inter}], normed stored",
-             lambda: gemv.linear_post_ffn_residual_scale(act[:mt], w_down, res, nw, 1e-6, scalar, return_normed=True,
-                                                         settings=ls(H, mt)),
-             lambda: gemv.linear_post_ffn_residual_scale_eager(act[:mt], w_down, res, nw, 1e-6, scalar,
-                                                               return_normed=True),
-             lambda: ops.linear_post_ffn_residual_scale(act[:mt], w_down, res, nw, 1e-6, scalar, return_normed=True),
-             bytes=(w_down.numel() + mt * inter + 3 * mt * H) * b, sum_len=inter),
     ]
 
 

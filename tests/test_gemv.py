@@ -125,60 +125,6 @@ def test_linear_matches_f_linear(setting, dtype, shape, strided, seed):
     assert_close(gemv.linear(x, w, settings=SETTINGS[setting]), gemv.linear_eager(x, w))
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("dtype", DTYPES)
-@settings(max_examples=settings.default.max_examples // 4)
-@given(shape=shapes, strided=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_linear_add_rms_norm_matches_the_projection_then_the_sandwich_step(setting, dtype, shape, strided, seed):
-    """o_proj and the sandwich step in one launch: the last program to finish runs the row pass."""
-    m, n, k = shape
-    gen = torch.Generator().manual_seed(seed)
-    x = rows_of(gen, m, k, dtype, offset=2 if strided else 0, pad=3 if strided else 0)
-    w = weight(gen, n, k, dtype)
-    residual = rows_of(gen, m, n, dtype, offset=1 if strided else 0, pad=5 if strided else 0)
-    xw, nw = norm_weight(gen, n, dtype), norm_weight(gen, n, dtype)
-    got = gemv.linear_add_rms_norm(x, w, residual, nw, EPS, x_weight=xw, settings=SETTINGS[setting])
-    want = gemv.linear_add_rms_norm_eager(x, w, residual, nw, EPS, x_weight=xw)
-    for g, e in zip(got, want):
-        assert g.is_contiguous()
-        assert_close(g, e)
-
-
-@pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("dtype", DTYPES)
-@settings(max_examples=settings.default.max_examples // 4)
-@given(shape=shapes, scaled=st.booleans(), normed=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_linear_post_ffn_matches_the_projection_then_the_post_ffn_pass(setting, dtype, shape, scaled, normed, seed):
-    """down (or the PLE projection) and the post-FFN pass in one launch, with and without
-    layer_scalar, with the normed branch (the mlp_out tap) or without."""
-    m, n, k = shape
-    gen = torch.Generator().manual_seed(seed)
-    x, w = rows_of(gen, m, k, dtype), weight(gen, n, k, dtype)
-    residual, nw = rows_of(gen, m, n, dtype), norm_weight(gen, n, dtype)
-    scalar = torch.rand(1, generator=gen).to(DEVICE, dtype) if scaled else None
-    got = gemv.linear_post_ffn_residual_scale(x, w, residual, nw, EPS, scalar, return_normed=normed,
-                                              settings=SETTINGS[setting])
-    want = gemv.linear_post_ffn_residual_scale_eager(x, w, residual, nw, EPS, scalar, return_normed=normed)
-    for g, e in zip(got, want) if normed else ((got, want),):
-        assert_close(g, e)
-
-
-def test_the_tail_runs_once_per_call_and_leaves_its_counter_at_zero():
-    """Many programs (a narrow BLOCK_N, split K): one row pass, after every tile is final, and the
-    ticket back at 0, so back-to-back calls (as graph replays) each get theirs."""
-    gen = torch.Generator().manual_seed(11)
-    m, n, k = 3, 40, 64
-    s = dict(BLOCK_N=4, BLOCK_K=16, DOT=False, num_warps=4, num_stages=1, SPLIT_K=2)
-    for _ in range(3):
-        x, w = rows_of(gen, m, k, torch.float32), weight(gen, n, k, torch.float32)
-        residual, xw, nw = rows_of(gen, m, n, torch.float32), norm_weight(gen, n, torch.float32), norm_weight(
-            gen, n, torch.float32)
-        got = gemv.linear_add_rms_norm(x, w, residual, nw, EPS, x_weight=xw, settings=s)
-        for g, e in zip(got, gemv.linear_add_rms_norm_eager(x, w, residual, nw, EPS, x_weight=xw)):
-            assert_close(g, e)
-        assert int(gemv._split_scratch[x.device][1].abs().sum()) == 0
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_at_a_real_width_and_every_row_count(dtype):
     """K = 1536 (E2B's hidden size, several K steps), M = 1 .. 16, both inner products."""
@@ -390,16 +336,4 @@ def test_the_gemv_kernels_compile_for_a_gpu():
                     assert "bar.sync" in ptx[:ticket] and "ld.global.cg" in ptx[ticket:], "split-K's ordering"
                 else:
                     assert "atom." not in ptx
-        # the projections with the row pass after them (MODE 0): a second ticket, the output read past L1
-        t.update(res="*bf16", tail_w1="*bf16", tail_w2="*bf16", scalar="*bf16", res_out="*bf16", tail_out="*bf16",
-                 tail_counter="*i32")
-        for tail, split in ((1, 1), (2, 1), (1, 4), (2, 3)):
-            k = compile_for_sm90(gemv._gemv_kernel, t, dict(
-                MODE=0, STORE_GATE_UP=False, BLOCK_M=1 if split == 1 else 16, BLOCK_N=4 if split == 1 else 32,
-                BLOCK_K=2048 if split == 1 else 256, EVEN_K=True, DOT=split > 1, DOT_DTYPE=tl.bfloat16,
-                DOT_PRECISION=None, SPLIT_K=split, TAIL=tail, HAS_SCALAR=tail == 2, STORE_NORMED=tail == 2,
-                TAIL_N=1536, TAIL_BLOCK=2048, TAIL_ROWS=1), num_warps=4, num_stages=3, enable_fp_fusion=False)
-            ptx = k.asm["ptx"]
-            last = ptx.rindex("atom.global.gpu.acq_rel.add")
-            assert "bar.sync" in ptx[:last] and "ld.global.cg" in ptx[last:], "the tail's ordering"
     """)

@@ -48,9 +48,7 @@ from . import INTERPRETING, capturing
 from .activation import gelu_tanh_mul as _gelu_tanh_mul_kernel
 from .common import (check_eps, check_float, check_same, check_weight, dot_args, gelu_tanh_f32, round_to,
                      store_rounded)
-from .norms import (add_rms_norm as _add_rms_norm_kernel, add_rms_norm_eager, add_rms_norm_rows,
-                    post_ffn_residual_scale as _post_ffn_kernel, post_ffn_residual_scale_eager, post_ffn_rows,
-                    rms_norm as _rms_norm_kernel)
+from .norms import rms_norm as _rms_norm_kernel
 from .pdl import pdl_launch, pdl_start
 
 # Which calls take the GEMV kernel (the others: the unfused path, cuBLAS): a weight of at most
@@ -178,38 +176,10 @@ def _epilogue(acc, acc_up, out, gate_up_out, up, rows, cols, row_ok, col_ok, N, 
 
 
 @triton.jit
-def _tail(out, res, tail_w1, tail_w2, scalar, res_out, tail_out, tail_counter, M, stride_res, eps,
-          TAIL: tl.constexpr, HAS_SCALAR: tl.constexpr, STORE_NORMED: tl.constexpr, TAIL_N: tl.constexpr,
-          TAIL_BLOCK: tl.constexpr, TAIL_ROWS: tl.constexpr):
-    """Called by each program once its output tile is final: the program that finishes last runs the
-    row pass on the whole output (the model's next op, which needs whole rows): TAIL 1 is
-    add_rms_norm with the x norm (res_out the new residual, tail_out its norm), TAIL 2 the post-FFN
-    pass (res_out its output, tail_out the normed branch with STORE_NORMED). The ticket is the
-    split-K one: stores, barrier, an acq_rel atomic; the tail reads the output past L1 (".cg")."""
-    if TAIL != 0:
-        tl.debug_barrier()
-        done = tl.atomic_add(tail_counter, 1, sem="acq_rel")
-        if done == tl.num_programs(0) - 1:
-            for r0 in range(0, M, TAIL_ROWS):
-                rows = r0 + tl.arange(0, TAIL_ROWS).to(tl.int64)
-                if TAIL == 1:
-                    add_rms_norm_rows(out, res, tail_w1, tail_w2, res_out, tail_out, rows, M, TAIL_N, stride_res,
-                                      eps, TAIL_N, TAIL_BLOCK, True, True)
-                else:
-                    post_ffn_rows(out, out, res, tail_w1, tail_w1, tail_w1, scalar, res_out, tail_out, rows, M,
-                                  TAIL_N, TAIL_N, stride_res, eps, TAIL_N, TAIL_BLOCK, False, HAS_SCALAR,
-                                  STORE_NORMED, True)
-            tl.atomic_xchg(tail_counter, 0)  # ready for the next call (graph replays included)
-
-
-@triton.jit
 def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, partials, counters, M, N, K, k_float, k_split, stride_x,
-                 stride_w, stride_up, eps, res, tail_w1, tail_w2, scalar, res_out, tail_out, tail_counter, stride_res,
-                 MODE: tl.constexpr, STORE_GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr,
+                 stride_w, stride_up, eps, MODE: tl.constexpr, STORE_GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
-                 TAIL: tl.constexpr = 0, HAS_SCALAR: tl.constexpr = False, STORE_NORMED: tl.constexpr = False,
-                 TAIL_N: tl.constexpr = 1, TAIL_BLOCK: tl.constexpr = 1, TAIL_ROWS: tl.constexpr = 1,
                  PDL: tl.constexpr = False):
     """MODE 0: out = x @ w.T; 1: out = rms_norm(x, norm_w) @ w.T; 2: w = [gate; up] (N gate rows,
     then N up rows), out = gelu(x @ gate.T) * (x @ up.T), gate_up_out [M, 2N] the two products
@@ -222,9 +192,6 @@ def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, partials, counters, M, N, K
     (so the result is the same whichever program finishes last), runs the epilogue and sets the
     counter back to 0 for the next call. One launch, deterministic: what lets few-row calls on
     narrow outputs (N = 1536 at BLOCK_N 16: 96 tiles) fill the machine.
-
-    TAIL (MODE 0 only): the row pass that follows the projection in the model (`_tail`), run by
-    the program that finishes the last output tile, on a second ticket: one launch fewer.
 
     The first BLOCK_K columns of the program's weight rows are loaded before `pdl_start`: no
     kernel writes weights, so with PDL (pdl.py) their stream starts while the previous kernel
@@ -268,8 +235,6 @@ def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, partials, counters, M, N, K
 
     if SPLIT_K == 1:
         _epilogue(acc, acc_up, out, gate_up_out, up, rows, cols, row_ok, col_ok, N, stride_up, MODE, STORE_GATE_UP)
-        _tail(out, res, tail_w1, tail_w2, scalar, res_out, tail_out, tail_counter, M, stride_res, eps, TAIL,
-              HAS_SCALAR, STORE_NORMED, TAIL_N, TAIL_BLOCK, TAIL_ROWS)
     else:
         # partials[s, t, 0 or 1 (up), BLOCK_M, BLOCK_N], float32; every row stored (padding rows
         # are zeros), so no mask
@@ -294,8 +259,6 @@ def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, partials, counters, M, N, K
             tl.atomic_xchg(counters + tile, 0)  # ready for the next call (graph replays included)
             _epilogue(acc, acc_up, out, gate_up_out, up, rows, cols, row_ok, col_ok, N, stride_up, MODE,
                       STORE_GATE_UP)
-            _tail(out, res, tail_w1, tail_w2, scalar, res_out, tail_out, tail_counter, M, stride_res, eps, TAIL,
-                  HAS_SCALAR, STORE_NORMED, TAIL_N, TAIL_BLOCK, TAIL_ROWS)
 
 
 # -- launch ------------------------------------------------------------------------------------
@@ -317,28 +280,25 @@ def launch_settings(rows: int, n: int) -> dict:
 # at a fixed size, never grown, so a captured graph's pointers stay valid; a call that needs more
 # (or, first met inside a graph capture, where a zeroed allocation cannot run) runs unsplit.
 SPLIT_PARTIAL_FLOATS = 2 << 20
-TAIL_TILE = 4096  # elements the fused tail holds at once (norms.TILE): rows per pass = TAIL_TILE // width
 SPLIT_TILES = 4096
 _split_scratch: dict = {}
 
 
-def _scratch(device: torch.device):
-    """(partials, counters) of this device: SPLIT_TILES split-K counters, then the tail's counter;
-    None where they do not exist yet and cannot be made (inside a graph capture)."""
+def _scratch(device: torch.device, floats: int, tiles: int):
+    """(partials, counters) for a split-K launch, or None where it does not fit or cannot be made."""
+    if floats > SPLIT_PARTIAL_FLOATS or tiles > SPLIT_TILES:
+        return None
     got = _split_scratch.get(device)
     if got is None:
         if capturing(device):
             return None
         got = (torch.empty(SPLIT_PARTIAL_FLOATS, dtype=torch.float32, device=device),
-               torch.zeros(SPLIT_TILES + 1, dtype=torch.int32, device=device))
+               torch.zeros(SPLIT_TILES, dtype=torch.int32, device=device))
         _split_scratch[device] = got
     return got
 
 
-def _launch(mode: str, x, w, out, *, norm_w=None, eps=0.0, up=None, gate_up=None, settings=None,
-            tail: dict | None = None) -> None:
-    """One GEMV launch. `tail` (mode "linear"; the caller made sure the scratch exists): the row pass
-    after it, dict(kind=1 or 2, res, w1, w2, scalar, res_out, out, store_normed), see _tail."""
+def _launch(mode: str, x, w, out, *, norm_w=None, eps=0.0, up=None, gate_up=None, settings=None) -> None:
     M, K = x.shape
     N = out.shape[1]
     s = dict(launch_settings(M, N) if settings is None else settings)
@@ -353,27 +313,17 @@ def _launch(mode: str, x, w, out, *, norm_w=None, eps=0.0, up=None, gate_up=None
     # K in split_k runs of whole BLOCK_K steps, none empty (fewer splits where K is short)
     k_split = triton.cdiv(triton.cdiv(K, block_k), max(split_k, 1)) * block_k
     split_k = triton.cdiv(K, k_split)
-    split_fits = split_k * tiles * 2 * block_m * block_n <= SPLIT_PARTIAL_FLOATS and tiles <= SPLIT_TILES
-    scratch = _scratch(x.device) if (split_k > 1 and split_fits) or tail is not None else None
-    if split_k > 1 and (scratch is None or not split_fits):
-        split_k, k_split = 1, K
+    scratch = None
+    if split_k > 1:
+        scratch = _scratch(x.device, split_k * tiles * 2 * block_m * block_n, tiles)
+        if scratch is None:
+            split_k, k_split = 1, K
     partials, counters = scratch if scratch is not None else (out, out)
-    if tail is None:
-        tail_args, tail_consts = (out,) * 7 + (0,), {}
-    else:
-        scalar = tail["scalar"]
-        tail_args = (tail["res"], tail["w1"], tail["w2"], out if scalar is None else scalar, tail["res_out"],
-                     tail["out"], counters[SPLIT_TILES:], tail["res"].stride(0))
-        width = triton.next_power_of_2(N)
-        tail_consts = dict(TAIL=tail["kind"], HAS_SCALAR=scalar is not None, STORE_NORMED=tail["store_normed"],
-                           TAIL_N=N, TAIL_BLOCK=width,
-                           TAIL_ROWS=max(1, min(triton.next_power_of_2(M), TAIL_TILE // width)))
     _gemv_kernel[(tiles, split_k)](
         x, w, w if norm_w is None else norm_w, out if up is None else up, out, out if gate_up is None else gate_up,
         partials, counters, M, N, K, float(K), k_split, x.stride(0), w.stride(0), 0 if up is None else up.stride(0),
-        float(eps), *tail_args, MODE=_MODES[mode], STORE_GATE_UP=gate_up is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, DOT=use_dot, **dot_args(x.dtype),
-        SPLIT_K=split_k, **tail_consts,
+        float(eps), MODE=_MODES[mode], STORE_GATE_UP=gate_up is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, EVEN_K=K % block_k == 0, DOT=use_dot, **dot_args(x.dtype), SPLIT_K=split_k,
         enable_fp_fusion=False, **s, **pdl_launch())
 
 
@@ -491,75 +441,3 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, settings: dict | None = None) ->
 
 def linear_eager(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
-
-
-# -- linear_add_rms_norm, linear_post_ffn_residual_scale -----------------------------------------
-# A projection and the row pass after it in the model, in one launch (the kernel's TAIL): o_proj
-# and the sandwich step after attention; the MLP's down projection or the PLE projection and the
-# post-FFN pass. Within the plain projection's limits and at most TAIL_MAX_ROWS rows, where the
-# tail (one program over every row, after all the others) costs less than a launch; else the
-# projection, then the norms kernel. Read at each call (a captured decode graph keeps what it saw).
-TAIL_MAX_ROWS = 1
-
-
-def _use_tail(x, w, residual, settings) -> bool:
-    if tuple(residual.shape) != (x.shape[0], w.shape[0]):  # the norms op names the mismatch
-        return False
-    fits = settings is not None or x.shape[0] <= TAIL_MAX_ROWS
-    return fits and _use_kernel(x, w, settings, fused=False) and _scratch(x.device) is not None
-
-
-def _check_tail(x, residual, weights: dict, eps: float) -> None:
-    check_float("residual", residual, dim=2)
-    check_same("x", x, residual=residual)
-    check_eps(eps)
-    for name, t in weights.items():
-        check_weight(name, t, residual.shape[1], x.device)
-
-
-def linear_add_rms_norm(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
-                        x_weight: torch.Tensor, settings: dict | None = None):
-    """norms.add_rms_norm(x @ w.T, residual, weight, eps, x_weight=x_weight): new_residual =
-    residual + rms_norm(x @ w.T, x_weight); returns (new_residual, rms_norm(new_residual, weight)).
-    Gemma 4's o_proj and the sandwich step after attention (x_weight the post-attention norm,
-    weight the pre-feed-forward one), both [M, N] and new."""
-    _check(x, w)
-    if not _use_tail(x, w, residual, settings):
-        return _add_rms_norm_kernel(linear(x, w, settings=settings), residual, weight, eps, x_weight=x_weight)
-    _check_tail(x, residual, dict(x_weight=x_weight, weight=weight), eps)
-    shape = (x.shape[0], w.shape[0])
-    out, new_residual, normed = (torch.empty(shape, dtype=x.dtype, device=x.device) for _ in range(3))
-    _launch("linear", x, w, out, eps=eps, settings=settings, tail=dict(kind=1, res=residual, w1=x_weight, w2=weight, scalar=None,
-                                                              res_out=new_residual, out=normed, store_normed=False))
-    return new_residual, normed
-
-
-def linear_add_rms_norm_eager(x, w, residual, weight, eps, *, x_weight):
-    return add_rms_norm_eager(F.linear(x, w), residual, weight, eps, x_weight=x_weight)
-
-
-def linear_post_ffn_residual_scale(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                                   eps: float, scalar: torch.Tensor | None = None, *, return_normed: bool = False,
-                                   settings: dict | None = None):
-    """norms.post_ffn_residual_scale(x @ w.T, residual, weight, eps, scalar): (residual +
-    rms_norm(x @ w.T, weight)) * scalar, and with return_normed the normed branch (the `mlp_out`
-    tap). The MLP's down projection (or the PLE projection) and the post-FFN pass, [M, N]."""
-    _check(x, w)
-    if not _use_tail(x, w, residual, settings):
-        return _post_ffn_kernel(linear(x, w, settings=settings), residual, weight, eps, scalar,
-                                return_normed=return_normed)
-    _check_tail(x, residual, dict(weight=weight), eps)
-    if scalar is not None and (not isinstance(scalar, torch.Tensor) or scalar.numel() != 1):
-        raise ValueError("scalar must be a one-element tensor (the layer's layer_scalar buffer)")
-    if scalar is not None:
-        check_same("residual", residual, scalar=scalar)
-    shape = (x.shape[0], w.shape[0])
-    out, result = (torch.empty(shape, dtype=x.dtype, device=x.device) for _ in range(2))
-    normed = torch.empty(shape, dtype=x.dtype, device=x.device) if return_normed else result
-    _launch("linear", x, w, out, eps=eps, settings=settings, tail=dict(kind=2, res=residual, w1=weight, w2=weight, scalar=scalar,
-                                                              res_out=result, out=normed, store_normed=return_normed))
-    return (result, normed) if return_normed else result
-
-
-def linear_post_ffn_residual_scale_eager(x, w, residual, weight, eps, scalar=None, *, return_normed=False):
-    return post_ffn_residual_scale_eager(F.linear(x, w), residual, weight, eps, scalar, return_normed=return_normed)

@@ -35,16 +35,6 @@ WARP_ELEMS = 1024  # H100 sweep (docs/measurements.md): 512 left 31B's add_rms_n
 # -- kernels -----------------------------------------------------------------------------------
 
 @triton.jit
-def load_rows(ptrs, mask, PAST_L1: tl.constexpr):
-    """A float32 tile from ptrs (zero where masked), read past L1 (".cg") with PAST_L1."""
-    if PAST_L1:
-        v = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-    else:
-        v = tl.load(ptrs, mask=mask, other=0.0)
-    return v.to(tl.float32)
-
-
-@triton.jit
 def _norm_rows(src, stride_t, stride_h, w, dst, first_row, n_rows, eps,
                H: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
                HAS_WEIGHT: tl.constexpr):
@@ -88,15 +78,15 @@ def _qkv_norm_kernel(q, k, v, q_w, k_w, q_out, k_out, v_out, T,
 
 
 @triton.jit
-def add_rms_norm_rows(x, res, x_w, w, res_out, out, rows, n_rows, stride_x, stride_res, eps,
-                      N: tl.constexpr, BLOCK: tl.constexpr, NORM_X: tl.constexpr, X_PAST_L1: tl.constexpr):
-    """add_rms_norm's math on `rows` (int64) of contiguous [n_rows, N] outputs. X_PAST_L1: x is
-    read past L1 (".cg"), where other programs of the same grid wrote it (the GEMV's fused tail,
-    gemv.py)."""
+def _add_rms_norm_kernel(x, res, x_w, w, res_out, out, n_rows, stride_x, stride_res, eps,
+                         N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NORM_X: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    pdl_start(PDL)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
     dtype = out.dtype.element_ty
-    xv = load_rows(x + rows[:, None] * stride_x + cols[None, :], mask, X_PAST_L1)
+    xv = tl.load(x + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if NORM_X:
         xv = round_to(rms_rows(xv, x_w, cols, N, eps, True), dtype)
     h = xv + tl.load(res + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -106,24 +96,16 @@ def add_rms_norm_rows(x, res, x_w, w, res_out, out, rows, n_rows, stride_x, stri
 
 
 @triton.jit
-def _add_rms_norm_kernel(x, res, x_w, w, res_out, out, n_rows, stride_x, stride_res, eps,
-                         N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NORM_X: tl.constexpr,
-                         PDL: tl.constexpr = False):
+def _post_ffn_kernel(m, m2, res, w1, w2, w, scalar, out, normed, n_rows, stride_m, stride_m2, stride_res, eps,
+                     N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                     MOE: tl.constexpr, HAS_SCALAR: tl.constexpr, STORE_NORMED: tl.constexpr,
+                     PDL: tl.constexpr = False):
     pdl_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    add_rms_norm_rows(x, res, x_w, w, res_out, out, rows, n_rows, stride_x, stride_res, eps, N, BLOCK, NORM_X, False)
-
-
-@triton.jit
-def post_ffn_rows(m, m2, res, w1, w2, w, scalar, out, normed, rows, n_rows, stride_m, stride_m2, stride_res, eps,
-                  N: tl.constexpr, BLOCK: tl.constexpr, MOE: tl.constexpr, HAS_SCALAR: tl.constexpr,
-                  STORE_NORMED: tl.constexpr, M_PAST_L1: tl.constexpr):
-    """The post-FFN pass's math on `rows` (int64) of contiguous [n_rows, N] outputs; M_PAST_L1 as
-    X_PAST_L1 in add_rms_norm_rows."""
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
     dtype = out.dtype.element_ty
-    x = load_rows(m + rows[:, None] * stride_m + cols[None, :], mask, M_PAST_L1)
+    x = tl.load(m + rows[:, None] * stride_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if MOE:  # x = post_feedforward_layernorm_1(dense) + post_feedforward_layernorm_2(experts), in dtype
         x2 = tl.load(m2 + rows[:, None] * stride_m2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = round_to(rms_rows(x, w1, cols, N, eps, True), dtype)
@@ -135,17 +117,6 @@ def post_ffn_rows(m, m2, res, w1, w2, w, scalar, out, normed, rows, n_rows, stri
     if HAS_SCALAR:
         h = round_to(h, dtype) * tl.load(scalar).to(tl.float32)
     store_rounded(out + rows[:, None] * N + cols[None, :], h, mask)
-
-
-@triton.jit
-def _post_ffn_kernel(m, m2, res, w1, w2, w, scalar, out, normed, n_rows, stride_m, stride_m2, stride_res, eps,
-                     N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                     MOE: tl.constexpr, HAS_SCALAR: tl.constexpr, STORE_NORMED: tl.constexpr,
-                     PDL: tl.constexpr = False):
-    pdl_start(PDL)
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    post_ffn_rows(m, m2, res, w1, w2, w, scalar, out, normed, rows, n_rows, stride_m, stride_m2, stride_res, eps,
-                  N, BLOCK, MOE, HAS_SCALAR, STORE_NORMED, False)
 
 
 # -- rms_norm ----------------------------------------------------------------------------------
