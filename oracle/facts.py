@@ -522,14 +522,20 @@ class Facts(_Schema):
         facts = super().load(data, path)
         if facts.verdict not in VERDICTS:
             raise FactsError(f"{path}.verdict: must be one of {VERDICTS}, got {facts.verdict!r}")
+        kernels = [] if facts.kernels is ABSENT or facts.kernels is None else facts.kernels
         if facts.verdict == "parity":
             # A hand-edited report.json must not pass for parity (`report` exits 0 on it) while a
             # scenario or kernel in it failed.
-            kernels = [] if facts.kernels is ABSENT or facts.kernels is None else facts.kernels
             failed = [f"{path}.scenarios[{i}] ({s.name})" for i, s in enumerate(facts.scenarios) if not s.passed]
             failed += [f"{path}.kernels[{i}] ({k.name})" for i, k in enumerate(kernels) if k.passed is False]
             if failed:
                 raise FactsError(f"{path}.verdict: 'parity', but {', '.join(failed[:3])} did not pass")
+        elif facts.verdict == "divergence":
+            # Nor for divergence (exit 1) while everything in it passed. oracle/run.py report_facts
+            # and `diff` say divergence only when a scenario failed or a kernel is not passed
+            # (`not passed`: an unjudged kernel, None, counts there), so exactly that is required.
+            if all(s.passed for s in facts.scenarios) and all(k.passed for k in kernels):
+                raise FactsError(f"{path}.verdict: 'divergence', but no scenario or kernel in it failed")
         return facts
 
 

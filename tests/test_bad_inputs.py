@@ -114,6 +114,24 @@ def test_a_parity_verdict_over_a_failed_scenario_or_kernel_is_refused():
         write_report(facts, None)
 
 
+def test_a_divergence_verdict_over_nothing_failed_is_refused():
+    """The converse: `report` exits 1 on divergence, which the tool writes only when a scenario
+    failed or a kernel did not pass (oracle/run.py report_facts); a report.json that says
+    divergence while all of it passed rendered, exit 1."""
+    from oracle.report import ReportError, load, write_report
+
+    env = {"versions": {}, "device": "cpu", "dtype": "float32", "git": None, "host": ""}
+    kernel = {"name": "gemv", "shape": [1], "dtype": "float32", "max_ulp": 0, "max_rel": 0, "passed": True,
+              "time_us": 1, "eager_us": 1, "unfused_us": 1}
+    facts = {"title": "t", "verdict": "divergence", "summary": "s", "command": "c", "environment": env,
+             "scenarios": [{"name": "a", "passed": True}], "kernels": [kernel]}
+    with pytest.raises(ReportError, match=r"facts.verdict: 'divergence', but no scenario or kernel in it failed"):
+        write_report(facts, None)
+    for scenarios, passed in (([{"name": "a", "passed": False}], True), ([], False), ([], None)):
+        ok = dict(facts, scenarios=scenarios, kernels=[dict(kernel, passed=passed)])
+        assert load(ok).verdict == "divergence"  # as report_facts writes it: a scenario failed, a kernel not passed
+
+
 # -- the CLI: every malformed input is one line, exit 2, before any work ----------------------
 
 CUDA = "torch.cuda.is_available()"  # a marker: the case needs a machine without CUDA
