@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
@@ -23,14 +24,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+# What a message quotes of a value given: a 5000-digit number quoted in full buried the message.
+QUOTE_CHARS = 20
+_INTEGER = re.compile(r"\s*[+-]?\d+(_\d+)*\s*")  # what int() takes (it takes underscores and spaces too)
+
+
+def _quoted(text: str, quote: bool = True) -> str:
+    """`text` as repr() writes it (as it is, quote=False: a number), or past QUOTE_CHARS
+    characters its first ones, "..." and its length (in digits where it is an integer)."""
+    shown = repr if quote else str
+    if len(text) <= QUOTE_CHARS:
+        return shown(text)
+    size = f"{sum(c.isdigit() for c in text)} digits" if _INTEGER.fullmatch(text) else f"{len(text)} characters"
+    return f"{shown(text[:QUOTE_CHARS])}... ({size})"
+
+
 def _seconds(text: str) -> float | None:
     """A time limit in seconds: a finite number >= 0, 0 meaning none."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds (a number), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected seconds (a number), got {_quoted(text)}") from None
     if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {_quoted(text)}")
     return value or None
 
 
@@ -40,11 +56,22 @@ def _int_at_least(minimum: int, maximum: int | None = None):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            if not _INTEGER.fullmatch(text):
+                raise argparse.ArgumentTypeError(f"expected an integer, got {_quoted(text)}") from None
+            # An integer all the same, of more digits than int() reads (sys.get_int_max_str_digits()):
+            # past any bound, so the bound it breaks is what the message names.
+            if text.strip().startswith("-"):
+                want = f">= {minimum}"
+            elif maximum is not None:
+                want = f"<= {maximum}"
+            else:
+                want = f"of at most {sys.get_int_max_str_digits()} digits"
+            message = f"expected an integer {want}, got {_quoted(text.strip(), False)}"
+            raise argparse.ArgumentTypeError(message) from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {_quoted(str(value), False)}")
         if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"expected an integer <= {maximum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected an integer <= {maximum}, got {_quoted(str(value), False)}")
         return value
 
     return parse
@@ -66,7 +93,7 @@ MAX_REPEATS = 1000
 def _port(text: str) -> int:
     port = _int_at_least(0)(text)
     if port > 65535:
-        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535 (0: any free port), got {port}")
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535 (0: any free port), got {_quoted(str(port), False)}")
     return port
 
 
@@ -781,9 +808,12 @@ def _token_budget(text: str):
     try:
         value = int(text)
     except ValueError:
+        if _INTEGER.fullmatch(text) and not text.strip().startswith("-"):  # more digits than int() reads
+            raise argparse.ArgumentTypeError(f"must be an integer of at most {sys.get_int_max_str_digits()} "
+                                             f"digits, auto or none, got {_quoted(text.strip(), False)}") from None
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, auto or none, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, auto or none, got {_quoted(text)}")
     return value
 
 

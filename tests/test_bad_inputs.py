@@ -429,6 +429,29 @@ def test_cli_refuses_bad_input_in_one_line(bad_dir, tmp_path, capsys, argv, word
     assert sorted(p.name for p in bad_dir.rglob("*")) == before
 
 
+def test_cli_quotes_a_long_number_by_its_first_digits(capsys):
+    """A 5000-digit value was quoted in full (5000 digits in a one-line error); past int()'s 4300
+    digits --repeats also said "expected an integer" of an integer."""
+    from oracle.cli import main
+
+    huge = "7" * 5000
+    for argv, want in ((["kernels", "--repeats", huge], "--repeats: expected an integer <= 1000, got "
+                                                         "77777777777777777777... (5000 digits)"),
+                       (["kernels", "--repeats", "7" * 30], "<= 1000, got 77777777777777777777... (30 digits)"),
+                       (["kernels", "--repeats", "-" + huge], "expected an integer >= 1, got -7777777777777777777"),
+                       (["info", "--page-size", huge], "--page-size: expected an integer of at most"),
+                       (["info", "--page-size", "x" * 5000], "expected an integer, got 'xxxxxxxxxxxxxxxxxxxx'... "
+                                                             "(5000 characters)"),
+                       (["serve", "--token-budget", huge], "--token-budget: must be an integer of at most"),
+                       (["serve", "--request-timeout", huge], "seconds >= 0, got '77777777777777777777'... "
+                                                              "(5000 digits)"),
+                       (["serve", "--port", "7" * 30], "got 77777777777777777777... (30 digits)"),
+                       (["kernels", "--repeats", "1001"], "expected an integer <= 1000, got 1001 ")):  # short: whole
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert want in err and len(err) < 250 and err.count("\n") == 1, err
+
+
 def test_cli_bad_input_in_a_real_process(bad_dir):
     # The installed entry point's process: exit code and stderr as a shell (or git bisect) sees them.
     for argv, words in ((["check", "--device", "tpu"], "--device"),

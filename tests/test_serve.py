@@ -331,6 +331,30 @@ def test_bad_requests_are_answered_and_named(server, method, path, body, status,
         assert "max_new_tokens" not in error_of(reply)
 
 
+def test_errors_quote_a_long_client_value_by_its_first_characters():
+    """An id or count of 4000 digits (valid JSON, under int()'s 4300) or a 5000-character string
+    was quoted in full; parsing alone, no server."""
+    from optimized.serve import api
+
+    ctx = api.Context("tiny", 64, vocab_size=256)
+    huge = 7 * 10**3999 + 1  # 4000 digits
+    for parse, body, want in (
+            (api.parse_generate, {"input_ids": [1, huge, 300]}, "got [70000000000000000000... (4000 digits), 300]"),
+            (api.parse_generate, {"input_ids": [1], "add_special_tokens": huge}, "got 70000000000000000000... "
+                                                                                 "(4000 digits)"),
+            (api.parse_completion, {"prompt": [1], "n": huge}, "n: must be an integer in [1, 128], "
+                                                               "got 70000000000000000000... (4000 digits)"),
+            (api.parse_completion, {"prompt": [1], "n": "y" * 5000}, f'got "{"y" * 79}... (5000 characters)'),
+            (api.parse_completion, {"prompt": [1], "best_of": huge}, "got 70000000000000000000... (4000 digits)"),
+            (api.parse_completion, {"prompt": [1], "model": "m" * 5000}, f"model: '{'m' * 79}... (5000 characters) "
+                                                                         "is not served here"),
+            (api.parse_completion, {"prompt": [1], "n": -huge}, "got -7000000000000000000... (4000 digits)"),
+            (api.parse_completion, {"prompt": [1], "n": 129}, "got 129")):  # short: in full
+        with pytest.raises(api.ApiError) as e:
+            parse(body, ctx)
+        assert want in e.value.message and len(e.value.message) < 250, e.value.message
+
+
 def test_transport_errors(server):
     status, reply = raw_request(server, b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 9437184\r\n\r\n")
     assert status == 413 and "limit is 8388608" in error_of(reply)

@@ -59,6 +59,24 @@ def bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param)
 
 
+# How much of a client's value an error quotes: an integer of 4000 digits, or a megabyte string,
+# quoted in full buried the message (and made it as big as the body). Names get more room than
+# numbers: a model's name or a path is read in full where it fits.
+QUOTE_DIGITS, QUOTE_CHARS = 20, 80
+
+
+def shown(value, spell=json.dumps) -> str:
+    """`value` as `spell` writes it (JSON, as the client sent it; repr for a name), or its first
+    characters, "..." and its size: an integer's digits, a string's characters, else the spelling's."""
+    text = spell(value)
+    number = isinstance(value, int) and not isinstance(value, bool)
+    if len(text) <= (QUOTE_DIGITS if number else QUOTE_CHARS):
+        return text
+    if number:
+        return f"{text[:QUOTE_DIGITS]}... ({len(text.lstrip('-'))} digits)"
+    return f"{text[:QUOTE_CHARS]}... ({len(value) if isinstance(value, str) else len(text)} characters)"
+
+
 @dataclass
 class Context:
     """What request parsing needs to know about the server."""
@@ -106,7 +124,7 @@ def _bool(body: dict, key: str, default: bool = False) -> bool:
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise bad(f"{key}: must be true or false, got {v!r}", key)
+        raise bad(f"{key}: must be true or false, got {shown(v, repr)}", key)
     return v
 
 
@@ -142,6 +160,11 @@ def find_value(body, target) -> str | None:
     return next((where for where, v in _fields(body) if v is target), None)
 
 
+def _ids(outside: list[int]) -> str:
+    """The first three ids out of range, each shortened (an id of 4000 digits is valid JSON)."""
+    return "[" + ", ".join(shown(t) for t in outside[:3]) + "]"
+
+
 def _token_ids(v, key: str, ctx: Context) -> list[int]:
     if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
         raise bad(f"{key}: must be a list of integer token ids", key)
@@ -149,7 +172,7 @@ def _token_ids(v, key: str, ctx: Context) -> list[int]:
         raise bad(f"{key}: must not be empty", key)
     outside = [t for t in v if ctx.vocab_size is not None and not 0 <= t < ctx.vocab_size]
     if outside:
-        raise bad(f"{key}: token ids must lie in [0, {ctx.vocab_size}), got {outside[:3]}", key)
+        raise bad(f"{key}: token ids must lie in [0, {ctx.vocab_size}), got {_ids(outside)}", key)
     return v
 
 
@@ -323,7 +346,7 @@ def _openai_fields(body: dict, shape: type[_OpenAIRequest]) -> None:
         value = getattr(req, key)
         if off is not None and value is not None and not any(_same(value, o) for o in off):
             allowed = " or ".join(["null", *(json.dumps(o) for o in off)])
-            raise bad(f"{key}: not supported here; leave it out or send {allowed}, got {json.dumps(value)}", key)
+            raise bad(f"{key}: not supported here; leave it out or send {allowed}, got {shown(value)}", key)
 
 
 def _int_in(body: dict, key: str, low: int, high: int, default=None):
@@ -331,7 +354,7 @@ def _int_in(body: dict, key: str, low: int, high: int, default=None):
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
-        raise bad(f"{key}: must be an integer in [{low}, {high}], got {json.dumps(v)}", key)
+        raise bad(f"{key}: must be an integer in [{low}, {high}], got {shown(v)}", key)
     return v
 
 
@@ -360,7 +383,8 @@ def _openai_common(body: dict, ctx: Context, kind: str, prompts: list[list[int]]
     if model is not None and not isinstance(model, str):
         raise bad("model: must be a string", "model")
     if model is not None and model != ctx.model_name:
-        raise ApiError(404, f"model: {model!r} is not served here; this server serves {ctx.model_name!r}", "model")
+        raise ApiError(404, f"model: {shown(model, repr)} is not served here; this server serves {ctx.model_name!r}",
+                       "model")
     n = _int_in(body, "n", 1, MAX_CHOICES, 1)
     if n * len(prompts) > MAX_CHOICES:
         raise bad(f"n: {len(prompts)} prompts x n = {n} is {n * len(prompts)} choices; the limit is {MAX_CHOICES}",
@@ -513,7 +537,7 @@ def parse_detokenize(body: dict, ctx: Context) -> dict:
     limit = ctx.vocab_size if ctx.vocab_size is not None else tokenizer.vocab_size
     outside = [t for t in ids if not 0 <= t < limit]
     if outside:
-        raise bad(f"tokens: token ids must lie in [0, {limit}), got {outside[:3]}", "tokens")
+        raise bad(f"tokens: token ids must lie in [0, {limit}), got {_ids(outside)}", "tokens")
     return {"prompt": tokenizer.decode(ids, skip_special_tokens=_bool(body, "skip_special_tokens", True))}
 
 

@@ -112,12 +112,13 @@ def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, crea
     async def routing_error(request: Request, e: StarletteHTTPException):
         method, path = request.method, request.url.path
         if e.status_code == 405 and method not in HTTP_METHODS:
-            return _error(ApiError(501, f"{method}: not an HTTP method this server implements"))
+            return _error(ApiError(501, f"{api.shown(method, str)}: not an HTTP method this server implements"))
         if e.status_code == 405:
             allow = (e.headers or {}).get("Allow", "")
-            return _error(ApiError(405, f"{method} {path}: method not allowed; use {allow}"), {"Allow": allow})
+            return _error(ApiError(405, f"{method} {api.shown(path, str)}: method not allowed; use {allow}"),
+                          {"Allow": allow})
         if e.status_code == 404:
-            return _error(ApiError(404, f"{path}: no such endpoint (there are {', '.join(ROUTES)})"))
+            return _error(ApiError(404, f"{api.shown(path, str)}: no such endpoint (there are {', '.join(ROUTES)})"))
         return _error(ApiError(e.status_code, str(e.detail)))
 
     @app.exception_handler(Exception)
@@ -319,7 +320,8 @@ def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, crea
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != ctx.model_name:
-            raise ApiError(404, f"model: {model_id!r} is not served here; this server serves {ctx.model_name!r}",
+            raise ApiError(404, f"model: {api.shown(model_id, repr)} is not served here; this server serves "
+                                f"{ctx.model_name!r}",
                            "model")
         return model_card()
 
