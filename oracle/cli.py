@@ -86,6 +86,25 @@ def _path(text: str) -> str:
     return text
 
 
+def _model(text: str) -> str:
+    """An argparse type for MODEL: a preset name or a checkpoint directory. "" is neither (as a
+    path it is the current directory), and "expected a path" left the presets out."""
+    if not text:
+        from reference import PRESETS  # here, not at import: the CLI starts without torch
+
+        raise argparse.ArgumentTypeError(f"expected a preset name ({', '.join(PRESETS)}) or a checkpoint "
+                                         "directory, got an empty string")
+    return text
+
+
+def _scenario_arg(text: str) -> str:
+    """An argparse type for --scenario: a file or a built-in name, so not "expected a path"."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a scenario file or a built-in scenario name (`gemma4-testbed "
+                                         "scenarios` lists them), got an empty string")
+    return text
+
+
 # `kernels --repeats`: a median of 1000 is as steady as it gets; 10**30 ran until killed.
 MAX_REPEATS = 1000
 
@@ -923,7 +942,7 @@ def _add_model_args(p, scenarios: bool = True) -> None:
     # With scenarios, no defaults: a scenario file keeps its own model fields unless a flag is
     # given explicitly (None = not given); _scenarios fills in tiny / float32 / seed 0.
     override = " (overrides a scenario file's model.{})" if scenarios else ""
-    p.add_argument("model", type=_path, nargs="?", default=None if scenarios else "tiny",
+    p.add_argument("model", type=_model, nargs="?", default=None if scenarios else "tiny",
                    help="preset name (`tiny`, `tiny-moe`, `e2b`, ...) or checkpoint directory (default: "
                         + ("the main job: the three test architectures tiny, tiny-kv-eq-v, tiny-moe; a fault's "
                            "own scenario on tiny)" if scenarios else "tiny)") + override.format("source"))
@@ -935,7 +954,7 @@ def _add_model_args(p, scenarios: bool = True) -> None:
     p.add_argument("--seed", type=_int_at_least(0), default=None if scenarios else 0,
                    help="seed of a preset's random weights (default: 0)" + override.format("seed"))
     if scenarios:
-        p.add_argument("--scenario", type=_path, action="append", default=[], metavar="FILE_OR_NAME",
+        p.add_argument("--scenario", type=_scenario_arg, action="append", default=[], metavar="FILE_OR_NAME",
                        help="a scenario JSON file or a built-in scenario name (`gemma4-testbed scenarios` lists "
                             "them; repeatable; default: the built-in set)")
 
@@ -946,7 +965,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = sub.add_parser("info", help="print a preset's or checkpoint's config and memory plan")
-    info.add_argument("model", type=_path, nargs="?", default="tiny",
+    info.add_argument("model", type=_model, nargs="?", default="tiny",
                       help="preset name or checkpoint directory (default: tiny)")
     info.add_argument("--page-size", type=positive, default=16,
                       help="KV page size in tokens for the memory plan (default: 16)")

@@ -397,6 +397,9 @@ def resolve_config(path_or_preset) -> Gemma4Config:
     name = str(path_or_preset)
     if name in PRESETS:
         return PRESETS[name]
+    if not name:  # Path("") is the current directory: the error was "config.json: no config.json"
+        raise CheckpointError(f"expected a preset name ({', '.join(PRESETS)}) or a checkpoint directory, "
+                              "got an empty string")
     path = Path(name)
     if not path.exists():
         raise CheckpointError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint directory")

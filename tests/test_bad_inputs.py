@@ -243,7 +243,7 @@ CLI_CASES = [
     ("diff-truth-empty", ["diff", "{d}/capture", "{d}/capture", "--truth", ""], "--truth"),
     ("diff-out-empty", ["diff", "{d}/capture", "{d}/capture", "--out", ""], "--out"),
     ("check-out-empty", ["check", "--scenario", "one-shot-prefill", "--out", ""], "--out"),
-    ("check-model-empty", ["check", "", "--out", "{out}"], "model"),
+    ("check-model-empty", ["check", "", "--out", "{out}"], "model: expected a preset name (tiny"),
     ("capture-out-empty", ["capture", "--scenario", "one-shot-prefill", "--path", "truth", "--out", ""], "--out"),
     ("report-directory-empty", ["report", ""], "directory"),
     # A file the command writes exists as a directory: was an IsADirectoryError traceback after the
@@ -450,6 +450,25 @@ def test_cli_quotes_a_long_number_by_its_first_digits(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert want in err and len(err) < 250 and err.count("\n") == 1, err
+
+
+def test_an_empty_model_or_scenario_is_refused_naming_what_is_accepted(capsys):
+    """"" is no model (as a path it is the current directory): the CLI said "expected a path",
+    leaving the presets out, and resolve() said "config.json: no config.json"."""
+    from oracle.cli import main
+    from reference import PRESETS, CheckpointError
+    from reference.weights import resolve_config
+
+    want = f"expected a preset name ({', '.join(PRESETS)}) or a checkpoint directory, got an empty string"
+    for argv, words in ((["info", ""], f"argument model: {want}"), (["serve", ""], f"argument model: {want}"),
+                        (["check", "--scenario", ""], "--scenario: expected a scenario file or a built-in scenario "
+                                                      "name")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+    with pytest.raises(CheckpointError) as e:
+        resolve_config("")
+    assert str(e.value) == want
 
 
 def test_cli_bad_input_in_a_real_process(bad_dir):
