@@ -103,16 +103,19 @@ class PagedGemma4:
         ple = self.per_layer_inputs(ids, x) if cfg.has_ple else None
         if ple is not None:
             emit("ple", ple)
+        # Each layer's input norm is computed by the pass that ends the layer before it (one launch
+        # fewer per layer, and the q/k/v projection a plain one); the first one here, and the
+        # last layer's pass computes the final norm.
+        h = o.rms_norm(x, w["layers.0.input_layernorm.weight"], cfg.rms_norm_eps)
         for spec in cfg.layers:
-            x = self.layer(spec, x, ple, batch, emit)
+            x, h = self.layer(spec, x, h, ple, batch, emit)
         if logit_rows is not None:
-            x = x[logit_rows]
-        x = o.rms_norm(x, w["norm.weight"], cfg.rms_norm_eps)
-        logits = F.linear(x, w["embed_tokens.weight"])
+            h = h[logit_rows]
+        logits = F.linear(h, w["embed_tokens.weight"])
         if cfg.final_logit_softcapping is not None:
             logits = o.softcap(logits, cfg.final_logit_softcapping)
         if logit_rows is None:
-            emit("final_norm", x)
+            emit("final_norm", h)
             emit("logits", logits)
         return logits
 
@@ -124,11 +127,15 @@ class PagedGemma4:
         ctx = o.rms_norm(ctx, w["per_layer_projection_norm.weight"], cfg.rms_norm_eps)
         return (ctx + token_part) * 2.0 ** -0.5
 
-    def layer(self, spec: LayerSpec, x, ple, batch: ForwardBatch, emit) -> torch.Tensor:
+    def layer(self, spec: LayerSpec, x, h, ple, batch: ForwardBatch, emit) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on the residual stream x, h its input norm; returns the new x and its next
+        norm (the next layer's input norm, or the final norm after the last layer)."""
         cfg, w, o, eps = self.config, self.w, self.ops, self.config.rms_norm_eps
         p = f"layers.{spec.index}."
+        following = spec.index + 1
+        next_weight = w[f"layers.{following}.input_layernorm.weight" if following < len(cfg.layers) else "norm.weight"]
         capturing = emit is not _no_emit
-        a = self.attention(spec, x, batch, emit)
+        a = self.attention(spec, h, batch, emit)
         # x = x + post_attention_norm(a), and the pre-feed-forward norm of the result, in one pass.
         x, h = o.add_rms_norm(a, x, w[p + "pre_feedforward_layernorm.weight"], eps,
                               x_weight=w[p + "post_attention_layernorm.weight"])
@@ -142,8 +149,9 @@ class PagedGemma4:
             emit(p + "mlp_gate_up", gate_up)
         emit(p + "mlp_act", act)
         m = o.linear(act, w[p + "mlp.down_proj.weight"])  # a partial sum under tensor parallelism
-        # layer_scalar joins the post-FFN pass unless the PLE block sits between the add and the scale.
-        scalar = None if ple is not None else w[p + "layer_scalar"]
+        # layer_scalar joins the post-FFN pass unless the PLE block sits between the add and the scale;
+        # without the PLE block this pass ends the layer, so it also computes the next norm.
+        scalar, ends = (None, None) if ple is not None else (w[p + "layer_scalar"], next_weight)
         if cfg.enable_moe_block:
             top_w, top_i = o.route(x, w[p + "router.scale"], w[p + "router.proj.weight"],
                                    w[p + "router.per_expert_scale"], cfg.top_k_experts, eps)
@@ -154,31 +162,35 @@ class PagedGemma4:
             m, moe = self._all_reduce_pair(m, moe)
             out = o.post_ffn_moe_residual_scale(
                 m, moe, x, w[p + "post_feedforward_layernorm_1.weight"], w[p + "post_feedforward_layernorm_2.weight"],
-                w[p + "post_feedforward_layernorm.weight"], eps, scalar, return_normed=capturing)
+                w[p + "post_feedforward_layernorm.weight"], eps, scalar, return_normed=capturing, next_weight=ends)
         else:
             out = o.post_ffn_residual_scale(self._all_reduce(m), x, w[p + "post_feedforward_layernorm.weight"],
-                                            eps, scalar, return_normed=capturing)
+                                            eps, scalar, return_normed=capturing, next_weight=ends)
+        if ends is not None:
+            x, normed, h = out
+        else:
+            x, normed = out if capturing else (out, None)
         if capturing:
-            out, normed = out
             emit(p + "mlp_out", normed)
-        x = out
 
         if ple is not None:
             g = o.linear_gelu_mul(x, w[p + "per_layer_input_gate.weight"], ple[:, spec.index, :])
             # x = (x + post_per_layer_input_norm(projection)) * layer_scalar: the post-FFN pass's
-            # math exactly (norm, add, scale, each rounded as there), so the same op and kernel.
-            x = o.post_ffn_residual_scale(o.linear(g, w[p + "per_layer_projection.weight"]), x,
-                                          w[p + "post_per_layer_input_norm.weight"], eps, w[p + "layer_scalar"])
+            # math exactly (norm, add, scale, each rounded as there), so the same op and kernel;
+            # it ends the layer, so it also computes the next norm.
+            x, _, h = o.post_ffn_residual_scale(o.linear(g, w[p + "per_layer_projection.weight"]), x,
+                                                w[p + "post_per_layer_input_norm.weight"], eps, w[p + "layer_scalar"],
+                                                next_weight=next_weight)
         emit(p + "out", x)
-        return x
+        return x, h
 
     def attention(self, spec: LayerSpec, h, batch: ForwardBatch, emit) -> torch.Tensor:
-        """The attention block of the residual stream h [N, H], input_layernorm included (fused into
-        the q/k/v projection: one GEMV launch at decode)."""
+        """The attention block on h [N, H], the residual stream's input norm (computed by the pass
+        that ended the previous layer)."""
         w, o, eps = self.w, self.ops, self.config.rms_norm_eps
         p = f"layers.{spec.index}."
         N, hd, Hq = h.shape[0], spec.head_dim, self.config.num_attention_heads
-        qkv = o.rms_norm_linear(h, w[p + "input_layernorm.weight"], eps, self.fw[p + "qkv"])
+        qkv = o.linear(h, self.fw[p + "qkv"])
         q = qkv[:, : Hq * hd].view(N, Hq, hd)  # column views of one projection: strided, not copied
         k = v = None
         if not spec.kv_shared:

@@ -111,17 +111,23 @@ def linear_gelu_mul(x, w, up=None, *, return_gate_up=False):
     return (act, gate_up) if return_gate_up else act
 
 
-def post_ffn_residual_scale(m, residual, weight, eps: float, scalar=None, *, return_normed=False):
+def post_ffn_residual_scale(m, residual, weight, eps: float, scalar=None, *, return_normed=False, next_weight=None):
+    """(residual + rms_norm(m, weight)) * scalar; return_normed adds the normed branch (the mlp_out
+    tap); next_weight (the pass that ends a layer) adds the next layer's input norm of the result,
+    and then the result is always (out, normed or None, next norm)."""
     normed = rms_norm(m, weight, eps)
     out = residual + normed
     out = out if scalar is None else out * scalar
+    if next_weight is not None:
+        return out, normed if return_normed else None, rms_norm(out, next_weight, eps)
     return (out, normed) if return_normed else out
 
 
 def post_ffn_moe_residual_scale(m_dense, m_moe, residual, w_dense, w_moe, weight, eps: float, scalar=None, *,
-                                return_normed=False):
+                                return_normed=False, next_weight=None):
     m = rms_norm(m_dense, w_dense, eps) + rms_norm(m_moe, w_moe, eps)
-    return post_ffn_residual_scale(m, residual, weight, eps, scalar, return_normed=return_normed)
+    return post_ffn_residual_scale(m, residual, weight, eps, scalar, return_normed=return_normed,
+                                   next_weight=next_weight)
 
 
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:

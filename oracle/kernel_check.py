@@ -223,6 +223,11 @@ def build_cases(s: dict, dtype: torch.dtype, device: torch.device, gen: torch.Ge
         Case("post_ffn_residual_scale", f"[{T}, {H}]", lambda: norms.post_ffn_residual_scale(x, r, w, eps, scalar),
              lambda: norms.post_ffn_residual_scale_eager(x, r, w, eps, scalar),
              lambda: ops.post_ffn_residual_scale(x, r, w, eps, scalar), bytes=3 * stream),
+        Case("post_ffn_residual_scale (next norm)", f"[{T}, {H}], normed stored",  # the pass that ends a layer
+             lambda: norms.post_ffn_residual_scale(x, r, w, eps, scalar, return_normed=True, next_weight=w3),
+             lambda: norms.post_ffn_residual_scale_eager(x, r, w, eps, scalar, return_normed=True, next_weight=w3),
+             lambda: ops.post_ffn_residual_scale(x, r, w, eps, scalar, return_normed=True, next_weight=w3),
+             bytes=5 * stream),
         Case("post_ffn_moe_residual_scale", f"[{T}, {H}]",
              lambda: norms.post_ffn_moe_residual_scale(x, r, r, w, w2, w3, eps, scalar),
              lambda: norms.post_ffn_moe_residual_scale_eager(x, r, r, w, w2, w3, eps, scalar),

@@ -185,6 +185,32 @@ def test_post_ffn_residual_scale(dtype, seed, rows, width, moe, scaled, strided)
     assert torch.equal(plain, out)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(seed=seeds, rows=rows_, width=st.sampled_from(WIDTHS), moe=st.booleans(), normed=st.booleans())
+def test_the_pass_that_ends_a_layer_also_norms_its_output_for_the_next(dtype, seed, rows, width, moe, normed):
+    """next_weight: the next layer's input norm (or the final norm) of the pass's own stored output,
+    in the same launch; the output (and the normed branch) are those of the call without it."""
+    gen = torch.Generator().manual_seed(seed)
+    m, m2 = (randn(gen, rows, width, dtype, strided=True, scale=5.0) for _ in range(2))
+    residual = randn(gen, rows, width, dtype, strided=False, scale=2.0)
+    w, w1, w2, nxt = (norm_weight(gen, width, dtype) for _ in range(4))
+    s = (0.25 + 1.5 * torch.rand(1, generator=gen)).to(DEVICE, dtype)
+    if moe:
+        got = norms.post_ffn_moe_residual_scale(m, m2, residual, w1, w2, w, EPS, s, return_normed=normed,
+                                                next_weight=nxt)
+        plain = norms.post_ffn_moe_residual_scale(m, m2, residual, w1, w2, w, EPS, s, return_normed=True)
+    else:
+        got = norms.post_ffn_residual_scale(m, residual, w, EPS, s, return_normed=normed, next_weight=nxt)
+        plain = norms.post_ffn_residual_scale(m, residual, w, EPS, s, return_normed=True)
+    out, got_normed, next_h = got
+    assert torch.equal(out, plain[0])
+    assert torch.equal(got_normed, plain[1]) if normed else got_normed is None
+    assert_matches(next_h, norms.rms_norm_eager(out, nxt, EPS))
+    want = norms.post_ffn_residual_scale_eager(m, residual, w, EPS, s, next_weight=nxt)
+    if not moe:  # the eager twin returns the same three
+        assert want[1] is None and len(want) == 3
+
+
 # -- activations -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -734,12 +760,14 @@ def test_every_fault_on_an_op_reaches_both_op_sets(monkeypatch):
 
 
 def test_the_post_ffn_kernel_compiles_for_a_gpu():
-    """The post-FFN kernel (the PLE tail's too) compiles for sm_90 (tests/sm90.py says why; the
-    fused q/k/v epilogue's launches: tests/test_rope_launch.py)."""
+    """The post-FFN kernel (the PLE tail's too), with the next norm or without, compiles for sm_90
+    (tests/sm90.py says why; the fused q/k/v epilogue's launches: tests/test_rope_launch.py)."""
     check_compiles("""
         from optimized.kernels import norms
-        t = {n: "*bf16" for n in ("m", "m2", "res", "w1", "w2", "w", "scalar", "out", "normed")}
+        t = {n: "*bf16" for n in ("m", "m2", "res", "w1", "w2", "w", "scalar", "next_w", "out", "normed", "next_out")}
         t.update(eps="fp32")
-        compile_for_sm90(norms._post_ffn_kernel, t, dict(N=2816, BLOCK=4096, ROWS=1, MOE=True, HAS_SCALAR=True,
-                                                         STORE_NORMED=True), num_warps=4, enable_fp_fusion=False)
+        for moe, next_norm in ((True, True), (False, True), (True, False)):
+            compile_for_sm90(norms._post_ffn_kernel, t, dict(N=2816, BLOCK=4096, ROWS=1, MOE=moe, HAS_SCALAR=True,
+                                                             STORE_NORMED=True, NEXT_NORM=next_norm),
+                             num_warps=4, enable_fp_fusion=False)
     """)

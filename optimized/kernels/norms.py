@@ -96,10 +96,10 @@ def _add_rms_norm_kernel(x, res, x_w, w, res_out, out, n_rows, stride_x, stride_
 
 
 @triton.jit
-def _post_ffn_kernel(m, m2, res, w1, w2, w, scalar, out, normed, n_rows, stride_m, stride_m2, stride_res, eps,
-                     N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+def _post_ffn_kernel(m, m2, res, w1, w2, w, scalar, next_w, out, normed, next_out, n_rows, stride_m, stride_m2,
+                     stride_res, eps, N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
                      MOE: tl.constexpr, HAS_SCALAR: tl.constexpr, STORE_NORMED: tl.constexpr,
-                     PDL: tl.constexpr = False):
+                     NEXT_NORM: tl.constexpr, PDL: tl.constexpr = False):
     pdl_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
@@ -117,6 +117,9 @@ def _post_ffn_kernel(m, m2, res, w1, w2, w, scalar, out, normed, n_rows, stride_
     if HAS_SCALAR:
         h = round_to(h, dtype) * tl.load(scalar).to(tl.float32)
     store_rounded(out + rows[:, None] * N + cols[None, :], h, mask)
+    if NEXT_NORM:  # the next norm reads the stored output, as the unfused norm would
+        next_h = rms_rows(round_to(h, dtype), next_w, cols, N, eps, True)
+        store_rounded(next_out + rows[:, None] * N + cols[None, :], next_h, mask)
 
 
 # -- rms_norm ----------------------------------------------------------------------------------
@@ -256,7 +259,7 @@ def add_rms_norm_eager(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 # -- post-feed-forward norm + residual (+ layer_scalar) -----------------------------------------
 
-def _post_ffn(branches, residual, w_dense, w_moe, weight, eps, scalar, return_normed):
+def _post_ffn(branches, residual, w_dense, w_moe, weight, eps, scalar, return_normed, next_weight):
     """branches: ((name, tensor),) for a dense layer, two of them for an MoE layer."""
     _check_stream("residual", residual)
     for name, t in branches:
@@ -266,6 +269,8 @@ def _post_ffn(branches, residual, w_dense, w_moe, weight, eps, scalar, return_no
     moe = len(branches) == 2
     for name, w in (("weight", weight), ("w_dense", w_dense), ("w_moe", w_moe))[:3 if moe else 1]:
         check_weight(name, w, n, residual.device)
+    if next_weight is not None:
+        check_weight("next_weight", next_weight, n, residual.device)
     if scalar is not None:
         if not isinstance(scalar, torch.Tensor) or scalar.numel() != 1:
             raise ValueError("scalar must be a one-element tensor (the layer's layer_scalar buffer)")
@@ -273,52 +278,63 @@ def _post_ffn(branches, residual, w_dense, w_moe, weight, eps, scalar, return_no
     m, m2 = branches[0][1], branches[-1][1]  # m2 is m itself, never read, for a dense layer
     out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
     normed = torch.empty_like(out) if return_normed else None
+    next_h = torch.empty_like(out) if next_weight is not None else None
     if residual.shape[0]:
         block = triton.next_power_of_2(n)
         rows = rows_per_program(residual.shape[0], block, TILE)
         _post_ffn_kernel[(triton.cdiv(residual.shape[0], rows),)](
             m, m2, residual, w_dense if moe else weight, w_moe if moe else weight, weight,
-            residual if scalar is None else scalar, out, out if normed is None else normed,
+            residual if scalar is None else scalar, weight if next_weight is None else next_weight, out,
+            out if normed is None else normed, out if next_h is None else next_h,
             residual.shape[0], m.stride(0), m2.stride(0), residual.stride(0), eps,
             N=n, BLOCK=block, ROWS=rows, MOE=moe, HAS_SCALAR=scalar is not None, STORE_NORMED=return_normed,
-            **launch_options(rows * block, WARP_ELEMS), **pdl_launch())
+            NEXT_NORM=next_weight is not None, **launch_options(rows * block, WARP_ELEMS), **pdl_launch())
+    if next_weight is not None:
+        return out, normed, next_h
     return (out, normed) if return_normed else out
 
 
 def post_ffn_residual_scale(m: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                            scalar: torch.Tensor | None = None, *, return_normed: bool = False):
+                            scalar: torch.Tensor | None = None, *, return_normed: bool = False,
+                            next_weight: torch.Tensor | None = None):
     """out = (residual + rms_norm(m, weight)) * scalar, all [T, H]: post_feedforward_layernorm,
     the residual add and layer_scalar in one pass (GEMMA4_SPEC.md 3.5, for models without PLE).
 
     scalar=None skips the multiply (PLE models, whose layer_scalar comes after the PLE block). The
     PLE block's tail is this same pass: (x + post_per_layer_input_norm(projection)) * layer_scalar.
     return_normed=True returns (out, rms_norm(m, weight)), the latter being the `mlp_out` tap.
+    next_weight (the pass that ends a layer): also rms_norm(out, next_weight), the next layer's
+    input norm (or the final norm), and the result is always (out, normed or None, that).
     """
-    return _post_ffn((("m", m),), residual, None, None, weight, eps, scalar, return_normed)
+    return _post_ffn((("m", m),), residual, None, None, weight, eps, scalar, return_normed, next_weight)
 
 
-def post_ffn_residual_scale_eager(m, residual, weight, eps, scalar=None, *, return_normed=False):
+def post_ffn_residual_scale_eager(m, residual, weight, eps, scalar=None, *, return_normed=False, next_weight=None):
     normed = _reference_rms_norm(m, weight, eps)
     out = residual + normed
     if scalar is not None:
         out = out * scalar
+    if next_weight is not None:
+        return out, normed if return_normed else None, _reference_rms_norm(out, next_weight, eps)
     return (out, normed) if return_normed else out
 
 
 def post_ffn_moe_residual_scale(m_dense: torch.Tensor, m_moe: torch.Tensor, residual: torch.Tensor,
                                 w_dense: torch.Tensor, w_moe: torch.Tensor, weight: torch.Tensor, eps: float,
-                                scalar: torch.Tensor | None = None, *, return_normed: bool = False):
+                                scalar: torch.Tensor | None = None, *, return_normed: bool = False,
+                                next_weight: torch.Tensor | None = None):
     """The MoE layer's version (GEMMA4_SPEC.md 3.5), all [T, H]:
         m   = post_feedforward_layernorm_1(m_dense) + post_feedforward_layernorm_2(m_moe)
         out = (residual + post_feedforward_layernorm(m)) * scalar
-    with w_dense, w_moe, weight the three norms' weights; scalar and return_normed as in
-    post_ffn_residual_scale (normed = post_feedforward_layernorm(m)).
+    with w_dense, w_moe, weight the three norms' weights; scalar, return_normed and next_weight as
+    in post_ffn_residual_scale (normed = post_feedforward_layernorm(m)).
     """
     return _post_ffn((("m_dense", m_dense), ("m_moe", m_moe)), residual, w_dense, w_moe, weight, eps, scalar,
-                     return_normed)
+                     return_normed, next_weight)
 
 
 def post_ffn_moe_residual_scale_eager(m_dense, m_moe, residual, w_dense, w_moe, weight, eps, scalar=None, *,
-                                      return_normed=False):
+                                      return_normed=False, next_weight=None):
     m = _reference_rms_norm(m_dense, w_dense, eps) + _reference_rms_norm(m_moe, w_moe, eps)
-    return post_ffn_residual_scale_eager(m, residual, weight, eps, scalar, return_normed=return_normed)
+    return post_ffn_residual_scale_eager(m, residual, weight, eps, scalar, return_normed=return_normed,
+                                         next_weight=next_weight)
