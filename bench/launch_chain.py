@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from optimized.kernels import capture_graph, default_device, device_name, gemv, graphs_supported, pdl  # noqa: E402  (first: it may switch on the interpreter)
+from optimized.kernels import default_device, device_name, gemv, graphs_supported, pdl  # noqa: E402  (first: it may switch on the interpreter)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from bench.decode_profile import copy_bandwidth  # noqa: E402
+from bench.gemv_bench import timed  # noqa: E402
 from optimized.kernels.pdl import pdl_launch, pdl_start  # noqa: E402
 
 
@@ -41,18 +41,7 @@ def _touch_kernel(buf, PDL: tl.constexpr = False):
 
 def per_link_us(device, links: int, repeats: int, run) -> float:
     """Median us per link over `repeats` replays of one graph of run(i) for i < links."""
-    run(0)  # compiles
-    torch.accelerator.synchronize()
-    graph, _ = capture_graph(device, lambda: [run(i) for i in range(links)])
-    times = []
-    for _ in range(repeats):
-        start, end = torch.Event(enable_timing=True), torch.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / links)
-    return statistics.median(times)
+    return timed(device, run, list(range(links)), repeats)[0]
 
 
 def main(argv=None) -> int:
@@ -91,7 +80,6 @@ def main(argv=None) -> int:
             out["chains"].append(dict(chain=f"gemv {k}", pdl=label.strip(), us_per_link=us, bandwidth_us=floor))
             print(f"PDL {label} gemv {k}x{k}, one row: {us:6.2f} us per link ({floor:.2f} us of bytes at copy "
                   f"bandwidth)", flush=True)
-            del ws
     pdl.ENABLED = True
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
