@@ -473,6 +473,18 @@ class ScenarioFacts(_Schema):
     layout: Optional[Layout] = ABSENT
     comparison: Optional[Comparison] = ABSENT
 
+    @classmethod
+    def load(cls, data: Any, path: str = "facts") -> "ScenarioFacts":
+        scenario = super().load(data, path)
+        # oracle/run.py and `diff` write `passed` as the comparison's own; the verdict checks read
+        # only `passed`, so a hand-edited report.json that flips one of the two would render a
+        # verdict its own comparison contradicts.
+        comparison = scenario.comparison
+        if isinstance(comparison, Comparison) and scenario.passed != comparison.passed:
+            raise FactsError(f"{path} ({scenario.name}): passed is {str(scenario.passed).lower()}, but "
+                             f"comparison.passed is {str(comparison.passed).lower()}")
+        return scenario
+
 
 @schema
 class Kernel(_Schema):
@@ -517,25 +529,27 @@ class Facts(_Schema):
     command: str
     kernels: Optional[list[Kernel]] = ABSENT
 
+    def not_passed(self, path: str = "facts") -> list[str]:
+        """The scenarios and kernels that did not pass, by the rule oracle/run.py report_facts
+        writes the verdict by (`not passed`): a kernel left unjudged, None, has not passed either.
+        Both verdict checks use it, so no report.json is refused by one and let through by the other."""
+        kernels = [] if self.kernels is ABSENT or self.kernels is None else self.kernels
+        return ([f"{path}.scenarios[{i}] ({s.name})" for i, s in enumerate(self.scenarios) if not s.passed]
+                + [f"{path}.kernels[{i}] ({k.name})" for i, k in enumerate(kernels) if not k.passed])
+
     @classmethod
     def load(cls, data: Any, path: str = "facts") -> "Facts":
         facts = super().load(data, path)
         if facts.verdict not in VERDICTS:
             raise FactsError(f"{path}.verdict: must be one of {VERDICTS}, got {facts.verdict!r}")
-        kernels = [] if facts.kernels is ABSENT or facts.kernels is None else facts.kernels
-        if facts.verdict == "parity":
+        failed = facts.not_passed(path)
+        if facts.verdict == "parity" and failed:
             # A hand-edited report.json must not pass for parity (`report` exits 0 on it) while a
             # scenario or kernel in it failed.
-            failed = [f"{path}.scenarios[{i}] ({s.name})" for i, s in enumerate(facts.scenarios) if not s.passed]
-            failed += [f"{path}.kernels[{i}] ({k.name})" for i, k in enumerate(kernels) if k.passed is False]
-            if failed:
-                raise FactsError(f"{path}.verdict: 'parity', but {', '.join(failed[:3])} did not pass")
-        elif facts.verdict == "divergence":
-            # Nor for divergence (exit 1) while everything in it passed. oracle/run.py report_facts
-            # and `diff` say divergence only when a scenario failed or a kernel is not passed
-            # (`not passed`: an unjudged kernel, None, counts there), so exactly that is required.
-            if all(s.passed for s in facts.scenarios) and all(k.passed for k in kernels):
-                raise FactsError(f"{path}.verdict: 'divergence', but no scenario or kernel in it failed")
+            raise FactsError(f"{path}.verdict: 'parity', but {', '.join(failed[:3])} did not pass")
+        if facts.verdict == "divergence" and not failed:
+            # Nor for divergence (exit 1) while everything in it passed.
+            raise FactsError(f"{path}.verdict: 'divergence', but no scenario or kernel in it failed")
         return facts
 
 

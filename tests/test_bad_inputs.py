@@ -132,6 +132,42 @@ def test_a_divergence_verdict_over_nothing_failed_is_refused():
         assert load(ok).verdict == "divergence"  # as report_facts writes it: a scenario failed, a kernel not passed
 
 
+def test_both_verdict_checks_count_an_unjudged_kernel_as_not_passed():
+    """report_facts writes divergence for a kernel whose `passed` is None; the parity check let
+    such a kernel through while the divergence check counted it, so one rule judged two ways."""
+    from oracle.report import ReportError, load
+
+    env = {"versions": {}, "device": "cpu", "dtype": "float32", "git": None, "host": ""}
+    kernel = {"name": "gemv", "shape": [1], "dtype": "float32", "max_ulp": 0, "max_rel": 0, "passed": None,
+              "time_us": 1, "eager_us": 1, "unfused_us": 1}
+    facts = {"title": "t", "verdict": "parity", "summary": "s", "command": "c", "environment": env,
+             "scenarios": [{"name": "a", "passed": True}], "kernels": [kernel]}
+    with pytest.raises(ReportError, match=r"facts.verdict: 'parity', but facts.kernels\[0\] \(gemv\) did not pass"):
+        load(facts)
+    assert load(dict(facts, verdict="divergence")).verdict == "divergence"
+
+
+def test_a_scenario_whose_passed_contradicts_its_comparison_is_refused():
+    """The tool writes a scenario's `passed` as its comparison's; the verdict checks read only
+    `passed`, so a report.json that flipped one rendered a verdict its own comparison denies."""
+    from oracle.facts import ScenarioFacts
+    from oracle.report import ReportError, load
+
+    counts = dict.fromkeys(("requests", "taps_judged", "taps_failed", "taps_missing", "requests_diverged",
+                            "local_judged", "local_failed", "local_skipped"), 0)
+    comparison = {"passed": False, "dtype": None, "truth_dtype": None, "counts": counts, "first_divergence": None,
+                  "tolerance": {"multiple": 1, "max_abs_multiple": 1, "floors": {}}, "requests": [],
+                  "missing_requests": [], "extra_requests": [], "notes": [], "summary": "s"}
+    env = {"versions": {}, "device": "cpu", "dtype": "float32", "git": None, "host": ""}
+    facts = {"title": "t", "verdict": "parity", "summary": "s", "command": "c", "environment": env,
+             "scenarios": [{"name": "a", "passed": True, "comparison": comparison}]}
+    with pytest.raises(ReportError) as e:
+        load(facts)
+    assert str(e.value).endswith("facts.scenarios[0] (a): passed is true, but comparison.passed is false"), e.value
+    for passed, comparison in ((False, comparison), (True, dict(comparison, passed=True)), (True, None)):
+        assert ScenarioFacts.load({"name": "a", "passed": passed, "comparison": comparison}).passed is passed
+
+
 # -- the CLI: every malformed input is one line, exit 2, before any work ----------------------
 
 CUDA = "torch.cuda.is_available()"  # a marker: the case needs a machine without CUDA
