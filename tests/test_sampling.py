@@ -239,3 +239,23 @@ def test_choices_share_checked_params_and_logit_bias_tensors():
 def test_a_rejected_huge_list_is_quoted_short():
     with pytest.raises(ValueError, match=r"stop_token_ids must be a list of token ids, got \[0, 0.*characters\)$"):
         SamplingParams(stop_token_ids=[0] * 100_000 + ["x"])
+
+
+def test_long_ids_and_names_are_quoted_as_the_server_quotes_them():
+    """A 4000-digit id out of range was quoted in full (and the three largest ids were named, in
+    range or not); an unknown parameter's name in full, however long or many there were."""
+    huge = 7 * 10**3999
+    with pytest.raises(ValueError) as e:
+        SamplingParams(stop_token_ids=[1, huge, 2, 300]).check_vocab(256)
+    assert str(e.value) == ("stop_token_ids token ids must lie in [0, 256), got "
+                            "[70000000000000000000... (4000 digits), 300]")
+    with pytest.raises(ValueError) as e:
+        SamplingParams(logit_bias={1: 1.0, 2: 1.0, 300: 2.0}).check_vocab(256)
+    assert str(e.value) == "logit_bias token ids must lie in [0, 256), got [300]"
+    with pytest.raises(ValueError) as e:
+        SamplingParams.from_dict({"x" * 5000: 1, "b": 2, 3: 4, "d": 5})  # 3: sorted() raised TypeError
+    assert str(e.value).startswith(f"unknown sampling parameter(s) '{'x' * 79}... (5000 characters), 'b', 3 "
+                                   "(and 1 more); known: frequency_penalty, "), e.value
+    with pytest.raises(ValueError) as e:
+        SamplingParams(seed=huge)
+    assert str(e.value) == "seed must be null or an integer in [0, 2^63), got 70000000000000000000... (4000 digits)"

@@ -349,10 +349,17 @@ def test_errors_quote_a_long_client_value_by_its_first_characters():
             (api.parse_completion, {"prompt": [1], "model": "m" * 5000}, f"model: '{'m' * 79}... (5000 characters) "
                                                                          "is not served here"),
             (api.parse_completion, {"prompt": [1], "n": -huge}, "got -7000000000000000000... (4000 digits)"),
+            # through the engine's own checks (optimized/engine/sampler.py), by the same rule
+            (api.parse_generate, {"input_ids": [1], "sampling": {"stop_token_ids": [1, huge, 2]}},
+             "sampling: stop_token_ids token ids must lie in [0, 256), got [70000000000000000000... (4000 digits)]"),
+            (api.parse_completion, {"prompt": [1], "logit_bias": {str(huge): 1}}, "got [70000000000000000000... "),
+            (api.parse_generate, {"input_ids": [1], "sampling": {"y" * 5000: 1}},
+             f"unknown sampling parameter(s) '{'y' * 79}... (5000 characters); known: "),
             (api.parse_completion, {"prompt": [1], "n": 129}, "got 129")):  # short: in full
         with pytest.raises(api.ApiError) as e:
             parse(body, ctx)
-        assert want in e.value.message and len(e.value.message) < 250, e.value.message
+        quoted = e.value.message.split("; known: ")[0]  # the known names are a fixed list
+        assert want in e.value.message and len(quoted) < 250, e.value.message
 
 
 def test_transport_errors(server):

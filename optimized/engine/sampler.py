@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..batch import host_to_device, pinnable
+from ..quoting import shown, shown_ids
 
 MAX_LOGPROBS = 20  # top-n logprobs a request may ask for (OpenAI's chat limit)
 # Below it x / temperature may overflow float32 for real logits (|x| up to 1e30 even here): _draw
@@ -108,9 +109,13 @@ class SamplingParams:
         if not isinstance(d, dict):
             raise ValueError(f"sampling parameters must be an object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        # In the order given, not sorted: a key that is not a string (a Python caller's) made
+        # sorted() raise TypeError. A body may hold thousands of names, each of any length.
+        unknown = [k for k in d if k not in known]
         if unknown:
-            raise ValueError(f"unknown sampling parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+            raise ValueError(f"unknown sampling parameter(s) {', '.join(_short(k) for k in unknown[:3])}{more}; "
+                             f"known: {', '.join(sorted(known))}")
         return cls(**d)
 
     def with_seed(self, seed: int | None) -> "SamplingParams":
@@ -143,14 +148,17 @@ class SamplingParams:
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids the parameters name must lie in the vocabulary (ValueError naming the field)."""
         for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", [t for t, _ in self.logit_bias])):
-            if any(t >= vocab_size for t in ids):
-                raise ValueError(f"{name} token ids must lie in [0, {vocab_size}), got {sorted(ids)[-3:]}")
+            # The first three outside, as the server names a prompt's (the three largest ids named
+            # in-range ones beside a single bad id).
+            outside = [t for t in ids if t >= vocab_size]
+            if outside:
+                raise ValueError(f"{name} token ids must lie in [0, {vocab_size}), got {shown_ids(outside[:3])}")
 
 
-def _short(value, limit: int = 120) -> str:
-    """repr(value), cut to `limit` characters: a rejected list may hold millions of entries."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+def _short(value) -> str:
+    """repr(value), shortened as the server quotes a client's value: a rejected list may hold
+    millions of entries, and a number thousands of digits."""
+    return shown(value, repr)
 
 
 def _logit_bias(value) -> tuple[tuple[int, float], ...]:

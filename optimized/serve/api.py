@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from optimized.engine import SamplingParams
 from optimized.engine.sampler import MAX_LOGPROBS
+from optimized.quoting import shown, shown_ids
 
 from .chat import ChatError, ChatTemplate
 from .text import StopMatcher
@@ -57,24 +58,6 @@ class ApiError(Exception):
 
 def bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param)
-
-
-# How much of a client's value an error quotes: an integer of 4000 digits, or a megabyte string,
-# quoted in full buried the message (and made it as big as the body). Names get more room than
-# numbers: a model's name or a path is read in full where it fits.
-QUOTE_DIGITS, QUOTE_CHARS = 20, 80
-
-
-def shown(value, spell=json.dumps) -> str:
-    """`value` as `spell` writes it (JSON, as the client sent it; repr for a name), or its first
-    characters, "..." and its size: an integer's digits, a string's characters, else the spelling's."""
-    text = spell(value)
-    number = isinstance(value, int) and not isinstance(value, bool)
-    if len(text) <= (QUOTE_DIGITS if number else QUOTE_CHARS):
-        return text
-    if number:
-        return f"{text[:QUOTE_DIGITS]}... ({len(text.lstrip('-'))} digits)"
-    return f"{text[:QUOTE_CHARS]}... ({len(value) if isinstance(value, str) else len(text)} characters)"
 
 
 @dataclass
@@ -160,11 +143,6 @@ def find_value(body, target) -> str | None:
     return next((where for where, v in _fields(body) if v is target), None)
 
 
-def _ids(outside: list[int]) -> str:
-    """The first three ids out of range, each shortened (an id of 4000 digits is valid JSON)."""
-    return "[" + ", ".join(shown(t) for t in outside[:3]) + "]"
-
-
 def _token_ids(v, key: str, ctx: Context) -> list[int]:
     if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
         raise bad(f"{key}: must be a list of integer token ids", key)
@@ -172,7 +150,7 @@ def _token_ids(v, key: str, ctx: Context) -> list[int]:
         raise bad(f"{key}: must not be empty", key)
     outside = [t for t in v if ctx.vocab_size is not None and not 0 <= t < ctx.vocab_size]
     if outside:
-        raise bad(f"{key}: token ids must lie in [0, {ctx.vocab_size}), got {_ids(outside)}", key)
+        raise bad(f"{key}: token ids must lie in [0, {ctx.vocab_size}), got {shown_ids(outside[:3])}", key)
     return v
 
 
@@ -537,7 +515,7 @@ def parse_detokenize(body: dict, ctx: Context) -> dict:
     limit = ctx.vocab_size if ctx.vocab_size is not None else tokenizer.vocab_size
     outside = [t for t in ids if not 0 <= t < limit]
     if outside:
-        raise bad(f"tokens: token ids must lie in [0, {limit}), got {_ids(outside)}", "tokens")
+        raise bad(f"tokens: token ids must lie in [0, {limit}), got {shown_ids(outside[:3])}", "tokens")
     return {"prompt": tokenizer.decode(ids, skip_special_tokens=_bool(body, "skip_special_tokens", True))}
 
 
