@@ -110,10 +110,15 @@ MAX_REPEATS = 1000
 
 
 def _port(text: str) -> int:
-    port = _int_at_least(0)(text)
-    if port > 65535:
-        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535 (0: any free port), got {_quoted(str(port), False)}")
-    return port
+    """An argparse type for --port. Any integer outside 0..65535 is named by that range: one of
+    more digits than int() reads said "of at most 4300 digits", a negative one ">= 0"."""
+    try:
+        return _int_at_least(0, 65535)(text)
+    except argparse.ArgumentTypeError:
+        if not _INTEGER.fullmatch(text):
+            raise
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535 (0: any free port), "
+                                         f"got {_quoted(text.strip(), False)}") from None
 
 
 def resolve_device(name: str, where: str = "--device") -> str:
@@ -123,23 +128,24 @@ def resolve_device(name: str, where: str = "--device") -> str:
 
     from optimized.kernels import default_device
 
+    # A name is quoted by its first characters (_quoted): a 5000-character one was quoted in full.
     if name == "auto":
         return str(default_device())
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError, ValueError):
-        raise BadInput(f"{where}: {name!r} is not a device (cpu, cuda, cuda:N, xpu or auto)") from None
+        raise BadInput(f"{where}: {_quoted(name)} is not a device (cpu, cuda, cuda:N, xpu or auto)") from None
     if device.type == "cpu":
         return "cpu"
     if device.type not in ("cuda", "xpu"):
-        raise BadInput(f"{where}: {name!r}: the kernels run on cpu, cuda or xpu")
+        raise BadInput(f"{where}: {_quoted(name)}: the kernels run on cpu, cuda or xpu")
     module = getattr(torch, device.type, None)
     count = module.device_count() if module is not None and module.is_available() else 0
     if count == 0:
-        raise BadInput(f"{where}: {name!r}: this machine has no {device.type} device "
+        raise BadInput(f"{where}: {_quoted(name)}: this machine has no {device.type} device "
                        f"(torch.{device.type}.is_available() is False); use --device cpu or auto")
     if device.index is not None and device.index >= count:
-        raise BadInput(f"{where}: {name!r}: this machine has {count} {device.type} device(s)")
+        raise BadInput(f"{where}: {_quoted(name)}: this machine has {count} {device.type} device(s)")
     return str(device)
 
 
