@@ -405,7 +405,7 @@ def test_64_streams_with_disconnects_and_a_sigterm(tmp_path):
         for t in threads:
             t.join(120)
         assert not any(t.is_alive() for t in threads), "a stream hung after SIGTERM"
-        assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+        assert proc.wait(60) == 0  # a graceful shutdown, not death by the signal uvicorn re-raises
         for kind, seen in results:
             # refused before its request was read (the socket closed) is the only other ending
             assert kind in ("done", "error", "dropped") or (kind in ("cut", "oserror") and b"data:" not in seen), \

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import sys
 import threading
@@ -165,17 +166,35 @@ def build_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, log_r
                        request_timeout=request_timeout)
 
 
+class _Terminated(Exception):
+    """SIGTERM, re-raised by uvicorn once it has shut down gracefully (see run_until_interrupted)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def run_until_interrupted(server: Server) -> None:
-    """Serve until SIGINT or SIGTERM (uvicorn catches them and shuts down gracefully)."""
+    """Serve until SIGINT or SIGTERM (uvicorn catches them and shuts down gracefully), then return.
+
+    uvicorn re-raises the signal it handled once it has shut down, through the handler that was in
+    place before it ran. For SIGTERM that was the default one, which killed the process there: its
+    caller's code after serving never ran, so under `serve --tp` rank 0 died without telling the
+    other ranks, which then failed with gloo's "Connection closed by peer" traceback. A handler of
+    ours, in place while serving, turns the re-raised SIGTERM into an exception caught here."""
     has = [w for w, v in (("tokenizer", server.ctx.tokenizer), ("chat template", server.ctx.chat_template)) if v]
     print(f"serving {server.ctx.model_name} at {server.url} (max context {server.ctx.max_context}; "
           f"{' and '.join(has) if has else 'no tokenizer: token ids only'}); Ctrl-C stops", flush=True)
+    main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     try:
         server.serve_forever()
-    except KeyboardInterrupt:  # uvicorn re-raises the signal it handled, once it has shut down
+    except (KeyboardInterrupt, _Terminated):
         print("shut down", file=sys.stderr)
     finally:
         server.shutdown()
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def serve(model: str, **kw) -> None:
