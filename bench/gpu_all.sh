@@ -23,6 +23,11 @@
 #   profile          bench/decode_profile.py: floor, engine (PDL on and off), kernel tables at batch 1 and 32,
 #                    transformers (e2b; PROFILE_MODELS
 #                    adds 31b, 26b-a4b) [300] -> decode_profile_<model>.json, decode_profile.log
+#   variants         bench/decode_variants.py at E2B: decode under module settings side by side; VARIANTS
+#                    holds its --set arguments (default: the defaults against gemv.GEMV_MAX_ROWS=8) [300]
+#                                                                           -> decode_variants.json, decode_variants.log
+#   chain            bench/launch_chain.py: what one link of a dependent kernel chain costs [120]
+#                                                                           -> launch_chain.json, launch_chain.log
 #   graphs           decode graphs against eager decode, bench/graph_check.py [300] -> graphs.log
 #   attention        paged attention vs SDPA, bench/attention_bench.py [560] -> attention.json, attention.log
 #   parity           bf16 parity of the paged path, bench/gpu_parity.py [300] -> parity.json, parity.log
@@ -38,7 +43,8 @@ DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs a stage here, for a smoke test of the 
 # Appended to, not replaced: a device call may put carried wheels (the serve extra) on PYTHONPATH.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
-STAGES=(suite check check-real calibrate real-shapes kernels kernels-nographs launch-sweep engine serve prefill profile tp graphs attention parity taps)
+STAGES=(suite check check-real calibrate real-shapes kernels kernels-nographs launch-sweep engine serve prefill profile
+        variants chain tp graphs attention parity taps)
 
 usage() {
   sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -193,6 +199,17 @@ stage_profile() {
         --out "$OUT/decode_profile_$model.json" 2>&1 | tee -a "$OUT/decode_profile.log" || rc=1
   done
   return $rc
+}
+
+stage_variants() {
+  local sets=(${VARIANTS:---set base: --set rows8:gemv.GEMV_MAX_ROWS=8})
+  run "$(limit variants 300)" python3 bench/decode_variants.py --model e2b "${sets[@]}" \
+      --out "$OUT/decode_variants.json" 2>&1 | tee "$OUT/decode_variants.log"
+}
+
+stage_chain() {
+  run "$(limit chain 120)" python3 bench/launch_chain.py --out "$OUT/launch_chain.json" 2>&1 \
+      | tee "$OUT/launch_chain.log"
 }
 
 stage_tp() {
