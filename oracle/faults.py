@@ -43,6 +43,7 @@ import optimized.model
 import optimized.ops
 import optimized.parallel
 import reference.model
+from optimized.engine.graphs import DecodeGraphs
 from optimized.memory import KVCache, ceil_div
 from optimized.model import PagedGemma4
 from reference.weights import Part
@@ -256,6 +257,18 @@ def _release_one_page_early(release: Callable) -> Callable:
     return release_window
 
 
+def _stale_padding_slots(reset: Callable) -> Callable:
+    """DecodeGraphs._reset_padding leaving the padding rows' K/V write slots as the real rows last
+    there left them (the rest of the padding, tokens, positions and page tables, is reset)."""
+    def _reset_padding(self: DecodeGraphs, start: int) -> None:
+        slots, swa_slots = self.out_slots[start:].clone(), self.swa_out_slots[start:].clone()
+        reset(self, start)
+        self.out_slots[start:] = slots
+        self.swa_out_slots[start:] = swa_slots
+
+    return _reset_padding
+
+
 def _no_softcap(_softcap: Callable) -> Callable:
     return lambda logits, cap: logits
 
@@ -312,6 +325,18 @@ REUSE_AFTER_EVICTION = {
     "requests": [{"id": "r0", "length": 8, "seed": 23, "new_tokens": 2},
                  {"id": "r1", "length": 3, "seed": 24, "new_tokens": 1, "arrival": 1,
                   "prefix_from": {"request": "r0", "length": 6}}],
+}
+
+
+# Four requests decode together at one graph size (4), then r0 finishes first: the next steps run 3
+# real rows in the size-4 graph, and the padding row is the one r3 held a step before.
+GRAPH_PADDING = {
+    "name": "fault-graph-padding",
+    "engine": {"page_size": 2, "chunk_size": 8, "max_requests": 4, "decode": "graphs"},
+    "requests": [{"id": "r0", "length": 5, "seed": 31, "new_tokens": 2},
+                 {"id": "r1", "length": 6, "seed": 32, "new_tokens": 5},
+                 {"id": "r2", "length": 7, "seed": 33, "new_tokens": 5},
+                 {"id": "r3", "length": 4, "seed": 34, "new_tokens": 5}],
 }
 
 
@@ -461,6 +486,20 @@ FAULTS: dict[str, Fault] = _registry(
         "layers.0.k_cache",
         (Patch(KVCache, "release_window", _release_one_page_early),),
         PAST_WINDOW,
+    ),
+    Fault(
+        "graph-padding-stale-slots",
+        "decode graphs' padding rows write K/V at the slots the last real rows there used",
+        "Background 3.5 (SGLang #24743): a captured decode step runs at a fixed batch size, the rows "
+        "past the real batch padded; their write locations must point at the padding sink. SGLang's "
+        "translated SWA write buffer was not zeroed past the batch, so padded tokens wrote into live "
+        "requests' slots. Here the padding rows keep the slots (full and SWA) the real rows last "
+        "there used: once r0 finishes, the padding row writes token 0's K/V over r3's previous key "
+        "in every layer. The pool gathered when r3 finishes shows it, and `k_cache` precedes `o` "
+        "in dataflow order.",
+        "layers.0.k_cache",
+        (Patch(DecodeGraphs, "_reset_padding", _stale_padding_slots),),
+        GRAPH_PADDING,
     ),
     Fault(
         "missing-softcap",
