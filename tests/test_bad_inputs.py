@@ -97,19 +97,29 @@ def test_write_report_refuses_a_report_file_that_is_a_directory_before_writing_e
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
 
 
+def _report_facts(verdict: str, scenarios: list, kernels: list | None = None) -> dict:
+    """A minimal report.json body; kernels=None leaves the field out."""
+    env = {"versions": {}, "device": "cpu", "dtype": "float32", "git": None, "host": ""}
+    facts = {"title": "t", "verdict": verdict, "summary": "s", "command": "c", "environment": env,
+             "scenarios": scenarios}
+    return facts if kernels is None else dict(facts, kernels=kernels)
+
+
+def _kernel_facts(passed) -> dict:
+    return {"name": "gemv", "shape": [1], "dtype": "float32", "max_ulp": 0, "max_rel": 0, "passed": passed,
+            "time_us": 1, "eager_us": 1, "unfused_us": 1}
+
+
 def test_a_parity_verdict_over_a_failed_scenario_or_kernel_is_refused():
     """`report` exits 0 on a parity verdict: a hand-edited report.json that says parity while a
     scenario or kernel in it failed must not render (it did, exit 0)."""
     from oracle.report import ReportError, write_report
 
-    env = {"versions": {}, "device": "cpu", "dtype": "float32", "git": None, "host": ""}
-    facts = {"title": "t", "verdict": "parity", "summary": "s", "command": "c", "environment": env,
-             "scenarios": [{"name": "a", "passed": True}, {"name": "b", "passed": False}]}
+    facts = _report_facts("parity", [{"name": "a", "passed": True}, {"name": "b", "passed": False}])
     with pytest.raises(ReportError, match=r"verdict: 'parity', but facts.scenarios\[1\] \(b\) did not pass"):
         write_report(facts, None)
     facts["scenarios"][1]["passed"] = True
-    facts["kernels"] = [{"name": "gemv", "shape": [1], "dtype": "float32", "max_ulp": 0, "max_rel": 0, "passed": False,
-                         "time_us": 1, "eager_us": 1, "unfused_us": 1}]
+    facts["kernels"] = [_kernel_facts(False)]
     with pytest.raises(ReportError, match=r"facts.kernels\[0\] \(gemv\) did not pass"):
         write_report(facts, None)
 
@@ -120,11 +130,8 @@ def test_a_divergence_verdict_over_nothing_failed_is_refused():
     divergence while all of it passed rendered, exit 1."""
     from oracle.report import ReportError, load, write_report
 
-    env = {"versions": {}, "device": "cpu", "dtype": "float32", "git": None, "host": ""}
-    kernel = {"name": "gemv", "shape": [1], "dtype": "float32", "max_ulp": 0, "max_rel": 0, "passed": True,
-              "time_us": 1, "eager_us": 1, "unfused_us": 1}
-    facts = {"title": "t", "verdict": "divergence", "summary": "s", "command": "c", "environment": env,
-             "scenarios": [{"name": "a", "passed": True}], "kernels": [kernel]}
+    kernel = _kernel_facts(True)
+    facts = _report_facts("divergence", [{"name": "a", "passed": True}], [kernel])
     with pytest.raises(ReportError, match=r"facts.verdict: 'divergence', but no scenario or kernel in it failed"):
         write_report(facts, None)
     for scenarios, passed in (([{"name": "a", "passed": False}], True), ([], False), ([], None)):
@@ -137,11 +144,7 @@ def test_both_verdict_checks_count_an_unjudged_kernel_as_not_passed():
     such a kernel through while the divergence check counted it, so one rule judged two ways."""
     from oracle.report import ReportError, load
 
-    env = {"versions": {}, "device": "cpu", "dtype": "float32", "git": None, "host": ""}
-    kernel = {"name": "gemv", "shape": [1], "dtype": "float32", "max_ulp": 0, "max_rel": 0, "passed": None,
-              "time_us": 1, "eager_us": 1, "unfused_us": 1}
-    facts = {"title": "t", "verdict": "parity", "summary": "s", "command": "c", "environment": env,
-             "scenarios": [{"name": "a", "passed": True}], "kernels": [kernel]}
+    facts = _report_facts("parity", [{"name": "a", "passed": True}], [_kernel_facts(None)])
     with pytest.raises(ReportError, match=r"facts.verdict: 'parity', but facts.kernels\[0\] \(gemv\) did not pass"):
         load(facts)
     assert load(dict(facts, verdict="divergence")).verdict == "divergence"
@@ -158,9 +161,7 @@ def test_a_scenario_whose_passed_contradicts_its_comparison_is_refused():
     comparison = {"passed": False, "dtype": None, "truth_dtype": None, "counts": counts, "first_divergence": None,
                   "tolerance": {"multiple": 1, "max_abs_multiple": 1, "floors": {}}, "requests": [],
                   "missing_requests": [], "extra_requests": [], "notes": [], "summary": "s"}
-    env = {"versions": {}, "device": "cpu", "dtype": "float32", "git": None, "host": ""}
-    facts = {"title": "t", "verdict": "parity", "summary": "s", "command": "c", "environment": env,
-             "scenarios": [{"name": "a", "passed": True, "comparison": comparison}]}
+    facts = _report_facts("parity", [{"name": "a", "passed": True, "comparison": comparison}])
     with pytest.raises(ReportError) as e:
         load(facts)
     assert str(e.value).endswith("facts.scenarios[0] (a): passed is true, but comparison.passed is false"), e.value
