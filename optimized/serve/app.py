@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..quoting import shown
 from . import api
 from .api import ApiError
 from .worker import EngineDead, EngineWorker
@@ -112,13 +113,13 @@ def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, crea
     async def routing_error(request: Request, e: StarletteHTTPException):
         method, path = request.method, request.url.path
         if e.status_code == 405 and method not in HTTP_METHODS:
-            return _error(ApiError(501, f"{api.shown(method, str)}: not an HTTP method this server implements"))
+            return _error(ApiError(501, f"{shown(method, str)}: not an HTTP method this server implements"))
         if e.status_code == 405:
             allow = (e.headers or {}).get("Allow", "")
-            return _error(ApiError(405, f"{method} {api.shown(path, str)}: method not allowed; use {allow}"),
+            return _error(ApiError(405, f"{method} {shown(path, str)}: method not allowed; use {allow}"),
                           {"Allow": allow})
         if e.status_code == 404:
-            return _error(ApiError(404, f"{api.shown(path, str)}: no such endpoint (there are {', '.join(ROUTES)})"))
+            return _error(ApiError(404, f"{shown(path, str)}: no such endpoint (there are {', '.join(ROUTES)})"))
         return _error(ApiError(e.status_code, str(e.detail)))
 
     @app.exception_handler(Exception)
@@ -320,7 +321,7 @@ def create_app(ctx: api.Context, worker: EngineWorker, max_body_bytes: int, crea
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != ctx.model_name:
-            raise ApiError(404, f"model: {api.shown(model_id, repr)} is not served here; this server serves "
+            raise ApiError(404, f"model: {shown(model_id, repr)} is not served here; this server serves "
                                 f"{ctx.model_name!r}",
                            "model")
         return model_card()
