@@ -51,8 +51,12 @@ GRID = {
     8: [(16, 256, True, 4, 3, 1), (16, 256, True, 4, 3, 2), (16, 256, True, 4, 3, 4), (16, 128, True, 4, 3, 8),
         (32, 256, True, 4, 3, 4), (16, 512, True, 4, 3, 2), (16, 256, True, 8, 3, 4)],
     32: [(16, 256, True, 4, 3, 1), (16, 256, True, 4, 3, 2), (16, 256, True, 4, 3, 4), (16, 128, True, 4, 3, 8),
-         (32, 256, True, 4, 3, 4), (32, 128, True, 4, 3, 4), (16, 256, True, 8, 3, 4), (64, 128, True, 4, 3, 4)],
+         (32, 256, True, 4, 3, 4), (32, 128, True, 4, 3, 4), (16, 256, True, 8, 3, 4), (64, 128, True, 4, 3, 4),
+         # wider tiles: at 32 rows a program's x tile is as big as its weight tile at BLOCK_N 32
+         (64, 128, True, 4, 3, 8), (64, 256, True, 4, 3, 2), (64, 256, True, 4, 3, 4), (128, 128, True, 8, 3, 4),
+         (128, 64, True, 4, 3, 8), (32, 128, True, 4, 4, 8), (64, 64, True, 4, 4, 8)],
 }
+GRID[16] = GRID[32]  # 16 rows: the 32-row list (more tiles' worth of rows than the 8-row one assumes)
 QUICK_GRID = {1: [(4, 32, False, 4, 1, 1), (16, 32, True, 4, 1, 2)], 3: [(16, 32, True, 4, 1, 2)]}
 
 
@@ -66,7 +70,7 @@ def shapes(model: str) -> list[tuple[str, str, int, int]]:
     for s in c.layers:
         q = Hq * s.head_dim
         kv = 0 if s.kv_shared else s.num_kv_heads * s.head_dim * (2 if s.has_v_proj else 1)
-        for name, op, n, k in ((f"qkv {s.type[:4]}{' shared' if s.kv_shared else ''}", "rms_norm_linear", q + kv, H),
+        for name, op, n, k in ((f"qkv {s.type[:4]}{' shared' if s.kv_shared else ''}", "linear", q + kv, H),
                                ("gate_up", "linear_gelu_mul", s.mlp_width, H), ("down", "linear", H, s.mlp_width),
                                ("o_proj", "linear", H, q)):
             if (op, n, k) not in seen:
@@ -125,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["e2b"], choices=["e2b", "31b", "26b-a4b"])
     p.add_argument("--rows", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--ops", nargs="+", choices=["linear", "linear_gelu_mul", "ple_gate", "rms_norm_linear"],
+                   help="only these ops (default: every op of the model's decode step)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, two settings: a smoke run (CPU included)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -136,7 +142,7 @@ def main(argv=None) -> int:
                 ("quick ple_gate", "ple_gate", 8, 72), ("quick down", "linear", 72, 96)]
         rows_list, grid, repeats, copy_bw = [1, 3], QUICK_GRID, 2, None
     else:
-        todo = [s for m in args.models for s in shapes(m)]
+        todo = [s for m in args.models for s in shapes(m) if not args.ops or s[1] in args.ops]
         rows_list, grid, repeats = args.rows, GRID, args.repeats
         copy_bw = copy_bandwidth(Timer(device, 10, warmup=2), device) if device.type != "cpu" else None
     gemv.GEMV_MAX_ROWS = 0  # settings=None: the unfused path
