@@ -1,5 +1,5 @@
 """Sweep the few-row GEMV kernels (optimized/kernels/gemv.py) against what the fused path runs
-without them (torch's F.linear = cuBLAS, plus the separate norm / gated-GELU kernels for the fused
+without them (torch's F.linear = cuBLAS, plus the separate gated-GELU kernel for the fused
 variants), at E2B's decode shapes (31B's and 26B-A4B's dense ones with --models), M = 1, 8, 32.
 
     python bench/gemv_bench.py --out reports/gemv_bench_h200.json      # about 3 minutes on an H200
@@ -82,12 +82,10 @@ def shapes(model: str) -> list[tuple[str, str, int, int]]:
     return out
 
 
-def make_call(op, x, w, norm_w, up, settings):
+def make_call(op, x, w, up, settings):
     """The call under test: the GEMV kernel with `settings`, or with settings=None the baseline,
-    gemv's unfused path (the norm or gated-GELU kernel and torch's F.linear; main() sets every row
-    limit to 0)."""
-    if op == "rms_norm_linear":
-        return lambda wi: gemv.rms_norm_linear(x, norm_w, 1e-6, wi, settings=settings)
+    gemv's unfused path (the gated-GELU kernel and torch's F.linear; main() sets every row limit
+    to 0)."""
     if op == "linear_gelu_mul":
         return lambda wi: gemv.linear_gelu_mul(x, wi, settings=settings)
     if op == "ple_gate":
@@ -129,7 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["e2b"], choices=["e2b", "31b", "26b-a4b"])
     p.add_argument("--rows", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--ops", nargs="+", choices=["linear", "linear_gelu_mul", "ple_gate", "rms_norm_linear"],
+    p.add_argument("--ops", nargs="+", choices=["linear", "linear_gelu_mul", "ple_gate"],
                    help="only these ops (default: every op of the model's decode step)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, two settings: a smoke run (CPU included)")
     p.add_argument("--out", type=Path)
@@ -138,7 +136,7 @@ def main(argv=None) -> int:
     device, dtype = default_device(), torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)
     if args.quick:
-        todo = [("quick qkv", "rms_norm_linear", 40, 72), ("quick gate_up", "linear_gelu_mul", 24, 72),
+        todo = [("quick qkv", "linear", 40, 72), ("quick gate_up", "linear_gelu_mul", 24, 72),
                 ("quick ple_gate", "ple_gate", 8, 72), ("quick down", "linear", 72, 96)]
         rows_list, grid, repeats, copy_bw = [1, 3], QUICK_GRID, 2, None
     else:
@@ -158,7 +156,6 @@ def main(argv=None) -> int:
         copies = 1 if args.quick else min(MAX_COPIES, max(4, -(-ROTATE_BYTES // w_bytes)))
         weights = [torch.randn(w_rows, k, generator=gen, device=device).mul_(k ** -0.5).to(dtype)
                    for _ in range(copies)]
-        norm_w = (0.5 + torch.rand(k, generator=gen, device=device)).to(dtype)
         for M in rows_list:
             x = torch.randn(M, k, generator=gen, device=device).to(dtype)
             up = torch.randn(M, 3 * n, generator=gen, device=device).to(dtype)[:, n:2 * n]  # a strided slice
@@ -172,7 +169,7 @@ def main(argv=None) -> int:
             want = None
             for label, setting in variants:
                 try:
-                    call = make_call(op, x, None, norm_w, up, setting)
+                    call = make_call(op, x, None, up, setting)
                     us, out = timed(device, call, weights, repeats)
                 except Exception as e:  # a setting that does not compile (or run) is reported and skipped
                     print(f"| {name} | {op} | {n} x {k} | {M} | {label} | failed: {type(e).__name__}: "

@@ -39,7 +39,7 @@ from oracle.kernel_check import Timer, build_cases, check_case, copy_bandwidth, 
 
 MOE_OPS = {"router_input", "softmax_topk", "experts", "post_ffn_moe_residual_scale"}
 # Decode-only ops: at prefill token counts their cases would repeat the GEMV_MAX_ROWS-row case.
-GEMV_OPS = {"rms_norm_linear", "linear_gelu_mul", "linear_gelu_mul (ple gate)", "linear"}
+GEMV_OPS = {"linear (qkv)", "linear_gelu_mul", "linear_gelu_mul (ple gate)", "linear"}
 MODELS = {"e2b": lambda name: name not in MOE_OPS, "31b": lambda name: name not in MOE_OPS,
           "26b-a4b": lambda name: name in MOE_OPS}
 KNOB_MODULES = {"norms": norms, "activation": activation, "rope": rope}

@@ -94,11 +94,6 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
-def rms_norm_linear(x, norm_w, eps: float, w):
-    """A projection of the RMS-normed x: the input norm and the q/k/v projection (one GEMV when fused)."""
-    return F.linear(rms_norm(x, norm_w, eps), w)
-
-
 def linear_gelu_mul(x, w, up=None, *, return_gate_up=False):
     """gelu_tanh(gate) * up with [gate; up] = x @ w.T split in column halves (the MLP), or with
     gate = x @ w.T and `up` given (the PLE gate). return_gate_up=True (MLP only) also returns the

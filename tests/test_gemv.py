@@ -7,8 +7,8 @@ its float32 result differs by float32 rounding (bounded here relative to the out
 after the rounding to bfloat16, now and then by one bfloat16 ULP of the element (more where a
 one-ULP flip of the rounded gate feeds the activation). The bounds are in ULPs at the output's
 largest magnitude, as `gemma4-testbed kernels` measures (oracle/kernel_check.py). A kernel that
-skips a rounding the twin does (the normed input, the gate before the GELU) or reads a wrong
-column misses them by far.
+skips a rounding the twin does (the gate before the GELU) or reads a wrong column misses them
+by far.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from optimized.kernels import default_device, gemv
 from tests.sm90 import check_compiles
 
 DEVICE = default_device()
-EPS = 1e-6
 DTYPES = [torch.float32, torch.bfloat16]
 SCALE_ULPS = {torch.float32: 64.0, torch.bfloat16: 2.0}
 # Both inner products, with small blocks so that several programs and K steps (a ragged last one
@@ -59,24 +58,7 @@ def weight(gen, n, k, dtype):
     return (torch.randn(n, k, generator=gen) * k ** -0.5).to(DEVICE, dtype)
 
 
-def norm_weight(gen, k, dtype):
-    return (0.5 + torch.rand(k, generator=gen)).to(DEVICE, dtype)
-
-
 shapes = st.tuples(st.integers(1, 16), st.integers(1, 70), st.integers(1, 90))  # M past the default limits: settings force the kernel
-
-
-@pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("dtype", DTYPES)
-@settings(max_examples=settings.default.max_examples // 4)
-@given(shape=shapes, strided=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_rms_norm_linear_matches_the_norm_then_the_projection(setting, dtype, shape, strided, seed):
-    m, n, k = shape
-    gen = torch.Generator().manual_seed(seed)
-    x = rows_of(gen, m, k, dtype, offset=3 if strided else 0, pad=7 if strided else 0)
-    nw, w = norm_weight(gen, k, dtype), weight(gen, n, k, dtype)
-    assert_close(gemv.rms_norm_linear(x, nw, EPS, w, settings=SETTINGS[setting]),
-                 gemv.rms_norm_linear_eager(x, nw, EPS, w))
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -130,12 +112,12 @@ def test_at_a_real_width_and_every_row_count(dtype):
     """K = 1536 (E2B's hidden size, several K steps), M = 1 .. 16, both inner products."""
     gen = torch.Generator().manual_seed(7)
     k, inter = 1536, 24
-    w, nw = weight(gen, 2 * inter, k, dtype), norm_weight(gen, k, dtype)
+    w = weight(gen, 2 * inter, k, dtype)
     for m in (1, 2, 3, 16):
         x = rows_of(gen, m, k, dtype)
         for s in (dict(BLOCK_N=16, BLOCK_K=512, DOT=True, num_warps=4, num_stages=1),
                   dict(BLOCK_N=8, BLOCK_K=512, DOT=False, num_warps=4, num_stages=1)):
-            assert_close(gemv.rms_norm_linear(x, nw, EPS, w, settings=s), gemv.rms_norm_linear_eager(x, nw, EPS, w))
+            assert_close(gemv.linear(x, w, settings=s), gemv.linear_eager(x, w))
             assert_close(gemv.linear_gelu_mul(x, w, settings=s), gemv.linear_gelu_mul_eager(x, w))
 
 
@@ -145,37 +127,32 @@ def test_bfloat16_outputs_are_mostly_bit_identical():
     gen = torch.Generator().manual_seed(3)
     m, inter, k = 4, 64, 96
     x, w = rows_of(gen, m, k, torch.bfloat16), weight(gen, 2 * inter, k, torch.bfloat16)
-    nw = norm_weight(gen, k, torch.bfloat16)
     s = gemv.launch_settings(m, inter)  # forces the kernel whatever the row limits
-    for got, want in ((gemv.linear_gelu_mul(x, w, settings=s), gemv.linear_gelu_mul_eager(x, w)),
-                      (gemv.rms_norm_linear(x, nw, EPS, w, settings=s), gemv.rms_norm_linear_eager(x, nw, EPS, w))):
-        # measured here: 0 of 256 / 512 differ; with the normed input's rounding skipped, 38% did
-        assert (got != want).float().mean() < 0.05
+    got, want = gemv.linear_gelu_mul(x, w, settings=s), gemv.linear_gelu_mul_eager(x, w)
+    assert (got != want).float().mean() < 0.05  # measured here: 0 of 256 differ
 
 
 def test_calls_past_the_limits_take_the_unfused_path(monkeypatch):
     """Past GEMV_MAX_ROWS rows (prefill) or GEMV_MAX_WEIGHT weight elements it is the unfused
-    kernels + F.linear, exactly; the input norm + qkv and the stacked gate_up take the kernel only
-    within FUSED_MAX_ROWS, and float32 models within FLOAT32_MAX_ROWS; GEMV_MAX_ROWS = 0 turns the
-    kernel off; under the interpreter it runs only when forced."""
+    kernels + F.linear, exactly; the stacked gate_up takes the kernel only within FUSED_MAX_ROWS,
+    and float32 models within FLOAT32_MAX_ROWS; GEMV_MAX_ROWS = 0 turns the kernel off; under the
+    interpreter it runs only when forced."""
     gen = torch.Generator().manual_seed(2)
     calls = []
     monkeypatch.setattr(gemv, "_launch", lambda *a, **k: calls.append(a[0]))
     monkeypatch.setattr(gemv, "INTERPRETING", False)  # the rule where kernels compile
     bf = torch.bfloat16
-    x, w, nw = rows_of(gen, 5, 24, bf), weight(gen, 16, 24, bf), norm_weight(gen, 24, bf)
+    x, w = rows_of(gen, 5, 24, bf), weight(gen, 16, 24, bf)
     up = rows_of(gen, 5, 16, bf)
     F = torch.nn.functional
     monkeypatch.setattr(gemv, "GEMV_MAX_ROWS", 4)  # 5 rows: past it
     monkeypatch.setattr(gemv, "FUSED_MAX_ROWS", 2)
-    assert torch.equal(gemv.rms_norm_linear(x, nw, EPS, w), F.linear(fused_ops.rms_norm(x, nw, EPS), w))
     gate_up = F.linear(x, w)
     assert torch.equal(gemv.linear_gelu_mul(x, w), fused_ops.gelu_tanh_mul(gate_up[:, :8], gate_up[:, 8:]))
     assert torch.equal(gemv.linear_gelu_mul(x, w, up), fused_ops.gelu_tanh_mul(gate_up, up))
     assert torch.equal(gemv.linear(x, w), F.linear(x, w))
     assert calls == []
-    gemv.rms_norm_linear(x[:3], nw, EPS, w)  # 3 rows: past FUSED_MAX_ROWS, within GEMV_MAX_ROWS
-    gemv.linear_gelu_mul(x[:3], w)
+    gemv.linear_gelu_mul(x[:3], w)  # 3 rows: past FUSED_MAX_ROWS, within GEMV_MAX_ROWS
     assert calls == []
     gemv.linear_gelu_mul(x[:3].float(), w.float(), up[:3].float())  # float32: one row only
     gemv.linear(x[:3].float(), w.float())
@@ -186,31 +163,28 @@ def test_calls_past_the_limits_take_the_unfused_path(monkeypatch):
     assert calls == ["linear", "gated_up", "linear"]
     calls.clear()
     monkeypatch.setattr(gemv, "GEMV_MAX_WEIGHT", w.numel() - 1)  # a weight past the limit
-    gemv.rms_norm_linear(x[:2], nw, EPS, w)
     gemv.linear_gelu_mul(x[:2], w)
     gemv.linear(x[:2], w)
     assert calls == []
     monkeypatch.setattr(gemv, "GEMV_MAX_WEIGHT", w.numel())
-    gemv.rms_norm_linear(x[:2], nw, EPS, w)
     gemv.linear_gelu_mul(x[:2], w)
     gemv.linear_gelu_mul(x[:4], w, up[:4])
     gemv.linear(x[:4], w)
-    assert calls == ["norm", "gated", "gated_up", "linear"]
+    assert calls == ["gated", "gated_up", "linear"]
     monkeypatch.setattr(gemv, "INTERPRETING", True)
-    gemv.rms_norm_linear(x[:1], nw, EPS, w)
     gemv.linear_gelu_mul(x[:1], w)
     gemv.linear(x[:1], w)
-    assert calls == ["norm", "gated", "gated_up", "linear"]
+    assert calls == ["gated", "gated_up", "linear"]
     monkeypatch.setattr(gemv, "INTERPRETING", False)
     monkeypatch.setattr(gemv, "GEMV_MAX_ROWS", 0)
-    gemv.rms_norm_linear(x[:1], nw, EPS, w)
+    gemv.linear_gelu_mul(x[:1], w)
     gemv.linear(x[:1], w)
-    assert calls == ["norm", "gated", "gated_up", "linear"]
+    assert calls == ["gated", "gated_up", "linear"]
 
 
 def test_row_limits_per_op_and_dtype(monkeypatch):
-    """The plain projection and the PLE gate up to GEMV_MAX_ROWS, the fused norm and stacked gate_up
-    up to FUSED_MAX_ROWS, float32 up to FLOAT32_MAX_ROWS; GEMV_MAX_ROWS = 0 is off for all."""
+    """The plain projection and the PLE gate up to GEMV_MAX_ROWS, the stacked gate_up up to
+    FUSED_MAX_ROWS, float32 up to FLOAT32_MAX_ROWS; GEMV_MAX_ROWS = 0 is off for all."""
     bf, f32 = torch.bfloat16, torch.float32
     assert (gemv.row_limit(False, bf), gemv.row_limit(True, bf)) == (gemv.GEMV_MAX_ROWS, gemv.FUSED_MAX_ROWS)
     assert gemv.row_limit(False, f32) == gemv.FLOAT32_MAX_ROWS == 1
@@ -240,13 +214,12 @@ def test_wide_outputs_take_the_kernel_up_to_wide_max_rows(monkeypatch):
 def test_the_torch_ops_are_the_old_unfused_sequence():
     """ops.py's versions (fused=False) are the previous op sequence bit for bit."""
     gen = torch.Generator().manual_seed(4)
-    x, w, nw = rows_of(gen, 3, 24, torch.bfloat16), weight(gen, 16, 24, torch.bfloat16), norm_weight(gen, 24, torch.bfloat16)
+    x, w = rows_of(gen, 3, 24, torch.bfloat16), weight(gen, 16, 24, torch.bfloat16)
     up = rows_of(gen, 3, 16, torch.bfloat16)
     gate_up = torch.nn.functional.linear(x, w)
     act, gu = ops.linear_gelu_mul(x, w, return_gate_up=True)
     assert torch.equal(gu, gate_up) and torch.equal(act, ops.gelu_tanh_mul(gate_up[:, :8], gate_up[:, 8:]))
     assert torch.equal(ops.linear_gelu_mul(x, w, up), ops.gelu_tanh_mul(gate_up, up))
-    assert torch.equal(ops.rms_norm_linear(x, nw, EPS, w), torch.nn.functional.linear(ops.rms_norm(x, nw, EPS), w))
 
 
 @pytest.mark.parametrize("setting", ["dot-split", "sum-split"])
@@ -294,28 +267,26 @@ def test_cuda_graph_style_zero_rows_and_empty_outputs():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda x, w, nw, up: gemv.linear(x.double(), w.double()), "x must be float16, bfloat16 or float32"),
-    (lambda x, w, nw, up: gemv.linear(x, w.half()), "w has dtype torch.float16 but x has torch.float32"),
-    (lambda x, w, nw, up: gemv.linear(x, w[:, :5]), r"w must be \[N, 8\]"),
-    (lambda x, w, nw, up: gemv.linear(x[0], w), "x must have 2 dimensions"),
-    (lambda x, w, nw, up: gemv.linear(x.t(), w.t()), "contiguous last dimension"),
-    (lambda x, w, nw, up: gemv.rms_norm_linear(x, nw[:3], EPS, w), r"norm_w must have shape \[8\]"),
-    (lambda x, w, nw, up: gemv.rms_norm_linear(x, nw, -1.0, w), "eps must be a non-negative float"),
-    (lambda x, w, nw, up: gemv.linear_gelu_mul(x, w[:5]), "an even count"),
-    (lambda x, w, nw, up: gemv.linear_gelu_mul(x, w, up[:, :3]), r"up must be \[3, 6\]"),
-    (lambda x, w, nw, up: gemv.linear_gelu_mul(x, w, up, return_gate_up=True), "return_gate_up is for the stacked"),
-    (lambda x, w, nw, up: gemv.linear_gelu_mul(x, w, up.half()), "up has dtype torch.float16"),
+    (lambda x, w, up: gemv.linear(x.double(), w.double()), "x must be float16, bfloat16 or float32"),
+    (lambda x, w, up: gemv.linear(x, w.half()), "w has dtype torch.float16 but x has torch.float32"),
+    (lambda x, w, up: gemv.linear(x, w[:, :5]), r"w must be \[N, 8\]"),
+    (lambda x, w, up: gemv.linear(x[0], w), "x must have 2 dimensions"),
+    (lambda x, w, up: gemv.linear(x.t(), w.t()), "contiguous last dimension"),
+    (lambda x, w, up: gemv.linear_gelu_mul(x, w[:5]), "an even count"),
+    (lambda x, w, up: gemv.linear_gelu_mul(x, w, up[:, :3]), r"up must be \[3, 6\]"),
+    (lambda x, w, up: gemv.linear_gelu_mul(x, w, up, return_gate_up=True), "return_gate_up is for the stacked"),
+    (lambda x, w, up: gemv.linear_gelu_mul(x, w, up.half()), "up has dtype torch.float16"),
 ])
 def test_bad_inputs_name_what_is_wrong(call, match):
     gen = torch.Generator().manual_seed(0)
-    x, w, nw = rows_of(gen, 3, 8, torch.float32), weight(gen, 6, 8, torch.float32), norm_weight(gen, 8, torch.float32)
+    x, w = rows_of(gen, 3, 8, torch.float32), weight(gen, 6, 8, torch.float32)
     up = rows_of(gen, 3, 6, torch.float32)
     with pytest.raises(ValueError, match=match):
-        call(x, w, nw, up)
+        call(x, w, up)
 
 
 def test_fused_ops_export_the_gemv_ops_under_the_torch_ops_names():
-    for name in ("rms_norm_linear", "linear_gelu_mul", "linear"):
+    for name in ("linear_gelu_mul", "linear"):
         assert getattr(fused_ops, name) is getattr(gemv, name) and callable(getattr(ops, name))
 
 
@@ -339,9 +310,9 @@ def test_the_gemv_kernels_compile_for_a_gpu():
     past L1."""
     check_compiles("""
         from optimized.kernels import gemv
-        t = {n: "*bf16" for n in ("x", "w", "norm_w", "up", "out", "gate_up_out")}
-        t.update(k_float="fp32", eps="fp32", partials="*fp32", counters="*i32")
-        for mode in range(4):  # linear, norm, gated (stacked), gated (external up)
+        t = {n: "*bf16" for n in ("x", "w", "up", "out", "gate_up_out")}
+        t.update(partials="*fp32", counters="*i32")
+        for mode in (0, 2, 3):  # linear, gated (stacked), gated (external up)
             for block_m, block_n, block_k, dot, split in ((1, 4, 2048, False, 1), (8, 2, 256, False, 1),
                                                           (16, 16, 256, True, 1), (32, 32, 128, True, 1),
                                                           (1, 4, 256, False, 4), (32, 16, 256, True, 3)):

@@ -35,12 +35,12 @@ def test_every_kernel_compiles_with_pdl_for_sm90():
                              dict(H=1, N=1536, BLOCK=2048, ROWS=1, HAS_WEIGHT=True, **on), launch_pdl=True),
             compile_for_sm90(activation._gelu_tanh_mul_kernel, bf("gate", "up", "out"),
                              dict(ROWS=1, BLOCK=1024, **on), launch_pdl=True),
-            *(compile_for_sm90(gemv._gemv_kernel, dict(bf("x", "w", "norm_w", "up", "out", "gate_up_out"),
-                                                       k_float="fp32", eps="fp32", partials="*fp32", counters="*i32"),
+            *(compile_for_sm90(gemv._gemv_kernel, dict(bf("x", "w", "up", "out", "gate_up_out"),
+                                                       partials="*fp32", counters="*i32"),
                                dict(MODE=mode, STORE_GATE_UP=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                                     EVEN_K=True, DOT=dot, DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None, SPLIT_K=split,
                                     **on), num_warps=4, launch_pdl=True)
-              for mode, block_m, block_n, block_k, dot, split in ((1, 1, 4, 2048, False, 1), (0, 16, 32, 256, True, 4))),
+              for mode, block_m, block_n, block_k, dot, split in ((2, 1, 4, 2048, False, 1), (0, 16, 32, 256, True, 4))),
             compile_for_sm90(attention._decode_merge_kernel, dict(part_ptr="*fp32", lse_ptr="*fp32", o_ptr="*bf16",
                                                                   seq_lens_ptr="*i32"),
                              dict(D=256, BLOCK_S=16, BLOCK_N=64, HAS_WINDOW=True, **on), launch_pdl=True),
@@ -82,7 +82,7 @@ def test_a_graphed_decode_step_is_bit_identical_with_and_without_pdl(monkeypatch
         for i in range(0, len(ws), 3):
             a = gemv.linear_gelu_mul(norms.rms_norm(x, norm_w, 1e-6), ws[i])
             x = x + gemv.linear(a, ws[i + 1])
-            x = x + gemv.rms_norm_linear(x, norm_w, 1e-6, ws[i + 2])[:, :h]
+            x = x + gemv.linear(norms.rms_norm(x, norm_w, 1e-6), ws[i + 2])[:, :h]
         return x
 
     outs = []

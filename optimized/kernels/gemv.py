@@ -1,15 +1,14 @@
 """GEMV kernels for few rows (decode): y = x @ w.T with w [N, K] row-major (F.linear's weight),
-with the prologue or epilogue the decode layer puts around each projection fused in, each public
-op beside its eager twin (`op_eager`, the unfused ops).
+with the epilogue the decode layer puts after a projection fused in, each public op beside its
+eager twin (`op_eager`, the unfused ops).
 
-    rms_norm_linear(x, norm_w, eps, w)          linear(rms_norm(x, norm_w, eps), w)   (input norm + qkv)
     linear_gelu_mul(x, w)                       gelu_tanh(gate) * up, [gate; up] = w  (gate_up + act)
     linear_gelu_mul(x, w, up=u)                 gelu_tanh(x @ w.T) * u                (PLE gate)
-    linear(x, w)                                x @ w.T                               (down, o_proj, PLE proj)
+    linear(x, w)                                x @ w.T                               (qkv, down, o_proj, PLE proj)
 
 Why: at batch 1 a decode step reads every weight once and does almost no arithmetic, so each
-projection is a pass over its weight at memory bandwidth, and the ops around it (a norm, the
-gated GELU) are extra launches over tiny tensors. Each program here owns BLOCK_N output columns
+projection is a pass over its weight at memory bandwidth, and the ops around it (the gated
+GELU) are extra launches over tiny tensors. Each program here owns BLOCK_N output columns
 (for the gated ops BLOCK_N gate columns and the matching up columns, so the activation is
 computed where both sums are) and streams those weight rows over K in BLOCK_K chunks: loads
 contiguous along K, every weight element read once by one program, float32 accumulation.
@@ -25,15 +24,14 @@ Two inner products, a launch setting (DOT) chooses:
   (the kernel's docstring says how).
 
 Numerics (shared/DESIGN.md, the bf16 rule): every load is upcast to float32 (dot operands are
-the storage dtype only where compiled, `dot_args`), the norm is the norms kernel's float32 math
-rounded to the model dtype before the product (as the unfused `rms_norm` output is), gate and up
-are rounded to the model dtype before the activation (as the unfused projection's output is),
-and the activation rounds where `gelu_tanh_mul` rounds. Kernel and twin then differ by the
-order of the float32 sums: now and then one ULP of the storage dtype.
+the storage dtype only where compiled, `dot_args`), gate and up are rounded to the model dtype
+before the activation (as the unfused projection's output is), and the activation rounds where
+`gelu_tanh_mul` rounds. Kernel and twin then differ by the order of the float32 sums: now and
+then one ULP of the storage dtype.
 
 Calls past the limits (GEMV_MAX_ROWS, FUSED_MAX_ROWS, FLOAT32_MAX_ROWS, GEMV_MAX_WEIGHT below:
-prefill chunks, batches for the fused norm and gate_up, big weights) take the unfused path (the
-norm / activation kernels and torch's F.linear), where cuBLAS is faster.
+prefill chunks, batches for the stacked gate_up, big weights) take the unfused path (the
+activation kernel and torch's F.linear), where cuBLAS is faster.
 """
 
 from __future__ import annotations
@@ -43,20 +41,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from reference.model import gelu_tanh as _reference_gelu_tanh, rms_norm as _reference_rms_norm
+from reference.model import gelu_tanh as _reference_gelu_tanh
 from . import INTERPRETING, capturing
 from .activation import gelu_tanh_mul as _gelu_tanh_mul_kernel
-from .common import (check_eps, check_float, check_same, check_weight, dot_args, gelu_tanh_f32, round_to,
-                     store_rounded)
-from .norms import rms_norm as _rms_norm_kernel
+from .common import check_float, check_same, dot_args, gelu_tanh_f32, round_to, store_rounded
 from .pdl import pdl_launch, pdl_start
 
 # Which calls take the GEMV kernel (the others: the unfused path, cuBLAS): a weight of at most
 # GEMV_MAX_WEIGHT elements (the MLP's gate_up: both halves) and at most GEMV_MAX_ROWS rows for the
-# plain projection and the PLE gate, FUSED_MAX_ROWS for the input norm + qkv and the stacked
-# gate_up (their fused work grows with the rows: each program recomputes the rows' norm, or holds
-# two accumulators). Read at each call (a captured decode graph keeps what it saw);
-# GEMV_MAX_ROWS = 0 turns the kernel off.
+# plain projection and the PLE gate, FUSED_MAX_ROWS for the stacked gate_up (its fused work grows
+# with the rows: each program holds two accumulators). Read at each call (a captured decode graph
+# keeps what it saw); GEMV_MAX_ROWS = 0 turns the kernel off.
 # From H200 sweeps of bench/gemv_bench.py (docs/results/gemv_bench_h200*.json; bf16; baseline:
 # cuBLAS + the separate norm / gated-GELU kernel; us per call, the kernel's default setting):
 # - one row: the kernel wins on small weights, where a call is mostly launch, ramp and tail: E2B
@@ -69,8 +64,8 @@ from .pdl import pdl_launch, pdl_start
 # - 8 and 32 rows (split-K, gemv_bench_split_h200_s8.json), M = 8 / 32: o_proj 2048 5.2 vs 6.0 /
 #   6.3 vs 6.2, o_proj 4096 7.3 vs 8.7 / 8.6 vs 9.0, down 6144 9.3 vs 10.1 / 10.4 vs 10.4, PLE gate
 #   3.7 vs 7.3 / 4.4 vs 7.5 (the activation's launch saved), PLE proj 2.0 vs 3.2 / 2.1 vs 3.3;
-#   but the norm-fused qkv (each program re-reads the rows for their RMS) 14.9 vs 9.4 at M = 8
-#   and the stacked gate_up 17.9 vs 15.0 lose: FUSED_MAX_ROWS = 1.
+#   but the former norm-fused qkv (each program re-read the rows for their RMS) 14.9 vs 9.4 at
+#   M = 8 and the stacked gate_up 17.9 vs 15.0 lose: FUSED_MAX_ROWS = 1.
 GEMV_MAX_ROWS = 32
 FUSED_MAX_ROWS = 1
 # Wide outputs (N > K: the q/k/v projections, N = 2048-5120 at K = 1536 in E2B) take the kernel
@@ -110,11 +105,11 @@ SETTINGS = [
 MIN_PROGRAMS = 384
 # Under Triton's interpreter (CPU; the kernel runs there only when forced, i.e. in its tests),
 # which pays for every program and every op: one program over a test model's whole width.
-# Measured here (tiny, one row): the input norm + qkv 68 ms a call at BLOCK_N 32 / BLOCK_K 64,
-# 8 ms at 256 / 128 (the unfused pair: 4 ms); the gated MLP 27 -> 9 ms.
+# Measured here (tiny, one row): the former fused input norm + qkv 68 ms a call at BLOCK_N 32 /
+# BLOCK_K 64, 8 ms at 256 / 128 (the unfused pair: 4 ms); the gated MLP 27 -> 9 ms.
 INTERPRETER_SETTINGS = dict(BLOCK_N=256, BLOCK_K=128, DOT=True, num_warps=4, num_stages=1)
 
-_MODES = {"linear": 0, "norm": 1, "gated": 2, "gated_up": 3}
+_MODES = {"linear": 0, "gated": 2, "gated_up": 3}  # 1 was the fused input norm (removed)
 
 
 # -- kernel ------------------------------------------------------------------------------------
@@ -135,19 +130,15 @@ def _load_weights(w_rows, up_rows, kk, col_ok, K, MODE: tl.constexpr, EVEN_K: tl
 
 
 @triton.jit
-def _accumulate(acc, acc_up, x_rows, norm_w, rstd, wv, uv, kk, row_ok, K, MODE: tl.constexpr, EVEN_K: tl.constexpr,
+def _accumulate(acc, acc_up, x_rows, wv, uv, kk, row_ok, K, MODE: tl.constexpr, EVEN_K: tl.constexpr,
                 DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc (and acc_up, MODE 2) plus the products of the rows' x at columns kk (normed, MODE 1)
-    with the weight tiles wv (uv)."""
-    dtype = wv.dtype  # the model dtype: x, w and out share it
+    """acc (and acc_up, MODE 2) plus the products of the rows' x at columns kk with the weight
+    tiles wv (uv)."""
     if EVEN_K:
         x_mask = row_ok[:, None]
     else:
         x_mask = row_ok[:, None] & (kk < K)[None, :]
     xv = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
-    if MODE == 1:
-        nw = tl.load(norm_w + kk, mask=kk < K, other=0.0).to(tl.float32)
-        xv = round_to(xv * rstd[:, None] * nw[None, :], dtype)  # the normed input, as stored unfused
     if DOT:
         xd = xv.to(DOT_DTYPE)
         acc = tl.dot(xd, tl.trans(wv.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
@@ -163,12 +154,12 @@ def _accumulate(acc, acc_up, x_rows, norm_w, rstd, wv, uv, kk, row_ok, K, MODE: 
 @triton.jit
 def _epilogue(acc, acc_up, out, gate_up_out, up, rows, cols, row_ok, col_ok, N, stride_up, MODE: tl.constexpr,
               STORE_GATE_UP: tl.constexpr):
-    """The output tile from the finished float32 sums: stored rounded (MODE 0, 1), or the gate (and
+    """The output tile from the finished float32 sums: stored rounded (MODE 0), or the gate (and
     up) rounded to the model dtype, the activation and the product (MODE 2, 3)."""
     dtype = out.dtype.element_ty
     mask = row_ok[:, None] & col_ok[None, :]
     out_ptrs = out + rows.to(tl.int64)[:, None] * N + cols[None, :]
-    if MODE <= 1:
+    if MODE == 0:
         store_rounded(out_ptrs, acc, mask)
     else:
         gate = round_to(acc, dtype)  # the projection's output is a dtype tensor, unfused
@@ -186,15 +177,14 @@ def _epilogue(acc, acc_up, out, gate_up_out, up, rows, cols, row_ok, col_ok, N, 
 
 
 @triton.jit
-def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, partials, counters, M, N, K, k_float, k_split, stride_x,
-                 stride_w, stride_up, eps, MODE: tl.constexpr, STORE_GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr,
+def _gemv_kernel(x, w, up, out, gate_up_out, partials, counters, M, N, K, k_split, stride_x, stride_w,
+                 stride_up, MODE: tl.constexpr, STORE_GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
                  PDL: tl.constexpr = False):
-    """MODE 0: out = x @ w.T; 1: out = rms_norm(x, norm_w) @ w.T; 2: w = [gate; up] (N gate rows,
-    then N up rows), out = gelu(x @ gate.T) * (x @ up.T), gate_up_out [M, 2N] the two products
-    (STORE_GATE_UP); 3: out = gelu(x @ w.T) * up[M, N]. K is a runtime argument (k_float the
-    same as a float32 number, for the norm's mean) so that one compiled kernel serves every K.
+    """MODE 0: out = x @ w.T; 2: w = [gate; up] (N gate rows, then N up rows), out =
+    gelu(x @ gate.T) * (x @ up.T), gate_up_out [M, 2N] the two products (STORE_GATE_UP); 3: out =
+    gelu(x @ w.T) * up[M, N]. K is a runtime argument so that one compiled kernel serves every K.
 
     Split-K (SPLIT_K > 1; grid axis 1): program (t, s) sums columns [s * k_split, (s + 1) * k_split)
     of output tile t, stores its float32 sums in `partials` and takes a ticket from counters[t];
@@ -222,26 +212,14 @@ def _gemv_kernel(x, w, norm_w, up, out, gate_up_out, partials, counters, M, N, K
     wv, uv = _load_weights(w_rows, up_rows, k_lo + ks, col_ok, K, MODE, EVEN_K)
     pdl_start(PDL)
 
-    if MODE == 1:  # each program recomputes the rows' RMS over K (x is M x K, from L2)
-        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + ks) < K
-            xv = tl.load(x_rows + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            xv = xv.to(tl.float32)
-            sum_sq += tl.sum(xv * xv, axis=1)
-        # rms_rows' op order (common.py), the norms kernel's
-        rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sum_sq, k_float) + eps))
-    else:
-        rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)  # not read
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc, acc_up = _accumulate(acc, acc_up, x_rows, norm_w, rstd, wv, uv, k_lo + ks, row_ok, K, MODE, EVEN_K, DOT,
-                              DOT_DTYPE, DOT_PRECISION)
+    acc, acc_up = _accumulate(acc, acc_up, x_rows, wv, uv, k_lo + ks, row_ok, K, MODE, EVEN_K, DOT, DOT_DTYPE,
+                              DOT_PRECISION)
     for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         wv, uv = _load_weights(w_rows, up_rows, k0 + ks, col_ok, K, MODE, EVEN_K)
-        acc, acc_up = _accumulate(acc, acc_up, x_rows, norm_w, rstd, wv, uv, k0 + ks, row_ok, K, MODE, EVEN_K,
-                                  DOT, DOT_DTYPE, DOT_PRECISION)
+        acc, acc_up = _accumulate(acc, acc_up, x_rows, wv, uv, k0 + ks, row_ok, K, MODE, EVEN_K, DOT, DOT_DTYPE,
+                                  DOT_PRECISION)
 
     if SPLIT_K == 1:
         _epilogue(acc, acc_up, out, gate_up_out, up, rows, cols, row_ok, col_ok, N, stride_up, MODE, STORE_GATE_UP)
@@ -308,7 +286,7 @@ def _scratch(device: torch.device, floats: int, tiles: int):
     return got
 
 
-def _launch(mode: str, x, w, out, *, norm_w=None, eps=0.0, up=None, gate_up=None, settings=None) -> None:
+def _launch(mode: str, x, w, out, *, up=None, gate_up=None, settings=None) -> None:
     M, K = x.shape
     N = out.shape[1]
     s = dict(launch_settings(M, N) if settings is None else settings)
@@ -330,11 +308,11 @@ def _launch(mode: str, x, w, out, *, norm_w=None, eps=0.0, up=None, gate_up=None
             split_k, k_split = 1, K
     partials, counters = scratch if scratch is not None else (out, out)
     _gemv_kernel[(tiles, split_k)](
-        x, w, w if norm_w is None else norm_w, out if up is None else up, out, out if gate_up is None else gate_up,
-        partials, counters, M, N, K, float(K), k_split, x.stride(0), w.stride(0), 0 if up is None else up.stride(0),
-        float(eps), MODE=_MODES[mode], STORE_GATE_UP=gate_up is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, EVEN_K=K % block_k == 0, DOT=use_dot, **dot_args(x.dtype), SPLIT_K=split_k,
-        enable_fp_fusion=False, **s, **pdl_launch())
+        x, w, out if up is None else up, out, out if gate_up is None else gate_up, partials, counters, M, N, K,
+        k_split, x.stride(0), w.stride(0), 0 if up is None else up.stride(0), MODE=_MODES[mode],
+        STORE_GATE_UP=gate_up is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=K % block_k == 0, DOT=use_dot, **dot_args(x.dtype), SPLIT_K=split_k, enable_fp_fusion=False, **s,
+        **pdl_launch())
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -349,10 +327,10 @@ def _check(x, w) -> None:
 
 
 def row_limit(fused: bool, dtype: torch.dtype, wide: bool = False) -> int:
-    """The most rows a call takes the kernel at, unforced: FUSED_MAX_ROWS for the input norm + qkv
-    and the stacked gate_up (fused=True), GEMV_MAX_ROWS for the plain projection and the PLE gate,
-    at most WIDE_MAX_ROWS for an output wider than its input (wide=True: N > K); float32 models at
-    most FLOAT32_MAX_ROWS. The kernel testbed builds its cases from it too."""
+    """The most rows a call takes the kernel at, unforced: FUSED_MAX_ROWS for the stacked gate_up
+    (fused=True), GEMV_MAX_ROWS for the plain projection and the PLE gate, at most WIDE_MAX_ROWS
+    for an output wider than its input (wide=True: N > K, the q/k/v projections); float32 models
+    at most FLOAT32_MAX_ROWS. The kernel testbed builds its cases from it too."""
     limit = min(FUSED_MAX_ROWS, GEMV_MAX_ROWS) if fused else GEMV_MAX_ROWS
     if wide:
         limit = min(limit, WIDE_MAX_ROWS)
@@ -363,33 +341,11 @@ def _use_kernel(x, w, settings, fused: bool) -> bool:
     """Whether to run the GEMV kernel: M within row_limit and the weight within GEMV_MAX_WEIGHT,
     or launch settings given (tests, benches: they force the kernel). Never unforced under
     Triton's interpreter: there it is slower than the unfused path by the interpreter's cost per
-    op (the fused input norm + qkv 8 ms a call against 4 at tiny, a decode-heavy test 20.9 s
+    op (the former fused input norm + qkv 8 ms a call against 4 at tiny, a decode-heavy test 20.9 s
     against 16.9), and the unfused path is what it replaces; the kernel's own tests force it."""
     wide = w.shape[0] > w.shape[1]
     fits = x.shape[0] <= row_limit(fused, x.dtype, wide) and w.numel() <= GEMV_MAX_WEIGHT and not INTERPRETING
     return 0 < x.shape[0] and (settings is not None or fits)
-
-
-# -- rms_norm_linear ---------------------------------------------------------------------------
-
-def rms_norm_linear(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, *,
-                    settings: dict | None = None) -> torch.Tensor:
-    """F.linear(rms_norm(x, norm_w, eps), w) for x [M, K], norm_w [K], w [N, K]: the input norm
-    computed in the GEMV's prologue (within FUSED_MAX_ROWS and GEMV_MAX_WEIGHT, or always with
-    `settings`). Returns a new contiguous [M, N]."""
-    _check(x, w)
-    check_eps(eps)
-    check_weight("norm_w", norm_w, x.shape[1], x.device)
-    check_same("x", x, norm_w=norm_w)
-    if not _use_kernel(x, w, settings, fused=True):
-        return F.linear(_rms_norm_kernel(x, norm_w, eps), w)
-    out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
-    _launch("norm", x, w, out, norm_w=norm_w, eps=eps, settings=settings)
-    return out
-
-
-def rms_norm_linear_eager(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor) -> torch.Tensor:
-    return F.linear(_reference_rms_norm(x, norm_w, eps), w)
 
 
 # -- linear_gelu_mul ---------------------------------------------------------------------------
