@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from engine_bench import decode_rate, sync  # noqa: E402
 from optimized.engine import Engine, SamplingParams  # noqa: E402
 from optimized.kernels import pdl  # noqa: E402
+from optimized.model import share_projection_storage  # noqa: E402
 from reference.weights import expected_shapes, resolve  # noqa: E402
 
 
@@ -160,6 +161,8 @@ def main(argv=None) -> int:
         args.model, args.batch, args.prompt, args.new, args.profile_steps, args.repeats = "tiny", [1, 2], 8, 4, 2, 1
         args.profile_batch = [1, 2]
     config, weights = resolve(args.model, dtype, device, 0)
+    # every engine below reads one copy of the q/k/v and gate/up stacks (31B: 62 GB, not 62 + 50 each)
+    weights = share_projection_storage(config, weights)
     gen = torch.Generator().manual_seed(0)
     out = {"device": device_name(device), "model": args.model, "dtype": str(dtype), "torch": torch.__version__,
            "prompt": args.prompt, "new": args.new}

@@ -29,6 +29,7 @@ from optimized.kernels import default_device, device_name, graphs_supported  # n
 import torch  # noqa: E402
 from bench.engine_bench import decode_rate  # noqa: E402
 from optimized.engine import Engine, SamplingParams  # noqa: E402
+from optimized.model import share_projection_storage  # noqa: E402
 from reference.weights import resolve  # noqa: E402
 
 
@@ -90,6 +91,8 @@ def main(argv=None) -> int:
     device = default_device()
     dtype = torch.bfloat16 if device.type != "cpu" else torch.float32
     config, weights = resolve(args.model, dtype, device, 0)
+    # every engine below reads one copy of the q/k/v and gate/up stacks (31B: 62 GB, not 62 + 50 each)
+    weights = share_projection_storage(config, weights)
     gen = torch.Generator().manual_seed(0)
     engines = {}
     for name, settings in variants:

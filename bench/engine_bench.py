@@ -32,6 +32,7 @@ from optimized.kernels import default_device, device_name, graphs_supported  # n
 
 import torch  # noqa: E402
 from optimized.engine import Engine, SamplingParams  # noqa: E402
+from optimized.model import share_projection_storage  # noqa: E402
 from reference.weights import resolve  # noqa: E402
 
 
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.model, args.batch, args.prompt, args.new, args.prefill, args.repeats = "tiny", [1, 4], 8, 4, [32], 1
     config, weights = resolve(args.model, dtype, device, 0)
+    # every engine below reads one copy of the q/k/v and gate/up stacks (31B: 62 GB, not 62 + 50 each)
+    weights = share_projection_storage(config, weights)
     name = device_name(device)
     print(f"device {name}; model {args.model} (random weights), {str(dtype).removeprefix('torch.')}")
     rows = []

@@ -302,9 +302,13 @@ def load_shard(source, dtype: torch.dtype, device, tp: TensorParallel | None, *,
     - `weights`, whole tensors in memory (tests sharing them with the reference, the oracle's
       rank 0): cut by `shard_weights` where they lie, then moved. The caller holds the whole.
     - `weights`, a Shard (the Runner's, for each run's engine): used as it is.
-    Under tp a shard's q/k/v and gate/up are views into one stacked matrix per group
-    (share_projection_storage), so the paged model's fused projections copy nothing: a rank
-    holds each weight once. `check(config)` runs before any weight is read."""
+    A shard this function read or drew (and any shard under tp) has its q/k/v and gate/up as
+    views into one stacked matrix per group (share_projection_storage), so the paged model's
+    fused projections copy nothing: the device holds each weight once. Without it a 31B engine
+    held 62 GB of weights plus 50 GB of stacked copies, and a second engine beside it (a bench's)
+    ran an H200 out of memory. Whole `weights` the caller holds are stacked by copying either
+    way; a caller building several engines from one dict passes it through
+    share_projection_storage once. `check(config)` runs before any weight is read."""
     rank, world = (0, 1) if tp is None else (tp.rank, tp.world)
     if isinstance(weights, Shard):
         if (weights.rank, weights.world) != (rank, world):
@@ -323,7 +327,7 @@ def load_shard(source, dtype: torch.dtype, device, tp: TensorParallel | None, *,
     else:
         _, w = resolve_weights(source, dtype, device, seed,
                                part=lambda cfg: lambda name, _shape: shard_part(cfg, name, rank, world))
-    if world > 1:
+    if weights is None or world > 1:
         w = share_projection_storage(local, w)
     return Shard(config, local, w, rank, world)
 
