@@ -275,7 +275,6 @@ def _gemv_cases(s: dict, dtype, device, gen):
 
     x, act = rnd(m, H), rnd(m, inter)
     xq, x1 = x[:mq], x[:m1]
-    torch.rand(H, generator=gen, device=gen.device)  # the former norm weight's draw: later inputs as they were
     w_qkv, w_gu = rnd((Hq + 2 * Hkv) * D, H, scale=H ** -0.5), rnd(2 * inter, H, scale=H ** -0.5)
     w_down, w_gate = rnd(H, inter, scale=inter ** -0.5), rnd(P, H, scale=H ** -0.5)
     ple = rnd(m, 3, P)[:, 1, :]  # one layer's slice of [T, L, P]: rows strided
