@@ -260,13 +260,12 @@ def build_cases(s: dict, dtype: torch.dtype, device: torch.device, gen: torch.Ge
 def _gemv_cases(s: dict, dtype, device, gen):
     """The few-row GEMVs at the most rows the model runs them at (min(T, gemv.row_limit), at least
     one), the kernel forced by its launch settings (an op whose limit is 0 or below the rows would
-    otherwise take the unfused path): the q/k/v projection (plain, of the already normed input;
-    wide: N > K, so at most WIDE_MAX_ROWS rows), gate_up + gated GELU (the mlp_gate_up tap stored),
-    the PLE gate (up a strided slice of the per-layer inputs) and a plain projection (down); all but
-    gate_up split over K where compiled, past one row."""
+    otherwise take the unfused path): the q/k/v projection (plain, of the already normed input),
+    gate_up + gated GELU (the mlp_gate_up tap stored), the PLE gate (up a strided slice of the
+    per-layer inputs) and a plain projection (down); all but gate_up split over K where compiled,
+    past one row."""
     H, Hq, Hkv, D, inter = s["H"], s["Hq"], s["Hkv"], s["D"], s["I"]
     P, b = 256 if H >= 1024 else 8, torch.finfo(dtype).bits // 8
-    mq = min(s["T"], max(gemv.row_limit(False, dtype, wide=True), 1))  # q/k/v
     m1 = min(s["T"], max(gemv.row_limit(True, dtype), 1))  # the stacked gate_up
     m = min(s["T"], max(gemv.row_limit(False, dtype), 1))
 
@@ -274,7 +273,7 @@ def _gemv_cases(s: dict, dtype, device, gen):
         return (torch.randn(*shape, generator=gen, device=gen.device) * scale).to(device=device, dtype=dtype)
 
     x, act = rnd(m, H), rnd(m, inter)
-    xq, x1 = x[:mq], x[:m1]
+    x1 = x[:m1]
     w_qkv, w_gu = rnd((Hq + 2 * Hkv) * D, H, scale=H ** -0.5), rnd(2 * inter, H, scale=H ** -0.5)
     w_down, w_gate = rnd(H, inter, scale=inter ** -0.5), rnd(P, H, scale=H ** -0.5)
     ple = rnd(m, 3, P)[:, 1, :]  # one layer's slice of [T, L, P]: rows strided
@@ -284,10 +283,10 @@ def _gemv_cases(s: dict, dtype, device, gen):
         return gemv.launch_settings(rows, n)
 
     return [
-        Case("linear (qkv)", f"[{mq}, {H}] x [{n_qkv}, {H}]",
-             lambda: gemv.linear(xq, w_qkv, settings=ls(n_qkv, mq)),
-             lambda: gemv.linear_eager(xq, w_qkv), lambda: ops.linear(xq, w_qkv),
-             bytes=(w_qkv.numel() + mq * H + mq * n_qkv) * b, sum_len=H),
+        Case("linear (qkv)", f"[{m}, {H}] x [{n_qkv}, {H}]",
+             lambda: gemv.linear(x, w_qkv, settings=ls(n_qkv)),
+             lambda: gemv.linear_eager(x, w_qkv), lambda: ops.linear(x, w_qkv),
+             bytes=(w_qkv.numel() + m * H + m * n_qkv) * b, sum_len=H),
         Case("linear_gelu_mul", f"[{m1}, {H}] x [{2 * inter}, {H}], gate_up stored",
              lambda: gemv.linear_gelu_mul(x1, w_gu, return_gate_up=True, settings=ls(inter, m1)),
              lambda: gemv.linear_gelu_mul_eager(x1, w_gu, return_gate_up=True),

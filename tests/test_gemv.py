@@ -192,25 +192,6 @@ def test_row_limits_per_op_and_dtype(monkeypatch):
     assert gemv.row_limit(False, bf) == gemv.row_limit(True, bf) == gemv.row_limit(False, f32) == 0
 
 
-def test_wide_outputs_take_the_kernel_up_to_wide_max_rows(monkeypatch):
-    """An output wider than its input (N > K, the q/k/v projections) takes the kernel up to
-    WIDE_MAX_ROWS rows and F.linear past it, exactly; a narrow one (N <= K) up to GEMV_MAX_ROWS."""
-    gen = torch.Generator().manual_seed(6)
-    calls = []
-    monkeypatch.setattr(gemv, "_launch", lambda *a, **k: calls.append(a[0]))
-    monkeypatch.setattr(gemv, "INTERPRETING", False)  # the rule where kernels compile
-    monkeypatch.setattr(gemv, "GEMV_MAX_ROWS", 6)
-    monkeypatch.setattr(gemv, "WIDE_MAX_ROWS", 3)
-    bf = torch.bfloat16
-    x, wide, narrow = rows_of(gen, 6, 16, bf), weight(gen, 24, 16, bf), weight(gen, 16, 16, bf)
-    assert gemv.row_limit(False, bf, wide=True) == 3 and gemv.row_limit(False, bf) == 6
-    assert torch.equal(gemv.linear(x[:4], wide), torch.nn.functional.linear(x[:4], wide))
-    assert calls == []
-    gemv.linear(x[:3], wide)
-    gemv.linear(x, narrow)  # N == K: narrow
-    assert calls == ["linear", "linear"]
-
-
 def test_the_torch_ops_are_the_old_unfused_sequence():
     """ops.py's versions (fused=False) are the previous op sequence bit for bit."""
     gen = torch.Generator().manual_seed(4)

@@ -68,16 +68,13 @@ from .pdl import pdl_launch, pdl_start
 #   M = 8 and the stacked gate_up 17.9 vs 15.0 lose: FUSED_MAX_ROWS = 1.
 GEMV_MAX_ROWS = 32
 FUSED_MAX_ROWS = 1
-# Wide outputs (N > K: the q/k/v projections, N = 2048-5120 at K = 1536 in E2B) take the kernel
-# up to WIDE_MAX_ROWS rows. There cuBLAS has tiles enough without split-K, and past 16 rows it is
-# faster: H200, bf16, us a call at 8 / 16 / 32 rows, the kernel's default setting against cuBLAS
-# (bench/gemv_bench.py --rows 8 16 32 --ops linear, docs/results/gemv_rows_h200_s10.json): qkv
-# sliding 2560 x 1536 5.59 / 5.74 / 7.27 vs 5.36 / 5.89 / 5.92; full 5120 x 1536 8.20 / 7.76 /
-# 11.65 vs 7.35 / 7.50 / 7.54; KV-shared sliding 2048 x 1536 4.98 / 5.20 / 6.21 vs 5.55 / 5.58 /
-# 5.69; KV-shared full 4096 x 1536 7.60 / 6.98 / 7.95 vs 6.47 / 6.60 / 6.55. Summed over E2B's 35
-# layers cuBLAS wins about 42 us a step at 32 rows and ties at 8 and 16 (+1 / -6 us); the narrow
-# outputs (o_proj, down, PLE: N <= K) keep the kernel, which beats split-K cuBLAS there.
-WIDE_MAX_ROWS = 16
+# Not a rule: the q/k/v projections (N = 2048-5120 > K = 1536 in E2B) lose to cuBLAS at 32 rows
+# when timed alone (bench/gemv_bench.py --rows 8 16 32, docs/results/gemv_rows_h200_s10.json: 7.27
+# against 5.92 us for 2560 x 1536, 11.65 against 7.54 for 5120 x 1536; about 42 us a step summed),
+# yet sending them to cuBLAS past 16 rows made the whole batch-32 step 2.6% slower in one run of
+# bench/decode_variants.py (3.152 / 3.153 ms against 3.072; decode_variants_wide2_h200_s10.log):
+# in a graph under PDL the kernel streams its weights while the previous kernel finishes, which
+# a call timed alone does not show and cuBLAS cannot do. Judge a row limit end to end.
 # Float32 models (the oracle's precise runs; speed is for 16-bit ones) take the kernel at one row
 # only, the broadcast sum. Measured on an H200, float32 relative error against float64 at 8 rows
 # (mean of 5 draws): tl.dot ("ieee": FMAs accumulated along K) 4.1e-7 at K = 2048 split 4 ways,
@@ -326,14 +323,11 @@ def _check(x, w) -> None:
         raise ValueError(f"w must be [N, {x.shape[1]}] (x is {list(x.shape)}), got {list(w.shape)}")
 
 
-def row_limit(fused: bool, dtype: torch.dtype, wide: bool = False) -> int:
+def row_limit(fused: bool, dtype: torch.dtype) -> int:
     """The most rows a call takes the kernel at, unforced: FUSED_MAX_ROWS for the stacked gate_up
-    (fused=True), GEMV_MAX_ROWS for the plain projection and the PLE gate, at most WIDE_MAX_ROWS
-    for an output wider than its input (wide=True: N > K, the q/k/v projections); float32 models
-    at most FLOAT32_MAX_ROWS. The kernel testbed builds its cases from it too."""
+    (fused=True), GEMV_MAX_ROWS for the plain projections and the PLE gate; float32 models at most
+    FLOAT32_MAX_ROWS. The kernel testbed builds its cases from it too."""
     limit = min(FUSED_MAX_ROWS, GEMV_MAX_ROWS) if fused else GEMV_MAX_ROWS
-    if wide:
-        limit = min(limit, WIDE_MAX_ROWS)
     return min(limit, FLOAT32_MAX_ROWS) if dtype == torch.float32 else limit
 
 
@@ -343,8 +337,7 @@ def _use_kernel(x, w, settings, fused: bool) -> bool:
     Triton's interpreter: there it is slower than the unfused path by the interpreter's cost per
     op (the former fused input norm + qkv 8 ms a call against 4 at tiny, a decode-heavy test 20.9 s
     against 16.9), and the unfused path is what it replaces; the kernel's own tests force it."""
-    wide = w.shape[0] > w.shape[1]
-    fits = x.shape[0] <= row_limit(fused, x.dtype, wide) and w.numel() <= GEMV_MAX_WEIGHT and not INTERPRETING
+    fits = x.shape[0] <= row_limit(fused, x.dtype) and w.numel() <= GEMV_MAX_WEIGHT and not INTERPRETING
     return 0 < x.shape[0] and (settings is not None or fits)
 
 
