@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load as tensors_from_bytes
 from safetensors.torch import save as tensors_to_bytes
 
-from reference.fileio import fresh_dir, fsync_dir, parse_json, write_durably
+from reference.fileio import fresh_dir, fsync_dir, parse_json, why_not_creatable, write_durably
 
 from .taps import TapNameError, parse_tap
 
@@ -320,11 +320,9 @@ def check_capture_target(directory: str | Path, overwrite: bool = False, how: st
     if target.exists() and not _is_capture_dir(target):
         # overwrite pointed at the wrong path must not delete someone's directory.
         raise CaptureError(f"{target}: exists and is not a capture directory; refusing to replace it")
-    for parent in target.parents:  # the first existing ancestor must be a directory to create it in
-        if parent.exists():
-            if not parent.is_dir():
-                raise CaptureError(f"{target}: cannot be created, {parent} is not a directory")
-            break
+    why = why_not_creatable(target.parent)  # where the capture is made, then renamed into place
+    if why is not None:
+        raise CaptureError(f"{target}: {why}")
 
 
 def _check_request(request_id: str, req: RequestCapture) -> None:

@@ -156,8 +156,9 @@ def _check_out_dir(path: str | Path, flag: str = "--out", files: tuple[str, ...]
     """Refuse, before any work, an output directory that cannot be created or written: an existing
     file, a file among its parents, a read-only parent, or one of the `files` the command writes
     there that exists as something other than a file (a directory: replacing it fails after the
-    run, with the other file already written). Creates nothing."""
-    import os
+    run, with the other file already written). Leaves nothing behind (why_not_creatable's probe
+    directory is removed)."""
+    from reference.fileio import why_not_creatable
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -165,11 +166,9 @@ def _check_out_dir(path: str | Path, flag: str = "--out", files: tuple[str, ...]
     for name in files:
         if (path / name).exists() and not (path / name).is_file():
             raise BadInput(f"{flag} {path}: {path / name} exists and is not a file")
-    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
-    if not existing.is_dir():
-        raise BadInput(f"{flag} {path}: cannot be created, {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise BadInput(f"{flag} {path}: {existing} is not writable")
+    why = why_not_creatable(path)
+    if why is not None:
+        raise BadInput(f"{flag} {path}: {why}")
     return path
 
 

@@ -23,7 +23,7 @@ import secrets
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["write_atomic", "write_durably", "fresh_dir", "fsync_dir"]
+__all__ = ["write_atomic", "write_durably", "fresh_dir", "fsync_dir", "why_not_creatable"]
 
 
 def parse_json(text: str):
@@ -80,6 +80,22 @@ def fresh_dir(parent: str | os.PathLike, prefix: str) -> Path:
             return path
         except FileExistsError:  # another writer's directory: draw another name
             continue
+
+
+def why_not_creatable(path: str | os.PathLike) -> str | None:
+    """Why a directory at `path` (or files in it, where it exists) cannot be made, or None: its
+    first existing ancestor (or itself) must be a directory a new entry can be made in. Tried by
+    making and removing an empty probe directory there, because os.access answers yes for root on
+    a read-only mount and on /proc, where the real mkdir fails after a whole run."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        return f"cannot be created, {existing} is not a directory"
+    try:
+        fresh_dir(existing, ".probe-").rmdir()
+    except OSError as e:
+        return f"cannot write in {existing} ({e.strerror or e})"
+    return None
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -476,6 +476,23 @@ def test_cli_refuses_bad_input_in_one_line(bad_dir, tmp_path, capsys, argv, word
     assert sorted(p.name for p in bad_dir.rglob("*")) == before
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc: a directory os.access calls "
+                    "writable for root, where mkdir fails")
+@pytest.mark.parametrize("argv", [
+    ["check", "tiny", "--scenario", "one-shot-prefill", "--out", "/proc/gemma4-testbed-report"],
+    ["capture", "tiny", "--path", "reference", "--scenario", "one-shot-prefill", "--out", "/proc/gemma4-testbed-capture"],
+    ["kernels", "--out", "/proc/gemma4-testbed-kernels"],
+], ids=["check", "capture", "kernels"])
+def test_an_output_directory_nothing_can_be_made_in_is_refused_before_the_run(capsys, argv):
+    """os.access says yes to root on /proc (and on a read-only mount); the mkdir after the run
+    failed with a traceback. A probe directory made and removed before any work finds it."""
+    from oracle.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cannot write in /proc" in err.splitlines()[-1], err
+
+
 def test_cli_quotes_a_long_number_by_its_first_digits(capsys):
     """A 5000-digit value was quoted in full (5000 digits in a one-line error); past int()'s 4300
     digits --repeats also said "expected an integer" of an integer."""
