@@ -1,5 +1,5 @@
 """`gemma4-testbed`: the command line. Exit codes: 0 parity / success, 1 divergence found,
-2 bad input or usage."""
+2 bad input or usage, 130 interrupted (Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
 
 EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130
 
 
 class BadInput(Exception):
@@ -492,15 +493,33 @@ def _run_in_processes(scenarios, faults, jobs: int):
     its scenario's turn comes, as the sequential loop would raise it."""
     import multiprocessing
     import os
+    import signal
     from concurrent.futures import ProcessPoolExecutor
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_threads, initargs=(threads,)) as pool:
-        futures = [pool.submit(_timed_run, sc, list(faults)) for sc in scenarios]
+        # The workers start in these submits, and keep an ignored SIGINT through their exec: a
+        # terminal's Ctrl-C reaches the whole process group, and a worker's own KeyboardInterrupt
+        # printed a traceback from wherever it was (importing torch, waiting for work). The
+        # parent acts on it for all.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            futures = [pool.submit(_timed_run, sc, list(faults)) for sc in scenarios]
+        finally:
+            signal.signal(signal.SIGINT, previous)
         try:
             for f in futures:
                 yield f.result()
+        except KeyboardInterrupt:
+            # Leaving the `with` would wait for the running scenarios (minutes): stop them now,
+            # through the pool's own process map (Python 3.14 has pool.terminate_workers()). The
+            # pool then fails the pending futures itself; cancelling them while it does raised
+            # InvalidStateError in its thread (a traceback), so none is cancelled before it is done.
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+            pool.shutdown(wait=True)
+            raise
         finally:
             for f in futures:
                 f.cancel()
@@ -1085,6 +1104,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except BadInput as e:  # raised by a helper outside a command's own input checks
         return _refuse(e)
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; 128 + SIGINT, as a shell reports it
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ fast: most CLI calls run in-process through `oracle.cli.main`, a few as real sub
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -542,6 +543,37 @@ def test_cli_bad_input_in_a_real_process(bad_dir):
         proc = run_python(f"import sys; from oracle.cli import main; sys.exit(main({argv!r}))")
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr, proc.stderr
+
+
+def test_ctrl_c_during_check_exits_130_with_one_line_and_stops_every_worker(tmp_path):
+    """Ctrl-C reaches a terminal's whole process group: the parent and (two jobs on a CPU) its
+    scenario workers. It printed tracebacks, and the parent then waited for the running scenarios
+    before exiting. Now: one line, exit 130 (128 + SIGINT: it also stops a `git bisect run`),
+    at once, no process left, no report."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TRITON_INTERPRET", None)
+    code = f"import sys; from oracle.cli import main; sys.exit(main(['check', '--out', {str(tmp_path / 'r')!r}]))"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        first = proc.stderr.readline()  # the first progress line: past the input checks
+        time.sleep(3)  # scenarios running
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.perf_counter()
+        _, err = proc.communicate(timeout=60)
+        err = first + err
+        waited = time.perf_counter() - t0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+    assert waited < 20, f"exited {waited:.0f} s after Ctrl-C"
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_request_arriving_at_step_10_to_the_30_runs_without_counting_the_idle_steps(tmp_path, capsys, monkeypatch,
