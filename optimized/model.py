@@ -65,9 +65,9 @@ def share_projection_storage(config: Gemma4Config, w: dict[str, torch.Tensor]) -
     """A copy of the dict `w` whose q/k/v and gate/up weights are views into one stacked matrix
     per group, so that fuse_projections on it copies nothing: the reference (reading the parts)
     and the paged model (reading the stacks) then share one copy of those weights. At 31B in
-    bf16 that is 62 GB instead of 124, what lets the oracle fit both paths on one H200. Built
-    one layer at a time, so the peak is the model plus one layer (where `w` is the only owner of
-    its tensors)."""
+    bf16 that is 62 GB instead of 124, what lets the oracle fit both paths on one H200. `w`
+    keeps its parts until the caller drops it, so the peak is the model plus its stacked groups
+    (about 112 GB at 31B); afterwards one copy remains."""
     out = dict(w)
     for keys in _projection_groups(config).values():
         stacked = torch.cat([out[k] for k in keys])
