@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from hypothesis import given, strategies as st
 
-from optimized.kernels import INTERPRETING, activation, default_device, norms, rope
+from optimized.kernels import INTERPRETING, activation, attention, default_device, norms, rope
 from optimized.kernels.common import tanh_f32
 from reference.config import RopeSpec
 from reference.model import apply_rope as reference_apply_rope, rope_cos_sin, rope_inv_freq
@@ -672,6 +672,33 @@ def test_kernels_launched_from_two_threads_at_once_match_their_twins(device):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="about Triton's interpreter, which runs only where no GPU is")
+def test_an_interpreted_launch_patches_the_language_once_not_per_helper_call(device, monkeypatch):
+    """optimized.kernels skips the interpreter's re-patching of triton.language on every @jit helper
+    call inside a launch (a fifth of an interpreted launch's time). The results stay the twin's, the
+    patching happens about once per launch rather than once per helper call, and afterwards
+    triton.language is as it was."""
+    import triton.language as tl
+    import triton.runtime.interpreter as interpreter
+
+    calls = []
+    real = interpreter._patch_lang
+    monkeypatch.setattr(interpreter, "_patch_lang", lambda fn: calls.append(fn) or real(fn))
+    before = tl.zeros
+    q = torch.randn(9, 4, 16, device=device)
+    pool_k, pool_v = torch.randn(12, 2, 16, device=device), torch.randn(12, 2, 16, device=device)
+    table = torch.arange(12, dtype=torch.int32, device=device).view(1, 12)
+    cu = torch.tensor([0, 9], dtype=torch.int32, device=device)
+    lens = torch.tensor([11], dtype=torch.int32, device=device)
+    got = attention.extend_attention(q, pool_k, pool_v, table, 1, cu, lens, window=5)
+    # float32 softmax sums in another order than the twin's: test_attention_kernels bounds that
+    torch.testing.assert_close(got, attention.extend_attention_eager(q, pool_k, pool_v, table, 1, cu, lens, window=5),
+                               atol=1e-5, rtol=1e-5)
+    programs = (9 * 2 // 16 + 2) * 2  # the grid's upper bound; every program calls several helpers
+    assert 1 <= len(calls) <= 2 < programs, len(calls)  # the launch's modules, then tl.core's for tl.sum
+    assert tl.zeros is before
 
 
 # -- the paged model: fused ops against the torch ops ------------------------------------------
