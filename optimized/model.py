@@ -4,7 +4,10 @@ their source layer's pool.
 
 It imports only the reference's config (shared/DESIGN.md): its non-attention ops are `ops.py`
 (plain torch) or `fused_ops.py` (Triton kernels), chosen by `fused`, with one signature set so
-the forward below is the same for both. Q/K/V and gate/up are each one projection whose outputs
+the forward below is the same for both; attention is the Triton kernels or, with
+attention="eager", their eager twins (the same paged reads in torch: with fused=False no Triton
+runs at all, which isolates the kernels when a divergence is bisected, and keeps API-level tests
+quick under Triton's CPU interpreter). Q/K/V and gate/up are each one projection whose outputs
 are split into column views, as a serving engine does. Taps carry the same names and meaning as
 the reference's; each piece is reported per request with its positions.
 """
@@ -20,7 +23,7 @@ from reference.config import Gemma4Config, LayerSpec
 
 from . import fused_ops, ops
 from .batch import ForwardBatch
-from .kernels.attention import decode_attention, extend_attention
+from .kernels.attention import decode_attention, decode_attention_eager, extend_attention, extend_attention_eager
 from .memory import KVCache
 
 # sink(request_id, tap_name, positions [n], tensor [n, ...]); called only when capturing.
@@ -79,15 +82,22 @@ def share_projection_storage(config: Gemma4Config, w: dict[str, torch.Tensor]) -
     return out
 
 
+ATTENTION = ("triton", "eager")  # PagedGemma4's attention=: the kernels, or their eager twins
+
+
 class PagedGemma4:
     def __init__(self, config: Gemma4Config, weights: dict[str, torch.Tensor], cache: KVCache,
-                 fused: bool = False, fused_weights: dict[str, torch.Tensor] | None = None, tp=None):
+                 fused: bool = False, fused_weights: dict[str, torch.Tensor] | None = None, tp=None,
+                 attention: str = "triton"):
         """Under tensor parallelism (optimized/parallel.py) `config` and `weights` are one rank's
         shard and `tp` sums the row-parallel partial outputs (o_proj, the MLP's down projection
         and the experts) over the ranks: its `all_reduce` is the only rank logic here."""
         self.config, self.w, self.cache = config, weights, cache
         self.tp = tp
         self.ops = fused_ops if fused else ops
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+        self.attention_kind = attention
         self.fw = fused_weights if fused_weights is not None else fuse_projections(config, weights)
         self.device = next(iter(weights.values())).device
         self.inv_freq = {s.type: ops.rope_inv_freq(config.rope[s.type], s.head_dim, self.device) for s in config.layers}
@@ -210,11 +220,16 @@ class PagedGemma4:
             emit(p + "k", k_pool[slots])
             emit(p + "v", v_pool[slots])
         pages = batch.swa_page_table if spec.is_sliding else batch.page_table
-        if batch.is_decode:
-            out = decode_attention(q, k_pool, v_pool, pages, batch.page_size, batch.seq_lens, window=spec.window)
+        # Looked up at each call, not bound once: oracle faults patch this module's attention names.
+        if self.attention_kind == "eager":
+            decode, extend = decode_attention_eager, extend_attention_eager
         else:
-            out = extend_attention(q, k_pool, v_pool, pages, batch.page_size, batch.cu_seqlens_q,
-                                   batch.seq_lens, window=spec.window)
+            decode, extend = decode_attention, extend_attention
+        if batch.is_decode:
+            out = decode(q, k_pool, v_pool, pages, batch.page_size, batch.seq_lens, window=spec.window)
+        else:
+            out = extend(q, k_pool, v_pool, pages, batch.page_size, batch.cu_seqlens_q, batch.seq_lens,
+                         window=spec.window)
         emit(p + "o", out)
         return self._all_reduce(o.linear(out.reshape(N, -1), w[a + "o_proj.weight"]))
 

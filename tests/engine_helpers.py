@@ -11,7 +11,13 @@ import torch
 
 import reference
 from optimized.engine import Engine
-from optimized.kernels import default_device
+from optimized.kernels import INTERPRETING, default_device
+
+# The server's tests are about the HTTP API and the engine thread; under Triton's CPU interpreter a
+# kernel launch costs 0.1-0.2 s, so there they serve with no Triton at all (the torch ops and the
+# attention kernels' eager twins, whose equality with the kernels their own tests check). On a GPU
+# they serve with the kernels. test_serve.py ties the server's tokens to an engine that runs them.
+SERVE_OPS = dict(fused=False, attention="eager") if INTERPRETING else {}
 
 _MODELS: dict = {}
 

@@ -183,10 +183,23 @@ def test_a_request_larger_than_the_pool_is_refused():
 
 
 @pytest.mark.parametrize("kw", [dict(page_size=0), dict(chunk_size=True), dict(num_pages=1),
-                                dict(token_budget=0), dict(max_requests=0)])
+                                dict(token_budget=0), dict(max_requests=0), dict(attention="flash")])
 def test_bad_engine_settings_are_refused(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         _engine(**kw)
+
+
+def test_eager_attention_gives_the_kernels_tokens():
+    """attention="eager" (the attention kernels' torch twins; with fused=False no Triton runs, how the
+    server's tests run on a CPU) serves the same greedy tokens as the kernels, through prefill chunks,
+    decode past tiny's window of 5, and prefix reuse."""
+    prompts = _prompts([9, 3, 12])
+    prompts.append(prompts[0][:6] + [7, 8])
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    kernels = _engine(chunk_size=4, page_size=2).generate(prompts, params)
+    eager = _engine(chunk_size=4, page_size=2, attention="eager").generate(prompts, params)
+    assert [o.tokens for o in eager] == [o.tokens for o in kernels]
+    assert [o.tokens for o in eager] == [reference_greedy("tiny", p, 5) for p in prompts]
 
 
 def test_padded_static_decode_gives_the_reference_tokens():

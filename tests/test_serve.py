@@ -1,8 +1,10 @@
 """The HTTP server (optimized/serve/) end to end, through urllib against a live server on port 0.
 
-Token budget: the tiny model steps at about a second under Triton's interpreter on 2 cores, so
-requests ask for a few tokens each, and "what a request gets alone" for greedy decoding is the
-eager reference's argmax loop (milliseconds), which the first test ties to the engine and server.
+Token budget: on a CPU the servers here run no Triton (engine_helpers.SERVE_OPS); the tests that
+need a slow engine (shutdown with a stream in flight, the request timeout) keep the interpreted
+kernels, whose step takes about a second on 2 cores. Requests ask for a few tokens each, and
+"what a request gets alone" for greedy decoding is the eager reference's argmax loop
+(milliseconds), which the first test ties to the engine (with the kernels) and the server.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import optimized.serve.app as serve_app  # noqa: E402
 from oracle.cli import build_parser, main  # noqa: E402
 from optimized.engine import Engine, Event, SamplingParams
 from optimized.kernels import default_device
+from tests.engine_helpers import SERVE_OPS
 from optimized.serve import (ChatError, ChatTemplate, Tokenizer, build_server, load_chat_template, load_tokenizer,
                              make_server)
 
@@ -101,7 +104,7 @@ def engine_stats(server):
 
 @pytest.fixture(scope="module")
 def server():
-    srv = make_server(Engine("tiny", dtype=torch.float32, device=DEVICE), model_name="tiny")
+    srv = make_server(Engine("tiny", dtype=torch.float32, device=DEVICE, **SERVE_OPS), model_name="tiny")
     thread = run_server(srv)
     yield srv
     srv.shutdown()
@@ -137,7 +140,7 @@ def test_health_and_models(server):
 def test_generate_matches_engine_and_reference(p1_alone, ref_model):
     assert p1_alone["finish_reason"] == "length" and p1_alone["prompt_tokens"] == len(P1)
     assert "text" not in p1_alone  # no tokenizer
-    second = Engine("tiny", dtype=torch.float32, device=DEVICE)
+    second = Engine("tiny", dtype=torch.float32, device=DEVICE)  # with the kernels, wherever the suite runs
     (out,) = second.generate([P1], SamplingParams(max_new_tokens=4, ignore_eos=True))
     assert p1_alone["output_ids"] == out.tokens
     assert out.tokens == reference_greedy(ref_model, P1, 4)
@@ -590,7 +593,7 @@ def text_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_server(text_dir):
-    srv = build_server(str(text_dir), port=0, device=str(DEVICE), log_requests=False)
+    srv = build_server(str(text_dir), port=0, device=str(DEVICE), log_requests=False, **SERVE_OPS)
     thread = run_server(srv)
     yield srv
     srv.shutdown()
@@ -737,7 +740,7 @@ def test_the_default_token_budget_interleaves_prefill_and_decode():
     from optimized.serve.http import default_token_budget
 
     engine = Engine("tiny", dtype=torch.float32, device=DEVICE, chunk_size=8, max_requests=8,
-                    token_budget=default_token_budget(8, 8))
+                    token_budget=default_token_budget(8, 8), **SERVE_OPS)
     rids = [engine.add_request([3 + i] * 12, SamplingParams(max_new_tokens=3, ignore_eos=True)) for i in range(8)]
     first, steps = {}, 0
     decoded_while_prefilling = False

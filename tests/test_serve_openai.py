@@ -32,6 +32,7 @@ import reference  # noqa: E402
 from optimized.engine import Engine  # noqa: E402
 from optimized.kernels import default_device  # noqa: E402
 from optimized.serve import build_server, make_server  # noqa: E402
+from tests.engine_helpers import SERVE_OPS  # noqa: E402
 
 DEVICE = default_device()
 P1 = [5, 9, 2, 77, 31, 140]
@@ -73,7 +74,8 @@ def serve_in_thread(srv):
 
 @pytest.fixture(scope="module")
 def preset():
-    srv = make_server(Engine("tiny", dtype=torch.float32, device=DEVICE, token_budget=64), model_name="tiny")
+    srv = make_server(Engine("tiny", dtype=torch.float32, device=DEVICE, token_budget=64, **SERVE_OPS),
+                      model_name="tiny")
     thread = serve_in_thread(srv)
     yield srv
     srv.shutdown()
@@ -89,7 +91,7 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf(hf_dir):
-    srv = build_server(str(hf_dir), port=0, device=str(DEVICE), log_requests=False)
+    srv = build_server(str(hf_dir), port=0, device=str(DEVICE), log_requests=False, **SERVE_OPS)
     thread = serve_in_thread(srv)
     yield srv
     srv.shutdown()

@@ -25,7 +25,7 @@ from .. import ops, parallel
 from ..batch import BatchItem, ForwardBatch, build_batch, to_device
 from ..kernels import check_supported, default_device, graphs_supported
 from ..memory import KVCache, ceil_div, swa_pages_per_request
-from ..model import PagedGemma4, TapSink, fuse_projections
+from ..model import ATTENTION, PagedGemma4, TapSink, fuse_projections
 from ..parallel import TensorParallel
 from .graphs import DecodeGraphs
 from .sampler import PendingDraw, SamplingParams, draw_batch, token_logprobs
@@ -65,7 +65,8 @@ class Engine:
     def __init__(self, path_or_preset: str | Path | Gemma4Config = "tiny", dtype: torch.dtype = torch.float32,
                  device=None, *, page_size: int = 16, chunk_size: int = 512, num_pages: int | None = None,
                  max_requests: int = 16, max_context: int | None = None, token_budget: int | None = None,
-                 fused: bool = True, seed: int = 0, weights: dict[str, torch.Tensor] | None = None,
+                 fused: bool = True, attention: str = "triton", seed: int = 0,
+                 weights: dict[str, torch.Tensor] | None = None,
                  graphs: bool | str | None = None, share_prefixes: bool = True,
                  num_swa_pages: int | None = None, page_order_seed: int | None = None,
                  script: Script | None = None, sampler: Sampler | None = None, taps: TapSink | None = None,
@@ -80,7 +81,9 @@ class Engine:
         (tests share them with the reference), or a parallel.Shard (the Runner's). graphs:
         replay decode steps from device graphs (True insists, None where the device can, False
         never, "static": the graphs' padded static batch run eagerly, which is how a CPU
-        exercises that path). share_prefixes: a new
+        exercises that path). fused: the Triton kernels for the non-attention ops (False: plain torch);
+        attention: "triton", the paged attention kernels, or "eager", their torch twins (with
+        fused=False no Triton runs: how CPU tests of the server keep quick). share_prefixes: a new
         request reuses the K/V of an identical prefix, from a running request or from the prefix
         cache of finished ones (optimized/engine/radix.py); False turns both off.
 
@@ -113,6 +116,8 @@ class Engine:
                              ("page_order_seed", page_order_seed, 0)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap must be True or False, got {overlap!r}")
         if warm_up not in (True, False, None):
@@ -141,7 +146,8 @@ class Engine:
         self.cache = KVCache(shard_cfg, page_size=page_size, num_pages=num_pages,
                              num_swa_pages=num_swa_pages or max_requests * swa + 1, max_requests=max_requests,
                              max_context=self.max_context, dtype=dtype, device=self.device, order_seed=page_order_seed)
-        self.model = PagedGemma4(shard_cfg, weights, self.cache, fused, fuse_projections(shard_cfg, weights), self.tp)
+        self.model = PagedGemma4(shard_cfg, weights, self.cache, fused, fuse_projections(shard_cfg, weights), self.tp,
+                                 attention)
         self.scheduler = Scheduler(self.cache, chunk_size, token_budget, share_prefixes, script)
         self.sampler = sampler
         self.taps = taps if taps is None or self.tp is None else parallel.gathering_sink(taps, cfg, self.tp)

@@ -139,14 +139,16 @@ def default_token_budget(chunk_size: int, max_requests: int) -> int:
 
 def build_engine(model: str, *, dtype="float32", device=None, page_size: int = 16, chunk_size: int = 512,
                  num_pages: int | None = None, max_requests: int = 16, token_budget: int | str | None = "auto",
-                 max_context: int | None = None, seed: int = 0, tp=None) -> Engine:
+                 max_context: int | None = None, seed: int = 0, tp=None, fused: bool = True,
+                 attention: str = "triton") -> Engine:
     """The Engine a server for MODEL runs (every rank builds the same one under tensor parallelism,
     `tp`); token_budget "auto" is default_token_budget's policy, None no limit."""
     if token_budget == "auto":
         token_budget = default_token_budget(chunk_size, max_requests)
     return Engine(model, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype, device=device,
                   page_size=page_size, chunk_size=chunk_size, num_pages=num_pages, max_requests=max_requests,
-                  token_budget=token_budget, max_context=max_context, seed=seed, tp=tp)
+                  token_budget=token_budget, max_context=max_context, seed=seed, tp=tp, fused=fused,
+                  attention=attention)
 
 
 def build_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, log_requests: bool = True,
