@@ -1,7 +1,15 @@
 """Engines on the reference's weights and the reference's own greedy continuations, shared by the
 engine and prefix-cache tests: greedy output checked against the eager reference's greedy loop
 on the same weights, so a scheduling bug (a chunk fed twice, a decode at the wrong position, a
-window released early, a stale cached page) shows as a different token."""
+window released early, a stale cached page) shows as a different token.
+
+What runs the ops: these tests are about scheduling, pages and sampling. On a GPU their engines run
+the attention kernels (the torch ops elsewhere, fused=False). Under Triton's CPU interpreter, where
+one launch costs 0.1-0.2 s and CI has 20 minutes on 2 cores, they run the kernels' eager twins
+(ENGINE_ATTENTION): the same paged reads through the same page tables, in torch. The kernels meet
+the engine's own schedules on the CPU in the tests that ask for attention="triton" (test_engine's
+greedy, eager-vs-kernel and padded-static tests), in the oracle's scenarios (`check`, the faults,
+tests/test_paged_model.py) and in the attention kernels' property tests."""
 
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ from optimized.kernels import INTERPRETING, default_device
 # attention kernels' eager twins, whose equality with the kernels their own tests check). On a GPU
 # they serve with the kernels. test_serve.py ties the server's tokens to an engine that runs them.
 SERVE_OPS = dict(fused=False, attention="eager") if INTERPRETING else {}
+ENGINE_ATTENTION = "eager" if INTERPRETING else "triton"
 
 _MODELS: dict = {}
 
@@ -30,13 +39,12 @@ def model(preset):
     return _MODELS[preset]
 
 
-def engine(preset="tiny", fused=False, **kw):
-    """An engine on the reference's weights. The torch ops (fused=False) by default: the Triton
-    interpreter makes the fused kernels ~3x slower on CPU, and they have their own tests; the
-    paged attention kernels run either way."""
+def engine(preset="tiny", fused=False, attention=ENGINE_ATTENTION, **kw):
+    """An engine on the reference's weights. The torch ops (fused=False) by default: the fused
+    kernels have their own tests; attention as the module docstring says."""
     cfg, w, _ = model(preset)
     kw.setdefault("device", default_device())
-    return Engine(cfg, weights=w, dtype=torch.float32, fused=fused, **kw)
+    return Engine(cfg, weights=w, dtype=torch.float32, fused=fused, attention=attention, **kw)
 
 
 @functools.lru_cache(maxsize=None)

@@ -24,7 +24,7 @@ GREEDY = SamplingParams(max_new_tokens=4, ignore_eos=True)
 @pytest.mark.parametrize("preset", ["tiny", "tiny-kv-eq-v", "tiny-moe"])
 def test_greedy_matches_reference(preset):
     prompts = _prompts([9, 3, 17])
-    outs = _engine(preset, fused=True, chunk_size=4, page_size=2).generate(prompts, GREEDY)
+    outs = _engine(preset, fused=True, attention="triton", chunk_size=4, page_size=2).generate(prompts, GREEDY)
     for p, o in zip(prompts, outs):
         assert o.tokens == reference_greedy(preset, p, 4)
         assert o.finish_reason == "length"
@@ -196,7 +196,7 @@ def test_eager_attention_gives_the_kernels_tokens():
     prompts = _prompts([9, 3, 12])
     prompts.append(prompts[0][:6] + [7, 8])
     params = SamplingParams(max_new_tokens=5, ignore_eos=True)
-    kernels = _engine(chunk_size=4, page_size=2).generate(prompts, params)
+    kernels = _engine(chunk_size=4, page_size=2, attention="triton").generate(prompts, params)
     eager = _engine(chunk_size=4, page_size=2, attention="eager").generate(prompts, params)
     assert [o.tokens for o in eager] == [o.tokens for o in kernels]
     assert [o.tokens for o in eager] == [reference_greedy("tiny", p, 5) for p in prompts]
@@ -208,7 +208,7 @@ def test_padded_static_decode_gives_the_reference_tokens():
     from optimized.engine.graphs import DecodeGraphs, batch_sizes
 
     assert batch_sizes(5) == [1, 2, 4, 5] and batch_sizes(1) == [1] and batch_sizes(8) == [1, 2, 4, 8]
-    engine = _engine(max_requests=5, page_size=2, max_context=24, chunk_size=4)
+    engine = _engine(max_requests=5, page_size=2, max_context=24, chunk_size=4, attention="triton")
     engine.decode_graphs = DecodeGraphs(engine.model, 5, 12, capture=False)
     prompts = _prompts([3, 7, 1, 5, 2])
     outs = engine.generate(prompts, [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (4, 2, 5, 3, 4)])

@@ -11,6 +11,7 @@ import reference
 from optimized.engine import Engine, SamplingParams
 from optimized.engine.sampler import TeacherSampler, gumbel_noise, sample_batch
 from optimized.kernels import default_device
+from tests.engine_helpers import ENGINE_ATTENTION
 
 PROMPT = [5, 9, 2, 77, 31, 140, 12, 200, 33]
 
@@ -24,7 +25,7 @@ def model():
 def engine(model, **kw):
     cfg, w, _ = model
     kw.setdefault("device", default_device())
-    return Engine(cfg, weights=w, dtype=torch.float32, fused=False, **kw)
+    return Engine(cfg, weights=w, dtype=torch.float32, fused=False, attention=ENGINE_ATTENTION, **kw)
 
 
 def draws(logits, params, n=600):
