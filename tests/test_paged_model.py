@@ -133,6 +133,7 @@ def test_prefix_reused_from_the_pool():
     assert results[1].prefix_reused == 8
 
 
+@pytest.mark.slow  # 30 s on 2 cores; test_engine and test_prefix_cache cover the rule quicker
 def test_prefix_not_reused_once_its_window_left_the_pool():
     # The donor decodes far past the shared prefix: its sliding pages for that prefix are gone, so
     # reusing it would read evicted keys. The runner must recompute instead.

@@ -195,8 +195,10 @@ def _builtin(name, dtype, seed, device):
     return next(s for s in builtin(MOE, dtype, str(device), seed) if s.name == name)
 
 
-@pytest.mark.parametrize("name,seed", [("engine-continuous-batching", 0), ("chunked-prefill-shuffled-pages", 1),
-                                       ("mixed-batch-prefix-reuse", 2)])
+# The engine's scenario in the main suite; the other two are slow (CI's 20 minutes on 2 cores).
+@pytest.mark.parametrize("name,seed", [("engine-continuous-batching", 0),
+                                       pytest.param("chunked-prefill-shuffled-pages", 1, marks=pytest.mark.slow),
+                                       pytest.param("mixed-batch-prefix-reuse", 2, marks=pytest.mark.slow)])
 def test_clean_bfloat16_moe_scenarios_hold_parity_with_every_logits_row_judged(name, seed, device):
     run = run_scenario(_builtin(name, "bfloat16", seed, device))
     c = run.comparison

@@ -304,7 +304,7 @@ def test_lm_eval_local_completions(hf, hf_dir, tmp_path, monkeypatch):
     server's /tokenize (its `remote` tokenizer backend), so nothing is downloaded."""
     for offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the task's data is a local file
         monkeypatch.setenv(offline, "1")
-    lm_eval = pytest.importorskip("lm_eval")
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the eval extra: pip install -e '.[eval]'")
     from lm_eval.tasks import TaskManager
 
     data = tmp_path / "data.jsonl"
@@ -385,6 +385,9 @@ def test_64_streams_with_disconnects_and_a_sigterm(tmp_path):
         line = proc.stdout.readline().decode()
         assert "serving tiny at" in line, line
         port = int(line.split("http://127.0.0.1:")[1].split(" ")[0])
+        # Read the rest as it comes: a pipe nobody reads fills up (its access log) and blocks the server.
+        output: list[bytes] = []
+        threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
         body = {"max_tokens": 3, "ignore_eos": True}
         # 1: a burst of 64 with 10% disconnects runs to the end; every page comes back
         results, threads = _burst(port, 64, body)
@@ -407,7 +410,13 @@ def test_64_streams_with_disconnects_and_a_sigterm(tmp_path):
         for t in threads:
             t.join(120)
         assert not any(t.is_alive() for t in threads), "a stream hung after SIGTERM"
-        assert proc.wait(60) == 0  # a graceful shutdown, not death by the signal uvicorn re-raises
+        # A graceful shutdown (exit 0, not death by the signal uvicorn re-raises) may take the engine's
+        # last step plus uvicorn's grace for open connections (http.GRACE_S), longer on a busy CPU.
+        try:
+            code = proc.wait(150)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 150 s after SIGTERM; its output ends: {b''.join(output)[-2000:]!r}")
+        assert code == 0, b"".join(output)[-2000:]
         for kind, seen in results:
             # refused before its request was read (the socket closed) is the only other ending
             assert kind in ("done", "error", "dropped") or (kind in ("cut", "oserror") and b"data:" not in seen), \

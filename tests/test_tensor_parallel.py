@@ -379,6 +379,7 @@ def test_world_size_2_matches_world_size_1_and_the_reference_and_the_oracle_loca
 
 
 @cpu_ranks
+@pytest.mark.slow  # about 20-40 s of ranks on 2 cores: world size 2 stays in the main suite
 def test_world_size_2_from_checkpoints_reads_its_slices_and_matches_world_size_1_and_the_oracle(tmp_path, checkpoints):
     """Each rank reads only its slices of a transformers checkpoint (the Runner, and the oracle's
     other rank); greedy tokens equal world size 1's, logits the reference's, every rank holds its
@@ -389,6 +390,7 @@ def test_world_size_2_from_checkpoints_reads_its_slices_and_matches_world_size_1
 
 
 @cpu_ranks
+@pytest.mark.slow  # about 20-40 s of ranks on 2 cores: world size 2 stays in the main suite
 def test_world_size_4_replicates_kv_heads_and_matches(tmp_path):
     seen = _spawn(4, tmp_path, presets=("tiny-moe",), oracle=False)  # every KV head replicated here
     _check_against_world_one_and_reference(seen, 4)
