@@ -216,6 +216,18 @@ def test_padded_static_decode_gives_the_reference_tokens():
         assert o.tokens == reference_greedy("tiny", p, len(o.tokens))
 
 
+def test_eager_attention_is_never_captured(monkeypatch):
+    """Its twins read lengths on the host, so a capture would fail (and a failed capture can cost
+    a device reset): on a device that captures, graphs stay off, or graphs=True is refused."""
+    import optimized.engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "graphs_supported", lambda device: True)  # as on a GPU
+    assert _engine(attention="eager").graphs_off_because == "eager attention syncs with the host"
+    with pytest.raises(ValueError, match="attention='triton' captures"):
+        _engine(attention="eager", graphs=True)
+    assert _engine(attention="eager", graphs="static").decode_graphs.capture is False  # nothing captured
+
+
 def test_graphs_need_a_capable_device():  # about the CPU: it cannot capture
     with pytest.raises(ValueError, match="graphs"):
         _engine(graphs=True, device="cpu")

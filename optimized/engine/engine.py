@@ -186,6 +186,11 @@ class Engine:
             if graphs:
                 raise ValueError(f"graphs=True needs a device that can capture graphs; {self.device} cannot")
             return None, f"{self.device} cannot capture graphs"
+        if self.model.attention_kind == "eager":  # its twins read lengths on the host: not tried either
+            if graphs:
+                raise ValueError("cannot capture a decode step in a device graph: eager attention reads "
+                                 "sequence lengths on the host (attention='triton' captures)")
+            return None, "eager attention syncs with the host"
         if self.model.ops is ops and self.config.enable_moe_block:  # not tried: a failed capture costs a reset
             if graphs:
                 raise ValueError("cannot capture a decode step in a device graph: the torch ops' MoE loop "
