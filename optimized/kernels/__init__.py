@@ -72,7 +72,7 @@ def _serialize_interpreted_launches() -> None:
     Inside a launch, every call of a @jit helper (ours, and triton's own tl.sum, tl.cumsum, ...)
     patched the language modules visible to it again, though the launch (or an earlier helper call
     in it) had already patched them: `inspect.getmembers` over tl, tl.core, tl.math and tl.tensor,
-    about 5 ms a call. Patching is idempotent (builtins already replaced are skipped; the rest is
+    a few ms a call. Patching is idempotent (builtins already replaced are skipped; the rest is
     replaced by equivalent wrappers), so a helper whose modules are already patched in this launch
     now runs without it. That was a fifth of an interpreted launch's time (py-spy): on the 2-core
     CPU machine, tests/test_paged_model.py::test_decode_well_past_the_window took 45.8 and 43.6 s
