@@ -85,6 +85,13 @@ def share_projection_storage(config: Gemma4Config, w: dict[str, torch.Tensor]) -
 ATTENTION = ("triton", "eager")  # PagedGemma4's attention=: the kernels, or their eager twins
 
 
+def check_attention(kind) -> None:
+    """A ValueError naming the choices unless `kind` is one of ATTENTION (the Engine asks before
+    it loads any weight)."""
+    if kind not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {kind!r}")
+
+
 class PagedGemma4:
     def __init__(self, config: Gemma4Config, weights: dict[str, torch.Tensor], cache: KVCache,
                  fused: bool = False, fused_weights: dict[str, torch.Tensor] | None = None, tp=None,
@@ -95,8 +102,7 @@ class PagedGemma4:
         self.config, self.w, self.cache = config, weights, cache
         self.tp = tp
         self.ops = fused_ops if fused else ops
-        if attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+        check_attention(attention)
         self.attention_kind = attention
         self.fw = fused_weights if fused_weights is not None else fuse_projections(config, weights)
         self.device = next(iter(weights.values())).device

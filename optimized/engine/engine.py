@@ -25,7 +25,7 @@ from .. import ops, parallel
 from ..batch import BatchItem, ForwardBatch, build_batch, to_device
 from ..kernels import check_supported, default_device, graphs_supported
 from ..memory import KVCache, ceil_div, swa_pages_per_request
-from ..model import ATTENTION, PagedGemma4, TapSink, fuse_projections
+from ..model import PagedGemma4, TapSink, check_attention, fuse_projections
 from ..parallel import TensorParallel
 from .graphs import DecodeGraphs
 from .sampler import PendingDraw, SamplingParams, draw_batch, token_logprobs
@@ -116,8 +116,7 @@ class Engine:
                              ("page_order_seed", page_order_seed, 0)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-        if attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+        check_attention(attention)
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap must be True or False, got {overlap!r}")
         if warm_up not in (True, False, None):

@@ -77,6 +77,7 @@ def _serialize_interpreted_launches() -> None:
     now runs without it. That was a fifth of an interpreted launch's time (py-spy): on the 2-core
     CPU machine, tests/test_paged_model.py::test_decode_well_past_the_window took 45.8 and 43.6 s
     before, 34.6 and 33.4 s after (alternating runs, one process)."""
+    import functools
     import inspect
     import threading
 
@@ -89,6 +90,7 @@ def _serialize_interpreted_launches() -> None:
     state = threading.local()  # .patched: the language modules patched in this thread's launch
     lang_modules = (tl, tl.core)
 
+    @functools.cache  # per function: called on every helper call, and a module's globals stay put
     def langs(fn) -> frozenset:  # what the interpreter's _patch_lang patches for fn
         return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in lang_modules)
 
