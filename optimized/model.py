@@ -83,6 +83,9 @@ def share_projection_storage(config: Gemma4Config, w: dict[str, torch.Tensor]) -
 
 
 ATTENTION = ("triton", "eager")  # PagedGemma4's attention=: the kernels, or their eager twins
+# The two op sets a user picks between (`check --ops`, `serve --ops`), as engine options: the
+# Triton kernels, or their torch twins with no Triton at all (the unfused ops, attention's twins).
+OP_SETS = {"kernels": dict(fused=True, attention="triton"), "eager": dict(fused=False, attention="eager")}
 
 
 def check_attention(kind) -> None:

@@ -27,7 +27,7 @@ from .engine.sampler import TeacherSampler
 from .engine.scheduler import Script
 from .kernels import default_device
 from .memory import KVCache, ceil_div, swa_pages_per_request
-from .model import TapSink
+from .model import TapSink, check_attention
 from .parallel import TensorParallel
 
 
@@ -53,13 +53,14 @@ class Runner:
                  device=None, page_size: int = 16, chunk_size: int = 512, num_pages: int | None = None,
                  seed: int = 0, page_order_seed: int | None = None, weights: dict | None = None,
                  fused: bool = True, token_budget: int | None = None, max_requests: int | None = None,
-                 graphs: bool | str | None = None, tp: TensorParallel | int | None = None):
+                 graphs: bool | str | None = None, tp: TensorParallel | int | None = None,
+                 attention: str = "triton"):
         """token_budget, max_requests: let the scheduler decide (the most tokens per step, the
         most requests running at once). graphs: the engine's decode graphs (None: where the
         device can capture them; "static": their padded static batch, run eagerly). tp: tensor
         parallelism (optimized/parallel.py): a TensorParallel or a world size to join; every rank
         makes the same Runner and the same calls; results and taps are the same, unsharded, on
-        every rank.
+        every rank. fused, attention: the engine's op choices (Engine).
 
         What the Runner holds (`shard`): this rank's shard of the weights, on its device, which
         every run's engine uses as it is (its KV pools are each run's). From a checkpoint only
@@ -73,6 +74,7 @@ class Runner:
         for name, v in (("token_budget", token_budget), ("max_requests", max_requests)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        check_attention(attention)
         self.tp = parallel.resolve(tp, device)
         if self.tp is not None:
             self.device = self.tp.device
@@ -87,6 +89,7 @@ class Runner:
         self.cache: KVCache | None = None
         self.engine: Engine | None = None  # the last run's
         self.fused = fused  # False: the non-attention ops in plain torch (the unfused baseline)
+        self.attention = attention
 
     # -- validation ------------------------------------------------------------------------
     def _validate(self, prompts, max_new_tokens, teacher_tokens, chunk_splits, arrivals, share_prefix_with):
@@ -146,8 +149,8 @@ class Runner:
         return Engine(self.config, weights=self.shard, dtype=self.dtype, device=self.device, page_size=ps,
                       chunk_size=self.chunk_size, num_pages=num_pages, num_swa_pages=swa + 1,
                       max_requests=self.max_requests or len(totals), max_context=max(totals),
-                      token_budget=self.token_budget, fused=self.fused, graphs=self.graphs,
-                      page_order_seed=self.page_order_seed, script=script, sampler=sampler, taps=taps,
+                      token_budget=self.token_budget, fused=self.fused, attention=self.attention,
+                      graphs=self.graphs, page_order_seed=self.page_order_seed, script=script, sampler=sampler, taps=taps,
                       feed_last=taps is not None, tp=self.tp)
 
     # -- the run ---------------------------------------------------------------------------

@@ -106,6 +106,12 @@ def _scenario_arg(text: str) -> str:
     return text
 
 
+# `--ops` of check and serve: optimized.model.OP_SETS's names (not imported here: the CLI starts
+# without torch). A test checks that the two agree.
+OPS = ("kernels", "eager")
+OPS_HELP = ("kernels (default): the Triton kernels; eager: their torch twins and no Triton at all (attention's "
+            "eager twins over the same pages, the unfused ops): slower; {what}")
+
 # `kernels --repeats`: a median of 1000 is as steady as it gets; 10**30 ran until killed.
 MAX_REPEATS = 1000
 
@@ -323,6 +329,31 @@ def _check_before_work(scenarios, faults=()) -> None:
             raise ScenarioError(f"scenario {sc.name!r}: {e}") from None
 
 
+def _check_ops(ops: str, scenarios, faults, kernels: bool) -> None:
+    """Refuse an op set the run cannot use: faults break the kernels' path (some of them a kernel
+    itself), and kernels on a CPU need Triton's interpreter (_need_kernels_on)."""
+    if faults and ops != "kernels":
+        raise BadInput("--inject: faults break the kernels' path; leave out --ops eager")
+    for sc in scenarios:
+        if ops == "kernels":
+            _need_kernels_on(sc.model.device, f"scenario {sc.name!r} runs the kernels on", "--ops eager")
+        if kernels:
+            _need_kernels_on(sc.model.device, "--kernels runs the kernel testbed on", "no --kernels")
+
+
+def _need_kernels_on(device: str, what: str, instead: str | None = None) -> None:
+    """BadInput unless Triton kernels run on `device` here. With an accelerator present Triton
+    compiles for it, and a kernel refuses CPU tensors mid-run (a traceback, not a message)."""
+    import torch
+
+    from optimized.kernels import default_device, kernels_run_on
+
+    if not kernels_run_on(torch.device(device)):
+        ways = [f"--device {default_device().type}"] + ([instead] if instead else []) + ["TRITON_INTERPRET=1"]
+        raise BadInput(f"{what} {device}, where they run only under Triton's interpreter (this machine's Triton "
+                       f"compiles for its accelerator): use {', '.join(ways[:-1])} or {ways[-1]}")
+
+
 def _check_memory(sc, cfg) -> None:
     """Refuse a scenario that cannot fit in this machine's memory at all, rather than fail minutes
     in. Lower bounds: the float64 truth forward holds one layer's dense [T, T] mask and its
@@ -402,6 +433,7 @@ def cmd_check(args) -> int:
     try:  # every input is checked here, before any work: a mistake costs no minutes
         faults = [get(n) for n in args.inject]
         scenarios = _scenarios(args)
+        _check_ops(args.ops, scenarios, faults, args.kernels)
         _check_before_work(scenarios, faults)
         tp = _tensor_parallel(args.tp, scenarios)
         models, dtypes = _ran(scenarios)
@@ -410,7 +442,7 @@ def cmd_check(args) -> int:
     except (ScenarioError, CheckpointError, ConfigError, UnknownFault, BadInput) as e:
         return _refuse(e) if _launched_rank() == 0 else EXIT_BAD_INPUT  # one message, from rank 0
     if tp is not None and tp.rank > 0:
-        return _follow(scenarios, args.inject, tp)
+        return _follow(scenarios, args.inject, tp, args.ops)
     for f in faults:
         print(f"injected fault {f.name}: {f.summary} (alone, on {f.model}, its scenario {f.scenario_spec['name']} "
               f"must diverge first at {f.expect})")
@@ -418,13 +450,14 @@ def cmd_check(args) -> int:
     jobs = _jobs(args.jobs, scenarios, tp)
     if jobs > 1:
         print(f"running {len(scenarios)} scenarios {jobs} at a time, each in its own process", file=sys.stderr)
-    results = _run_in_processes(scenarios, args.inject, jobs) if jobs > 1 else None
+    results = _run_in_processes(scenarios, args.inject, jobs, args.ops) if jobs > 1 else None
     for i, sc in enumerate(scenarios, 1):
         if results is None:
             _progress(i, len(scenarios), sc.name, "running")
         t0 = time.perf_counter()
         try:
-            run, seconds = next(results) if results is not None else (run_scenario(sc, faults=args.inject, tp=tp), None)
+            run, seconds = (next(results) if results is not None
+                            else (run_scenario(sc, faults=args.inject, tp=tp, ops=args.ops), None))
         # Input errors only: a ValueError from inside a kernel is a bug, and its traceback says where.
         except (ScenarioError, CheckpointError, ConfigError, FaultScenarioError) as e:
             return _refuse(e, f"scenario {sc.name!r}: ")
@@ -436,6 +469,8 @@ def cmd_check(args) -> int:
         title += f", tensor parallel {tp.world}"
     if faults:
         title += f", injected: {', '.join(f.name for f in faults)}"
+    if args.ops != "kernels":
+        title += f", {args.ops} ops (no Triton)"
     # The kernel testbed on the device and in the dtype the scenarios ran in.
     kernels = _kernel_rows(scenarios[0].model.device, scenarios[0].model.dtype) if args.kernels else None
     facts = report_facts(runs, _command_line(args.argv), title, kernels=kernels)
@@ -470,14 +505,14 @@ def _jobs(asked: int | None, scenarios, tp) -> int:
     return min(CPU_JOBS, os.cpu_count() or 1, len(scenarios)) if on_cpu else 1
 
 
-def _timed_run(scenario, faults):
+def _timed_run(scenario, faults, ops):
     """run_scenario in a worker process, with its own wall time."""
     import time
 
     from .run import run_scenario
 
     t0 = time.perf_counter()
-    run = run_scenario(scenario, faults=faults)
+    run = run_scenario(scenario, faults=faults, ops=ops)
     return run, time.perf_counter() - t0
 
 
@@ -487,7 +522,7 @@ def _worker_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _run_in_processes(scenarios, faults, jobs: int):
+def _run_in_processes(scenarios, faults, jobs: int, ops: str):
     """(run, seconds) of each scenario, in order, computed `jobs` at a time in spawned processes
     (fresh interpreters: no forked torch thread pools). A worker's exception is raised here when
     its scenario's turn comes, as the sequential loop would raise it."""
@@ -505,7 +540,7 @@ def _run_in_processes(scenarios, faults, jobs: int):
         # parent acts on it for all.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            futures = [pool.submit(_timed_run, sc, list(faults)) for sc in scenarios]
+            futures = [pool.submit(_timed_run, sc, list(faults), ops) for sc in scenarios]
         finally:
             signal.signal(signal.SIGINT, previous)
         try:
@@ -570,13 +605,13 @@ def _join_tensor_parallel(size: int, models, device: str, command: str):
         raise BadInput(f"--tp {size}: {e}") from None
 
 
-def _follow(scenarios, faults, tp) -> int:
+def _follow(scenarios, faults, tp, ops) -> int:
     """A rank other than 0 under `check --tp`: run its shard of every scenario beside rank 0, print
     nothing, and exit as rank 0 does."""
     from .run import run_scenario
 
     for sc in scenarios:
-        run_scenario(sc, faults=faults, tp=tp)
+        run_scenario(sc, faults=faults, tp=tp, ops=ops)
     return _leave(tp, None)
 
 
@@ -651,6 +686,7 @@ def cmd_capture(args) -> int:
                            "`gemma4-testbed scenarios` lists those)")
         (scenario,) = _scenarios(args)
         _check_before_work([scenario])
+        _need_kernels_on(scenario.model.device, f"scenario {scenario.name!r} runs the kernels on")
         check_capture_target(args.out, args.overwrite, how="pass --overwrite")
     except (ScenarioError, CheckpointError, ConfigError, CaptureError, BadInput) as e:
         return _refuse(e)
@@ -820,6 +856,7 @@ def cmd_kernels(args) -> int:
 
     try:
         device = torch.device(resolve_device(args.device))
+        _need_kernels_on(str(device), "kernels: the testbed runs the kernels on")
         out = _check_out_dir(args.out, files=("kernels.json",))
     except BadInput as e:
         return _refuse(e)
@@ -872,6 +909,7 @@ def cmd_serve(args) -> int:
     if missing:
         return _refuse(BadInput(f"serve needs {' and '.join(missing)}: pip install -e '.[serve]'"))
     from optimized.kernels import check_supported
+    from optimized.model import OP_SETS
     from optimized.serve import build_engine, build_server, run_until_interrupted
     from reference import CheckpointError, ConfigError
 
@@ -890,7 +928,7 @@ def cmd_serve(args) -> int:
             tp = _join_tensor_parallel(args.tp, [(args.model, config)], device, "serve")
         options = dict(dtype=args.dtype, device=device, page_size=args.page_size, chunk_size=args.chunk_size,
                        num_pages=args.num_pages, max_requests=args.max_requests, token_budget=args.token_budget,
-                       max_context=args.max_context, seed=args.seed, tp=tp)
+                       max_context=args.max_context, seed=args.seed, tp=tp, **OP_SETS[args.ops])
         if tp is not None and tp.rank > 0:
             return _serve_follower(build_engine(args.model, **options), tp)
         server = build_server(args.model, host=args.host, port=args.port, request_timeout=args.request_timeout,
@@ -1015,6 +1053,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the optimized path tensor-parallel over N ranks, launched as `torchrun "
                             "--nproc-per-node N -m oracle.cli check --tp N ...` (gloo on a CPU, NCCL on CUDA); "
                             "rank 0 runs the reference, judges and writes the report, the others print nothing")
+    check.add_argument("--ops", choices=OPS, default="kernels",
+                       help=OPS_HELP.format(what="parity under eager where kernels diverge puts the bug in a kernel; "
+                                                 "also runs on the CPU of a machine whose Triton compiles for a GPU"))
     check.set_defaults(func=cmd_check)
 
     scenarios = sub.add_parser("scenarios", help="list the built-in scenarios, one line each")
@@ -1083,6 +1124,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(first come first served): under a burst, prefill and decode interleave and the "
                             "first token does not wait for every prompt; none: no limit (a burst is prefilled in "
                             "one step)")
+    serve.add_argument("--ops", choices=OPS, default="kernels",
+                       help=OPS_HELP.format(what="for asking whether a wrong answer goes with the kernels, or to "
+                                                 "serve on the CPU of a machine whose Triton compiles for a GPU"))
     serve.set_defaults(func=cmd_serve)
 
     report = sub.add_parser("report", help="re-render report.html from a report directory's report.json")

@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from optimized.kernels import graphs_supported
-from optimized.model import share_projection_storage
+from optimized.model import OP_SETS, share_projection_storage
 from optimized.parallel import TensorParallel
 from optimized.runner import Runner
 from reference import Gemma4Reference, resolve
@@ -138,12 +138,13 @@ def candidate_choices(cand: Capture, ref: Capture, sequences: dict[str, list[int
 def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE,
                  runner_factory: Callable[..., Runner] = Runner, weights=None,
                  faults: Sequence[str] = (), decode_graphs: bool | str | None = None,
-                 tp: TensorParallel | None = None) -> ScenarioRun | None:
+                 tp: TensorParallel | None = None, ops: str = "kernels") -> ScenarioRun | None:
     """Capture truth, reference and optimized path for a scenario and compare them.
     `runner_factory` lets a test substitute the optimized path; `faults` names known bugs
     (oracle/faults.py) injected into the optimized path while it runs; `decode_graphs` is the
     engine's `graphs` (None: the scenario's `engine.decode`; "static": the padded static decode
-    batch without capture; False: plain eager decode; True: graphs or an error).
+    batch without capture; False: plain eager decode; True: graphs or an error); `ops`: the
+    optimized path's op set (optimized.model.OP_SETS: "eager" runs no Triton).
 
     `tp`: the optimized path runs sharded (optimized/parallel.py); every rank calls this with
     the same arguments. Rank 0 runs the reference, hands its teacher tokens to the other ranks,
@@ -155,6 +156,8 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
     unless `weights` hands every rank the whole model."""
     for name in faults:
         get_fault(name)  # an unknown name fails before any work
+    if ops not in OP_SETS:
+        raise ValueError(f"ops must be one of {', '.join(OP_SETS)}, got {ops!r}")
     m = scenario.model
     lead = tp is None or tp.rank == 0  # the rank that runs the reference and judges
     if decode_graphs is None:
@@ -184,13 +187,14 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
     builder = CaptureBuilder(capture_metadata(cfg, path="optimized", dtype=scenario.dtype, device=m.device,
                                               scenario=scenario.to_dict()))
     index = {r.id: i for i, r in enumerate(scenario.requests)}
-    sharded = {} if tp is None else {"tp": tp}  # a test's runner_factory need not know tp
+    # Only what differs from the Runner's defaults: a test's runner_factory need not know tp or ops.
+    options = ({} if tp is None else {"tp": tp}) | ({} if ops == "kernels" else OP_SETS[ops])
     model = (cfg, {"weights": weights}) if weights is not None else (m.source, {"seed": m.seed})
     with inject_all(faults):
         runner = runner_factory(model[0], **model[1], dtype=scenario.dtype, device=m.device,
                                 page_size=e.page_size, chunk_size=e.chunk_size, num_pages=e.num_pages,
                                 page_order_seed=e.page_order_seed, token_budget=e.token_budget,
-                                max_requests=e.max_requests, graphs=decode_graphs, **sharded)
+                                max_requests=e.max_requests, graphs=decode_graphs, **options)
         results = runner.run(
             prompts, max_new_tokens=[r.new_tokens for r in scenario.requests], teacher_tokens=teacher,
             chunk_splits=[None if r.chunks is None else list(r.chunks) for r in scenario.requests],

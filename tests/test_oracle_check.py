@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import optimized.kernels
 import optimized.model
 import optimized.runner
 from oracle import cli
@@ -121,12 +122,39 @@ def test_cli_check_writes_a_report_and_exits_zero_on_parity(tmp_path, capsys, de
     assert (out / "report.html").read_text().count("parity") > 0
 
 
-def test_cli_check_exits_one_on_divergence(tmp_path, monkeypatch, capsys, device):
+def test_cli_check_exits_one_on_divergence_and_ops_eager_says_whether_a_kernel_is_why(tmp_path, monkeypatch, capsys,
+                                                                                     device):
     _perturb_full_attention(monkeypatch)
-    code = cli.main(["check", "tiny", "--device", str(device), "--scenario", "one-shot-prefill",
-                     "--out", str(tmp_path)])
-    assert code == 1
+    argv = ["check", "tiny", "--device", str(device), "--scenario", "one-shot-prefill"]
+    assert cli.main(argv + ["--out", str(tmp_path / "kernels")]) == 1
     assert "layers.4.o" in capsys.readouterr().out
+    # The kernels' torch twins hold parity: the bug is in a kernel (here, the patched attention).
+    assert cli.main(argv + ["--ops", "eager", "--out", str(tmp_path / "eager")]) == 0
+    facts = json.loads((tmp_path / "eager" / "report.json").read_text())
+    assert facts["verdict"] == "parity" and facts["title"].endswith(", eager ops (no Triton)")
+    assert cli.OPS == tuple(optimized.model.OP_SETS)  # the CLI's names (it starts without torch) are the model's
+
+
+def test_cli_refuses_kernels_on_a_cpu_where_triton_compiles_for_a_gpu(tmp_path, monkeypatch, capsys):
+    """There a kernel refuses CPU tensors mid-run, with a traceback: each command says so before any
+    work, and what to do instead."""
+    import torch
+
+    monkeypatch.setattr(optimized.kernels, "kernels_run_on", lambda device: device.type != "cpu")
+    monkeypatch.setattr(optimized.kernels, "default_device", lambda: torch.device("cuda"))
+    one = ["--device", "cpu", "--scenario", "one-shot-prefill"]
+    cases = [(["check", "tiny"] + one, ["runs the kernels on cpu", "--device cuda, --ops eager or TRITON_INTERPRET=1"]),
+             (["check", "tiny", "--ops", "eager", "--kernels"] + one, ["--kernels runs the kernel testbed on cpu",
+                                                                      "no --kernels"]),
+             (["capture", "--path", "optimized", "--out", str(tmp_path / "c")] + one,
+              ["runs the kernels on cpu", "--device cuda or TRITON_INTERPRET=1"]),
+             (["kernels", "--device", "cpu"], ["the testbed runs the kernels on cpu"]),
+             (["check", "--inject", "missing-softcap", "--ops", "eager"], ["--inject: faults break the kernels' path"])]
+    for argv, wanted in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and all(w in err for w in wanted), (argv, err)
+    assert not (tmp_path / "c").exists()
 
 
 def test_cli_bad_input_exits_two(tmp_path, capsys):
@@ -230,6 +258,7 @@ def ran(monkeypatch):
 
     monkeypatch.setattr(oracle.run, "run_scenario", run_scenario)
     monkeypatch.setattr(oracle.run, "report_facts", report_facts)
+    monkeypatch.setattr(optimized.kernels, "kernels_run_on", lambda device: True)  # the fake runs run none
     monkeypatch.setattr(cli, "CPU_JOBS", 1)  # worker processes would not see the patches
     return SimpleNamespace(scenarios=scenarios, titles=titles)
 

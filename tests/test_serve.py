@@ -775,6 +775,28 @@ def test_cli_serve_parses_and_refuses_a_bad_model(tmp_path, capsys):
     assert "tokenizer.json" in capsys.readouterr().err  # unreadable, or `tokenizers` missing: both refused
 
 
+def test_cli_serve_ops_eager_runs_no_triton_and_a_cpu_beside_a_gpu_is_refused_without_it(monkeypatch, capsys):
+    import optimized.engine.engine as engine_module
+    import optimized.ops
+    import optimized.serve
+
+    monkeypatch.setattr(engine_module, "kernels_run_on", lambda device: device.type != "cpu")  # as on a GPU box
+    assert main(["serve", "tiny", "--device", "cpu", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--ops eager" in err and "TRITON_INTERPRET=1" in err, err
+    built = []
+
+    def build_server(model, **options):  # the engine it would serve, built and then refused as a port
+        built.append(optimized.serve.build_engine(model, **{k: v for k, v in options.items()
+                                                           if k not in ("host", "port", "request_timeout")}))
+        raise OSError("stop here")
+
+    monkeypatch.setattr(optimized.serve, "build_server", build_server)
+    assert main(["serve", "tiny", "--device", "cpu", "--port", "0", "--ops", "eager"]) == 2
+    assert built[0].model.attention_kind == "eager" and built[0].model.ops is optimized.ops
+    assert build_parser().parse_args(["serve"]).ops == "kernels"
+
+
 def test_cli_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):
     import importlib.util
 

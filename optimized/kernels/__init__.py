@@ -165,6 +165,13 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether Triton kernels can run on tensors of `device` in this process: an accelerator's,
+    or the CPU's under the interpreter. Where an accelerator is present Triton compiles for it,
+    and a CPU tensor handed to a kernel is refused (common.check_float)."""
+    return device.type != "cpu" or INTERPRETING
+
+
 def graphs_supported(device: torch.device) -> bool:
     """Whether the device can capture and replay graphs (by capability, not by vendor)."""
     if device.type == "cpu":
