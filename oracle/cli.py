@@ -433,9 +433,9 @@ def cmd_check(args) -> int:
     try:  # every input is checked here, before any work: a mistake costs no minutes
         faults = [get(n) for n in args.inject]
         scenarios = _scenarios(args)
-        _check_ops(args.ops, scenarios, faults, args.kernels)
         _check_before_work(scenarios, faults)
         tp = _tensor_parallel(args.tp, scenarios)
+        _check_ops(args.ops, scenarios, faults, args.kernels)
         models, dtypes = _ran(scenarios)
         inject = f"-inject-{'+'.join(f.name for f in faults)}" if faults else ""  # never over the clean report
         out = _check_out_dir(args.out or Path("reports") / f"check-{models}-{dtypes}{inject}")

@@ -228,23 +228,6 @@ def test_eager_attention_is_never_captured(monkeypatch):
     assert _engine(attention="eager", graphs="static").decode_graphs.capture is False  # nothing captured
 
 
-def test_a_cpu_device_without_the_interpreter_runs_the_torch_ops_or_is_refused(monkeypatch):
-    """On a machine with a GPU Triton compiles for it, so a kernel refuses CPU tensors: an engine on
-    the CPU there is refused when built (a server would otherwise answer every request with an
-    error), unless it runs no Triton at all."""
-    import optimized.engine.engine as engine_module
-
-    monkeypatch.setattr(engine_module, "kernels_run_on", lambda device: device.type != "cpu")  # as on a GPU box
-    for options in (dict(fused=True, attention="triton"), dict(fused=False, attention="triton"),
-                    dict(fused=True, attention="eager")):
-        with pytest.raises(ValueError, match=r"device cpu: .*TRITON_INTERPRET=1.*--ops eager"):
-            _engine(device="cpu", **options)
-    prompt = _prompts([9])
-    out = _engine(device="cpu", fused=False, attention="eager").generate(prompt, SamplingParams(max_new_tokens=3,
-                                                                                            ignore_eos=True))
-    assert out[0].tokens == reference_greedy("tiny", prompt[0], 3)
-
-
 def test_graphs_need_a_capable_device():  # about the CPU: it cannot capture
     with pytest.raises(ValueError, match="graphs"):
         _engine(graphs=True, device="cpu")

@@ -149,7 +149,8 @@ def test_cli_refuses_kernels_on_a_cpu_where_triton_compiles_for_a_gpu(tmp_path, 
              (["capture", "--path", "optimized", "--out", str(tmp_path / "c")] + one,
               ["runs the kernels on cpu", "--device cuda or TRITON_INTERPRET=1"]),
              (["kernels", "--device", "cpu"], ["the testbed runs the kernels on cpu"]),
-             (["check", "--inject", "missing-softcap", "--ops", "eager"], ["--inject: faults break the kernels' path"])]
+             (["check", "--inject", "missing-softcap", "--ops", "eager", "--device", "cpu"],
+              ["--inject: faults break the kernels' path"])]
     for argv, wanted in cases:
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err

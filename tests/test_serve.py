@@ -776,14 +776,16 @@ def test_cli_serve_parses_and_refuses_a_bad_model(tmp_path, capsys):
 
 
 def test_cli_serve_ops_eager_runs_no_triton_and_a_cpu_beside_a_gpu_is_refused_without_it(monkeypatch, capsys):
-    import optimized.engine.engine as engine_module
     import optimized.ops
     import optimized.serve
+    import optimized.serve.http
 
-    monkeypatch.setattr(engine_module, "kernels_run_on", lambda device: device.type != "cpu")  # as on a GPU box
+    monkeypatch.setattr(optimized.serve.http, "kernels_run_on", lambda device: device.type != "cpu")  # a GPU box
     assert main(["serve", "tiny", "--device", "cpu", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--ops eager" in err and "TRITON_INTERPRET=1" in err, err
+    with pytest.raises(ValueError, match="device cpu: .*--ops eager"):  # a library user gets the same message
+        optimized.serve.build_engine("tiny", device="cpu", fused=False)
     built = []
 
     def build_server(model, **options):  # the engine it would serve, built and then refused as a port

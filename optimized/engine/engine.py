@@ -23,7 +23,7 @@ from reference.config import Gemma4Config
 
 from .. import ops, parallel
 from ..batch import BatchItem, ForwardBatch, build_batch, to_device
-from ..kernels import check_supported, default_device, graphs_supported, kernels_run_on
+from ..kernels import check_supported, default_device, graphs_supported
 from ..memory import KVCache, ceil_div, swa_pages_per_request
 from ..model import PagedGemma4, TapSink, check_attention, fuse_projections
 from ..parallel import TensorParallel
@@ -128,11 +128,6 @@ class Engine:
             self.device = self.tp.device
         else:
             self.device = torch.device(device) if device is not None else default_device()
-        if not kernels_run_on(self.device) and (fused or attention == "triton"):
-            # Refused here, not at every request's first kernel (a server would answer each with an error).
-            raise ValueError(f"device {self.device}: this process compiles Triton kernels for its accelerator, so "
-                             "they cannot run on CPU tensors; use the accelerator, set TRITON_INTERPRET=1 (Triton's "
-                             "interpreter), or run the torch ops (fused=False, attention='eager'; --ops eager)")
         # This rank's shard (the whole model without tp) on the device: read or drawn slice by slice,
         # or cut from `weights` (parallel.load_shard says what a rank holds). check_supported: a head
         # size the kernels cannot run is a ConfigError naming the field, before any weight is read.

@@ -24,6 +24,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from optimized.engine import Engine
+from optimized.kernels import kernels_run_on
 
 from . import api
 from .api import ApiError
@@ -145,10 +146,16 @@ def build_engine(model: str, *, dtype="float32", device=None, page_size: int = 1
     `tp`); token_budget "auto" is default_token_budget's policy, None no limit."""
     if token_budget == "auto":
         token_budget = default_token_budget(chunk_size, max_requests)
-    return Engine(model, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype, device=device,
-                  page_size=page_size, chunk_size=chunk_size, num_pages=num_pages, max_requests=max_requests,
-                  token_budget=token_budget, max_context=max_context, seed=seed, tp=tp, fused=fused,
-                  attention=attention)
+    engine = Engine(model, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype, device=device,
+                    page_size=page_size, chunk_size=chunk_size, num_pages=num_pages, max_requests=max_requests,
+                    token_budget=token_budget, max_context=max_context, seed=seed, tp=tp, fused=fused,
+                    attention=attention)
+    if not kernels_run_on(engine.device) and (fused or attention == "triton"):
+        # Refused here: served, every request's first kernel would fail (common.check_float).
+        raise ValueError(f"device {engine.device}: this machine's Triton compiles for its accelerator, so its "
+                         f"kernels cannot run on CPU tensors; serve on the accelerator, with --ops eager (no "
+                         f"Triton), or with TRITON_INTERPRET=1 (Triton's interpreter)")
+    return engine
 
 
 def build_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, log_requests: bool = True,
