@@ -150,8 +150,8 @@ class Runner:
                       chunk_size=self.chunk_size, num_pages=num_pages, num_swa_pages=swa + 1,
                       max_requests=self.max_requests or len(totals), max_context=max(totals),
                       token_budget=self.token_budget, fused=self.fused, attention=self.attention,
-                      graphs=self.graphs, page_order_seed=self.page_order_seed, script=script, sampler=sampler, taps=taps,
-                      feed_last=taps is not None, tp=self.tp)
+                      graphs=self.graphs, page_order_seed=self.page_order_seed, script=script, sampler=sampler,
+                      taps=taps, feed_last=taps is not None, tp=self.tp)
 
     # -- the run ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -7,25 +7,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-import reference
 from optimized.engine import Engine, SamplingParams
 from optimized.engine.sampler import TeacherSampler, gumbel_noise, sample_batch
-from optimized.kernels import default_device
-from tests.engine_helpers import ENGINE_ATTENTION
+from tests.engine_helpers import engine as tiny_engine, model as tiny_model
 
 PROMPT = [5, 9, 2, 77, 31, 140, 12, 200, 33]
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg, w = reference.resolve("tiny", dtype=torch.float32, seed=0)
-    return cfg, w, reference.Gemma4Reference(cfg, w)
+    return tiny_model("tiny")
 
 
 def engine(model, **kw):
-    cfg, w, _ = model
-    kw.setdefault("device", default_device())
-    return Engine(cfg, weights=w, dtype=torch.float32, fused=False, attention=ENGINE_ATTENTION, **kw)
+    return tiny_engine("tiny", **kw)  # the same weights as `model`: both are engine_helpers' tiny
 
 
 def draws(logits, params, n=600):
