@@ -110,7 +110,7 @@ def _scenario_arg(text: str) -> str:
 # without torch). A test checks that the two agree.
 OPS = ("kernels", "eager")
 OPS_HELP = ("kernels (default): the Triton kernels; eager: their torch twins and no Triton at all (attention's "
-            "eager twins over the same pages, the unfused ops): slower; {what}")
+            "eager twins over the same pages, the unfused ops), slower at real sizes; {what}")
 
 # `kernels --repeats`: a median of 1000 is as steady as it gets; 10**30 ran until killed.
 MAX_REPEATS = 1000
