@@ -341,7 +341,7 @@ def _check_ops(ops: str, scenarios, faults, kernels: bool) -> None:
             _need_kernels_on(sc.model.device, "--kernels runs the kernel testbed on", "no --kernels")
 
 
-def _need_kernels_on(device: str, what: str, instead: str | None = None) -> None:
+def _need_kernels_on(device, what: str, instead: str | None = None) -> None:
     """BadInput unless Triton kernels run on `device` here. With an accelerator present Triton
     compiles for it, and a kernel refuses CPU tensors mid-run (a traceback, not a message)."""
     import torch
@@ -856,7 +856,7 @@ def cmd_kernels(args) -> int:
 
     try:
         device = torch.device(resolve_device(args.device))
-        _need_kernels_on(str(device), "kernels: the testbed runs the kernels on")
+        _need_kernels_on(device, "kernels: the testbed runs the kernels on")
         out = _check_out_dir(args.out, files=("kernels.json",))
     except BadInput as e:
         return _refuse(e)

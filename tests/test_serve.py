@@ -31,7 +31,7 @@ pytest.importorskip("uvicorn", reason="the server needs the serve extra: pip ins
 
 import reference  # noqa: E402
 import optimized.serve.app as serve_app  # noqa: E402
-from oracle.cli import build_parser, main  # noqa: E402
+from oracle.cli import OPS, build_parser, main  # noqa: E402
 from optimized.engine import Engine, Event, SamplingParams
 from optimized.kernels import default_device
 from tests.engine_helpers import SERVE_OPS
@@ -775,8 +775,8 @@ def test_cli_serve_parses_and_refuses_a_bad_model(tmp_path, capsys):
     assert "tokenizer.json" in capsys.readouterr().err  # unreadable, or `tokenizers` missing: both refused
 
 
-def test_cli_serve_ops_eager_runs_no_triton_and_a_cpu_beside_a_gpu_is_refused_without_it(monkeypatch, capsys):
-    import optimized.ops
+def test_cli_serve_ops_eager_picks_the_torch_ops_and_a_cpu_beside_a_gpu_is_refused_without_it(monkeypatch, capsys):
+    import optimized.model
     import optimized.serve
     import optimized.serve.http
 
@@ -788,15 +788,15 @@ def test_cli_serve_ops_eager_runs_no_triton_and_a_cpu_beside_a_gpu_is_refused_wi
         optimized.serve.build_engine("tiny", device="cpu", fused=False)
     built = []
 
-    def build_server(model, **options):  # the engine it would serve, built and then refused as a port
-        built.append(optimized.serve.build_engine(model, **{k: v for k, v in options.items()
-                                                           if k not in ("host", "port", "request_timeout")}))
+    def build_server(model, **options):  # what the server would be built with, then refused as a port
+        built.append(options)
         raise OSError("stop here")
 
     monkeypatch.setattr(optimized.serve, "build_server", build_server)
     assert main(["serve", "tiny", "--device", "cpu", "--port", "0", "--ops", "eager"]) == 2
-    assert built[0].model.attention_kind == "eager" and built[0].model.ops is optimized.ops
+    assert (built[0]["fused"], built[0]["attention"]) == (False, "eager")  # no Triton (test_engine runs it)
     assert build_parser().parse_args(["serve"]).ops == "kernels"
+    assert OPS == tuple(optimized.model.OP_SETS)  # the CLI's names (it starts without torch) are the model's
 
 
 def test_cli_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):
