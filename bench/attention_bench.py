@@ -250,20 +250,23 @@ def sweep(args, device, timer, graph_timer, gen, emit) -> None:
             own = bf16[d]
             for cfg in _candidates(bf16, d, args.extend_given, SWEEP_EXTEND, args.quick):
                 bf16[d] = cfg
-                # Each setting with the unmasked interior and with one masked loop (the kernel
-                # before it): more code in the loop can cost registers (both spill at D=512).
-                for interior in (True, False):
+                # Each setting as the kernel runs it, with one masked loop (the kernel before the
+                # unmasked interior: more code in the loop can cost registers, both spill at
+                # D=512) and with its tiles in id order (before EXTEND_LONGEST_FIRST).
+                for interior, longest_first in ((True, True), (False, True), (True, False)):
                     attention.EXTEND_UNMASKED_INTERIOR = interior
+                    attention.EXTEND_LONGEST_FIRST = longest_first
                     out, error = _try(lambda: run_kernel(s, t, ps))
                     secs = err = None
                     if error is None:
                         err = check(s, t, out)
                         secs, error = _try(lambda: timer(lambda: run_kernel(s, t, ps)) * 1e-6)
                     emit(dict(asdict(s), hq=HQ, blocks=list(cfg), default=cfg == own, unmasked_interior=interior,
+                              longest_first=longest_first,
                               kernel_s=secs, error=error, TFLOPs=None if secs is None else s.flops() / secs / 1e12,
                               max_abs_err=err, tol=tol, ok=error is None and err <= tol))
             bf16[d] = own
-            attention.EXTEND_UNMASKED_INTERIOR = True
+            attention.EXTEND_UNMASKED_INTERIOR = attention.EXTEND_LONGEST_FIRST = True
             del t
         # Decode over a full-width page table, timed from a graph.
         if "decode" in args.ops:
@@ -307,6 +310,7 @@ def sweep_line(r: dict) -> str:
         what += f" splits={str(r['splits']):<10}"
     else:
         what += " interior" if r["unmasked_interior"] else " masked  "
+        what += " last-first" if r["longest_first"] else " id-order  "
     if r["error"]:
         return f"{what} SKIPPED: {r['error']}"
     rate = f"{r['GBps']:7.0f} GB/s" if r["op"] == "decode" else f"{r['TFLOPs']:6.1f} TFLOP/s"

@@ -521,6 +521,30 @@ def test_bucketed_block_b_changes_no_result(batch, monkeypatch, device):
     assert torch.equal(extend_attention(*args, window=window), got)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_extend_tile_order_changes_no_result(window, monkeypatch, device):
+    """Extend's tiles started last first (EXTEND_LONGEST_FIRST) over a batch of requests with
+    prefixes, empty extends and several tiles each: the kernel matches its eager twin and is
+    bitwise what id order gives: the order moves tiles between programs, not any tile's math."""
+    import optimized.kernels.attention as attn
+
+    gen = torch.Generator().manual_seed(5100 + (window or 0))
+    page_size, hkv, hq, d = 4, 2, 4, 16
+    ext = [19, 0, 7, 33, 1]
+    seq_lens = [e + p for e, p in zip(ext, [0, 5, 12, 3, 40])]
+    live_from = [first_visible_key(s - e, window) for s, e in zip(seq_lens, ext)]
+    paged = build_paged(gen, seq_lens, live_from, hkv, d, page_size, torch.float32, device)
+    q = torch.randn(sum(ext), hq, d, generator=gen).to(device)
+    cu = i32([0] + ext, device).cumsum(0, dtype=torch.int32)
+    args = (q, paged.k_pool, paged.v_pool, paged.page_table, page_size, cu, paged.seq_lens)
+    assert attn.EXTEND_LONGEST_FIRST
+    got = extend_attention(*args, window=window)
+    assert_attention_close(got, extend_attention_eager(*args, window=window), q, paged.k_pool,
+                           live_v(paged, live_from))
+    monkeypatch.setattr(attn, "EXTEND_LONGEST_FIRST", False)
+    assert torch.equal(extend_attention(*args, window=window), got)
+
+
 @pytest.mark.parametrize("num_splits", [2, 3, 9, 64, 70])
 def test_bucketed_block_s_changes_no_result(num_splits, monkeypatch, device):
     """Decode's merge at split counts under and over its 64 lanes: bitwise what the merge gave
@@ -660,7 +684,7 @@ def test_eager_checks_metadata_values(device):
 # ------------------------------------------------------------------------------------------
 
 def test_attention_kernels_compile_for_a_gpu():
-    """Extend (with and without the unmasked interior), decode's split kernel (FINAL and partial)
+    """Extend (with the unmasked interior and last-first tiles, and with neither), decode's split kernel (FINAL and partial)
     and merge compile for sm_90 with the bf16 table settings of head sizes 256 and 512
     (tests/sm90.py says why)."""
     check_compiles("""
@@ -673,7 +697,8 @@ def test_attention_kernels_compile_for_a_gpu():
             for interior in (True, False):
                 compile_for_sm90(a._extend_kernel, t, dict(
                     G=8, D=d, TOKENS=bm // 8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_B=64, HAS_WINDOW=d == 256,
-                    HAS_SOFTCAP=False, UNMASKED_INTERIOR=interior, **dot), num_warps=w, num_stages=st)
+                    HAS_SOFTCAP=False, UNMASKED_INTERIOR=interior, LONGEST_FIRST=interior, **dot),
+                    num_warps=w, num_stages=st)
             bn, w, st = a._DECODE_BLOCKS[2][d]
             for final in (True, False):
                 compile_for_sm90(a._decode_split_kernel, dict(t, o_ptr="*bf16" if final else "*fp32"), dict(

@@ -67,13 +67,16 @@ def store_rounded(ptrs, x, mask):
 
 
 @triton.jit
-def segment_tile(bounds, n, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def segment_tile(bounds, n, ROWS: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr = False):
     """(segment, tile within it, segment start, segment end) of this program (axis 0), for rows
     cut into n segments at bounds[0..n] (cu_seqlens of requests, offsets of experts) and tiles
     of ROWS rows numbered segment by segment. Found on the device, so the host never reads the
     bounds back and launches an upper bound of tiles; a spare program gets segment == n.
-    BLOCK >= n (a power of two)."""
+    BLOCK >= n (a power of two). REVERSE: program 0 takes the last tile (the GPU starts programs
+    in id order, so the last tiles start first)."""
     tile = tl.program_id(0)
+    if REVERSE:
+        tile = tl.num_programs(0) - 1 - tile
     i = tl.arange(0, BLOCK)
     start = tl.load(bounds + i, mask=i < n, other=0)
     end = tl.load(bounds + i + 1, mask=i < n, other=0)
