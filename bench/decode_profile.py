@@ -77,18 +77,28 @@ def kernel_group(name: str) -> str:
     return name[:80]
 
 
-def device_kernels(engine: Engine, run) -> dict[str, tuple[int, float]]:
-    """Run `run()` (then wait for the device) under torch.profiler: {kernel group: (launches,
-    device us)}, each kernel's (or copy's) own span on the device; empty where there is no CUDA."""
+def profiled_events(engine: Engine, run) -> list:
+    """Run `run()` (then wait for the device) under torch.profiler: its host and device events."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = engine.device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         run()
         sync(engine.device)
+    return list(prof.events())
+
+
+def device_kernels(engine: Engine, run) -> dict[str, tuple[int, float]]:
+    """{kernel group: (launches, device us)} of `run()` under torch.profiler."""
+    return kernel_table(profiled_events(engine, run))
+
+
+def kernel_table(events: list) -> dict[str, tuple[int, float]]:
+    """{kernel group: (launches, device us)} of profiled events, each kernel's (or copy's) own
+    span on the device; empty without CUDA."""
     groups: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for e in prof.events():
-        if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA:
             g = groups[kernel_group(e.name)]
             g[0] += 1
             g[1] += e.time_range.elapsed_us()

@@ -7,7 +7,8 @@ projections (GEMMs) and of the extend attention at each head dim.
 
 One request of --tokens random ids, prefilled in one chunk (chunk size = tokens), the fused path,
 no decode graphs (prefill never uses them). Wall time is the median of --repeats prefills; the
-kernel table is one more prefill under torch.profiler (device time per kernel, summed by group).
+kernel table is one more prefill under torch.profiler (device time per kernel, summed by group),
+and from the same profile the device's idle time and its largest idle stretches (`idle_time`).
 
 FLOPs counted: projections 2 * tokens * (weights read per token, the per-layer embedding table and
 lm_head excluded: a prefill computes the logits of its last token only); attention, per layer,
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from optimized.kernels import default_device, device_name  # noqa: E402  (first: it may switch on the interpreter)
 
 import torch  # noqa: E402
-from decode_profile import device_kernels  # noqa: E402
+from decode_profile import kernel_group, kernel_table, profiled_events  # noqa: E402
 from engine_bench import prefill_ms, sync  # noqa: E402
 from optimized.engine import Engine, SamplingParams  # noqa: E402
 from reference.weights import expected_shapes, resolve  # noqa: E402
@@ -78,8 +79,9 @@ def projection_flops(config, n: int) -> float:
     return 2.0 * n * params
 
 
-def profile_prefill(engine: Engine, n: int, gen) -> list[dict]:
-    """The kernels of one n-token prefill: name, group, launches, device us; largest first."""
+def profile_prefill(engine: Engine, n: int, gen) -> tuple[list[dict], dict]:
+    """One n-token prefill under the profiler: its kernels (name, group, launches, device us;
+    largest first) and the device's idle stretches (`idle_time`)."""
     ids = torch.randint(3, engine.config.vocab_size, (n,), generator=gen).tolist()
     engine.add_request(ids, SamplingParams(max_new_tokens=1))
     sync(engine.device)
@@ -88,9 +90,43 @@ def profile_prefill(engine: Engine, n: int, gen) -> list[dict]:
         while engine.has_work():
             engine.step()
 
-    kernels = device_kernels(engine, prefill)
-    return sorted(({"kernel": k, "group": group_of(k), "launches": c, "us": us} for k, (c, us) in kernels.items()),
-                  key=lambda r: -r["us"])
+    events = profiled_events(engine, prefill)
+    rows = sorted(({"kernel": k, "group": group_of(k), "launches": c, "us": us}
+                   for k, (c, us) in kernel_table(events).items()), key=lambda r: -r["us"])
+    return rows, idle_time(events)
+
+
+def _gaps(events: list) -> tuple[list[tuple[float, float, str, str]], float, float]:
+    """The device's idle stretches (start us, end us, kernel before, kernel after) from the run's
+    first host op to its last host op or kernel, and that span's ends."""
+    cuda = torch.autograd.DeviceType.CUDA
+    dev = sorted((e.time_range.start, e.time_range.end, kernel_group(e.name)) for e in events if e.device_type == cuda)
+    host = [e for e in events if e.device_type != cuda]
+    if not dev or not host:
+        return [], 0.0, 0.0
+    t0 = min(e.time_range.start for e in host)
+    t1 = max(max(e.time_range.end for e in host), dev[-1][1])
+    gaps, at, before = [], t0, "(start)"
+    for start, end, name in dev:
+        if start > at:
+            gaps.append((at, start, before, name))
+        if end > at:
+            at, before = end, name
+    if t1 > at:
+        gaps.append((at, t1, before, "(end)"))
+    return gaps, t0, t1
+
+
+def idle_time(events: list) -> dict:
+    """The device's idle time in a profiled run (its span less the union of the kernels' spans)
+    and its largest idle stretches, each between the kernels it separates."""
+    gaps, t0, t1 = _gaps(events)
+    if not gaps:
+        return {}
+    largest = sorted(gaps, key=lambda g: g[0] - g[1])[:8]
+    return {"span_ms": (t1 - t0) / 1e3, "idle_ms": sum(b - a for a, b, *_ in gaps) / 1e3, "idle_gaps": len(gaps),
+            "largest": [{"at_ms": (a - t0) / 1e3, "ms": (b - a) / 1e3, "after": k0, "before": k1}
+                        for a, b, k0, k1 in sorted(largest)]}
 
 
 def main(argv=None) -> int:
@@ -117,8 +153,9 @@ def main(argv=None) -> int:
     print(f"device {out['device']}; {args.model} {out['dtype']}; prefill of {n} tokens in one chunk: "
           f"{ms:.1f} ms (median of {args.repeats})", flush=True)
 
-    rows = profile_prefill(engine, n, gen)
+    rows, idle = profile_prefill(engine, n, gen)
     out["kernels"] = rows
+    out["idle"] = idle
     by_group: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for r in rows:
         by_group[r["group"]][0] += r["launches"]
@@ -137,6 +174,11 @@ def main(argv=None) -> int:
     print(f"{'kernel':80s} {'launches':>8s} {'ms':>8s}")
     for r in rows[:20]:
         print(f"{r['kernel']:80s} {r['launches']:8.0f} {r['us'] / 1e3:8.2f}")
+    if idle:
+        print(f"profiled prefill: span {idle['span_ms']:.1f} ms, device idle {idle['idle_ms']:.1f} ms in "
+              f"{idle['idle_gaps']} stretches; the largest:")
+        for g in idle["largest"]:
+            print(f"  at {g['at_ms']:7.2f} ms: {g['ms']:6.2f} ms idle after {g['after'][:40]}, before {g['before'][:40]}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1))
