@@ -346,12 +346,11 @@ def _need_kernels_on(device, what: str, instead: str | None = None) -> None:
     compiles for it, and a kernel refuses CPU tensors mid-run (a traceback, not a message)."""
     import torch
 
-    from optimized.kernels import default_device, kernels_run_on
+    from optimized.kernels import kernels_refusal
 
-    if not kernels_run_on(torch.device(device)):
-        ways = [f"--device {default_device().type}"] + ([instead] if instead else []) + ["TRITON_INTERPRET=1"]
-        raise BadInput(f"{what} {device}, where they run only under Triton's interpreter (this machine's Triton "
-                       f"compiles for its accelerator): use {', '.join(ways[:-1])} or {ways[-1]}")
+    refusal = kernels_refusal(torch.device(device), what, (instead,) if instead else ())
+    if refusal:
+        raise BadInput(refusal)
 
 
 def _check_memory(sc, cfg) -> None:

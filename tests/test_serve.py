@@ -780,11 +780,15 @@ def test_cli_serve_ops_eager_picks_the_torch_ops_and_a_cpu_beside_a_gpu_is_refus
     import optimized.serve
     import optimized.serve.http
 
-    monkeypatch.setattr(optimized.serve.http, "kernels_run_on", lambda device: device.type != "cpu")  # a GPU box
+    import optimized.kernels
+
+    monkeypatch.setattr(optimized.kernels, "kernels_run_on", lambda device: device.type != "cpu")  # a GPU box
+    monkeypatch.setattr(optimized.kernels, "default_device", lambda: torch.device("cuda"))
     assert main(["serve", "tiny", "--device", "cpu", "--port", "0"]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "--ops eager" in err and "TRITON_INTERPRET=1" in err, err
-    with pytest.raises(ValueError, match="device cpu: .*--ops eager"):  # a library user gets the same message
+    assert len(err.strip().splitlines()) == 1, err
+    assert "serving runs the kernels on cpu" in err and "--device cuda, --ops eager or TRITON_INTERPRET=1" in err
+    with pytest.raises(ValueError, match="kernels on cpu, .*--ops eager"):  # a library user gets the same message
         optimized.serve.build_engine("tiny", device="cpu", fused=False)
     built = []
 

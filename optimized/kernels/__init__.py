@@ -172,6 +172,17 @@ def kernels_run_on(device: torch.device) -> bool:
     return device.type != "cpu" or INTERPRETING
 
 
+def kernels_refusal(device: torch.device, what: str, ways: tuple[str, ...] = ()) -> str | None:
+    """None where Triton kernels run on `device` here (kernels_run_on); else one line for the
+    user, who asked for `what` on it: why not, and what to do instead (`ways`, e.g. the command
+    line's "--ops eager", then Triton's interpreter). The CLI and the server say it alike."""
+    if kernels_run_on(device):
+        return None
+    ways = (f"--device {default_device().type}", *ways, "TRITON_INTERPRET=1")
+    return (f"{what} {device}, where they run only under Triton's interpreter (this machine's Triton compiles "
+            f"for its accelerator): use {', '.join(ways[:-1])} or {ways[-1]}")
+
+
 def graphs_supported(device: torch.device) -> bool:
     """Whether the device can capture and replay graphs (by capability, not by vendor)."""
     if device.type == "cpu":

@@ -24,7 +24,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from optimized.engine import Engine
-from optimized.kernels import default_device, kernels_run_on
+from optimized.kernels import default_device, kernels_refusal
 
 from . import api
 from .api import ApiError
@@ -148,11 +148,10 @@ def build_engine(model: str, *, dtype="float32", device=None, page_size: int = 1
         token_budget = default_token_budget(chunk_size, max_requests)
     # The Engine's device rule: a rank's own under tensor parallelism, else `device`, else the machine's.
     where = getattr(tp, "device", None) or (torch.device(device) if device is not None else default_device())
-    if not kernels_run_on(where) and (fused or attention == "triton"):
-        # Refused before any weight loads: served, every request's first kernel would fail (common.check_float).
-        raise ValueError(f"device {where}: this machine's Triton compiles for its accelerator, so its kernels "
-                         f"cannot run on CPU tensors; serve on the accelerator, with --ops eager (no Triton), "
-                         f"or with TRITON_INTERPRET=1 (Triton's interpreter)")
+    uses_triton = fused or attention == "triton"
+    refusal = kernels_refusal(where, "serving runs the kernels on", ("--ops eager",)) if uses_triton else None
+    if refusal:  # before any weight loads: served, every request's first kernel would fail (common.check_float)
+        raise ValueError(refusal)
     return Engine(model, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype, device=device,
                   page_size=page_size, chunk_size=chunk_size, num_pages=num_pages, max_requests=max_requests,
                   token_budget=token_budget, max_context=max_context, seed=seed, tp=tp, fused=fused,
