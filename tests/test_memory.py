@@ -183,6 +183,10 @@ def test_batch_metadata_for_a_mixed_batch():
     assert (c.full.num_free, c.swa.num_free) == free  # metadata only: nothing allocated
     assert b.seq_lens.tolist() == [9, 6] and b.cu_seqlens_q.tolist() == [0, 4, 5]
     assert b.positions.tolist() == [5, 6, 7, 8, 5] and not b.is_decode
+    assert b.prefix_lens.tolist() == [5, 5] and b.extend_lens.tolist() == [4, 1]
+    rows = [c.requests[rid].row for rid in "xy"]
+    assert b.rows.tolist() == rows and rows[0] != rows[1]
+    assert b.out_slots.tolist() == [int(c.req_to_token[rows[0], p]) for p in range(5, 9)] + [int(c.req_to_token[rows[1], 5])]
     assert b.page_table.shape == (2, 3)
     with pytest.raises(ValueError, match="reserved"):
         build_batch(c, [BatchItem("y", 6, 1)])
