@@ -113,12 +113,14 @@ class Capture:
 
 
 def capture_metadata(config=None, *, path: str, dtype: torch.dtype | str, device: str | torch.device = "cpu",
-                     scenario: Mapping[str, Any] | None = None, repo_dir: str | Path | None = None) -> dict[str, Any]:
+                     scenario: Mapping[str, Any] | None = None, repo_dir: str | Path | None = None,
+                     ops: str | None = None) -> dict[str, Any]:
     """The metadata shared/DESIGN.md asks of every capture. `config` is a Gemma4Config (or None);
-    `path` is "reference", "optimized" or "truth"."""
+    `path` is "reference", "optimized" or "truth"; `ops`, the optimized path's op set
+    (optimized.model.OP_SETS), is recorded where given."""
     if path not in PATHS:
         raise CaptureError(f"path must be one of {PATHS}, got {path!r}")
-    return {
+    return ({} if ops is None else {"ops": ops}) | {
         "schema_version": SCHEMA_VERSION,
         "model_config": config.to_hf_dict() if config is not None else None,
         "scenario": dict(scenario or {}),
@@ -477,6 +479,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     _expect(isinstance(manifest.get("metadata"), dict), str(path), "metadata is missing or not an object")
     dtype = manifest["metadata"].get("dtype")
     _expect(dtype is None or isinstance(dtype, str), str(path), f"metadata.dtype: expected a string, got {dtype!r}")
+    ops = manifest["metadata"].get("ops")
+    _expect(ops is None or isinstance(ops, str), str(path), f"metadata.ops: expected a string, got {ops!r}")
     _expect(isinstance(manifest.get("requests"), list), str(path), "requests is missing or not a list")
     return manifest
 

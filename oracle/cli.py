@@ -685,14 +685,14 @@ def cmd_capture(args) -> int:
                            "`gemma4-testbed scenarios` lists those)")
         (scenario,) = _scenarios(args)
         _check_before_work([scenario])
-        _need_kernels_on(scenario.model.device, f"scenario {scenario.name!r} runs the kernels on")
+        _check_ops(args.ops, [scenario], (), False)
         check_capture_target(args.out, args.overwrite, how="pass --overwrite")
     except (ScenarioError, CheckpointError, ConfigError, CaptureError, BadInput) as e:
         return _refuse(e)
     t0 = time.perf_counter()
     _say(f"capture: running {scenario.name} (truth, reference and optimized paths: the {args.path} one is kept)")
     try:
-        run = run_scenario(scenario)
+        run = run_scenario(scenario, ops=args.ops)
     except (ScenarioError, CheckpointError, ConfigError) as e:  # input errors only, as in check
         return _refuse(e, f"scenario {scenario.name!r}: ")
     capture = {"truth": run.truth, "reference": run.ref, "optimized": run.cand}[args.path]
@@ -730,9 +730,11 @@ def cmd_diff(args) -> int:
             raise CaptureError(f"{args.candidate}: metadata.model_config: missing, so there is no model to judge by")
         config = Gemma4Config.from_hf_dict(raw_config)
         _check_diff_inputs(loaded, paths)
-        _say(f"diff: comparing {len(cand.requests)} request(s)")
+        ops = {role: c.metadata["ops"] for role, c in loaded.items() if "ops" in c.metadata}
+        _say(f"diff: comparing {len(cand.requests)} request(s)"
+             + (f"; optimized op sets: {', '.join(f'{role} {o}' for role, o in ops.items())}" if ops else ""))
         comparison = compare(loaded.get("truth", base), base, cand, config)
-        facts = _diff_facts(args, cand, comparison) if out else None  # before any verdict is printed
+        facts = _diff_facts(args, cand, comparison, ops) if out else None  # before any verdict is printed
     except (CaptureError, CompareError, ConfigError, BadInput) as e:
         return _refuse(e)
     print(comparison.summary())
@@ -794,8 +796,9 @@ def _check_same_prompts(loaded: dict, paths: dict) -> None:
                                    f"in the candidate {paths['candidate']} (metadata.scenario.requests: {shown})")
 
 
-def _diff_facts(args, cand, comparison):
-    """The report's facts for `diff --out`; BadInput where the candidate's metadata does not fit."""
+def _diff_facts(args, cand, comparison, ops: dict[str, str]):
+    """The report's facts for `diff --out`; BadInput where the candidate's metadata does not fit.
+    `ops`: the op sets the captures recorded; those other than the kernels are named in the title."""
     from .facts import Comparison as FactsComparison
     from .facts import Environment, Facts, FactsError, ScenarioFacts
 
@@ -804,7 +807,8 @@ def _diff_facts(args, cand, comparison):
         raise BadInput(f"{args.candidate}: metadata.scenario: expected an object, got {type(scenario).__name__}")
     try:
         return Facts(
-            title=f"diff {args.baseline} {args.candidate}",
+            title=f"diff {args.baseline} {args.candidate}"
+                  + "".join(f", {role} on {o} ops (no Triton)" for role, o in ops.items() if o != "kernels"),
             verdict="parity" if comparison.passed else "divergence",
             summary=comparison.summary().splitlines()[0],
             scenarios=[ScenarioFacts(name=str(scenario.get("name", "capture")), passed=comparison.passed,
@@ -1072,6 +1076,9 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--out", type=_path, required=True, metavar="DIR", help="capture directory to create")
     capture.add_argument("--overwrite", action="store_true",
                          help="replace DIR if it holds a capture (never a directory that is not one)")
+    capture.add_argument("--ops", choices=OPS, default="kernels",
+                         help=OPS_HELP.format(what="an optimized capture records it (metadata.ops) and `diff` "
+                                                   "names it"))
     capture.set_defaults(func=cmd_capture)
 
     diff = sub.add_parser("diff", help="judge a candidate capture against a baseline capture")

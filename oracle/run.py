@@ -185,7 +185,7 @@ def run_scenario(scenario: Scenario, *, tolerance: Tolerance = DEFAULT_TOLERANCE
 
     e = scenario.engine
     builder = CaptureBuilder(capture_metadata(cfg, path="optimized", dtype=scenario.dtype, device=m.device,
-                                              scenario=scenario.to_dict()))
+                                              scenario=scenario.to_dict(), ops=ops))
     index = {r.id: i for i, r in enumerate(scenario.requests)}
     # Only what differs from the Runner's defaults: a test's runner_factory need not know tp or ops.
     options = ({} if tp is None else {"tp": tp}) | ({} if ops == "kernels" else OP_SETS[ops])

@@ -10,6 +10,7 @@ import optimized.kernels
 import optimized.model
 import optimized.runner
 from oracle import cli
+from oracle.capture import load_capture
 from oracle.run import run_scenario
 from oracle.scenario import ScenarioError, builtin, from_dict, load
 from oracle.testing import ParityError, assert_parity, scenario
@@ -146,7 +147,7 @@ def test_cli_refuses_kernels_on_a_cpu_where_triton_compiles_for_a_gpu(tmp_path, 
              (["check", "tiny", "--ops", "eager", "--kernels"] + one, ["--kernels runs the kernel testbed on cpu",
                                                                       "no --kernels"]),
              (["capture", "--path", "optimized", "--out", str(tmp_path / "c")] + one,
-              ["runs the kernels on cpu", "--device cuda or TRITON_INTERPRET=1"]),
+              ["runs the kernels on cpu", "--device cuda, --ops eager or TRITON_INTERPRET=1"]),
              (["kernels", "--device", "cpu"], ["the testbed runs the kernels on cpu"]),
              (["check", "--inject", "missing-softcap", "--ops", "eager", "--device", "cpu"],
               ["--inject: faults break the kernels' path"])]
@@ -181,6 +182,16 @@ def test_cli_capture_and_diff(tmp_path, capsys, device):
     # path's reordered attention sums stay within on this scenario.
     assert cli.main(["diff", ref, opt]) == 0
     assert cli.main(["capture", "--scenario", str(path), "--path", "optimized", "--out", opt]) == 2  # exists
+    # An optimized capture records its op set, and diff names it: the kernels against their twins.
+    eager = str(tmp_path / "eager")
+    assert cli.main(["capture", "--scenario", str(path), "--path", "optimized", "--ops", "eager", "--out", eager]) == 0
+    assert (load_capture(eager).metadata["ops"], load_capture(opt).metadata["ops"]) == ("eager", "kernels")
+    assert "ops" not in load_capture(ref).metadata
+    capsys.readouterr()
+    assert cli.main(["diff", opt, eager, "--truth", str(tmp_path / "truth"), "--out", str(tmp_path / "e")]) == 0
+    assert "optimized op sets: baseline kernels, candidate eager" in capsys.readouterr().err
+    title = json.loads((tmp_path / "e" / "report.json").read_text())["title"]
+    assert title.endswith(", candidate on eager ops (no Triton)"), title
 
 
 def test_cli_kernels_table_and_exit_codes(tmp_path, monkeypatch, capsys, device):

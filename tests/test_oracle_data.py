@@ -300,6 +300,15 @@ def test_unknown_schema_version_is_refused(saved):
         load_capture(target)
 
 
+@pytest.mark.parametrize("field,value", [("dtype", 5), ("ops", ["eager"])])
+def test_metadata_fields_of_the_wrong_type_are_refused(saved, field, value):
+    target, manifest = saved
+    manifest["metadata"][field] = value
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CaptureError, match=rf"metadata\.{field}: expected a string, got {value!r}".replace("[", r"\[")):
+        load_capture(target)
+
+
 def test_truncated_tensor_file_is_refused(saved):
     target, manifest = saved
     file = target / manifest["requests"][0]["file"]
