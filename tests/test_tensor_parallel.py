@@ -361,6 +361,9 @@ def _check_against_world_one_and_reference(seen: dict, world: int) -> None:
 # over NCCL, and several GPUs are issue 15's run.
 cpu_ranks = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU ranks over gloo need Triton's interpreter; "
                                "on a GPU machine: bench/tp_check.py (world 1, NCCL)")
+# The torchrun tests below inject no fault, so on a GPU machine their CPU ranks run the kernels'
+# torch twins (`--ops eager`, design note 47) instead of being skipped; here, the kernels.
+OPS_ON_CPU_RANKS = ["--ops", "eager"] if torch.cuda.is_available() else []
 
 
 def _check_oracle(seen: dict) -> None:
@@ -404,7 +407,6 @@ def test_world_size_4_on_every_test_architecture_under_the_oracle(tmp_path):
     _check_oracle(seen)
 
 
-@cpu_ranks
 @pytest.mark.slow
 def test_torchrun_check_tp_2_writes_the_report_on_rank_0(tmp_path):
     import subprocess
@@ -412,7 +414,8 @@ def test_torchrun_check_tp_2_writes_the_report_on_rank_0(tmp_path):
 
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "oracle.cli", "check",
-           "tiny", "--tp", "2", "--device", "cpu", "--scenario", "decode-past-window", "--out", str(out)]
+           "tiny", "--tp", "2", "--device", "cpu", "--scenario", "decode-past-window", "--out", str(out),
+           *OPS_ON_CPU_RANKS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -484,7 +487,6 @@ def _environ(pid: int) -> list[str]:
         return f.read().decode(errors="replace").split("\0")
 
 
-@cpu_ranks
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds rank 0's process through Linux's /proc")
 def test_torchrun_serve_tp_2_answers_the_reference_tokens_and_stops(tmp_path):
@@ -502,7 +504,7 @@ def test_torchrun_serve_tp_2_answers_the_reference_tokens_and_stops(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "oracle.cli", "serve",
-           "tiny", "--tp", "2", "--device", "cpu", "--port", str(port)]
+           "tiny", "--tp", "2", "--device", "cpu", "--port", str(port), *OPS_ON_CPU_RANKS]
     proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
