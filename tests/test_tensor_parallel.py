@@ -366,6 +366,18 @@ cpu_ranks = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU ranks over
 OPS_ON_CPU_RANKS = ["--ops", "eager"] if torch.cuda.is_available() else []
 
 
+def _torchrun(nproc: int) -> list[str]:
+    """torchrun's command line on a free rendezvous port: two torchruns in parallel test workers
+    both on the default 29500 fail with EADDRINUSE (seen on the H200's 12 workers)."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port)]
+
+
 def _check_oracle(seen: dict) -> None:
     oracle = seen["oracle"]
     assert oracle["fault_tap"] == FAULTS[FAULT].expect  # every tap before it, gathered, holds parity
@@ -410,10 +422,9 @@ def test_world_size_4_on_every_test_architecture_under_the_oracle(tmp_path):
 @pytest.mark.slow
 def test_torchrun_check_tp_2_writes_the_report_on_rank_0(tmp_path):
     import subprocess
-    import sys
 
     out = tmp_path / "report"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "oracle.cli", "check",
+    cmd = [*_torchrun(2), "-m", "oracle.cli", "check",
            "tiny", "--tp", "2", "--device", "cpu", "--scenario", "decode-past-window", "--out", str(out),
            *OPS_ON_CPU_RANKS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -493,7 +504,6 @@ def test_torchrun_serve_tp_2_answers_the_reference_tokens_and_stops(tmp_path):
     import json
     import socket
     import subprocess
-    import sys
     import time
     import urllib.request
 
@@ -503,7 +513,7 @@ def test_torchrun_serve_tp_2_answers_the_reference_tokens_and_stops(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "oracle.cli", "serve",
+    cmd = [*_torchrun(2), "-m", "oracle.cli", "serve",
            "tiny", "--tp", "2", "--device", "cpu", "--port", str(port), *OPS_ON_CPU_RANKS]
     proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
