@@ -123,7 +123,7 @@ def idle_time(events: list) -> dict:
     gaps, t0, t1 = _gaps(events)
     if not gaps:
         return {}
-    largest = sorted(gaps, key=lambda g: g[0] - g[1])[:8]
+    largest = sorted(gaps, key=lambda g: g[1] - g[0], reverse=True)[:8]
     return {"span_ms": (t1 - t0) / 1e3, "idle_ms": sum(b - a for a, b, *_ in gaps) / 1e3, "idle_gaps": len(gaps),
             "largest": [{"at_ms": (a - t0) / 1e3, "ms": (b - a) / 1e3, "after": k0, "before": k1}
                         for a, b, k0, k1 in sorted(largest)]}

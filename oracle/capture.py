@@ -120,7 +120,7 @@ def capture_metadata(config=None, *, path: str, dtype: torch.dtype | str, device
     (optimized.model.OP_SETS), is recorded where given."""
     if path not in PATHS:
         raise CaptureError(f"path must be one of {PATHS}, got {path!r}")
-    return ({} if ops is None else {"ops": ops}) | {
+    metadata = {
         "schema_version": SCHEMA_VERSION,
         "model_config": config.to_hf_dict() if config is not None else None,
         "scenario": dict(scenario or {}),
@@ -130,6 +130,9 @@ def capture_metadata(config=None, *, path: str, dtype: torch.dtype | str, device
         "versions": package_versions(),
         "git": git_revision(repo_dir or Path(__file__).resolve().parent.parent),
     }
+    if ops is not None:
+        metadata["ops"] = ops
+    return metadata
 
 
 def package_versions() -> dict[str, str | None]:
