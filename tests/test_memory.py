@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given
@@ -190,6 +192,25 @@ def test_batch_metadata_for_a_mixed_batch():
     assert b.page_table.shape == (2, 3)
     with pytest.raises(ValueError, match="reserved"):
         build_batch(c, [BatchItem("y", 6, 1)])
+
+
+@given(spans=st.lists(st.tuples(st.integers(0, 12), st.integers(1, 9)), min_size=1, max_size=4))
+def test_batch_metadata_of_any_mixed_batch_is_each_request_s_in_order(spans):
+    """Any mix of prefixes and extends (decodes, chunks, whole prompts): each request's rows are
+    positions prefix_len .. seq_len - 1, written to its own reserved slots, in batch order."""
+    c = _cache(page_size=4, num_pages=40, requests=4, context=32)
+    items = []
+    for i, (prefix, extend) in enumerate(spans):
+        c.add_request(i)
+        c.reserve(i, prefix + extend)
+        items.append(BatchItem(i, prefix, extend))
+    b = build_batch(c, items)
+    want = [(c.requests[it.rid].row, p) for it in items for p in range(it.prefix_len, it.seq_len)]
+    assert b.positions.tolist() == [p for _, p in want]
+    assert b.out_slots.tolist() == [int(c.req_to_token[row, p]) for row, p in want]
+    assert b.cu_seqlens_q.tolist() == [0] + list(itertools.accumulate(e for _, e in spans))
+    assert b.seq_lens.tolist() == [p + e for p, e in spans] and b.prefix_lens.tolist() == [p for p, _ in spans]
+    assert b.rows.tolist() == [c.requests[i].row for i in range(len(spans))]
 
 
 @given(window=st.integers(1, 9), page_size=st.sampled_from([1, 2, 3, 4]), chunk=st.integers(1, 7),
