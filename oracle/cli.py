@@ -730,7 +730,7 @@ def cmd_diff(args) -> int:
             raise CaptureError(f"{args.candidate}: metadata.model_config: missing, so there is no model to judge by")
         config = Gemma4Config.from_hf_dict(raw_config)
         _check_diff_inputs(loaded, paths)
-        ops = {role: c.metadata["ops"] for role, c in loaded.items() if "ops" in c.metadata}
+        ops = _op_sets(loaded, paths)
         _say(f"diff: comparing {len(cand.requests)} request(s)"
              + (f"; optimized op sets: {', '.join(f'{role} {o}' for role, o in ops.items())}" if ops else ""))
         comparison = compare(loaded.get("truth", base), base, cand, config)
@@ -761,6 +761,18 @@ def _check_diff_inputs(loaded: dict, paths: dict) -> None:
         if isinstance(got, dict) and (differ := config_difference(got, want)):
             raise CaptureError(f"{paths[role]}: the {role} capture is of another model than the candidate "
                                f"{paths['candidate']} (metadata.model_config: {differ})")
+
+
+def _op_sets(loaded: dict, paths: dict) -> dict[str, str]:
+    """{role: op set} of the captures that record one (metadata.ops, optimized captures since
+    session 13); CaptureError for a value that names no op set."""
+    from .capture import CaptureError
+
+    ops = {role: c.metadata["ops"] for role, c in loaded.items() if "ops" in c.metadata}
+    for role, name in ops.items():
+        if name not in OPS:
+            raise CaptureError(f"{paths[role]}: metadata.ops: {name!r} is not an op set ({', '.join(OPS)})")
+    return ops
 
 
 def _check_same_prompts(loaded: dict, paths: dict) -> None:

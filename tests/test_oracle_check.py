@@ -192,6 +192,11 @@ def test_cli_capture_and_diff(tmp_path, capsys, device):
     assert "optimized op sets: baseline kernels, candidate eager" in capsys.readouterr().err
     title = json.loads((tmp_path / "e" / "report.json").read_text())["title"]
     assert title.endswith(", candidate on eager ops (no Triton)"), title
+    manifest = json.loads((tmp_path / "eager" / "manifest.json").read_text())
+    manifest["metadata"]["ops"] = "fast"
+    (tmp_path / "eager" / "manifest.json").write_text(json.dumps(manifest))
+    assert cli.main(["diff", opt, eager]) == 2
+    assert "metadata.ops: 'fast' is not an op set (kernels, eager)" in capsys.readouterr().err
 
 
 def test_cli_kernels_table_and_exit_codes(tmp_path, monkeypatch, capsys, device):
