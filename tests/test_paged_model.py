@@ -10,6 +10,8 @@ scaled by 1.01 shows as ~5e-3 at its tap, a wrong key or position as ~1e-1.
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -197,16 +199,19 @@ def test_shared_projection_storage_stacks_without_a_copy(preset):
     from optimized.model import fuse_projections, share_projection_storage
 
     cfg, w = reference.resolve(preset, dtype=torch.float32, seed=3)
+    before = {k: v.clone() for k, v in w.items()}
+    q_part = weakref.ref(w["layers.0.self_attn.q_proj.weight"])
     shared = share_projection_storage(cfg, w)
-    assert shared.keys() == w.keys() and all(torch.equal(shared[k], w[k]) for k in w)
-    copied, stacked = fuse_projections(cfg, w), fuse_projections(cfg, shared)
+    assert shared is w and shared.keys() == before.keys() and all(torch.equal(shared[k], before[k]) for k in w)
+    assert q_part() is None  # in place: the dict held the part's only reference, and it is gone
+    copied, stacked = fuse_projections(cfg, before), fuse_projections(cfg, shared)
     for name, t in stacked.items():
         assert torch.equal(t, copied[name]), name
     q = shared["layers.0.self_attn.q_proj.weight"]
     assert stacked["layers.0.qkv"].data_ptr() == q.data_ptr()  # a view, not a copy
     assert stacked["layers.0.gate_up"].data_ptr() == shared["layers.0.mlp.gate_proj.weight"].data_ptr()
     # Parts that are not back to back are copied, as before.
-    assert fuse_projections(cfg, w)["layers.0.qkv"].data_ptr() != w["layers.0.self_attn.q_proj.weight"].data_ptr()
+    assert copied["layers.0.qkv"].data_ptr() != before["layers.0.self_attn.q_proj.weight"].data_ptr()
 
 
 def test_cast_on_read_holds_no_copy():
