@@ -61,6 +61,14 @@ class Output:
     reused_tokens: int = 0
 
 
+def engine_device(tp, device) -> torch.device:
+    """The device an Engine runs on: a rank's own under tensor parallelism (a TensorParallel),
+    else `device`, else the machine's. serve.build_engine asks it before any weight loads."""
+    if isinstance(tp, TensorParallel):
+        return tp.device
+    return torch.device(device) if device is not None else default_device()
+
+
 class Engine:
     def __init__(self, path_or_preset: str | Path | Gemma4Config = "tiny", dtype: torch.dtype = torch.float32,
                  device=None, *, page_size: int = 16, chunk_size: int = 512, num_pages: int | None = None,
@@ -124,10 +132,7 @@ class Engine:
         if graphs not in (True, False, None, "static"):
             raise ValueError(f"graphs must be True, False, None or 'static', got {graphs!r}")
         self.tp = parallel.resolve(tp, device)
-        if self.tp is not None:
-            self.device = self.tp.device
-        else:
-            self.device = torch.device(device) if device is not None else default_device()
+        self.device = engine_device(self.tp, device)
         # This rank's shard (the whole model without tp) on the device: read or drawn slice by slice,
         # or cut from `weights` (parallel.load_shard says what a rank holds). check_supported: a head
         # size the kernels cannot run is a ConfigError naming the field, before any weight is read.

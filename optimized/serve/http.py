@@ -24,7 +24,8 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from optimized.engine import Engine
-from optimized.kernels import default_device, kernels_refusal
+from optimized.engine.engine import engine_device
+from optimized.kernels import kernels_refusal
 
 from . import api
 from .api import ApiError
@@ -146,10 +147,9 @@ def build_engine(model: str, *, dtype="float32", device=None, page_size: int = 1
     `tp`); token_budget "auto" is default_token_budget's policy, None no limit."""
     if token_budget == "auto":
         token_budget = default_token_budget(chunk_size, max_requests)
-    # The Engine's device rule: a rank's own under tensor parallelism, else `device`, else the machine's.
-    where = getattr(tp, "device", None) or (torch.device(device) if device is not None else default_device())
     uses_triton = fused or attention == "triton"
-    refusal = kernels_refusal(where, "serving runs the kernels on", ("--ops eager",)) if uses_triton else None
+    refusal = (kernels_refusal(engine_device(tp, device), "serving runs the kernels on", ("--ops eager",))
+               if uses_triton else None)
     if refusal:  # before any weight loads: served, every request's first kernel would fail (common.check_float)
         raise ValueError(refusal)
     return Engine(model, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype, device=device,
