@@ -776,11 +776,9 @@ def test_cli_serve_parses_and_refuses_a_bad_model(tmp_path, capsys):
 
 
 def test_cli_serve_ops_eager_picks_the_torch_ops_and_a_cpu_beside_a_gpu_is_refused_without_it(monkeypatch, capsys):
+    import optimized.kernels
     import optimized.model
     import optimized.serve
-    import optimized.serve.http
-
-    import optimized.kernels
 
     monkeypatch.setattr(optimized.kernels, "kernels_run_on", lambda device: device.type != "cpu")  # a GPU box
     monkeypatch.setattr(optimized.kernels, "default_device", lambda: torch.device("cuda"))

@@ -369,13 +369,10 @@ OPS_ON_CPU_RANKS = ["--ops", "eager"] if torch.cuda.is_available() else []
 def _torchrun(nproc: int) -> list[str]:
     """torchrun's command line on a free rendezvous port: two torchruns in parallel test workers
     both on the default 29500 fail with EADDRINUSE (seen on the H200's 12 workers)."""
-    import socket
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(parallel._free_port())]
 
 
 def _check_oracle(seen: dict) -> None:
@@ -502,7 +499,6 @@ def _environ(pid: int) -> list[str]:
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds rank 0's process through Linux's /proc")
 def test_torchrun_serve_tp_2_answers_the_reference_tokens_and_stops(tmp_path):
     import json
-    import socket
     import subprocess
     import time
     import urllib.request
@@ -510,9 +506,7 @@ def test_torchrun_serve_tp_2_answers_the_reference_tokens_and_stops(tmp_path):
     pytest.importorskip("fastapi", reason="serve needs the serve extra")
     from tests.engine_helpers import reference_greedy
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = parallel._free_port()
     cmd = [*_torchrun(2), "-m", "oracle.cli", "serve",
            "tiny", "--tp", "2", "--device", "cpu", "--port", str(port), *OPS_ON_CPU_RANKS]
     proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
